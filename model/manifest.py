@@ -1,0 +1,100 @@
+"""The model manifest: what a model folder promises about itself.
+
+A model is a folder holding `manifest.toml` and its weights. The manifest is
+validated here (pydantic) so that a bad manifest fails at load time with the
+key that is wrong, not at the first study.
+"""
+
+from __future__ import annotations
+
+import tomllib
+from pathlib import Path
+from typing import Literal
+
+from pydantic import BaseModel, ConfigDict, Field, field_validator
+
+from model.results import CodedConcept
+
+
+class _Strict(BaseModel):
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+
+class Code(_Strict):
+    value: str
+    scheme: Literal["SCT", "DCM", "LN", "99SECONDREADER"] | str
+    meaning: str
+
+    def concept(self) -> CodedConcept:
+        return CodedConcept(self.value, self.scheme, self.meaning)
+
+
+class AppliesTo(_Strict):
+    """Which studies the model is for. Empty lists match everything."""
+
+    modalities: list[str] = Field(default_factory=list)  # e.g. ["CT"]
+    body_parts: list[str] = Field(default_factory=list)  # BodyPartExamined, e.g. ["CHEST"]
+    # fnmatch-style, case-insensitive, on SeriesDescription.
+    series_description: list[str] = Field(default_factory=list)
+    min_slices: int = 1
+
+
+class InputSpec(_Strict):
+    """How the preprocessing stage must shape a series for this model."""
+
+    orientation: Literal["LPS", "RAS"] = "LPS"
+    size: tuple[int, int] = (128, 128)  # in-plane (rows, columns) fed to the network
+    # In-plane spacing in mm; None fits the whole field of view into `size`.
+    spacing: tuple[float, float] | None = None
+    # Through-plane spacing in mm; None keeps the slices as acquired.
+    slice_spacing: float | None = None
+    denoise: Literal["none", "gaussian", "curvature_flow"] = "gaussian"
+    denoise_sigma_mm: float = 0.7  # for "gaussian"
+    denoise_iterations: int = 3  # for "curvature_flow"
+    contrast: Literal["window", "histogram", "none"] = "window"
+    # CT window (center, width) in HU, for contrast = "window".
+    window: tuple[float, float] | None = (-400.0, 1500.0)
+    channels: int = 1
+
+
+class OutputLabel(_Strict):
+    name: str  # short, e.g. "nodule"
+    finding: Code
+    site: Code
+
+
+class WeightsSpec(_Strict):
+    file: str  # relative to the model folder
+    sha256: str
+    format: Literal["state_dict", "torchscript"] = "state_dict"
+    # For state_dict: "module:Class" of the network, built with `arguments`.
+    architecture: str | None = None
+    arguments: dict[str, int | float | str | bool] = Field(default_factory=dict)
+
+    @field_validator("sha256")
+    @classmethod
+    def _hex64(cls, v: str) -> str:
+        v = v.lower()
+        if len(v) != 64 or any(c not in "0123456789abcdef" for c in v):
+            raise ValueError("must be 64 hexadecimal digits")
+        return v
+
+
+class ModelManifest(_Strict):
+    name: str
+    version: str
+    manufacturer: str = "secondreader"
+    description: str = ""
+    intended_use: str = ""  # shown to users: say plainly if not for clinical use
+    applies_to: AppliesTo = Field(default_factory=AppliesTo)
+    input: InputSpec = Field(default_factory=InputSpec)
+    labels: list[OutputLabel]
+    threshold: float = Field(0.5, ge=0.0, le=1.0)
+    weights: WeightsSpec
+    # Test-set metrics recorded at training time (AUC, sensitivity, ...).
+    metrics: dict[str, float] = Field(default_factory=dict)
+
+    @classmethod
+    def from_file(cls, path: Path) -> ModelManifest:
+        with path.open("rb") as fh:
+            return cls.model_validate(tomllib.load(fh))

@@ -1,0 +1,97 @@
+"""The analysis result: the contract between the infer stage and the report stage.
+
+Plain dataclasses, no DICOM network and no SQL, so that `model/` (which fills
+them) and `dicom_io/` (which turns them into SR/SEG objects) meet here only.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from enum import StrEnum
+
+import numpy as np
+
+
+@dataclass(frozen=True)
+class CodedConcept:
+    """A code as the manifest names it, e.g. ("27925004", "SCT", "Nodule")."""
+
+    value: str
+    scheme_designator: str
+    meaning: str
+
+
+@dataclass(frozen=True)
+class AlgorithmInfo:
+    """Who made the result: goes to the SR's observer context and Contributing Equipment."""
+
+    name: str
+    version: str
+    manufacturer: str
+    device_uid: str  # changes whenever the weights change (derived from their sha256)
+    parameters: dict[str, str] = field(default_factory=dict)
+
+
+@dataclass(frozen=True)
+class ImageLocation:
+    """Where the strongest evidence is, on one source image.
+
+    `point` and `box` are in the image's pixel coordinates as DICOM SCOORD
+    wants them: (column, row), 0-based floats, box as (col0, row0, col1, row1).
+    `frame_number` is 1-based and only set for multi-frame sources.
+    """
+
+    sop_instance_uid: str
+    sop_class_uid: str
+    point: tuple[float, float]
+    box: tuple[float, float, float, float] | None = None
+    frame_number: int | None = None
+
+
+@dataclass(frozen=True)
+class Finding:
+    """One output label of one model on one study."""
+
+    label: str
+    finding_type: CodedConcept
+    finding_site: CodedConcept
+    probability: float
+    threshold: float
+    location: ImageLocation | None
+
+    @property
+    def present(self) -> bool:
+        return self.probability >= self.threshold
+
+
+class Outcome(StrEnum):
+    ANALYSED = "analysed"
+    NOT_APPLICABLE = "not_applicable"  # no model applies to the study
+    FAILED_QC = "failed_qc"  # missing slices, mixed orientation, ...
+
+
+@dataclass
+class SaliencyMap:
+    """Probability-like map in [0, 1] on the source series' own grid.
+
+    `frames[i]` lies on the image `source_sop_instance_uids[i]` (frame
+    `source_frame_numbers[i]` when the source is multi-frame), shape (rows, cols).
+    """
+
+    series_instance_uid: str
+    source_sop_instance_uids: list[str]
+    frames: np.ndarray  # float32, (n, rows, cols)
+    source_frame_numbers: list[int] | None = None
+
+
+@dataclass
+class AnalysisResult:
+    study_instance_uid: str
+    series_instance_uid: str | None
+    outcome: Outcome
+    algorithm: AlgorithmInfo | None
+    findings: list[Finding] = field(default_factory=list)
+    reason: str | None = None  # why the AI did not run (NOT_APPLICABLE / FAILED_QC)
+    saliency: SaliencyMap | None = None
+    # Each preprocessing step with its parameters, for the audit trail.
+    provenance: list[dict[str, object]] = field(default_factory=list)
