@@ -1,0 +1,158 @@
+"""`secondreader`: the command line of administrators, radiologists' tooling and tests."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import sys
+from collections.abc import Sequence
+from pathlib import Path
+
+from daemon.config import Config, ConfigError, load_config
+from daemon.logs import setup_logging
+
+log = logging.getLogger("secondreader")
+
+EXIT_CONFIG = 2
+
+
+def _cmd_serve(config: Config, _args: argparse.Namespace) -> int:
+    from daemon.service import NotMigrated, Service
+
+    try:
+        service = Service(config)
+    except NotMigrated as exc:
+        print(f"secondreader: {exc}", file=sys.stderr)
+        return 1
+    return service.run()
+
+
+def _cmd_db_upgrade(config: Config, _args: argparse.Namespace) -> int:
+    from db import migrate
+
+    config.storage.state_dir.mkdir(parents=True, exist_ok=True)
+    migrate.upgrade(config.database_url)
+    print(f"database at revision {migrate.current(config.database_url)}")
+    return 0
+
+
+def _cmd_status(config: Config, args: argparse.Namespace) -> int:
+    from daemon.service import open_database
+    from db.studies import job_counts, study_counts
+
+    db = open_database(config)
+    with db.session() as s:
+        report = {"studies": study_counts(s), "jobs": job_counts(s)}
+    db.dispose()
+    if args.json:
+        print(json.dumps(report, indent=2, sort_keys=True))
+        return 0
+    print("studies:")
+    for state in ("receiving", "complete"):
+        print(f"  {state:<16}{report['studies'].get(state, 0)}")
+    print("jobs:")
+    for state in ("queued", "running", "done", "failed", "not_applicable"):
+        print(f"  {state:<16}{report['jobs'].get(state, 0)}")
+    print(f"queue depth: {report['jobs'].get('queued', 0)}")
+    return 0
+
+
+def _remote(config: Config, args: argparse.Namespace):  # type: ignore[no-untyped-def]
+    from dicom_io.scu import RemoteAE
+    from dicom_io.tls import client_context
+
+    ctx = None
+    if args.tls:
+        ctx = client_context(args.tls_ca, args.tls_cert, args.tls_key)
+    return RemoteAE(
+        ae_title=args.aet,
+        host=args.host,
+        port=args.port,
+        calling_ae_title=args.calling_aet or config.scp.ae_title,
+        ssl_context=ctx,
+    )
+
+
+def _cmd_echo(config: Config, args: argparse.Namespace) -> int:
+    from dicom_io.scu import AssociationFailed, echo
+
+    try:
+        status = echo(_remote(config, args))
+    except AssociationFailed as exc:
+        print(f"echo failed: {exc}", file=sys.stderr)
+        return 1
+    print(f"C-ECHO status 0x{status:04X}")
+    return 0 if status == 0 else 1
+
+
+def _cmd_send(config: Config, args: argparse.Namespace) -> int:
+    from dicom_io.scu import AssociationFailed, expand, send
+
+    files = expand(args.paths)
+    try:
+        results = send(files, _remote(config, args))
+    except AssociationFailed as exc:
+        print(f"send failed: {exc}", file=sys.stderr)
+        return 1
+    failed = [r for r in results if not r.ok]
+    for r in failed:
+        status = "no response" if r.status is None else f"0x{r.status:04X}"
+        print(f"failed: {r.path} ({status})", file=sys.stderr)
+    print(f"sent {len(results) - len(failed)} of {len(results)} file(s)")
+    return 0 if not failed else 1
+
+
+def _add_remote_args(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--host", default="127.0.0.1")
+    p.add_argument("--port", type=int, default=104)
+    p.add_argument("--aet", default="ANY-SCP", help="called AE title")
+    p.add_argument("--calling-aet", help="our AE title (default: scp.ae_title)")
+    p.add_argument("--tls", action="store_true", help="use DICOM TLS")
+    p.add_argument("--tls-ca", type=Path)
+    p.add_argument("--tls-cert", type=Path)
+    p.add_argument("--tls-key", type=Path)
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="secondreader", description=__doc__)
+    parser.add_argument(
+        "-c", "--config", type=Path, help="TOML config file (or $SECONDREADER_CONFIG)"
+    )
+    sub = parser.add_subparsers(dest="command", required=True)
+
+    p = sub.add_parser("serve", help="run the daemon in the foreground")
+    p.set_defaults(func=_cmd_serve)
+
+    p = sub.add_parser("db", help="database maintenance")
+    dbsub = p.add_subparsers(dest="db_command", required=True)
+    dbsub.add_parser("upgrade", help="apply migrations").set_defaults(func=_cmd_db_upgrade)
+
+    p = sub.add_parser("status", help="studies by state and queue depth")
+    p.add_argument("--json", action="store_true")
+    p.set_defaults(func=_cmd_status)
+
+    p = sub.add_parser("echo", help="C-ECHO a remote AE")
+    _add_remote_args(p)
+    p.set_defaults(func=_cmd_echo)
+
+    p = sub.add_parser("send", help="C-STORE files or folders to a remote AE")
+    _add_remote_args(p)
+    p.add_argument("paths", nargs="+", type=Path)
+    p.set_defaults(func=_cmd_send)
+    return parser
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    try:
+        config = load_config(args.config)
+    except ConfigError as exc:
+        print(f"secondreader: {exc}", file=sys.stderr)
+        return EXIT_CONFIG
+    setup_logging(config.logging.level, config.logging.json_format)
+    return int(args.func(config, args))
+
+
+if __name__ == "__main__":
+    sys.exit(main())

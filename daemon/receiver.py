@@ -1,0 +1,114 @@
+"""Stage 1, receive: a C-STORE'd object goes to the spool, then into the database.
+
+Success is answered only after both: the file is durably on disk and its row
+is committed. Anything else answers a failure status and keeps nothing
+half-done that could be mistaken for an accepted instance.
+"""
+
+from __future__ import annotations
+
+import errno
+import logging
+
+from db import audit
+from db.audit import EventType
+from db.ingest import StoredInstance, record_instance
+from db.session import Database
+from dicom_io.identify import (
+    STATUS_DATASET_MISMATCH,
+    STATUS_OUT_OF_RESOURCES,
+    InvalidDataset,
+    check_complete,
+    identify,
+)
+from dicom_io.scp import AssociationOutcome, ReceivedObject
+from dicom_io.sopclasses import is_image_storage
+from dicom_io.spool import Spool
+
+log = logging.getLogger(__name__)
+
+
+class Receiver:
+    def __init__(self, db: Database, spool: Spool) -> None:
+        self.db = db
+        self.spool = spool
+
+    def on_association(self, outcome: AssociationOutcome) -> None:
+        with self.db.session() as s:
+            audit.record(
+                s,
+                EventType.ASSOCIATION_ACCEPTED
+                if outcome.accepted
+                else EventType.ASSOCIATION_REJECTED,
+                outcome.calling_ae,
+                address=outcome.address,
+                reason=outcome.reason,
+            )
+
+    def _refuse(self, obj: ReceivedObject, status: int, why: str) -> int:
+        log.warning("refused SOP instance from %s: %s (status 0x%04X)", obj.calling_ae, why, status)
+        try:
+            with self.db.session() as s:
+                audit.record(
+                    s,
+                    EventType.INSTANCE_FAILED,
+                    obj.calling_ae,
+                    status=status,
+                    reason=why,
+                )
+        except Exception:
+            log.exception("could not audit a refused instance")
+        return status
+
+    def on_store(self, obj: ReceivedObject) -> int:
+        try:
+            ident = identify(obj.file_bytes)
+            check_complete(obj.dataset, obj.transfer_syntax_uid)
+        except InvalidDataset as exc:
+            return self._refuse(obj, exc.status, str(exc))
+        if (
+            ident.sop_instance_uid != obj.sop_instance_uid
+            or ident.sop_class_uid != obj.sop_class_uid
+        ):
+            return self._refuse(
+                obj, STATUS_DATASET_MISMATCH, "dataset UIDs differ from the C-STORE request"
+            )
+        if not is_image_storage(ident.sop_class_uid):
+            return self._refuse(obj, STATUS_DATASET_MISMATCH, "not an image storage SOP class")
+
+        relative = self.spool.relative_path(
+            ident.study_instance_uid, ident.series_instance_uid, ident.sop_instance_uid
+        )
+        try:
+            size = self.spool.write(relative, obj.file_bytes)
+        except OSError as exc:
+            why = "disk full" if exc.errno == errno.ENOSPC else f"write failed: {exc.strerror}"
+            return self._refuse(obj, STATUS_OUT_OF_RESOURCES, why)
+        item = StoredInstance(
+            study_instance_uid=ident.study_instance_uid,
+            series_instance_uid=ident.series_instance_uid,
+            sop_instance_uid=ident.sop_instance_uid,
+            sop_class_uid=ident.sop_class_uid,
+            transfer_syntax_uid=obj.transfer_syntax_uid,
+            modality=ident.modality,
+            path=relative,
+            size_bytes=size,
+            calling_ae=obj.calling_ae,
+        )
+        try:
+            with self.db.session() as s:
+                is_new = record_instance(s, item)
+        except Exception as exc:
+            # The file stays: an earlier, acknowledged copy may be the one we
+            # just replaced, and the sender will resend this one.
+            log.exception("database write failed for SOP instance %s", ident.sop_instance_uid)
+            return self._refuse(
+                obj, STATUS_OUT_OF_RESOURCES, f"database error: {type(exc).__name__}"
+            )
+        log.debug(
+            "stored %s (study %s, %s)",
+            ident.sop_instance_uid,
+            ident.study_instance_uid,
+            "new" if is_new else "duplicate",
+        )
+        return 0x0000

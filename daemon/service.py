@@ -1,0 +1,106 @@
+"""Process life of `secondreader serve`: start the stages, notify systemd, stop cleanly."""
+
+from __future__ import annotations
+
+import logging
+import signal
+import threading
+from types import FrameType
+
+from daemon.completer import Completer
+from daemon.config import Config
+from daemon.receiver import Receiver
+from daemon.scheduler import Scheduler
+from daemon.systemd import Notifier
+from db import migrate
+from db.session import Database
+from dicom_io.scp import PeerRule, SCPSettings, StorageSCP
+from dicom_io.spool import Spool
+from dicom_io.tls import server_context
+
+log = logging.getLogger(__name__)
+
+
+class NotMigrated(RuntimeError):
+    pass
+
+
+def open_database(config: Config) -> Database:
+    config.storage.state_dir.mkdir(parents=True, exist_ok=True)
+    return Database(config.database_url, sqlite_synchronous=config.database.sqlite_synchronous)
+
+
+def scp_settings(config: Config) -> SCPSettings:
+    c = config.scp
+    ssl_context = None
+    if c.tls.enabled:
+        if c.tls.cert_file is None or c.tls.key_file is None:
+            raise ValueError("scp.tls.enabled needs scp.tls.cert_file and scp.tls.key_file")
+        ssl_context = server_context(c.tls.cert_file, c.tls.key_file, c.tls.ca_file)
+    return SCPSettings(
+        ae_title=c.ae_title,
+        host=c.host,
+        port=c.port,
+        max_associations=c.max_associations,
+        max_pdu_size=c.max_pdu_size,
+        allowed_peers=[PeerRule(p.ae_title, tuple(p.addresses)) for p in c.allowed_peers],
+        ssl_context=ssl_context,
+    )
+
+
+class Service:
+    def __init__(self, config: Config) -> None:
+        self.config = config
+        self.stop_event = threading.Event()
+        self.notifier = Notifier()
+        self.db = open_database(config)
+        head = migrate.current(config.database_url)
+        if head is None:
+            raise NotMigrated("the database has no schema: run `secondreader db upgrade` first")
+        self.spool = Spool(config.storage.spool_dir, fsync=config.storage.fsync)
+        self.receiver = Receiver(self.db, self.spool)
+        self.completer = Completer(
+            self.db, config.completion.stable_seconds, config.completion.max_seconds
+        )
+        self.scp = StorageSCP(
+            scp_settings(config), self.receiver.on_store, self.receiver.on_association
+        )
+        self.scheduler = Scheduler()
+        self.scheduler.every(
+            "complete-studies", config.completion.check_interval_seconds, self.completer.run_once
+        )
+
+    def _on_signal(self, signum: int, _frame: FrameType | None) -> None:
+        log.info("received %s: stopping", signal.Signals(signum).name)
+        self.stop_event.set()
+
+    def run(self) -> int:
+        swept = self.spool.sweep_incoming()
+        if swept:
+            log.info("removed %d unacknowledged partial file(s) from the spool", swept)
+        signal.signal(signal.SIGTERM, self._on_signal)
+        signal.signal(signal.SIGINT, self._on_signal)
+        self.scp.start()
+        self.scheduler.start()
+        self.notifier.ready(f"listening on port {self.scp.port}")
+        log.info("secondreader ready (AE %s, port %d)", self.config.scp.ae_title, self.scp.port)
+        interval = (self.notifier.watchdog_seconds or 10.0) / 2
+        while not self.stop_event.wait(interval):
+            # Ping the watchdog only while the parts that do the work are alive.
+            if self.scheduler.running and self.scp.is_alive():
+                self.notifier.watchdog()
+        return self.stop()
+
+    def stop(self) -> int:
+        self.notifier.stopping()
+        drained = self.scp.drain(self.config.scp.drain_seconds)
+        if not drained:
+            log.warning(
+                "associations still running after %.0f s; closing", self.config.scp.drain_seconds
+            )
+        self.scp.shutdown()
+        self.scheduler.shutdown()
+        # One last pass so a study that went quiet while stopping is not delayed.
+        self.db.dispose()
+        log.info("secondreader stopped")
+        return 0

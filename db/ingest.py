@@ -1,0 +1,132 @@
+"""Recording received instances: the receive stage's only database call."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from datetime import datetime
+from typing import Any
+
+from sqlalchemy import select, update
+from sqlalchemy.dialects.postgresql import insert as pg_insert
+from sqlalchemy.dialects.sqlite import insert as sqlite_insert
+from sqlalchemy.orm import Session
+
+from db import audit
+from db.audit import EventType
+from db.models import Instance, Series, Study, StudyState, utcnow
+
+
+@dataclass(frozen=True)
+class StoredInstance:
+    """What the receive path knows about one instance it has put on disk."""
+
+    study_instance_uid: str
+    series_instance_uid: str
+    sop_instance_uid: str
+    sop_class_uid: str
+    transfer_syntax_uid: str
+    modality: str | None
+    path: str  # relative to the spool root
+    size_bytes: int
+    calling_ae: str
+
+
+def _insert_ignore(session: Session, table: Any, values: dict[str, Any], key: str) -> None:
+    """INSERT ... ON CONFLICT (key) DO NOTHING: concurrent associations may race here."""
+    dialect = session.get_bind().dialect.name
+    ins = pg_insert if dialect == "postgresql" else sqlite_insert
+    session.execute(ins(table).values(**values).on_conflict_do_nothing(index_elements=[key]))
+
+
+def record_instance(session: Session, item: StoredInstance, now: datetime | None = None) -> bool:
+    """Upsert study, series and instance; returns True when the instance is new.
+
+    A re-sent instance (same SOP Instance UID) only bumps its receive count.
+    An instance for a completed study re-opens it, so it is completed again.
+    """
+    now = now or utcnow()
+    _insert_ignore(
+        session,
+        Study.__table__,
+        {
+            "study_instance_uid": item.study_instance_uid,
+            "state": StudyState.RECEIVING,
+            "first_received_at": now,
+            "receiving_since": now,
+            "last_received_at": now,
+            "completion_count": 0,
+        },
+        "study_instance_uid",
+    )
+    study_id, state = session.execute(
+        select(Study.id, Study.state).where(Study.study_instance_uid == item.study_instance_uid)
+    ).one()
+    if state == StudyState.COMPLETE:
+        reopened = session.execute(
+            update(Study)
+            .where(Study.id == study_id, Study.state == StudyState.COMPLETE)
+            .values(state=StudyState.RECEIVING, receiving_since=now, last_received_at=now)
+        ).rowcount
+        if reopened:
+            audit.record(
+                session,
+                EventType.STUDY_REOPENED,
+                item.calling_ae,
+                study_instance_uid=item.study_instance_uid,
+            )
+    else:
+        session.execute(update(Study).where(Study.id == study_id).values(last_received_at=now))
+
+    _insert_ignore(
+        session,
+        Series.__table__,
+        {
+            "study_id": study_id,
+            "series_instance_uid": item.series_instance_uid,
+            "modality": item.modality,
+        },
+        "series_instance_uid",
+    )
+    series_id = session.execute(
+        select(Series.id).where(Series.series_instance_uid == item.series_instance_uid)
+    ).scalar_one()
+
+    existing = session.execute(
+        update(Instance)
+        .where(Instance.sop_instance_uid == item.sop_instance_uid)
+        .values(
+            receive_count=Instance.receive_count + 1,
+            received_at=now,
+            path=item.path,
+            size_bytes=item.size_bytes,
+            transfer_syntax_uid=item.transfer_syntax_uid,
+        )
+    ).rowcount
+    is_new = not existing
+    if is_new:
+        _insert_ignore(
+            session,
+            Instance.__table__,
+            {
+                "series_id": series_id,
+                "sop_instance_uid": item.sop_instance_uid,
+                "sop_class_uid": item.sop_class_uid,
+                "transfer_syntax_uid": item.transfer_syntax_uid,
+                "path": item.path,
+                "size_bytes": item.size_bytes,
+                "received_at": now,
+                "calling_ae": item.calling_ae,
+                "receive_count": 1,
+            },
+            "sop_instance_uid",
+        )
+    audit.record(
+        session,
+        EventType.INSTANCE_STORED,
+        item.calling_ae,
+        study_instance_uid=item.study_instance_uid,
+        sop_instance_uid=item.sop_instance_uid,
+        duplicate=not is_new,
+        size_bytes=item.size_bytes,
+    )
+    return is_new

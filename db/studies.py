@@ -1,0 +1,121 @@
+"""Study completion and the queries `secondreader status` shows."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from datetime import datetime, timedelta
+
+from sqlalchemy import func, or_, select, update
+from sqlalchemy.orm import Session
+
+from db import audit
+from db.audit import EventType
+from db.models import Instance, Job, JobState, Series, Study, StudyState, utcnow
+
+
+@dataclass(frozen=True)
+class CompletedStudy:
+    study_id: int
+    study_instance_uid: str
+    job_id: int
+    forced: bool
+
+
+def complete_stable_studies(
+    session: Session,
+    *,
+    stable_seconds: float,
+    max_seconds: float,
+    now: datetime | None = None,
+) -> list[CompletedStudy]:
+    """Mark complete every study quiet for `stable_seconds` (or receiving for `max_seconds`).
+
+    Each completion queues one analysis job, unless one is still waiting in the
+    queue for the same study (a re-opened study then needs no second job).
+    """
+    now = now or utcnow()
+    quiet_before = now - timedelta(seconds=stable_seconds)
+    forced_before = now - timedelta(seconds=max_seconds)
+    candidates = session.execute(
+        select(Study.id, Study.study_instance_uid, Study.last_received_at, Study.receiving_since)
+        .where(Study.state == StudyState.RECEIVING)
+        .where(or_(Study.last_received_at <= quiet_before, Study.receiving_since <= forced_before))
+    ).all()
+    done: list[CompletedStudy] = []
+    for study_id, uid, last_received_at, _since in candidates:
+        # Conditional on what we read: an instance that arrived meanwhile wins.
+        changed = session.execute(
+            update(Study)
+            .where(
+                Study.id == study_id,
+                Study.state == StudyState.RECEIVING,
+                Study.last_received_at == last_received_at,
+            )
+            .values(
+                state=StudyState.COMPLETE,
+                completed_at=now,
+                completion_count=Study.completion_count + 1,
+            )
+        ).rowcount
+        if not changed:
+            continue
+        forced = last_received_at > quiet_before
+        n_instances = session.execute(
+            select(func.count(Instance.id)).join(Series).where(Series.study_id == study_id)
+        ).scalar_one()
+        audit.record(
+            session,
+            EventType.STUDY_COMPLETED,
+            "completer",
+            study_instance_uid=uid,
+            instances=n_instances,
+            forced=forced,
+        )
+        job_id = session.execute(
+            select(Job.id).where(Job.study_id == study_id, Job.state == JobState.QUEUED)
+        ).scalar()
+        if job_id is None:
+            job = Job(
+                study_id=study_id,
+                kind="analyse",
+                state=JobState.QUEUED,
+                attempts=0,
+                not_before=now,
+                created_at=now,
+            )
+            session.add(job)
+            session.flush()
+            job_id = job.id
+            audit.record(
+                session, EventType.JOB_QUEUED, "completer", study_instance_uid=uid, job_id=job_id
+            )
+        done.append(CompletedStudy(study_id, uid, job_id, forced))
+    return done
+
+
+def study_counts(session: Session) -> dict[str, int]:
+    rows = session.execute(select(Study.state, func.count()).group_by(Study.state)).all()
+    return {state: n for state, n in rows}
+
+
+def job_counts(session: Session) -> dict[str, int]:
+    rows = session.execute(select(Job.state, func.count()).group_by(Job.state)).all()
+    return {state: n for state, n in rows}
+
+
+def get_study(session: Session, study_instance_uid: str) -> Study | None:
+    return session.execute(
+        select(Study).where(Study.study_instance_uid == study_instance_uid)
+    ).scalar_one_or_none()
+
+
+def study_instances(session: Session, study_instance_uid: str) -> list[Instance]:
+    return list(
+        session.scalars(
+            select(Instance)
+            .join(Series)
+            .join(Study)
+            .where(Study.study_instance_uid == study_instance_uid)
+            .order_by(Instance.id)
+        )
+    )

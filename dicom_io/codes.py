@@ -1,0 +1,83 @@
+"""Coded concepts shared by the SR and SEG builders.
+
+Standard codes where the standard has one (SCT, DCM, UCUM); the few concepts
+the standard lacks (an AI run that did not happen) use the private scheme
+99SECONDREADER, which every object using it declares in its Coding Scheme
+Identification Sequence.
+"""
+
+from __future__ import annotations
+
+import highdicom as hd
+from pydicom.sr.codedict import codes
+
+from model.results import CodedConcept
+
+# IHE AI Results (AIR): purpose of reference of the algorithm's item in the
+# Contributing Equipment Sequence (the code IHE assigned before DICOM had one).
+PROCESSING_ALGORITHM = hd.sr.CodedConcept("Newcode1", "99IHE", "Processing Algorithm")
+
+# The NUM measurement of each finding. DCM 122157 is the plain "Probability";
+# DCM 111047 "Probability of cancer" would be wrong for most findings.
+PROBABILITY = hd.sr.CodedConcept("122157", "DCM", "Probability")
+# UCUM "1" (dimensionless, meaning "no units", CID 7181) rather than the
+# annotation "{probability}": UCUM annotations equal 1 anyway, and "1" is the
+# unit the DICOM context groups list, so every reader knows it.
+UNITLESS = hd.sr.CodedConcept("1", "UCUM", "no units")
+
+PRESENT = codes.SCT.Present  # 52101004
+ABSENT = codes.SCT.Absent  # 272519000
+COMMENT = codes.DCM.Comment  # 121106
+SUMMARY = codes.DCM.Summary  # 121111
+
+# Segmented Property Category of the saliency SEG when the caller gives none
+# (CID 7150): what a finding like a nodule or an opacity is.
+MORPHOLOGICALLY_ABNORMAL_STRUCTURE = codes.SCT.MorphologicallyAbnormalStructure
+
+PRIVATE_SCHEME = "99SECONDREADER"
+PRIVATE_SCHEME_ITEM = hd.coding_schemes.CodingSchemeIdentificationItem(
+    designator=PRIVATE_SCHEME,
+    name="secondreader local codes",
+    responsible_organization="secondreader",
+)
+IHE_SCHEME_ITEM = hd.coding_schemes.CodingSchemeIdentificationItem(
+    designator="99IHE",
+    name="IHE Radiology codes",
+    responsible_organization="IHE",
+)
+
+# Title of the SR written when no AI result exists: a viewer shows the code
+# meaning as the document title, so it must say plainly what happened.
+AI_NOT_PERFORMED = hd.sr.CodedConcept("AI-NOT-RUN", PRIVATE_SCHEME, "AI analysis not performed")
+AI_OUTCOME = hd.sr.CodedConcept("AI-OUTCOME", PRIVATE_SCHEME, "AI analysis outcome")
+OUTCOME_NOT_APPLICABLE = hd.sr.CodedConcept(
+    "NOT-APPLICABLE", PRIVATE_SCHEME, "No AI model applies to this study"
+)
+OUTCOME_FAILED_QC = hd.sr.CodedConcept(
+    "FAILED-QC", PRIVATE_SCHEME, "Images failed the AI input quality checks"
+)
+
+# Procedure Reported (TID 1500, CID 100 is extensible). Plain modality-level
+# procedures: the daemon knows the modality, not the ordered procedure.
+_PROCEDURE_BY_MODALITY: dict[str, hd.sr.CodedConcept] = {
+    "CT": hd.sr.CodedConcept("77477000", "SCT", "Computed Tomography"),
+    "MR": hd.sr.CodedConcept("113091000", "SCT", "Magnetic resonance imaging"),
+    "CR": hd.sr.CodedConcept("168537006", "SCT", "Plain radiography"),
+    "DX": hd.sr.CodedConcept("168537006", "SCT", "Plain radiography"),
+    "MG": hd.sr.CodedConcept("71651007", "SCT", "Mammography"),
+}
+IMAGING_PROCEDURE = hd.sr.CodedConcept("363679005", "SCT", "Imaging procedure")
+
+
+def procedure_for_modality(modality: str) -> hd.sr.CodedConcept:
+    """The Procedure Reported code for a study of this modality."""
+    return _PROCEDURE_BY_MODALITY.get(modality.upper(), IMAGING_PROCEDURE)
+
+
+def to_hd(concept: CodedConcept) -> hd.sr.CodedConcept:
+    """The result contract's code as a highdicom coded concept."""
+    return hd.sr.CodedConcept(concept.value, concept.scheme_designator, concept.meaning)
+
+
+def from_hd(concept: hd.sr.CodedConcept) -> CodedConcept:
+    return CodedConcept(concept.value, concept.scheme_designator, concept.meaning)

@@ -1,0 +1,175 @@
+"""Read the few identifying attributes of a received object, not the whole of it."""
+
+from __future__ import annotations
+
+import re
+from dataclasses import dataclass
+from io import BytesIO
+from typing import Literal
+
+from pydicom import dcmread
+from pydicom.errors import InvalidDicomError
+from pydicom.tag import Tag
+
+# Digits and dots only: a UID that passes can be used as a path component.
+_UID = re.compile(r"^[0-9]+(\.[0-9]+)*$")
+
+_TAGS = [
+    Tag("SOPClassUID"),
+    Tag("SOPInstanceUID"),
+    Tag("StudyInstanceUID"),
+    Tag("SeriesInstanceUID"),
+    Tag("Modality"),
+]
+
+
+class InvalidDataset(ValueError):
+    """The object cannot be stored; `status` is the C-STORE failure status to send."""
+
+    def __init__(self, message: str, status: int) -> None:
+        super().__init__(message)
+        self.status = status
+
+
+# C-STORE failure statuses (PS3.4 Annex B.2.3).
+STATUS_OUT_OF_RESOURCES = 0xA700
+STATUS_DATASET_MISMATCH = 0xA900
+STATUS_CANNOT_UNDERSTAND = 0xC000
+
+
+def valid_uid(value: str) -> bool:
+    return 0 < len(value) <= 64 and _UID.match(value) is not None
+
+
+@dataclass(frozen=True)
+class Identity:
+    sop_class_uid: str
+    sop_instance_uid: str
+    study_instance_uid: str
+    series_instance_uid: str
+    modality: str | None
+
+
+def identify(encoded: bytes) -> Identity:
+    """Parse the UIDs from a DICOM file's bytes, stopping before pixel data.
+
+    Only the header is parsed, and only five attributes are kept; a truncated
+    or non-DICOM stream raises InvalidDataset with "cannot understand".
+    """
+    try:
+        ds = dcmread(BytesIO(encoded), stop_before_pixels=True, specific_tags=_TAGS)
+        values = {
+            "sop_class_uid": str(ds.get("SOPClassUID", "") or ""),
+            "sop_instance_uid": str(ds.get("SOPInstanceUID", "") or ""),
+            "study_instance_uid": str(ds.get("StudyInstanceUID", "") or ""),
+            "series_instance_uid": str(ds.get("SeriesInstanceUID", "") or ""),
+        }
+        modality = str(ds.get("Modality", "") or "") or None
+    except (InvalidDicomError, EOFError, OSError, ValueError, KeyError, TypeError) as exc:
+        raise InvalidDataset(f"cannot parse dataset: {exc}", STATUS_CANNOT_UNDERSTAND) from exc
+    for key, value in values.items():
+        if not value:
+            raise InvalidDataset(f"{key} missing", STATUS_DATASET_MISMATCH)
+        if not valid_uid(value):
+            # Never echo the value into logs unchecked: it is attacker-controlled.
+            raise InvalidDataset(f"{key} is not a valid UID", STATUS_DATASET_MISMATCH)
+    return Identity(modality=modality, **values)
+
+
+_LONG_VRS = {
+    b"OB",
+    b"OD",
+    b"OF",
+    b"OL",
+    b"OV",
+    b"OW",
+    b"SQ",
+    b"SV",
+    b"UC",
+    b"UN",
+    b"UR",
+    b"UT",
+    b"UV",
+}
+_UNDEFINED = 0xFFFFFFFF
+_ITEM, _ITEM_END, _SEQ_END = 0xFFFEE000, 0xFFFEE00D, 0xFFFEE0DD
+
+
+class _Truncated(Exception):
+    pass
+
+
+class _Walker:
+    """Walks element headers to the end of a dataset without decoding values.
+
+    pydicom reads a short stream without complaint (the last value just comes
+    back short), so the receive path checks the framing itself.
+    """
+
+    def __init__(self, data: bytes, implicit: bool, little: bool) -> None:
+        self.data, self.implicit = data, implicit
+        self.order: Literal["little", "big"] = "little" if little else "big"
+
+    def _u(self, pos: int, size: int) -> int:
+        if pos + size > len(self.data):
+            raise _Truncated(f"element header cut short at byte {pos}")
+        return int.from_bytes(self.data[pos : pos + size], self.order)
+
+    def _tag(self, pos: int) -> int:
+        return (self._u(pos, 2) << 16) | self._u(pos + 2, 2)
+
+    def elements(self, pos: int, end: int | None, implicit: bool) -> int:
+        """Parse elements from pos to end (or to an item delimiter); return the end."""
+        while end is None or pos < end:
+            if end is None and pos >= len(self.data):
+                raise _Truncated("item ends without its delimiter")
+            tag = self._tag(pos)
+            if tag == _ITEM_END:
+                return pos + 8
+            vr = b""
+            if implicit:
+                length, pos = self._u(pos + 4, 4), pos + 8
+            else:
+                vr = self.data[pos + 4 : pos + 6]
+                if vr in _LONG_VRS:
+                    length, pos = self._u(pos + 8, 4), pos + 12
+                else:
+                    length, pos = self._u(pos + 6, 2), pos + 8
+            if length == _UNDEFINED:
+                if tag == 0x7FE00010:
+                    pos = self.items(pos, fragments=True, implicit=implicit)
+                else:
+                    # An undefined-length UN holds implicit little endian (PS3.5 6.2.2).
+                    pos = self.items(pos, fragments=False, implicit=implicit or vr == b"UN")
+            else:
+                pos += length
+                if pos > len(self.data):
+                    raise _Truncated(f"value of ({tag >> 16:04X},{tag & 0xFFFF:04X}) is cut short")
+        return pos
+
+    def items(self, pos: int, *, fragments: bool, implicit: bool) -> int:
+        while True:
+            tag, length = self._tag(pos), self._u(pos + 4, 4)
+            pos += 8
+            if tag == _SEQ_END:
+                return pos
+            if tag != _ITEM:
+                raise _Truncated(f"expected an item at byte {pos - 8}")
+            if length == _UNDEFINED and not fragments:
+                pos = self.elements(pos, None, implicit)
+            else:
+                pos += length
+                if pos > len(self.data):
+                    raise _Truncated("item value cut short")
+
+
+def check_complete(dataset: bytes, transfer_syntax_uid: str) -> None:
+    """Refuse a dataset (without file meta) whose framing runs past its end."""
+    if transfer_syntax_uid == "1.2.840.10008.1.2.1.99":
+        return  # deflated: pydicom's inflate reports a cut stream itself
+    implicit = transfer_syntax_uid == "1.2.840.10008.1.2"
+    little = transfer_syntax_uid != "1.2.840.10008.1.2.2"
+    try:
+        _Walker(dataset, implicit, little).elements(0, len(dataset), implicit)
+    except _Truncated as exc:
+        raise InvalidDataset(f"dataset is truncated: {exc}", STATUS_CANNOT_UNDERSTAND) from exc
