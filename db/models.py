@@ -121,3 +121,102 @@ class AuditEvent(Base):
     study_instance_uid: Mapped[str | None] = mapped_column(UID, index=True)
     sop_instance_uid: Mapped[str | None] = mapped_column(UID)
     detail: Mapped[dict[str, Any]] = mapped_column(JSON, default=dict)
+
+
+class RunOutcome:
+    ANALYSED = "analysed"
+    NOT_APPLICABLE = "not_applicable"
+    FAILED_QC = "failed_qc"
+
+
+class ReportState:
+    PENDING = "pending"  # the report stage has not built the SR/SEG yet
+    REPORTED = "reported"  # objects built and queued in the outbox
+    FAILED = "failed"
+
+
+class AnalysisRun(Base):
+    """One model (or the decision that none applies) run on one study.
+
+    Written by the infer stage, read by the report stage.
+    """
+
+    __tablename__ = "analysis_runs"
+
+    id: Mapped[int] = mapped_column(Integer, primary_key=True)
+    job_id: Mapped[int | None] = mapped_column(ForeignKey("jobs.id"), index=True)
+    study_id: Mapped[int] = mapped_column(ForeignKey("studies.id"), index=True)
+    outcome: Mapped[str] = mapped_column(String(16))
+    reason: Mapped[str | None] = mapped_column(Text)  # why the AI did not run
+    model_name: Mapped[str | None] = mapped_column(String(128))
+    model_version: Mapped[str | None] = mapped_column(String(64))
+    model_device_uid: Mapped[str | None] = mapped_column(UID)
+    series_instance_uid: Mapped[str | None] = mapped_column(UID)
+    # Preprocessing steps with parameters and timings: provenance for the audit.
+    provenance: Mapped[dict[str, Any]] = mapped_column(JSON, default=dict)
+    # Saliency map on the source grid (.npz under the state directory).
+    saliency_path: Mapped[str | None] = mapped_column(String(512))
+    created_at: Mapped[datetime] = mapped_column(DateTime)
+    report_state: Mapped[str] = mapped_column(String(16), default=ReportState.PENDING, index=True)
+    report_error: Mapped[str | None] = mapped_column(Text)
+    sr_sop_instance_uid: Mapped[str | None] = mapped_column(UID)
+
+    findings: Mapped[list[FindingRecord]] = relationship(back_populates="run")
+
+
+class FindingRecord(Base):
+    """One output label of one run: probability, decision and where."""
+
+    __tablename__ = "findings"
+
+    id: Mapped[int] = mapped_column(Integer, primary_key=True)
+    run_id: Mapped[int] = mapped_column(ForeignKey("analysis_runs.id"), index=True)
+    label: Mapped[str] = mapped_column(String(64))
+    finding_code: Mapped[dict[str, Any]] = mapped_column(JSON)  # value, scheme, meaning
+    site_code: Mapped[dict[str, Any]] = mapped_column(JSON)
+    probability: Mapped[float]
+    threshold: Mapped[float]
+    present: Mapped[bool]
+    sop_instance_uid: Mapped[str | None] = mapped_column(UID)
+    sop_class_uid: Mapped[str | None] = mapped_column(UID)
+    frame_number: Mapped[int | None] = mapped_column(Integer)
+    point: Mapped[dict[str, Any] | None] = mapped_column(JSON)  # {"col": x, "row": y}
+    box: Mapped[dict[str, Any] | None] = mapped_column(JSON)  # {"col0","row0","col1","row1"}
+    tracking_uid: Mapped[str | None] = mapped_column(UID)  # set by the report stage
+
+    run: Mapped[AnalysisRun] = relationship(back_populates="findings")
+
+
+class DeliveryState:
+    PENDING = "pending"
+    DONE = "done"
+    DEAD = "dead"  # gave up; `secondreader deliveries retry` re-queues
+
+
+class OutboxItem(Base):
+    """One object for one destination; survives restarts, so retries do too."""
+
+    __tablename__ = "outbox"
+    __table_args__ = (
+        Index("ix_outbox_due", "state", "next_attempt_at"),
+        Index("uq_outbox_object_destination", "sop_instance_uid", "destination", unique=True),
+    )
+
+    id: Mapped[int] = mapped_column(Integer, primary_key=True)
+    study_id: Mapped[int] = mapped_column(ForeignKey("studies.id"), index=True)
+    run_id: Mapped[int | None] = mapped_column(ForeignKey("analysis_runs.id"), index=True)
+    object_kind: Mapped[str] = mapped_column(String(16))  # "sr", "seg", "verified-sr"
+    sop_class_uid: Mapped[str] = mapped_column(UID)
+    sop_instance_uid: Mapped[str] = mapped_column(UID)
+    path: Mapped[str] = mapped_column(String(512))  # relative to the state directory
+    destination: Mapped[str] = mapped_column(String(64))  # name from the config
+    state: Mapped[str] = mapped_column(String(16), default=DeliveryState.PENDING)
+    attempts: Mapped[int] = mapped_column(Integer, default=0)
+    next_attempt_at: Mapped[datetime] = mapped_column(DateTime)
+    last_status: Mapped[int | None] = mapped_column(Integer)
+    last_error: Mapped[str | None] = mapped_column(Text)
+    created_at: Mapped[datetime] = mapped_column(DateTime)
+    delivered_at: Mapped[datetime | None] = mapped_column(DateTime)
+    # Storage commitment: none / requested / committed / failed.
+    commitment_state: Mapped[str] = mapped_column(String(16), default="none")
+    commitment_transaction_uid: Mapped[str | None] = mapped_column(UID)
