@@ -263,3 +263,19 @@ def db_url(request: pytest.FixtureRequest, tmp_path: Path) -> str:
         url = create_pg_database(base, f"t_{os.getpid()}_{free_port()}")
     migrate.upgrade(url)
     return url
+
+
+# -- CI: a skipped test is a failure ----------------------------------------
+
+
+def pytest_terminal_summary(terminalreporter, exitstatus, config):  # type: ignore[no-untyped-def]
+    skipped = terminalreporter.stats.get("skipped", [])
+    if os.environ.get("CI") and skipped:
+        terminalreporter.write_line(f"CI: {len(skipped)} test(s) skipped; failing the run", red=True)
+
+
+def pytest_sessionfinish(session, exitstatus):  # type: ignore[no-untyped-def]
+    reporter = session.config.pluginmanager.get_plugin("terminalreporter")
+    skipped = reporter.stats.get("skipped", []) if reporter else []
+    if os.environ.get("CI") and skipped and session.exitstatus == 0:
+        session.exitstatus = 1

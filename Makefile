@@ -1,0 +1,33 @@
+# The two commands of the README: `make run` and `make test`.
+# Both create the virtual environment first; torch is pinned by constraints.txt.
+VENV ?= .venv
+PIP := $(VENV)/bin/pip
+STAMP := $(VENV)/.installed
+
+.PHONY: install run test lint bench clean
+
+$(STAMP): pyproject.toml constraints.txt
+	python3 -m venv $(VENV)
+	$(PIP) install --quiet --upgrade pip
+	$(PIP) install --quiet -c constraints.txt -e '.[test]'
+	touch $(STAMP)
+
+install: $(STAMP)
+
+# Migrate the embedded SQLite database under ./state and serve in the foreground.
+run: install
+	$(VENV)/bin/secondreader db upgrade
+	$(VENV)/bin/secondreader serve
+
+# Lint, then the whole suite (dcmtk, Orthanc and PostgreSQL must be installed:
+# .ci/run installs them on Debian).
+test: install
+	$(VENV)/bin/ruff check .
+	$(VENV)/bin/pytest
+
+bench: install
+	$(VENV)/bin/python bench/ingest.py
+	$(VENV)/bin/python bench/pipeline.py
+
+clean:
+	rm -rf $(VENV) state
