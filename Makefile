@@ -19,9 +19,10 @@ run: install
 	$(VENV)/bin/secondreader db upgrade
 	$(VENV)/bin/secondreader serve
 
-# Lint, then the whole suite (dcmtk, Orthanc and PostgreSQL must be installed:
-# .ci/run installs them on Debian).
+# Install the real peers if missing (dcmtk, Orthanc, dicom3tools, PostgreSQL),
+# lint, then run the whole suite.
 test: install
+	deploy/install-system-packages.sh
 	$(VENV)/bin/ruff check .
 	$(VENV)/bin/pytest
 

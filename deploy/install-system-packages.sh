@@ -1,0 +1,17 @@
+#!/usr/bin/env bash
+# The Debian packages the test suite talks to, installed only when missing.
+# Used by `make test` and by .ci/run.
+set -euo pipefail
+need=()
+command -v storescu >/dev/null || need+=(dcmtk)
+command -v Orthanc >/dev/null || [ -x /usr/sbin/Orthanc ] || need+=(orthanc orthanc-dicomweb)
+command -v dciodvfy >/dev/null || need+=(dicom3tools)
+ls /usr/lib/postgresql/*/bin/initdb >/dev/null 2>&1 || need+=(postgresql)
+command -v systemd-analyze >/dev/null || need+=(systemd)
+[ ${#need[@]} -eq 0 ] && exit 0
+sudo=""
+[ "$(id -u)" -eq 0 ] || sudo="sudo"
+echo "installing Debian packages: ${need[*]}"
+export DEBIAN_FRONTEND=noninteractive
+$sudo apt-get update -qq
+$sudo apt-get install -y -qq --no-install-recommends "${need[@]}" >/dev/null
