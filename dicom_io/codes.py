@@ -77,7 +77,3 @@ def procedure_for_modality(modality: str) -> hd.sr.CodedConcept:
 def to_hd(concept: CodedConcept) -> hd.sr.CodedConcept:
     """The result contract's code as a highdicom coded concept."""
     return hd.sr.CodedConcept(concept.value, concept.scheme_designator, concept.meaning)
-
-
-def from_hd(concept: hd.sr.CodedConcept) -> CodedConcept:
-    return CodedConcept(concept.value, concept.scheme_designator, concept.meaning)

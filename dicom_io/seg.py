@@ -1,0 +1,171 @@
+"""The model's saliency map as a FRACTIONAL (probability) DICOM Segmentation.
+
+One segment per SEG, on the source images' own grid (SEG cannot resample),
+in the study of its images and in a new series. The segment carries the
+finding's Tracking UID, the same as the SR measurement group of that finding,
+so that a reader can pair them.
+"""
+
+from __future__ import annotations
+
+import platform
+from collections.abc import Sequence
+from copy import deepcopy
+
+import highdicom as hd
+import numpy as np
+from pydicom.dataset import Dataset
+from pydicom.sr.codedict import codes
+from pydicom.uid import generate_uid
+
+from dicom_io import codes as seg_codes
+from dicom_io.sr import SOFTWARE_VERSION, algorithm_equipment, finding_tracking_uid
+from model.results import AlgorithmInfo, CodedConcept, Finding, SaliencyMap
+
+SALIENCY_SERIES_DESCRIPTION = "AI SALIENCY - NOT VERIFIED"
+
+# Saliency below this is set to 0 before encoding. Stored as 8-bit fractions
+# anyway (1/255 steps), and without it every slice holds some faint noise, so
+# no frame is empty and a 300-slice series would keep all 300 frames.
+DEFAULT_FLOOR = 0.05
+
+
+def build_saliency_seg(
+    saliency: SaliencyMap,
+    source_headers: Sequence[Dataset],
+    algorithm: AlgorithmInfo,
+    finding: Finding,
+    *,
+    series_number: int,
+    series_description: str = SALIENCY_SERIES_DESCRIPTION,
+    series_instance_uid: str | None = None,
+    sop_instance_uid: str | None = None,
+    instance_number: int = 1,
+    segmented_property_category: CodedConcept | None = None,
+    floor: float = DEFAULT_FLOOR,
+    manufacturer: str = "secondreader",
+    manufacturer_model_name: str = "secondreader",
+    software_versions: str = SOFTWARE_VERSION,
+    device_serial_number: str | None = None,
+) -> hd.seg.Segmentation:
+    """The saliency of one finding as a one-segment FRACTIONAL/PROBABILITY SEG.
+
+    `source_headers` are the images the map lies on (pixel data not needed),
+    in any order: they are matched to `saliency.source_sop_instance_uids`.
+    For a multi-frame source (`saliency.source_frame_numbers` set) give that
+    one image. The segment's type is the finding type, its anatomic region the
+    finding site, its category `segmented_property_category` or, by default,
+    "Morphologically abnormal structure". Values below `floor` become 0 and
+    frames left empty are omitted; a map empty everywhere is a ValueError.
+    """
+    frames = np.asarray(saliency.frames, dtype=np.float32)
+    if frames.ndim != 3 or frames.shape[0] != len(saliency.source_sop_instance_uids):
+        raise ValueError("saliency frames must be (n, rows, cols), one per source UID")
+    if not np.isfinite(frames).all() or frames.min() < 0.0 or frames.max() > 1.0:
+        raise ValueError("saliency values must lie in [0, 1]")
+    if not 0.0 <= floor < 1.0:
+        raise ValueError("floor must lie in [0, 1)")
+    images, pixel_array = _align(saliency, frames, source_headers)
+    pixel_array = np.where(pixel_array >= floor, pixel_array, np.float32(0.0))
+    if not pixel_array.any():
+        # highdicom would then keep every frame, all empty: no use to anyone.
+        raise ValueError(f"no saliency at or above {floor}: nothing to store, build no SEG")
+    study_instance_uid = images[0].StudyInstanceUID
+    category = (
+        seg_codes.to_hd(segmented_property_category)
+        if segmented_property_category is not None
+        else seg_codes.MORPHOLOGICALLY_ABNORMAL_STRUCTURE
+    )
+    segment = hd.seg.SegmentDescription(
+        segment_number=1,
+        segment_label=f"AI saliency: {finding.label}"[:64],
+        segmented_property_category=category,
+        segmented_property_type=seg_codes.to_hd(finding.finding_type),
+        algorithm_type=hd.seg.SegmentAlgorithmTypeValues.AUTOMATIC,
+        algorithm_identification=hd.AlgorithmIdentificationSequence(
+            name=algorithm.name,
+            family=codes.DCM.ArtificialIntelligence,
+            version=algorithm.version,
+            parameters=algorithm.parameters or None,
+        ),
+        tracking_uid=finding_tracking_uid(study_instance_uid, algorithm.device_uid, finding.label),
+        tracking_id=f"AI {finding.label}",
+        anatomic_regions=[seg_codes.to_hd(finding.finding_site)],
+    )
+    seg = hd.seg.Segmentation(
+        source_images=[_without_bogus_spacing(i) for i in images],
+        pixel_array=pixel_array,
+        segmentation_type=hd.seg.SegmentationTypeValues.FRACTIONAL,
+        fractional_type=hd.seg.SegmentationFractionalTypeValues.PROBABILITY,
+        segment_descriptions=[segment],
+        series_instance_uid=series_instance_uid or generate_uid(),
+        series_number=series_number,
+        sop_instance_uid=sop_instance_uid or generate_uid(),
+        instance_number=instance_number,
+        manufacturer=manufacturer,
+        manufacturer_model_name=manufacturer_model_name,
+        software_versions=software_versions,
+        # Type 1 in the SEG's Enhanced General Equipment: which installation
+        # made it. The daemon should pass its configured station identifier.
+        device_serial_number=device_serial_number or platform.node()[:64] or "unknown",
+        series_description=series_description,
+        content_label="AI_SALIENCY",
+        content_description=f"AI saliency map for {finding.label}, not verified"[:64],
+        omit_empty_frames=True,
+        contributing_equipment=[algorithm_equipment(algorithm)],
+        coding_schemes=[seg_codes.IHE_SCHEME_ITEM],
+    )
+    if "FrameOfReferenceUID" not in seg:
+        # Projection source (CR, DX): General Image's Patient Orientation is
+        # then required (Type 2C); highdicom does not copy it.
+        seg.PatientOrientation = images[0].get("PatientOrientation", "")
+    return seg
+
+
+def _align(
+    saliency: SaliencyMap, frames: np.ndarray, source_headers: Sequence[Dataset]
+) -> tuple[list[Dataset], np.ndarray]:
+    """Source images and a pixel array in the order highdicom pairs them."""
+    by_uid = {h.SOPInstanceUID: h for h in source_headers}
+    missing = [u for u in saliency.source_sop_instance_uids if u not in by_uid]
+    if missing:
+        raise ValueError(f"{len(missing)} saliency frames lie on images not in source_headers")
+    if saliency.source_frame_numbers is None:
+        images = [by_uid[u] for u in saliency.source_sop_instance_uids]
+        if len({u for u in saliency.source_sop_instance_uids}) != len(images):
+            raise ValueError("two saliency frames on one single-frame image")
+        _check_shape(images[0], frames)
+        return images, frames
+    # Multi-frame source: highdicom wants one SEG frame per source frame, in
+    # source frame order; frames the map does not cover stay empty (omitted).
+    if len(set(saliency.source_sop_instance_uids)) != 1:
+        raise ValueError("a multi-frame saliency map must lie on one source image")
+    if len(saliency.source_frame_numbers) != frames.shape[0]:
+        raise ValueError("one source frame number per saliency frame")
+    image = by_uid[saliency.source_sop_instance_uids[0]]
+    _check_shape(image, frames)
+    full = np.zeros((int(image.NumberOfFrames), *frames.shape[1:]), dtype=np.float32)
+    for k, number in enumerate(saliency.source_frame_numbers):
+        full[number - 1] = frames[k]
+    return [image], full
+
+
+def _without_bogus_spacing(image: Dataset) -> Dataset:
+    """The header, less a Pixel Spacing of zeros (some CRs write 0\\0 for unknown).
+
+    highdicom copies it into the SEG's Pixel Measures, where zero is invalid;
+    without it the SEG simply states no spacing, as the source really does.
+    """
+    spacing = image.get("PixelSpacing")
+    if spacing is None or "FrameOfReferenceUID" in image or all(float(v) > 0 for v in spacing):
+        return image
+    view = deepcopy(image)
+    del view.PixelSpacing
+    return view
+
+
+def _check_shape(image: Dataset, frames: np.ndarray) -> None:
+    if frames.shape[1:] != (int(image.Rows), int(image.Columns)):
+        raise ValueError(
+            f"saliency frames are {frames.shape[1:]}, images {image.Rows}x{image.Columns}"
+        )

@@ -1,0 +1,702 @@
+"""The AI result as DICOM Structured Reports the PACS stores and viewers show.
+
+Three documents, all Comprehensive 3D SR in the study of their images, each in
+a new series:
+
+* `build_ai_result_sr`: TID 1500 Measurement Report, one measurement group per
+  finding, marked PRELIMINARY / UNVERIFIED (the radiologist has not seen it);
+* `build_not_run_sr`: says the AI did not analyse the study and why, so that a
+  missing result never reads as "no finding";
+* `build_verified_sr`: the physician's review of an AI SR, VERIFIED and FINAL,
+  with the AI SR as predecessor.
+
+`read_findings` reads the findings back (tests, Orthanc round trips, review).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from copy import deepcopy
+from importlib import metadata
+from typing import Any, NamedTuple, TypedDict
+
+import highdicom as hd
+import numpy as np
+from pydicom.dataset import Dataset
+from pydicom.sr.codedict import codes
+from pydicom.uid import generate_uid
+
+from dicom_io import codes as sr_codes
+from model.results import AlgorithmInfo, AnalysisResult, CodedConcept, Finding, Outcome
+
+AI_RESULT_SERIES_DESCRIPTION = "AI RESULT - NOT VERIFIED"
+AI_NOT_RUN_SERIES_DESCRIPTION = "AI NOT RUN - NO AI RESULT"
+VERIFIED_SERIES_DESCRIPTION = "AI RESULT - REVIEWED"
+
+try:
+    SOFTWARE_VERSION = metadata.version("secondreader")
+except metadata.PackageNotFoundError:  # running from a checkout that is not installed
+    SOFTWARE_VERSION = "unknown"
+
+# Concept names of the TID 1500 items we read and rewrite, as (value, scheme).
+_IMAGING_MEASUREMENTS = ("126010", "DCM")
+_MEASUREMENT_GROUP = ("125007", "DCM")
+_TRACKING_IDENTIFIER = ("112039", "DCM")
+_TRACKING_UID = ("112040", "DCM")
+_FINDING = ("121071", "DCM")
+_FINDING_SITE = ("363698007", "SCT")
+_IMAGE_REGION = ("111030", "DCM")
+_SOURCE = hd.sr.CodedConcept("260753009", "SCT", "Source")  # an Image Library entry
+_PRESENT = (sr_codes.PRESENT.value, sr_codes.PRESENT.scheme_designator)
+_ABSENT = (sr_codes.ABSENT.value, sr_codes.ABSENT.scheme_designator)
+
+
+class ReviewDecision(NamedTuple):
+    """A physician's decision on one AI finding (a plain 3-tuple works too)."""
+
+    tracking_uid: str
+    confirmed: bool
+    comment: str | None = None
+
+
+class SRFinding(TypedDict):
+    """One measurement group of a TID 1500 SR, as `read_findings` returns it."""
+
+    tracking_identifier: str | None
+    tracking_uid: str | None
+    finding_type: CodedConcept | None
+    finding_site: CodedConcept | None
+    present: bool | None  # qualitative evaluation Present / Absent
+    probability: float | None
+    referenced_sop_instance_uid: str | None  # image of the SCOORD, if any
+    referenced_frame_numbers: list[int] | None
+    graphic_type: str | None
+    graphic_data: list[tuple[float, float]] | None  # (column, row)
+    comment: str | None  # the reviewer's Comment text (verified SR)
+
+
+def finding_tracking_uid(study_instance_uid: str, device_uid: str, label: str) -> str:
+    """The Tracking UID of one finding of one model on one study.
+
+    Derived, not random: a re-run of the same model on the same study reports
+    the same finding under the same UID (what Tracking UIDs are for), and the
+    saliency SEG's segment carries it too, which links SEG and SR.
+    """
+    return generate_uid(
+        entropy_srcs=["secondreader-finding", study_instance_uid, device_uid, label]
+    )
+
+
+def build_ai_result_sr(
+    result: AnalysisResult,
+    source_headers: Sequence[Dataset],
+    *,
+    series_number: int,
+    series_description: str = AI_RESULT_SERIES_DESCRIPTION,
+    series_instance_uid: str | None = None,
+    sop_instance_uid: str | None = None,
+    instance_number: int = 1,
+    manufacturer: str = "secondreader",
+    manufacturer_model_name: str = "secondreader",
+    software_versions: str = SOFTWARE_VERSION,
+    institution_name: str | None = None,
+    institutional_department_name: str | None = None,
+    predecessor: Dataset | None = None,
+    segmentation: Dataset | None = None,
+) -> hd.sr.Comprehensive3DSR:
+    """The AI result of one analysed series as a TID 1500 Measurement Report.
+
+    `source_headers` are the analysed images (pixel data not needed): they
+    form the Image Library (full descriptors for key images only) and the
+    evidence. `predecessor` is an earlier SR of
+    this study that the new one supersedes (a re-run). `segmentation` is the
+    saliency SEG made for this result, recorded as evidence (see below).
+    """
+    if result.outcome != Outcome.ANALYSED:
+        raise ValueError(f"outcome is {result.outcome}: use build_not_run_sr")
+    if result.algorithm is None:
+        raise ValueError("an analysed result needs its algorithm")
+    if not result.findings:
+        raise ValueError("an analysed result needs at least one finding")
+    headers = _check_same_study(source_headers, result.study_instance_uid)
+    known = {h.SOPInstanceUID for h in headers}
+    for finding in result.findings:
+        if finding.location and finding.location.sop_instance_uid not in known:
+            raise ValueError(f"finding {finding.label!r} points at an image not in source_headers")
+    for name, extra in (("predecessor", predecessor), ("segmentation", segmentation)):
+        if extra is not None and extra.StudyInstanceUID != result.study_instance_uid:
+            raise ValueError(f"{name} belongs to another study")
+
+    algorithm = result.algorithm
+    modality = str(headers[0].Modality)
+    report = hd.sr.MeasurementReport(
+        observation_context=_device_observation_context(algorithm),
+        procedure_reported=sr_codes.procedure_for_modality(modality),
+        imaging_measurements=[
+            _measurement_group(result.study_instance_uid, algorithm, f) for f in result.findings
+        ],
+    )
+    key_images = {f.location.sop_instance_uid for f in result.findings if f.present and f.location}
+    # TID 1500 order: the library comes right before Imaging Measurements.
+    root_items = report[0].ContentSequence
+    root_items.insert(len(root_items) - 1, _image_library(headers, key_images))
+    # The SEG goes to the evidence (Current Requested Procedure Evidence), not
+    # into the groups: TID 1410 takes either an Image Region (SCOORD) or a
+    # Referenced Segment, and OHIF draws only SCOORD. The segment shares the
+    # finding's Tracking UID, which ties each group to its saliency segment.
+    evidence = [*headers, *([segmentation] if segmentation is not None else [])]
+    return hd.sr.Comprehensive3DSR(
+        evidence=evidence,
+        content=report[0],
+        series_instance_uid=series_instance_uid or generate_uid(),
+        series_number=series_number,
+        sop_instance_uid=sop_instance_uid or generate_uid(),
+        instance_number=instance_number,
+        manufacturer=manufacturer,
+        manufacturer_model_name=manufacturer_model_name,
+        software_versions=software_versions,
+        series_description=series_description,
+        institution_name=institution_name,
+        institutional_department_name=institutional_department_name,
+        # Every label of the model is reported: the content is complete; the
+        # document is still preliminary and unverified until a human reviews it.
+        is_complete=True,
+        is_final=False,
+        is_verified=False,
+        previous_versions=[predecessor] if predecessor is not None else None,
+        contributing_equipment=[algorithm_equipment(algorithm)],
+        coding_schemes=[sr_codes.IHE_SCHEME_ITEM],
+    )
+
+
+def build_not_run_sr(
+    study_headers: Sequence[Dataset],
+    reason: str,
+    algorithm: AlgorithmInfo | None,
+    *,
+    outcome: Outcome,
+    series_number: int,
+    series_description: str = AI_NOT_RUN_SERIES_DESCRIPTION,
+    series_instance_uid: str | None = None,
+    sop_instance_uid: str | None = None,
+    instance_number: int = 1,
+    manufacturer: str = "secondreader",
+    manufacturer_model_name: str = "secondreader",
+    software_versions: str = SOFTWARE_VERSION,
+    institution_name: str | None = None,
+    institutional_department_name: str | None = None,
+    predecessor: Dataset | None = None,
+) -> hd.sr.Comprehensive3DSR:
+    """A short SR saying that no AI result exists for the study, and why.
+
+    Not a TID 1500 report: there is nothing measured. The title ("AI analysis
+    not performed") and a plain-text summary are what any SR viewer shows.
+    `study_headers` are images of the study (all of them or a few): they give
+    patient and study and are listed as evidence.
+    """
+    if outcome == Outcome.ANALYSED:
+        raise ValueError("an analysed result goes in build_ai_result_sr")
+    if not reason.strip():
+        raise ValueError("say why the AI did not run")
+    headers = _check_same_study(study_headers, None)
+    root = hd.sr.ContainerContentItem(name=sr_codes.AI_NOT_PERFORMED)
+    items: list[hd.sr.ContentItem] = []
+    if algorithm is not None:
+        items.extend(_device_observation_context(algorithm))
+    items.append(
+        hd.sr.CodeContentItem(
+            name=codes.DCM.ProcedureReported,
+            value=sr_codes.procedure_for_modality(str(headers[0].Modality)),
+            relationship_type=hd.sr.RelationshipTypeValues.HAS_CONCEPT_MOD,
+        )
+    )
+    outcome_code = (
+        sr_codes.OUTCOME_FAILED_QC
+        if outcome == Outcome.FAILED_QC
+        else sr_codes.OUTCOME_NOT_APPLICABLE
+    )
+    items.append(
+        hd.sr.CodeContentItem(
+            name=sr_codes.AI_OUTCOME,
+            value=outcome_code,
+            relationship_type=hd.sr.RelationshipTypeValues.CONTAINS,
+        )
+    )
+    items.append(
+        hd.sr.TextContentItem(
+            name=sr_codes.SUMMARY,
+            value=(
+                "AI analysis was NOT performed on this study. No AI result exists: "
+                "the absence of AI findings does not mean the study is negative."
+            ),
+            relationship_type=hd.sr.RelationshipTypeValues.CONTAINS,
+        )
+    )
+    items.append(
+        hd.sr.TextContentItem(
+            name=sr_codes.COMMENT,
+            value=f"Reason: {reason.strip()}",
+            relationship_type=hd.sr.RelationshipTypeValues.CONTAINS,
+        )
+    )
+    root.ContentSequence = hd.sr.ContentSequence(items)
+    return hd.sr.Comprehensive3DSR(
+        evidence=headers,
+        content=root,
+        series_instance_uid=series_instance_uid or generate_uid(),
+        series_number=series_number,
+        sop_instance_uid=sop_instance_uid or generate_uid(),
+        instance_number=instance_number,
+        manufacturer=manufacturer,
+        manufacturer_model_name=manufacturer_model_name,
+        software_versions=software_versions,
+        series_description=series_description,
+        institution_name=institution_name,
+        institutional_department_name=institutional_department_name,
+        # PARTIAL: the analysis the study was sent for is absent, so nothing
+        # that filters on COMPLETE can mistake this for a full AI report.
+        is_complete=False,
+        is_final=False,
+        is_verified=False,
+        previous_versions=[predecessor] if predecessor is not None else None,
+        contributing_equipment=[algorithm_equipment(algorithm)] if algorithm else None,
+        coding_schemes=[sr_codes.PRIVATE_SCHEME_ITEM, sr_codes.IHE_SCHEME_ITEM],
+    )
+
+
+def build_verified_sr(
+    ai_sr: Dataset,
+    decisions: Sequence[ReviewDecision | tuple[str, bool, str | None]],
+    *,
+    verifying_observer_name: str,
+    verifying_organization: str,
+    series_number: int,
+    series_description: str = VERIFIED_SERIES_DESCRIPTION,
+    series_instance_uid: str | None = None,
+    sop_instance_uid: str | None = None,
+    instance_number: int = 1,
+    manufacturer: str = "secondreader",
+    manufacturer_model_name: str = "secondreader",
+    software_versions: str = SOFTWARE_VERSION,
+    institution_name: str | None = None,
+    institutional_department_name: str | None = None,
+) -> hd.sr.Comprehensive3DSR:
+    """The physician's review of an AI SR: VERIFIED, FINAL, AI SR as predecessor.
+
+    Every finding of `ai_sr` needs a decision (a verified document must not
+    attest findings nobody looked at). A confirmed finding is copied as is; a
+    rejected one gets the opposite qualitative evaluation, "REJECTED" in its
+    tracking identifier and, if it had one, loses its image region, so that no
+    viewer draws a mark the physician rejected. Each group gets a Comment text
+    with the decision. Tracking UIDs are kept: they name the same findings.
+    """
+    by_uid = {str(d[0]): ReviewDecision(str(d[0]), bool(d[1]), d[2]) for d in decisions}
+    root = _root_item(ai_sr)
+    groups = _measurement_groups(root)
+    if not groups:
+        raise ValueError("the SR has no AI findings to review (not a TID 1500 AI result?)")
+    uids = [_text_of(g, _TRACKING_UID) for g in groups]
+    missing = [u for u in uids if u not in by_uid]
+    unknown = sorted(set(by_uid) - set(uids))
+    if missing or unknown:
+        raise ValueError(
+            f"decisions do not match the findings: missing {missing}, unknown {unknown}"
+        )
+
+    person = hd.sr.ObserverContext(
+        observer_type=codes.cid270.Person,
+        observer_identifying_attributes=hd.sr.PersonObserverIdentifyingAttributes(
+            name=verifying_observer_name, organization_name=verifying_organization
+        ),
+    )
+    # The reviewer observes first (TID 1001); the device observer stays, since
+    # the measurements are still the algorithm's.
+    first_context = next(
+        (
+            i
+            for i, item in enumerate(root.ContentSequence)
+            if item.RelationshipType == "HAS OBS CONTEXT"
+        ),
+        1,  # after the language item
+    )
+    for offset, item in enumerate(person):
+        root.ContentSequence.insert(first_context + offset, item)
+    for group, uid in zip(groups, uids, strict=True):
+        _apply_decision(group, by_uid[uid])
+
+    sr = hd.sr.Comprehensive3DSR(
+        evidence=_evidence_stand_ins(ai_sr),
+        content=root,
+        series_instance_uid=series_instance_uid or generate_uid(),
+        series_number=series_number,
+        sop_instance_uid=sop_instance_uid or generate_uid(),
+        instance_number=instance_number,
+        manufacturer=manufacturer,
+        manufacturer_model_name=manufacturer_model_name,
+        software_versions=software_versions,
+        series_description=series_description,
+        institution_name=institution_name,
+        institutional_department_name=institutional_department_name,
+        is_complete=True,
+        is_final=True,
+        is_verified=True,
+        verifying_observer_name=verifying_observer_name,
+        verifying_organization=verifying_organization,
+        previous_versions=[ai_sr],
+        coding_schemes=[sr_codes.IHE_SCHEME_ITEM],
+    )
+    # The stand-ins carry only the identifying attributes; take the rest of
+    # patient and study (description, age, ...) from the AI SR itself.
+    sr.copy_patient_and_study_information(ai_sr)
+    # The findings are still the algorithm's: keep the AI SR's equipment list
+    # (acquisition, algorithm with its Device UID, highdicom) as it was.
+    sr.ContributingEquipmentSequence = deepcopy(ai_sr.ContributingEquipmentSequence)
+    return sr
+
+
+def read_findings(sr: Dataset) -> list[SRFinding]:
+    """The measurement groups of a TID 1500 SR, one record per finding.
+
+    Works on what we write and on what comes back from a PACS (plain pydicom
+    datasets, no highdicom parsing). An SR without an Imaging Measurements
+    container (e.g. the not-run SR) gives [].
+    """
+    findings = []
+    for group in _measurement_groups(sr):
+        found = SRFinding(
+            tracking_identifier=None,
+            tracking_uid=None,
+            finding_type=None,
+            finding_site=None,
+            present=None,
+            probability=None,
+            referenced_sop_instance_uid=None,
+            referenced_frame_numbers=None,
+            graphic_type=None,
+            graphic_data=None,
+            comment=None,
+        )
+        for item in group.ContentSequence:
+            name = _concept(item)
+            if name == _TRACKING_IDENTIFIER:
+                found["tracking_identifier"] = str(item.TextValue)
+            elif name == _TRACKING_UID:
+                found["tracking_uid"] = str(item.UID)
+            elif name == _FINDING:
+                found["finding_type"] = _coded(item.ConceptCodeSequence[0])
+            elif name == _FINDING_SITE:
+                found["finding_site"] = _coded(item.ConceptCodeSequence[0])
+            elif item.ValueType == "CODE" and _code_value(item) in (_PRESENT, _ABSENT):
+                found["present"] = _code_value(item) == _PRESENT
+            elif item.ValueType == "NUM" and name == _key(sr_codes.PROBABILITY):
+                found["probability"] = float(item.MeasuredValueSequence[0].NumericValue)
+            elif item.ValueType == "SCOORD" and name == _IMAGE_REGION:
+                data = [float(v) for v in item.GraphicData]
+                found["graphic_type"] = str(item.GraphicType)
+                found["graphic_data"] = list(zip(data[0::2], data[1::2], strict=True))
+                ref = item.ContentSequence[0].ReferencedSOPSequence[0]
+                found["referenced_sop_instance_uid"] = str(ref.ReferencedSOPInstanceUID)
+                frames = ref.get("ReferencedFrameNumber")
+                if frames is not None:
+                    found["referenced_frame_numbers"] = [int(f) for f in np.atleast_1d(frames)]
+            elif item.ValueType == "TEXT" and name == _key(sr_codes.COMMENT):
+                found["comment"] = str(item.TextValue)
+        findings.append(found)
+    return findings
+
+
+def algorithm_equipment(algorithm: AlgorithmInfo) -> hd.ContributingEquipment:
+    """The algorithm's item of the Contributing Equipment Sequence (IHE AIR)."""
+    equipment = hd.ContributingEquipment(
+        manufacturer=algorithm.manufacturer,
+        purpose_of_reference=codes.DCM.ProcessingEquipment,
+        manufacturer_model_name=algorithm.name,
+        software_versions=algorithm.version,
+        contribution_description=f"AI algorithm {algorithm.name} {algorithm.version}",
+    )
+    # highdicom accepts only the purposes CID 7005 lists, and has no argument
+    # for the Device UID; IHE AIR asks for its own purpose code (one item only)
+    # and for the Device UID, which changes whenever the weights change.
+    equipment.PurposeOfReferenceCodeSequence = [sr_codes.PROCESSING_ALGORITHM]
+    equipment.DeviceUID = algorithm.device_uid
+    return equipment
+
+
+def _device_observation_context(algorithm: AlgorithmInfo) -> hd.sr.ObservationContext:
+    device = hd.sr.DeviceObserverIdentifyingAttributes(
+        uid=algorithm.device_uid,
+        name=algorithm.name,
+        manufacturer_name=algorithm.manufacturer,
+        # TID 1004 has no version item; the model name carries it so that a
+        # reader of the document alone knows which version spoke.
+        model_name=f"{algorithm.name} {algorithm.version}",
+    )
+    return hd.sr.ObservationContext(
+        observer_device_context=hd.sr.ObserverContext(
+            observer_type=codes.cid270.Device, observer_identifying_attributes=device
+        )
+    )
+
+
+def _measurement_group(
+    study_instance_uid: str, algorithm: AlgorithmInfo, finding: Finding
+) -> (
+    hd.sr.PlanarROIMeasurementsAndQualitativeEvaluations
+    | hd.sr.MeasurementsAndQualitativeEvaluations
+):
+    algorithm_id = hd.sr.AlgorithmIdentification(
+        name=algorithm.name,
+        version=algorithm.version,
+        # The threshold explains Present/Absent to whoever reads the number.
+        parameters=[f"{k}={v}" for k, v in algorithm.parameters.items()]
+        + [f"threshold={finding.threshold:g}"],
+        family=codes.DCM.ArtificialIntelligence,
+    )
+    finding_type = sr_codes.to_hd(finding.finding_type)
+    common: dict[str, Any] = {
+        "tracking_identifier": hd.sr.TrackingIdentifier(
+            uid=finding_tracking_uid(study_instance_uid, algorithm.device_uid, finding.label),
+            identifier=f"AI {finding.label}",
+        ),
+        "finding_type": finding_type,
+        "algorithm_id": algorithm_id,
+        "finding_sites": [hd.sr.FindingSite(sr_codes.to_hd(finding.finding_site))],
+        "measurements": [
+            hd.sr.Measurement(
+                name=sr_codes.PROBABILITY,
+                value=float(finding.probability),
+                unit=sr_codes.UNITLESS,
+                algorithm_id=algorithm_id,
+            )
+        ],
+        "qualitative_evaluations": [
+            hd.sr.QualitativeEvaluation(
+                finding_type, sr_codes.PRESENT if finding.present else sr_codes.ABSENT
+            )
+        ],
+    }
+    location = finding.location
+    # Only a present finding gets an image region: a mark drawn for an absent
+    # finding is a cue to look for something the AI says is not there. Such a
+    # group (TID 1501) still carries type, site, probability and "Absent".
+    if not finding.present or location is None:
+        return hd.sr.MeasurementsAndQualitativeEvaluations(**common)
+    if location.box is not None:
+        c0, r0, c1, r1 = location.box
+        # A closed POLYLINE repeats its first point (PS3.3 C.18.6.1.2).
+        graphic_type = hd.sr.GraphicTypeValues.POLYLINE
+        graphic_data = np.array([[c0, r0], [c1, r0], [c1, r1], [c0, r1], [c0, r0]], dtype=float)
+    else:
+        graphic_type = hd.sr.GraphicTypeValues.POINT
+        graphic_data = np.array([location.point], dtype=float)
+    region = hd.sr.ImageRegion(
+        graphic_type=graphic_type,
+        graphic_data=graphic_data,
+        source_image=hd.sr.SourceImageForRegion(
+            referenced_sop_class_uid=location.sop_class_uid,
+            referenced_sop_instance_uid=location.sop_instance_uid,
+            referenced_frame_numbers=(
+                [location.frame_number] if location.frame_number is not None else None
+            ),
+        ),
+    )
+    return hd.sr.PlanarROIMeasurementsAndQualitativeEvaluations(referenced_region=region, **common)
+
+
+def _image_library(headers: Sequence[Dataset], described: set[str]) -> hd.sr.ContentItem:
+    """TID 1600 Image Library of every analysed image.
+
+    highdicom's ImageLibrary gives each image 16 descriptor items: for a
+    300-slice CT that is 5 s of build time, a 1.2 MB SR, and thousands of
+    lines a text rendering shows before the findings. The descriptors (TID
+    1602) are optional, so only the images a finding points at get them; the
+    others are listed bare, grouped by frame of reference as highdicom does.
+    """
+    groups: dict[str | None, list[hd.sr.ContentItem]] = {}
+    for header in headers:
+        if "Rows" not in header:  # not an image (an SR, a KO...): evidence only
+            continue
+        image = hd.sr.ImageContentItem(
+            name=_SOURCE,
+            referenced_sop_class_uid=header.SOPClassUID,
+            referenced_sop_instance_uid=header.SOPInstanceUID,
+            relationship_type=hd.sr.RelationshipTypeValues.CONTAINS,
+        )
+        if header.SOPInstanceUID in described:
+            descriptors = hd.sr.ImageLibraryEntryDescriptors(_library_view(header))
+            image.ContentSequence = hd.sr.ContentSequence(list(descriptors))
+        groups.setdefault(header.get("FrameOfReferenceUID"), []).append(image)
+    library = hd.sr.ContainerContentItem(
+        name=codes.DCM.ImageLibrary, relationship_type=hd.sr.RelationshipTypeValues.CONTAINS
+    )
+    library_groups = []
+    for frame_of_reference, images in groups.items():
+        group = hd.sr.ContainerContentItem(
+            name=codes.DCM.ImageLibraryGroup,
+            relationship_type=hd.sr.RelationshipTypeValues.CONTAINS,
+        )
+        shared: list[hd.sr.ContentItem] = []
+        if frame_of_reference is not None:
+            shared.append(
+                hd.sr.UIDRefContentItem(
+                    name=codes.DCM.FrameOfReferenceUID,
+                    value=frame_of_reference,
+                    relationship_type=hd.sr.RelationshipTypeValues.HAS_ACQ_CONTEXT,
+                )
+            )
+        group.ContentSequence = hd.sr.ContentSequence([*shared, *images])
+        library_groups.append(group)
+    library.ContentSequence = hd.sr.ContentSequence(library_groups)
+    return library
+
+
+# What highdicom's Image Library descriptors (TID 1603/1604) read from a header,
+# by the modalities it treats as cross-sectional or projection.
+_CROSS_SECTIONAL = ("CT", "MR", "PT")
+_CROSS_SECTIONAL_NEEDS = (
+    "PixelSpacing", "ImageOrientationPatient", "ImagePositionPatient", "SliceThickness",
+)  # fmt: skip
+_PROJECTION = ("CR", "DX", "IO", "MG", "PX", "RF", "RG", "XA")
+_PROJECTION_NEEDS = ("PatientOrientation", "ImagerPixelSpacing")
+
+
+def _library_view(header: Dataset) -> Dataset:
+    """The header as highdicom's Image Library can describe it.
+
+    highdicom assumes the modality-specific descriptors (all optional in TID
+    1602) exist and fails otherwise: real CRs often lack Imager Pixel Spacing,
+    enhanced CTs keep spacing in functional groups. Such images get an entry
+    with the generic descriptors only (modality, frame of reference, size).
+    """
+    modality = header.get("Modality", "")
+    if modality in _CROSS_SECTIONAL:
+        needs: tuple[str, ...] = _CROSS_SECTIONAL_NEEDS
+    elif modality in _PROJECTION:
+        needs = _PROJECTION_NEEDS
+    else:
+        return header
+    if all(header.get(k) not in (None, "") for k in needs) and (
+        modality not in _PROJECTION or len(header.PatientOrientation) == 2
+    ):
+        return header
+    view = Dataset()
+    for keyword in ("SOPClassUID", "SOPInstanceUID", "Rows", "Columns", "FrameOfReferenceUID"):
+        if keyword in header:
+            setattr(view, keyword, header[keyword].value)
+    view.Modality = "OT"  # read only by highdicom to pick the descriptor set
+    return view
+
+
+def _apply_decision(group: Dataset, decision: ReviewDecision) -> None:
+    """Rewrite one copied measurement group with the reviewer's decision."""
+    items = list(group.ContentSequence)
+    if not decision.confirmed:
+        for item in items:
+            if _concept(item) == _TRACKING_IDENTIFIER:
+                item.TextValue = f"{item.TextValue} - REJECTED BY REVIEWER"
+            elif item.ValueType == "CODE" and _code_value(item) in (_PRESENT, _ABSENT):
+                flipped = sr_codes.ABSENT if _code_value(item) == _PRESENT else sr_codes.PRESENT
+                item.ConceptCodeSequence = [hd.sr.CodedConcept.from_code(flipped)]
+        items = [i for i in items if not (i.ValueType == "SCOORD" and _concept(i) == _IMAGE_REGION)]
+        # Without its region the group is a TID 1501 group, and says so.
+        if "ContentTemplateSequence" in group:
+            group.ContentTemplateSequence[0].TemplateIdentifier = "1501"
+    verdict = "confirmed" if decision.confirmed else "rejected"
+    text = f"Reviewer {verdict} the AI finding."
+    if decision.comment:
+        text += f" {decision.comment.strip()}"
+    items.append(hd.sr.TextContentItem(sr_codes.COMMENT, text, relationship_type="CONTAINS"))
+    group.ContentSequence = items
+
+
+def _evidence_stand_ins(ai_sr: Dataset) -> list[Dataset]:
+    """Minimal datasets for the instances the AI SR lists as evidence.
+
+    highdicom takes patient and study from the first evidence dataset and
+    checks that every instance the content references is evidence; the
+    reviewer's SR has the AI SR only, not the images, so stand-ins built from
+    its evidence sequence (with the AI SR's patient and study) do both jobs.
+    """
+    study_attrs = (
+        "PatientName", "PatientID", "PatientBirthDate", "PatientSex", "StudyInstanceUID",
+        "StudyDate", "StudyTime", "StudyID", "AccessionNumber", "ReferringPhysicianName",
+        "SpecificCharacterSet",
+    )  # fmt: skip
+    stand_ins = []
+    for series in ai_sr.get("CurrentRequestedProcedureEvidenceSequence", []):
+        for ref in series.ReferencedSeriesSequence:
+            for inst in ref.ReferencedSOPSequence:
+                ds = Dataset()
+                for keyword in study_attrs:
+                    if keyword in ai_sr:
+                        setattr(ds, keyword, ai_sr[keyword].value)
+                ds.StudyInstanceUID = series.StudyInstanceUID
+                ds.SeriesInstanceUID = ref.SeriesInstanceUID
+                ds.SOPClassUID = inst.ReferencedSOPClassUID
+                ds.SOPInstanceUID = inst.ReferencedSOPInstanceUID
+                stand_ins.append(ds)
+    if not stand_ins:
+        raise ValueError("the AI SR lists no evidence")
+    return stand_ins
+
+
+def _root_item(sr: Dataset) -> Dataset:
+    """A deep copy of the document's root CONTAINER content item."""
+    root = Dataset()
+    for keyword in (
+        "ValueType",
+        "ConceptNameCodeSequence",
+        "ContinuityOfContent",
+        "ContentTemplateSequence",
+        "ContentSequence",
+    ):
+        if keyword in sr:
+            setattr(root, keyword, deepcopy(sr[keyword].value))
+    return root
+
+
+def _measurement_groups(root: Dataset) -> list[Dataset]:
+    for container in root.get("ContentSequence", []):
+        if container.ValueType == "CONTAINER" and _concept(container) == _IMAGING_MEASUREMENTS:
+            return [
+                g
+                for g in container.get("ContentSequence", [])
+                if g.ValueType == "CONTAINER" and _concept(g) == _MEASUREMENT_GROUP
+            ]
+    return []
+
+
+def _check_same_study(headers: Sequence[Dataset], study_instance_uid: str | None) -> list[Dataset]:
+    if not headers:
+        raise ValueError("no image headers given")
+    expected = study_instance_uid or headers[0].StudyInstanceUID
+    if any(h.StudyInstanceUID != expected for h in headers):
+        raise ValueError("image headers from another study")
+    return list(headers)
+
+
+def _text_of(group: Dataset, name: tuple[str, str]) -> str:
+    for item in group.ContentSequence:
+        if _concept(item) == name:
+            return str(item.UID if item.ValueType == "UIDREF" else item.TextValue)
+    raise ValueError(f"measurement group without {name}")
+
+
+def _concept(item: Dataset) -> tuple[str, str]:
+    code = item.ConceptNameCodeSequence[0]
+    return (str(code.CodeValue), str(code.CodingSchemeDesignator))
+
+
+def _code_value(item: Dataset) -> tuple[str, str]:
+    code = item.ConceptCodeSequence[0]
+    return (str(code.CodeValue), str(code.CodingSchemeDesignator))
+
+
+def _key(code: hd.sr.CodedConcept) -> tuple[str, str]:
+    return (code.value, code.scheme_designator)
+
+
+def _coded(code: Dataset) -> CodedConcept:
+    return CodedConcept(
+        str(code.CodeValue), str(code.CodingSchemeDesignator), str(code.CodeMeaning)
+    )

