@@ -1,0 +1,328 @@
+"""From a loaded series and a model to an `AnalysisResult`: the infer stage's glue.
+
+`analyse_series` preprocesses the series as the model's manifest asks, runs
+the network on every slice, and turns slice outputs into study findings:
+
+- study probability per label: the maximum over slices (a small nodule shows
+  on one or two slices; a mean would dilute it);
+- key slice: the slice with the highest probability for the label;
+- location: the saliency peak of the key slice, mapped through physical
+  space onto the source image it lies on (SOP instance, and frame for
+  multi-frame sources), as a point and the bounding box of the connected
+  region around the peak above half the peak value on that image.
+
+Points and boxes are DICOM SCOORD pixel coordinates, (column, row) with
+(0, 0) the top left corner of the top left pixel: pixel (r, c) has its
+centre at (c + 0.5, r + 0.5), and a box encloses whole pixels.
+
+`analyse_study` picks, for each model, the series it applies to (the one
+with the most slices) and turns a QC refusal into a FAILED_QC result.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from collections.abc import Sequence
+from typing import Protocol
+
+import numpy as np
+import SimpleITK as sitk
+
+from dicom_io.series import LoadedSeries, SeriesFiles, SeriesQCError, load_series
+from model.manifest import ModelManifest
+from model.preprocess import (
+    Preprocessed,
+    preprocess,
+    source_slices_covering,
+    to_source_grid,
+)
+from model.results import (
+    AlgorithmInfo,
+    AnalysisResult,
+    Finding,
+    ImageLocation,
+    Outcome,
+    SaliencyMap,
+)
+
+log = logging.getLogger(__name__)
+
+# The located region: connected pixels at or above this fraction of the peak.
+BOX_FRACTION = 0.5
+
+
+class PredictionLike(Protocol):
+    @property
+    def probabilities(self) -> np.ndarray: ...  # (n, n_labels)
+
+    @property
+    def saliency(self) -> np.ndarray | None: ...  # (n, h, w) in [0, 1]
+
+
+class AnalysisModel(Protocol):
+    """What the analysis needs of a model; `model.registry.LoadedModel` is one."""
+
+    @property
+    def manifest(self) -> ModelManifest: ...
+
+    def predict(self, slices: np.ndarray) -> PredictionLike: ...
+
+    def algorithm_info(self) -> AlgorithmInfo: ...
+
+    def applicability(
+        self,
+        modality: str | None,
+        body_part: str | None = None,
+        series_description: str | None = None,
+        n_slices: int = 1,
+    ) -> str | None: ...
+
+
+def analyse_series(series: LoadedSeries, model: AnalysisModel) -> AnalysisResult:
+    """Preprocess, predict on all slices, and aggregate into one ANALYSED result."""
+    manifest = model.manifest
+    pre = preprocess(series, manifest.input)
+
+    started = time.perf_counter()
+    prediction = model.predict(pre.array)
+    inference_seconds = round(time.perf_counter() - started, 4)
+    n = pre.array.shape[0]
+    labels = manifest.labels
+    probabilities = np.asarray(prediction.probabilities, dtype=np.float32)
+    if probabilities.shape != (n, len(labels)):
+        raise ValueError(
+            f"model {manifest.name} gave probabilities of shape {probabilities.shape} "
+            f"for {n} slices and {len(labels)} labels"
+        )
+    saliency = _checked_saliency(prediction.saliency, pre.array.shape, manifest.name)
+
+    planes = _map_saliency(saliency, pre, series)
+    findings: list[Finding] = []
+    for index, label in enumerate(labels):
+        key = int(np.argmax(probabilities[:, index]))
+        location = None
+        if saliency is not None:
+            location = _locate(saliency[key], key, pre, series, planes)
+        findings.append(
+            Finding(
+                label=label.name,
+                finding_type=label.finding.concept(),
+                finding_site=label.site.concept(),
+                probability=float(probabilities[key, index]),
+                threshold=float(manifest.threshold),
+                location=location,
+            )
+        )
+
+    provenance = [
+        {
+            "name": "load",
+            "parameters": {"slices": series.n_slices, "warnings": list(series.warnings)},
+            "seconds": None,  # timed by the caller, which read the files
+        },
+        *pre.steps,
+        {
+            "name": "inference",
+            "parameters": {"slices": n, "aggregation": "max over slices"},
+            "seconds": inference_seconds,
+        },
+    ]
+    log.info(
+        "series %s analysed by %s %s: %s",
+        series.series_instance_uid,
+        manifest.name,
+        manifest.version,
+        ", ".join(f"{f.label}={f.probability:.3f}" for f in findings),
+    )
+    return AnalysisResult(
+        study_instance_uid=series.study_instance_uid,
+        series_instance_uid=series.series_instance_uid,
+        outcome=Outcome.ANALYSED,
+        algorithm=model.algorithm_info(),
+        findings=findings,
+        saliency=_saliency_map(series, planes),
+        provenance=provenance,
+    )
+
+
+def _checked_saliency(
+    saliency: np.ndarray | None, shape: tuple[int, ...], name: str
+) -> np.ndarray | None:
+    if saliency is None:
+        return None
+    values = np.asarray(saliency, dtype=np.float32)
+    if values.shape != shape:
+        raise ValueError(f"model {name} gave saliency of shape {values.shape}, expected {shape}")
+    values = np.nan_to_num(values, nan=0.0, posinf=1.0, neginf=0.0)
+    return np.clip(values, 0.0, 1.0)
+
+
+def _map_saliency(
+    saliency: np.ndarray | None, pre: Preprocessed, series: LoadedSeries
+) -> dict[int, np.ndarray]:
+    """Saliency on the source images it reaches: source slice index -> (rows, cols).
+
+    Grad-CAM fills a few slices only; each run of consecutive network slices
+    is resampled onto the few source slices it reaches, rather than mapping
+    a mostly empty map onto every slice of a 300-slice series (1.5 s).
+    """
+    if saliency is None:
+        return {}
+    nonzero = np.flatnonzero(saliency.reshape(saliency.shape[0], -1).max(axis=1) > 0.0)
+    slabs: list[tuple[int, int]] = []
+    for run in np.split(nonzero, np.flatnonzero(np.diff(nonzero) > 1) + 1):
+        if run.size == 0:
+            continue
+        first, stop = source_slices_covering(pre, series, [int(run[0]), int(run[-1])])
+        if slabs and first <= slabs[-1][1]:
+            slabs[-1] = (min(slabs[-1][0], first), max(slabs[-1][1], stop))
+        else:
+            slabs.append((first, stop))
+    planes: dict[int, np.ndarray] = {}
+    for first, stop in slabs:
+        mapped = np.clip(to_source_grid(saliency, pre, series, slices=(first, stop)), 0.0, 1.0)
+        for offset in range(stop - first):
+            planes[first + offset] = mapped[offset]
+    return planes
+
+
+def _saliency_map(series: LoadedSeries, planes: dict[int, np.ndarray]) -> SaliencyMap | None:
+    """The source images the saliency reaches, in slice order; empty images are left out."""
+    ks = sorted(k for k, plane in planes.items() if float(plane.max()) > 0.0)
+    if not ks:
+        return None
+    return SaliencyMap(
+        series_instance_uid=series.series_instance_uid,
+        source_sop_instance_uids=[series.sop_instance_uids[k] for k in ks],
+        frames=np.ascontiguousarray(np.stack([planes[k] for k in ks]), dtype=np.float32),
+        source_frame_numbers=(
+            [series.frame_numbers[k] for k in ks] if series.frame_numbers is not None else None
+        ),
+    )
+
+
+def _locate(
+    key_map: np.ndarray,
+    key: int,
+    pre: Preprocessed,
+    series: LoadedSeries,
+    planes: dict[int, np.ndarray],
+) -> ImageLocation | None:
+    """The key slice's saliency peak on its source image, with the region around it."""
+    if float(key_map.max()) <= 0.0:
+        return None
+    row, col = np.unravel_index(int(np.argmax(key_map)), key_map.shape)
+    point = pre.image.TransformContinuousIndexToPhysicalPoint((float(col), float(row), float(key)))
+    index = series.image.TransformPhysicalPointToContinuousIndex(point)
+    size = series.image.GetSize()
+    k_src = int(np.clip(round(index[2]), 0, size[2] - 1))
+    peak_rc = (
+        int(np.clip(round(index[1]), 0, size[1] - 1)),
+        int(np.clip(round(index[0]), 0, size[0] - 1)),
+    )
+    box: tuple[float, float, float, float] | None = None
+    plane = planes.get(k_src)
+    if plane is not None and float(plane.max()) > 0.0:
+        peak_rc, box = _peak_region(plane)
+    r, c = peak_rc
+    return ImageLocation(
+        sop_instance_uid=series.sop_instance_uids[k_src],
+        sop_class_uid=series.sop_class_uid,
+        point=(c + 0.5, r + 0.5),
+        box=box,
+        frame_number=series.frame_numbers[k_src] if series.frame_numbers is not None else None,
+    )
+
+
+def _peak_region(
+    plane: np.ndarray,
+) -> tuple[tuple[int, int], tuple[float, float, float, float]]:
+    """(row, col) of the maximum, and the box of its connected region >= half of it."""
+    row, col = np.unravel_index(int(np.argmax(plane)), plane.shape)
+    mask = (plane >= BOX_FRACTION * float(plane[row, col])).astype(np.uint8)
+    components = sitk.GetArrayFromImage(sitk.ConnectedComponent(sitk.GetImageFromArray(mask), True))
+    rows, cols = np.nonzero(components == components[row, col])
+    box = (float(cols.min()), float(rows.min()), float(cols.max() + 1), float(rows.max() + 1))
+    return (int(row), int(col)), box
+
+
+def analyse_study(
+    series_list: Sequence[SeriesFiles | LoadedSeries],
+    models: Sequence[AnalysisModel],
+    *,
+    study_instance_uid: str | None = None,
+) -> list[AnalysisResult]:
+    """One result per model: ANALYSED, NOT_APPLICABLE or FAILED_QC (with the reason).
+
+    Each model gets the applicable series with the most slices (the thinnest
+    reconstruction, usually), loaded once however many models share it.
+    """
+    study_uid = study_instance_uid or next(
+        (s.study_instance_uid for s in series_list if s.study_instance_uid), ""
+    )
+    loaded: dict[int, LoadedSeries | SeriesQCError] = {}
+    results: list[AnalysisResult] = []
+    for model in models:
+        name = model.manifest.name
+        candidates: list[SeriesFiles | LoadedSeries] = []
+        reasons: list[str] = []
+        for s in series_list:
+            reason = model.applicability(s.modality, s.body_part, s.series_description, s.n_slices)
+            if reason is None:
+                candidates.append(s)
+            elif reason not in reasons:
+                reasons.append(reason)
+        if not candidates:
+            why = "; ".join(reasons) if reasons else "the study holds no image series"
+            log.info("study %s: %s does not apply (%s)", study_uid, name, why)
+            results.append(
+                AnalysisResult(
+                    study_instance_uid=study_uid,
+                    series_instance_uid=None,
+                    outcome=Outcome.NOT_APPLICABLE,
+                    algorithm=model.algorithm_info(),
+                    reason=f"no series fits {name}: {why}",
+                )
+            )
+            continue
+        chosen = max(candidates, key=lambda s: s.n_slices)
+        try:
+            series = _load(chosen, loaded)
+        except SeriesQCError as exc:
+            log.warning(
+                "study %s series %s failed QC for %s: %s",
+                study_uid,
+                chosen.series_instance_uid,
+                name,
+                exc.reason,
+            )
+            results.append(
+                AnalysisResult(
+                    study_instance_uid=study_uid,
+                    series_instance_uid=chosen.series_instance_uid,
+                    outcome=Outcome.FAILED_QC,
+                    algorithm=model.algorithm_info(),
+                    reason=exc.reason,
+                )
+            )
+            continue
+        results.append(analyse_series(series, model))
+    return results
+
+
+def _load(
+    chosen: SeriesFiles | LoadedSeries, cache: dict[int, LoadedSeries | SeriesQCError]
+) -> LoadedSeries:
+    """Load once per study, whether it succeeds or is refused, however many models ask."""
+    if isinstance(chosen, LoadedSeries):
+        return chosen
+    if id(chosen) not in cache:
+        try:
+            cache[id(chosen)] = load_series(chosen.paths)
+        except SeriesQCError as exc:
+            cache[id(chosen)] = exc
+    found = cache[id(chosen)]
+    if isinstance(found, SeriesQCError):
+        raise found
+    return found
