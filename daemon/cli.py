@@ -28,6 +28,12 @@ def _cmd_serve(config: Config, _args: argparse.Namespace) -> int:
     return service.run()
 
 
+def _cmd_worker(config: Config, _args: argparse.Namespace) -> int:
+    from daemon.worker import run_worker
+
+    return run_worker(config)
+
+
 def _cmd_db_upgrade(config: Config, _args: argparse.Namespace) -> int:
     from db import migrate
 
@@ -39,12 +45,20 @@ def _cmd_db_upgrade(config: Config, _args: argparse.Namespace) -> int:
 
 def _cmd_status(config: Config, args: argparse.Namespace) -> int:
     from daemon.service import open_database
+    from db.outbox import outbox_counts
+    from db.reports import report_counts
     from db.studies import job_counts, study_counts
 
     db = open_database(config)
     with db.session() as s:
-        report = {"studies": study_counts(s), "jobs": job_counts(s)}
+        report = {
+            "studies": study_counts(s),
+            "jobs": job_counts(s),
+            "reports": report_counts(s),
+            "outbox": outbox_counts(s),
+        }
     db.dispose()
+    report["dead_letters"] = report["outbox"].get("dead", 0)
     if args.json:
         print(json.dumps(report, indent=2, sort_keys=True))
         return 0
@@ -55,6 +69,58 @@ def _cmd_status(config: Config, args: argparse.Namespace) -> int:
     for state in ("queued", "running", "done", "failed", "not_applicable"):
         print(f"  {state:<16}{report['jobs'].get(state, 0)}")
     print(f"queue depth: {report['jobs'].get('queued', 0)}")
+    print("reports:")
+    for state in ("pending", "reported", "failed"):
+        print(f"  {state:<16}{report['reports'].get(state, 0)}")
+    print("outbox:")
+    for state in ("pending", "done", "dead"):
+        print(f"  {state:<16}{report['outbox'].get(state, 0)}")
+    dead = report["dead_letters"]
+    print(
+        f"dead letters: {dead}"
+        + (" (see `secondreader deliveries list --state dead`)" if dead else "")
+    )
+    return 0
+
+
+def _cmd_deliveries_list(config: Config, args: argparse.Namespace) -> int:
+    from daemon.service import open_database
+    from db.outbox import list_items
+
+    db = open_database(config)
+    with db.session() as s:
+        items = list_items(s, state=args.state, limit=args.limit)
+    db.dispose()
+    if args.json:
+        rows = [
+            {k: (v.isoformat() if hasattr(v, "isoformat") else v) for k, v in vars(item).items()}
+            for item in items
+        ]
+        print(json.dumps(rows, indent=2))
+        return 0
+    for item in items:
+        status = "" if item.last_status is None else f" status=0x{item.last_status:04X}"
+        print(
+            f"{item.id:>6} {item.state:<8} {item.object_kind:<4} {item.destination:<12}"
+            f" attempts={item.attempts}{status} sop={item.sop_instance_uid}"
+        )
+        if item.last_error:
+            print(f"         last error: {item.last_error}")
+    if not items:
+        print("no outbox items")
+    return 0
+
+
+def _cmd_deliveries_retry(config: Config, args: argparse.Namespace) -> int:
+    from daemon.service import open_database
+    from db.outbox import requeue_dead
+
+    db = open_database(config)
+    with db.session() as s:
+        n = requeue_dead(s, ids=args.ids, destination=args.destination, actor="cli")
+    db.dispose()
+    # The running daemon picks them up at its next delivery tick.
+    print(f"re-queued {n} dead letter(s)")
     return 0
 
 
@@ -124,6 +190,9 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("serve", help="run the daemon in the foreground")
     p.set_defaults(func=_cmd_serve)
 
+    p = sub.add_parser("worker", help="run an analysis worker (the infer stage) in the foreground")
+    p.set_defaults(func=_cmd_worker)
+
     p = sub.add_parser("db", help="database maintenance")
     dbsub = p.add_subparsers(dest="db_command", required=True)
     dbsub.add_parser("upgrade", help="apply migrations").set_defaults(func=_cmd_db_upgrade)
@@ -131,6 +200,18 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("status", help="studies by state and queue depth")
     p.add_argument("--json", action="store_true")
     p.set_defaults(func=_cmd_status)
+
+    p = sub.add_parser("deliveries", help="the outbox: SR/SEG deliveries to the PACS")
+    dsub = p.add_subparsers(dest="deliveries_command", required=True)
+    q = dsub.add_parser("list", help="outbox items, newest first")
+    q.add_argument("--state", choices=["pending", "done", "dead"])
+    q.add_argument("--limit", type=int, default=50)
+    q.add_argument("--json", action="store_true")
+    q.set_defaults(func=_cmd_deliveries_list)
+    q = dsub.add_parser("retry", help="re-queue dead letters (all, or those selected)")
+    q.add_argument("--id", dest="ids", type=int, action="append", default=[], help="item id")
+    q.add_argument("--destination", help="only this destination's dead letters")
+    q.set_defaults(func=_cmd_deliveries_retry)
 
     p = sub.add_parser("echo", help="C-ECHO a remote AE")
     _add_remote_args(p)

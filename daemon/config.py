@@ -15,7 +15,14 @@ from collections.abc import Mapping
 from pathlib import Path
 from typing import Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
+from pydantic import (
+    BaseModel,
+    ConfigDict,
+    Field,
+    ValidationError,
+    field_validator,
+    model_validator,
+)
 
 ENV_PREFIX = "SECONDREADER_"
 CONFIG_ENV = "SECONDREADER_CONFIG"
@@ -50,6 +57,13 @@ class TLSConfig(_Section):
     key_file: Path | None = None
     # CA bundle to verify client certificates; setting it makes them required.
     ca_file: Path | None = None
+
+    @model_validator(mode="after")
+    def _cert_when_enabled(self) -> TLSConfig:
+        # Refused here (exit 2, key named) rather than as a traceback at start-up.
+        if self.enabled and (self.cert_file is None or self.key_file is None):
+            raise ValueError("TLS enabled needs both cert_file and key_file")
+        return self
 
 
 class SCPConfig(_Section):
@@ -101,12 +115,121 @@ class LoggingConfig(_Section):
     model_config = ConfigDict(extra="forbid", populate_by_name=True)
 
 
+class DestinationTLS(_Section):
+    enabled: bool = False
+    # CA bundle that signed the PACS certificate; empty: the system store.
+    ca_file: Path | None = None
+    # Our client certificate, for a PACS that requires mutual TLS.
+    cert_file: Path | None = None
+    key_file: Path | None = None
+
+
+class Destination(_Section):
+    """A PACS (or any C-STORE SCP) that receives our SR and SEG objects."""
+
+    # Names the destination in the outbox and in `secondreader deliveries`.
+    name: str = Field(min_length=1, max_length=64)
+    ae_title: str
+    host: str
+    port: int = Field(104, ge=1, le=65535)
+    tls: DestinationTLS = Field(default_factory=DestinationTLS)
+    # Ask for storage commitment (N-ACTION) and count an object delivered only
+    # once the PACS reports it committed. The PACS must know our AE (scp.*).
+    storage_commitment: bool = False
+    timeout_seconds: float = Field(30.0, gt=0)
+
+    _check_ae = field_validator("ae_title")(_ae_title)
+
+
+class ReportConfig(_Section):
+    # Series of the AI result SR; high numbers keep it after the acquired series.
+    series_number: int = Field(9901, ge=1)
+    series_description: str = Field("AI RESULT - NOT VERIFIED - secondreader", max_length=64)
+    # Series of the SR that says the AI did not run on a study, and why.
+    not_run_series_description: str = Field(
+        "AI NOT RUN - NO AI RESULT - secondreader", max_length=64
+    )
+    # Saliency map as a FRACTIONAL SEG next to the SR (analysed studies only).
+    segmentation: bool = True
+    seg_series_number: int = Field(9902, ge=1)
+    seg_series_description: str = Field("AI SALIENCY - NOT VERIFIED - secondreader", max_length=64)
+    manufacturer: str = Field("secondreader", max_length=64)
+    manufacturer_model_name: str = Field("secondreader", max_length=64)
+    institution_name: str | None = Field(None, max_length=64)
+    institutional_department_name: str | None = Field(None, max_length=64)
+    check_interval_seconds: float = Field(2.0, gt=0)
+
+
+class DeliveryConfig(_Section):
+    # Every object goes to every destination; none: objects are built, not sent.
+    destinations: list[Destination] = Field(default_factory=list)
+    # Backoff after the n-th failed attempt: base * 2**(n-1), at most max.
+    retry_base_seconds: float = Field(30.0, gt=0)
+    retry_max_seconds: float = Field(3600.0, gt=0)
+    # An object not delivered this long after it was queued becomes a dead
+    # letter: no more attempts until `secondreader deliveries retry`.
+    dead_letter_after_seconds: float = Field(86400.0, gt=0)
+    check_interval_seconds: float = Field(5.0, gt=0)
+    # Storage commitment: no N-EVENT-REPORT this long after the N-ACTION
+    # counts as a failed attempt (the object is sent and requested again).
+    commitment_timeout_seconds: float = Field(600.0, gt=0)
+    # Outbox items handled per tick, so one tick stays short.
+    batch_size: int = Field(200, ge=1)
+
+    @field_validator("destinations")
+    @classmethod
+    def _unique_names(cls, v: list[Destination]) -> list[Destination]:
+        names = [d.name for d in v]
+        if len(set(names)) != len(names):
+            raise ValueError("destination names must be unique")
+        return v
+
+
+class WorkerConfig(_Section):
+    """The infer stage: how workers take jobs from the queue and run the models."""
+
+    # `serve` runs one worker thread; false when workers run as `secondreader worker`.
+    in_process: bool = True
+    device: Literal["auto", "cpu", "cuda"] = "auto"
+    # Slices per forward pass; halved automatically on CUDA out-of-memory.
+    batch_size: int = Field(16, ge=1)
+    # A job whose worker stops renewing its lease this long goes back to the queue.
+    lease_seconds: float = Field(120.0, gt=0)
+    heartbeat_seconds: float = Field(30.0, gt=0)
+    max_attempts: int = Field(3, ge=1)
+    # Backoff after the n-th failed attempt: base * 2**(n-1), at most max.
+    retry_backoff_seconds: float = Field(30.0, ge=0)
+    retry_backoff_max_seconds: float = Field(3600.0, ge=0)
+    # How often an idle worker looks for a queued job.
+    poll_seconds: float = Field(2.0, gt=0)
+    # On SIGTERM, let the current job finish this long, then give it back to the queue.
+    stop_seconds: float = Field(30.0, ge=0)
+    # "module:callable" building another analyser from the Config, instead of the
+    # models. An extension point used by the tests (tests/analysers.py); keep empty.
+    analyser: str = ""
+
+    @model_validator(mode="after")
+    def _heartbeat_within_lease(self) -> WorkerConfig:
+        if self.heartbeat_seconds >= self.lease_seconds:
+            raise ValueError("worker.heartbeat_seconds must be shorter than worker.lease_seconds")
+        return self
+
+
+class ModelsConfig(_Section):
+    # Model folders (manifest.toml + weights); empty: the models shipped in model/builtin.
+    paths: list[Path] = Field(default_factory=list)
+
+
 class Config(_Section):
     scp: SCPConfig = Field(default_factory=SCPConfig)
     storage: StorageConfig = Field(default_factory=StorageConfig)
     database: DatabaseConfig = Field(default_factory=DatabaseConfig)
     completion: CompletionConfig = Field(default_factory=CompletionConfig)
     logging: LoggingConfig = Field(default_factory=LoggingConfig)
+    report: ReportConfig = Field(default_factory=ReportConfig)
+    delivery: DeliveryConfig = Field(default_factory=DeliveryConfig)
+    worker: WorkerConfig = Field(default_factory=WorkerConfig)
+    models: ModelsConfig = Field(default_factory=ModelsConfig)
 
     @property
     def database_url(self) -> str:

@@ -9,9 +9,12 @@ from types import FrameType
 
 from daemon.completer import Completer
 from daemon.config import Config
+from daemon.dispatcher import Dispatcher
 from daemon.receiver import Receiver
+from daemon.reporter import Reporter
 from daemon.scheduler import Scheduler
 from daemon.systemd import Notifier
+from daemon.worker import Worker, requeue_expired_jobs, retry_policy
 from db import migrate
 from db.session import Database
 from dicom_io.scp import PeerRule, SCPSettings, StorageSCP
@@ -62,12 +65,34 @@ class Service:
         self.completer = Completer(
             self.db, config.completion.stable_seconds, config.completion.max_seconds
         )
+        # Report and deliver stages. Storage commitment reports come back to
+        # our SCP, on an association the PACS opens: the SCP hands them over.
+        self.reporter = Reporter(self.db, config)
+        self.dispatcher = Dispatcher(self.db, config)
         self.scp = StorageSCP(
-            scp_settings(config), self.receiver.on_store, self.receiver.on_association
+            scp_settings(config),
+            self.receiver.on_store,
+            self.receiver.on_association,
+            on_commitment=(
+                self.dispatcher.on_commitment if self.dispatcher.wants_commitment else None
+            ),
         )
         self.scheduler = Scheduler()
         self.scheduler.every(
             "complete-studies", config.completion.check_interval_seconds, self.completer.run_once
+        )
+        self.scheduler.every("report", config.report.check_interval_seconds, self.reporter.run_once)
+        self.scheduler.every(
+            "deliver", config.delivery.check_interval_seconds, self.dispatcher.run_once
+        )
+        # Infer stage: one worker thread here unless workers run as their own processes.
+        self.worker = Worker.from_config(config, self.db) if config.worker.in_process else None
+        # Jobs of a dead worker (any process) go back to the queue even when no worker runs.
+        policy = retry_policy(config.worker)
+        self.scheduler.every(
+            "requeue-expired-jobs",
+            config.worker.heartbeat_seconds,
+            lambda: requeue_expired_jobs(self.db, policy, "serve"),
         )
 
     def _on_signal(self, signum: int, _frame: FrameType | None) -> None:
@@ -78,21 +103,29 @@ class Service:
         swept = self.spool.sweep_incoming()
         if swept:
             log.info("removed %d unacknowledged partial file(s) from the spool", swept)
+        # SR/SEG files half written by a crash; the report stage writes them again.
+        self.reporter.outbox.sweep_incoming()
         signal.signal(signal.SIGTERM, self._on_signal)
         signal.signal(signal.SIGINT, self._on_signal)
         self.scp.start()
         self.scheduler.start()
+        if self.worker is not None:
+            # The models load in the worker's thread: receiving does not wait for them.
+            self.worker.start()
         self.notifier.ready(f"listening on port {self.scp.port}")
         log.info("secondreader ready (AE %s, port %d)", self.config.scp.ae_title, self.scp.port)
         interval = (self.notifier.watchdog_seconds or 10.0) / 2
         while not self.stop_event.wait(interval):
             # Ping the watchdog only while the parts that do the work are alive.
-            if self.scheduler.running and self.scp.is_alive():
+            worker_ok = self.worker is None or self.worker.healthy
+            if self.scheduler.running and self.scp.is_alive() and worker_ok:
                 self.notifier.watchdog()
         return self.stop()
 
     def stop(self) -> int:
         self.notifier.stopping()
+        if self.worker is not None:
+            self.worker.request_stop()  # no new job while the associations drain
         drained = self.scp.drain(self.config.scp.drain_seconds)
         if not drained:
             log.warning(
@@ -100,6 +133,8 @@ class Service:
             )
         self.scp.shutdown()
         self.scheduler.shutdown()
+        if self.worker is not None:
+            self.worker.stop(self.config.worker.stop_seconds)
         # One last pass so a study that went quiet while stopping is not delayed.
         self.db.dispose()
         log.info("secondreader stopped")

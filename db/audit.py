@@ -21,6 +21,22 @@ class EventType:
     STUDY_REOPENED = "study.reopened"
     STUDY_COMPLETED = "study.completed"
     JOB_QUEUED = "job.queued"
+    # The infer stage (db/jobs.py): one event per transition of a job's lease.
+    JOB_CLAIMED = "job.claimed"
+    JOB_FINISHED = "job.finished"
+    JOB_ATTEMPT_FAILED = "job.attempt_failed"  # will be retried after a backoff
+    JOB_FAILED = "job.failed"  # gave up after worker.max_attempts
+    JOB_RELEASED = "job.released"  # worker stopping: back to the queue, attempt not counted
+    JOB_LEASE_EXPIRED = "job.lease_expired"  # worker died or hung: attempt counted
+    ANALYSIS_RECORDED = "analysis.recorded"  # one AnalysisRun and its findings
+    # The report and deliver stages (db/reports.py, db/outbox.py).
+    REPORT_CREATED = "report.created"  # SR (+ SEG) built and queued in the outbox
+    REPORT_FAILED = "report.failed"  # could not be built; the run needs attention
+    DELIVERY_DONE = "delivery.done"  # stored (and committed, when asked) at a destination
+    DELIVERY_ATTEMPT_FAILED = "delivery.attempt_failed"  # will be retried after a backoff
+    DELIVERY_DEAD = "delivery.dead"  # gave up: `secondreader deliveries retry` re-queues
+    DELIVERY_REQUEUED = "delivery.requeued"
+    COMMITMENT_REQUESTED = "delivery.commitment_requested"
 
 
 def record(

@@ -16,9 +16,10 @@ from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 
 from pynetdicom import AE, evt
-from pynetdicom.sop_class import Verification
+from pynetdicom.sop_class import StorageCommitmentPushModel, Verification
 from pynetdicom.transport import ThreadedAssociationServer
 
+from dicom_io.commitment import CommitmentReport, parse_event_report
 from dicom_io.sopclasses import IMAGE_STORAGE_CLASSES, TRANSFER_SYNTAXES
 
 log = logging.getLogger(__name__)
@@ -78,10 +79,12 @@ class StorageSCP:
         settings: SCPSettings,
         on_store: Callable[[ReceivedObject], int],
         on_association: Callable[[AssociationOutcome], None] | None = None,
+        on_commitment: Callable[[CommitmentReport], None] | None = None,
     ) -> None:
         self.settings = settings
         self._on_store = on_store
         self._on_association = on_association
+        self._on_commitment = on_commitment
         self._draining = threading.Event()
         self._server: ThreadedAssociationServer | None = None
         ae = AE(ae_title=settings.ae_title)
@@ -94,6 +97,10 @@ class StorageSCP:
         ae.add_supported_context(Verification)
         for uid in IMAGE_STORAGE_CLASSES:
             ae.add_supported_context(uid, TRANSFER_SYNTAXES)
+        if on_commitment is not None:
+            # The PACS opens the association that carries its N-EVENT-REPORT
+            # and acts as the Storage Commitment SCP on it: accept both roles.
+            ae.add_supported_context(StorageCommitmentPushModel, scu_role=True, scp_role=True)
         self._ae = ae
 
     # -- lifecycle -------------------------------------------------------
@@ -104,6 +111,8 @@ class StorageSCP:
             (evt.EVT_C_ECHO, self._handle_echo),
             (evt.EVT_C_STORE, self._handle_store),
         ]
+        if self._on_commitment is not None:
+            handlers.append((evt.EVT_N_EVENT_REPORT, self._handle_event_report))
         s = self.settings
         self._server = self._ae.start_server(
             (s.host, s.port),
@@ -151,13 +160,21 @@ class StorageSCP:
     # -- handlers (run in the association's thread) ----------------------
     def _peer(self, event: evt.Event) -> tuple[str, str]:
         req = event.assoc.requestor
-        return str(req.ae_title).strip(), str(req.address)
+        # In EVT_REQUESTED pynetdicom has not yet copied the calling AE title
+        # from the A-ASSOCIATE-RQ to `requestor.ae_title` (it does so during
+        # negotiation, after the handler): read it from the request itself.
+        ae_title = req.primitive.calling_ae_title if req.primitive is not None else req.ae_title
+        return str(ae_title).strip(), str(req.address)
 
     def _reject(
         self, event: evt.Event, source: int, diagnostic: int, result: int, why: str
     ) -> None:
         ae_title, address = self._peer(event)
         event.assoc.acse.send_reject(result, source, diagnostic)
+        # As pynetdicom's own rejections do: wait until the A-ASSOCIATE-RJ is out
+        # and the peer has closed. Otherwise the reactor closes the socket at
+        # once and the peer often sees an abort instead of the rejection.
+        event.assoc.kill()
         log.warning("association from %s@%s rejected: %s", ae_title, address, why)
         self._notify(AssociationOutcome(False, ae_title, address, why))
 
@@ -205,3 +222,22 @@ class StorageSCP:
             # Never let one object take the association down: refuse it and go on.
             log.exception("store handler failed for SOP instance %s", obj.sop_instance_uid)
             return 0xA700
+
+    def _handle_event_report(self, event: evt.Event) -> tuple[int, None]:
+        """A storage commitment result for requests we sent (dicom_io/commitment.py)."""
+        ae_title, address = self._peer(event)
+        if event.request.AffectedSOPClassUID != StorageCommitmentPushModel:
+            return 0x0118, None  # No such SOP Class
+        try:
+            report = parse_event_report(event.event_type, event.event_information, ae_title)
+        except Exception as exc:
+            log.warning("invalid storage commitment report from %s@%s: %s", ae_title, address, exc)
+            return 0x0115, None  # Invalid argument value
+        assert self._on_commitment is not None
+        try:
+            self._on_commitment(report)
+        except Exception:
+            # The PACS may send the report again; we also ask again when it is late.
+            log.exception("storage commitment callback failed")
+            return 0x0110, None
+        return 0x0000, None

@@ -1,0 +1,184 @@
+"""The report stage's queries: pending runs in, SR/SEG outbox rows out.
+
+A run is read as a plain `PendingRun` (the result contract rebuilt from its
+rows, plus the spool paths of its images), so that building DICOM happens
+outside any transaction. `record_report` then writes everything the stage
+decided in one transaction: the outbox rows, the tracking UIDs and the
+run's new state, or none of them.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import dataclass
+from datetime import datetime
+from pathlib import Path
+
+from sqlalchemy import func, select, update
+from sqlalchemy.orm import Session
+
+from db import audit
+from db.audit import EventType
+from db.jobs import load_run_result
+from db.models import (
+    AnalysisRun,
+    FindingRecord,
+    Instance,
+    ReportState,
+    RunOutcome,
+    Series,
+    utcnow,
+)
+from db.outbox import NewOutboxItem, queue_items
+from model.results import AnalysisResult
+
+ACTOR = "reporter"
+
+
+@dataclass(frozen=True)
+class PendingRun:
+    run_id: int
+    study_id: int
+    created_at: datetime
+    result: AnalysisResult  # as the infer stage recorded it, saliency included
+    # Spool-relative paths of the images the report refers to: the analysed
+    # series, or every image of the study when no series was analysed.
+    source_paths: list[str]
+    # Finding row ids in the order of `result.findings`.
+    finding_ids: list[int]
+    # SR of the latest earlier run of this study and model, which a new SR
+    # supersedes (Predecessor Documents). None for a first run.
+    predecessor_sr_uid: str | None = None
+
+
+def pending_run_ids(session: Session, limit: int = 20) -> list[int]:
+    """Runs waiting for their report, oldest first (a re-run after its predecessor)."""
+    return list(
+        session.scalars(
+            select(AnalysisRun.id)
+            .where(AnalysisRun.report_state == ReportState.PENDING)
+            .order_by(AnalysisRun.id)
+            .limit(limit)
+        )
+    )
+
+
+def load_pending_run(session: Session, run_id: int, *, state_dir: Path) -> PendingRun | None:
+    """The run rebuilt as the infer stage's result; None if it is not pending any more.
+
+    Raises OSError or ValueError when its saliency file is missing or unreadable.
+    """
+    run = session.get(AnalysisRun, run_id)
+    if run is None or run.report_state != ReportState.PENDING:
+        return None
+    # One reading of the rows for both stages: the infer stage's own.
+    result = load_run_result(session, run_id, state_dir=state_dir)
+    finding_ids = list(
+        session.scalars(
+            select(FindingRecord.id)
+            .where(FindingRecord.run_id == run.id)
+            .order_by(FindingRecord.id)
+        )
+    )
+    paths_q = select(Instance.path).join(Series).where(Series.study_id == run.study_id)
+    if run.series_instance_uid and run.outcome == RunOutcome.ANALYSED:
+        paths_q = paths_q.where(Series.series_instance_uid == run.series_instance_uid)
+    return PendingRun(
+        run_id=run.id,
+        study_id=run.study_id,
+        created_at=run.created_at,
+        result=result,
+        source_paths=list(session.scalars(paths_q.order_by(Instance.id))),
+        finding_ids=finding_ids,
+        predecessor_sr_uid=_predecessor_sr_uid(session, run),
+    )
+
+
+def _predecessor_sr_uid(session: Session, run: AnalysisRun) -> str | None:
+    """The SR of the latest earlier reported run of the same study and model."""
+    model = (
+        AnalysisRun.model_name.is_(None)
+        if run.model_name is None
+        else AnalysisRun.model_name == run.model_name
+    )
+    return session.execute(
+        select(AnalysisRun.sr_sop_instance_uid)
+        .where(
+            AnalysisRun.study_id == run.study_id,
+            AnalysisRun.id < run.id,
+            AnalysisRun.report_state == ReportState.REPORTED,
+            AnalysisRun.sr_sop_instance_uid.is_not(None),
+            model,
+        )
+        .order_by(AnalysisRun.id.desc())
+        .limit(1)
+    ).scalar()
+
+
+def record_report(
+    session: Session,
+    run: PendingRun,
+    *,
+    sr_sop_instance_uid: str,
+    tracking_uids: dict[int, str],
+    objects: Sequence[NewOutboxItem],
+    now: datetime | None = None,
+) -> bool:
+    """Mark the run reported and queue its objects; False if another pass did it first."""
+    now = now or utcnow()
+    changed = session.execute(
+        update(AnalysisRun)
+        .where(AnalysisRun.id == run.run_id, AnalysisRun.report_state == ReportState.PENDING)
+        .values(
+            report_state=ReportState.REPORTED,
+            report_error=None,
+            sr_sop_instance_uid=sr_sop_instance_uid,
+        )
+    ).rowcount
+    if not changed:
+        return False
+    for finding_id, uid in tracking_uids.items():
+        session.execute(
+            update(FindingRecord).where(FindingRecord.id == finding_id).values(tracking_uid=uid)
+        )
+    queued = queue_items(session, objects, now=now)
+    audit.record(
+        session,
+        EventType.REPORT_CREATED,
+        ACTOR,
+        study_instance_uid=run.result.study_instance_uid,
+        sop_instance_uid=sr_sop_instance_uid,
+        run_id=run.run_id,
+        outcome=str(run.result.outcome),
+        objects=sorted({o.sop_instance_uid for o in objects}),
+        outbox_items=queued,
+        predecessor=run.predecessor_sr_uid,
+    )
+    return True
+
+
+def record_report_failure(
+    session: Session, run_id: int, study_instance_uid: str | None, error: str
+) -> None:
+    """The run's report cannot be built (its images are gone, its rows are invalid)."""
+    changed = session.execute(
+        update(AnalysisRun)
+        .where(AnalysisRun.id == run_id, AnalysisRun.report_state == ReportState.PENDING)
+        .values(report_state=ReportState.FAILED, report_error=error)
+    ).rowcount
+    if changed:
+        audit.record(
+            session,
+            EventType.REPORT_FAILED,
+            ACTOR,
+            study_instance_uid=study_instance_uid,
+            run_id=run_id,
+            error=error,
+        )
+
+
+def report_counts(session: Session) -> dict[str, int]:
+    rows = session.execute(
+        select(AnalysisRun.report_state, func.count()).group_by(AnalysisRun.report_state)
+    ).all()
+    return {state: n for state, n in rows}

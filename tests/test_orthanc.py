@@ -1,0 +1,420 @@
+"""Report and deliver into a real PACS: Orthanc (Debian package), started by each test.
+
+The daemon is the real `secondreader serve`; images reach it by dcmtk storescu.
+The first two tests record the analysis through the infer stage's own calls
+(tests/reportdata.py) so that they do not depend on a model; the last one
+has no shortcut at all: storescu -> daemon -> worker -> SR in Orthanc.
+"""
+
+from __future__ import annotations
+
+import time
+from pathlib import Path
+from typing import TYPE_CHECKING
+
+from pydicom import dcmread
+from pydicom.dataset import Dataset
+from pydicom.uid import Comprehensive3DSRStorage, SegmentationStorage
+from pynetdicom import AE, build_role
+from pynetdicom.sop_class import (
+    StorageCommitmentPushModel,
+    StorageCommitmentPushModelInstance,
+)
+from sqlalchemy import select
+
+from daemon.config import Config, load_config
+from daemon.dispatcher import Dispatcher
+from daemon.reporter import Reporter
+from daemon.service import scp_settings
+from db import migrate
+from db.models import AnalysisRun, DeliveryState, FindingRecord, OutboxItem, RunOutcome
+from db.session import Database
+from dicom_io.scp import StorageSCP
+from dicom_io.sr import read_findings
+from tests import reportdata as rd
+from tests.conftest import DaemonProcess, free_port, storescu
+from tests.dicom_validate import dciodvfy_errors
+
+if TYPE_CHECKING:
+    from tests.orthanc import Orthanc
+
+# The orthanc_factory fixture; loaded as a plugin so that its asserts are rewritten.
+pytest_plugins = ["tests.orthanc"]
+
+# The daemon's own completion is slowed down where the test records the
+# analysis itself, and no worker runs in the daemon: the test is the worker.
+NO_WORKER = {
+    "SECONDREADER_WORKER__IN_PROCESS": "false",
+    "SECONDREADER_COMPLETION__STABLE_SECONDS": "3600",
+}
+
+
+def delivery_config(orthanc: Orthanc, *, commitment: bool = False) -> str:
+    return f"""
+[report]
+check_interval_seconds = 0.3
+
+[delivery]
+check_interval_seconds = 0.3
+retry_base_seconds = 0.5
+retry_max_seconds = 1
+dead_letter_after_seconds = 300
+commitment_timeout_seconds = 20
+
+[[delivery.destinations]]
+name = "orthanc"
+ae_title = "{orthanc.aet}"
+host = "127.0.0.1"
+port = {orthanc.dicom_port}
+storage_commitment = {str(commitment).lower()}
+timeout_seconds = 5
+"""
+
+
+def knows_our_scp(orthanc: Orthanc, daemon: DaemonProcess) -> None:
+    """Orthanc calls our SCP back (storage commitment reports): it must know our AE."""
+    orthanc.config["DicomModalities"] = {
+        "secondreader": {"AET": "SECONDREADER", "Host": "127.0.0.1", "Port": daemon.port}
+    }
+
+
+def open_db(daemon: DaemonProcess) -> Database:
+    return Database(f"sqlite:///{daemon.state / 'secondreader.db'}")
+
+
+def outbox(db: Database) -> list[OutboxItem]:
+    with db.session() as s:
+        return list(s.scalars(select(OutboxItem).order_by(OutboxItem.id)))
+
+
+def runs(db: Database) -> list[AnalysisRun]:
+    with db.session() as s:
+        return list(s.scalars(select(AnalysisRun).order_by(AnalysisRun.id)))
+
+
+def all_done(db: Database, expected: int) -> bool:
+    items = outbox(db)
+    return len(items) == expected and all(i.state == DeliveryState.DONE for i in items)
+
+
+def send_to_daemon(daemon: DaemonProcess, files: list[Path]) -> None:
+    run = storescu(daemon.port, files)
+    assert run.returncode == 0, run.stderr
+
+
+def by_class(instances: list[dict], sop_class: str) -> list[dict]:  # type: ignore[type-arg]
+    return [i for i in instances if i["SOPClassUID"] == sop_class]
+
+
+def fetch(orthanc: Orthanc, instance: dict, folder: Path):  # type: ignore[no-untyped-def,type-arg]
+    """Download an instance as Orthanc stores it; (dataset, path)."""
+    folder.mkdir(parents=True, exist_ok=True)
+    path = folder / f"{instance['SOPInstanceUID']}.dcm"
+    path.write_bytes(orthanc.get_bytes(f"/instances/{instance['ID']}/file"))
+    return dcmread(path), path
+
+
+def test_sr_and_seg_reach_orthanc_in_the_study_of_the_images_and_are_committed(
+    tmp_path: Path, daemon_factory, orthanc_factory
+) -> None:  # type: ignore[no-untyped-def]
+    orthanc = orthanc_factory()
+    daemon = daemon_factory(delivery_config(orthanc, commitment=True), env=NO_WORKER)
+    knows_our_scp(orthanc, daemon)
+    orthanc.start()
+    daemon.start()
+    files = rd.ct_study(tmp_path / "ct")
+    send_to_daemon(daemon, files)
+    # The PACS has the images too (the modality sent them there as well).
+    to_pacs = storescu(orthanc.dicom_port, files, aec=orthanc.aet)
+    assert to_pacs.returncode == 0, to_pacs.stderr
+    db = open_db(daemon)
+    study_uid = str(dcmread(files[0], stop_before_pixels=True).StudyInstanceUID)
+    rd.record_analysis(db, daemon.state, study_uid, [rd.analysed(files)])
+
+    daemon.wait_for(lambda: all_done(db, 2), timeout=60)
+
+    items = outbox(db)
+    # Done only once Orthanc reported them committed (N-EVENT-REPORT to our SCP).
+    assert {i.commitment_state for i in items} == {"committed"}
+    assert {i.attempts for i in items} == {1}
+    assert len({i.commitment_transaction_uid for i in items}) == 1
+    assert "storage commitment" in daemon.log() and "2 committed, 0 failed" in daemon.log()
+
+    instances = orthanc.study_instances(study_uid)
+    assert len(instances) == len(files) + 2
+    (sr_entry,) = by_class(instances, Comprehensive3DSRStorage)
+    (seg_entry,) = by_class(instances, SegmentationStorage)
+    (run,) = runs(db)
+    assert sr_entry["SOPInstanceUID"] == run.sr_sop_instance_uid
+    sr, sr_path = fetch(orthanc, sr_entry, tmp_path / "from-orthanc")
+    seg, seg_path = fetch(orthanc, seg_entry, tmp_path / "from-orthanc")
+    assert sr.StudyInstanceUID == seg.StudyInstanceUID == study_uid
+    (finding,) = read_findings(sr)
+    middle = dcmread(files[len(files) // 2], stop_before_pixels=True)
+    assert finding["probability"] == 0.87 and finding["present"] is True
+    assert finding["finding_type"] == rd.NODULE and finding["finding_site"] == rd.LUNG
+    # The image the finding points at is in Orthanc, in the same study.
+    assert finding["referenced_sop_instance_uid"] == middle.SOPInstanceUID
+    assert middle.SOPInstanceUID in {i["SOPInstanceUID"] for i in instances}
+    assert seg.SegmentSequence[0].TrackingUID == finding["tracking_uid"]
+    with db.session() as s:
+        assert s.scalars(select(FindingRecord.tracking_uid)).all() == [finding["tracking_uid"]]
+    referenced = {
+        ref.ReferencedSOPInstanceUID
+        for series in seg.ReferencedSeriesSequence
+        for ref in series.ReferencedInstanceSequence
+    }
+    assert referenced <= {i["SOPInstanceUID"] for i in instances}
+    for path in (sr_path, seg_path):
+        assert dciodvfy_errors(path) == [], path
+    assert daemon.stop() == 0
+    db.dispose()
+
+
+def test_pacs_down_and_daemon_restarted_every_result_delivered_exactly_once(
+    tmp_path: Path, daemon_factory, orthanc_factory
+) -> None:  # type: ignore[no-untyped-def]
+    orthanc = orthanc_factory()  # configured, not started: the PACS is down
+    daemon = daemon_factory(delivery_config(orthanc), env=NO_WORKER).start()
+    db = open_db(daemon)
+    analysed_files = rd.ct_study(tmp_path / "ct-a", seed=1)
+    not_run_files = rd.ct_study(tmp_path / "ct-b", seed=2)
+    studies = []
+    for files, result in (
+        (analysed_files, rd.analysed(analysed_files)),
+        (not_run_files, None),
+    ):
+        send_to_daemon(daemon, files)
+        study_uid = str(dcmread(files[0], stop_before_pixels=True).StudyInstanceUID)
+        rd.record_analysis(
+            db, daemon.state, study_uid, [result or rd.not_run(study_uid, "QC: test")]
+        )
+        studies.append(study_uid)
+
+    # SR + SEG for the analysed study, one SR for the other: tried, failed.
+    daemon.wait_for(
+        lambda: len(outbox(db)) == 3 and all(i.attempts >= 1 for i in outbox(db)), timeout=30
+    )
+    assert {i.state for i in outbox(db)} == {DeliveryState.PENDING}
+    assert all("AssociationFailed" in (i.last_error or "") for i in outbox(db))
+    assert daemon.stop() == 0
+
+    # A new daemon process takes the retries over from the database.
+    before = {i.id: i.attempts for i in outbox(db)}
+    daemon.start()
+    daemon.wait_for(lambda: all(i.attempts > before[i.id] for i in outbox(db)), timeout=30)
+    orthanc.start()
+    daemon.wait_for(lambda: all_done(db, 3), timeout=30)
+    assert all(i.attempts >= 2 for i in outbox(db))
+
+    # A few more ticks: nothing is sent again.
+    settled = {i.id: i.attempts for i in outbox(db)}
+    time.sleep(1.5)
+    assert {i.id: i.attempts for i in outbox(db)} == settled
+    analysed_run, not_run_run = runs(db)
+    for study_uid, run, n_seg in ((studies[0], analysed_run, 1), (studies[1], not_run_run, 0)):
+        instances = orthanc.study_instances(study_uid)
+        # Exactly one SR per run, the one the run recorded; no second set after the restart.
+        assert [i["SOPInstanceUID"] for i in by_class(instances, Comprehensive3DSRStorage)] == [
+            run.sr_sop_instance_uid
+        ]
+        assert len(by_class(instances, SegmentationStorage)) == n_seg
+    (sr_entry,) = by_class(orthanc.study_instances(studies[1]), Comprehensive3DSRStorage)
+    sr, sr_path = fetch(orthanc, sr_entry, tmp_path / "from-orthanc")
+    assert sr.ConceptNameCodeSequence[0].CodeMeaning == "AI analysis not performed"
+    assert dciodvfy_errors(sr_path) == []
+    for path in (daemon.state / "outbox").rglob("*.dcm"):
+        assert dciodvfy_errors(path) == [], path
+    assert daemon.stop() == 0
+    db.dispose()
+
+
+def test_storescu_to_daemon_to_orthanc_without_shortcuts(
+    tmp_path: Path, daemon_factory, orthanc_factory
+) -> None:  # type: ignore[no-untyped-def]
+    orthanc = orthanc_factory().start()
+    daemon = daemon_factory(
+        delivery_config(orthanc),
+        env={"SECONDREADER_WORKER__POLL_SECONDS": "0.3", "SECONDREADER_WORKER__DEVICE": "cpu"},
+    ).start()
+    files = rd.ct_study(tmp_path / "ct")
+    send_to_daemon(daemon, files)
+    study_uid = str(dcmread(files[0], stop_before_pixels=True).StudyInstanceUID)
+    db = open_db(daemon)
+
+    # Received, completed, analysed by the configured models, reported, delivered.
+    daemon.wait_for(
+        lambda: outbox(db) and all(i.state == DeliveryState.DONE for i in outbox(db)),
+        timeout=120,
+    )
+
+    (run,) = runs(db)
+    instances = orthanc.study_instances(study_uid)
+    (sr_entry,) = by_class(instances, Comprehensive3DSRStorage)
+    assert sr_entry["SOPInstanceUID"] == run.sr_sop_instance_uid
+    sr, sr_path = fetch(orthanc, sr_entry, tmp_path / "from-orthanc")
+    assert sr.StudyInstanceUID == study_uid
+    assert dciodvfy_errors(sr_path) == []
+    with db.session() as s:
+        findings = list(s.scalars(select(FindingRecord).order_by(FindingRecord.id)))
+    if run.outcome == RunOutcome.ANALYSED:
+        read = read_findings(sr)
+        assert [f["probability"] for f in read] == [f.probability for f in findings]
+        assert [f["tracking_uid"] for f in read] == [f.tracking_uid for f in findings]
+    else:
+        # No model applies (or none is installed): the SR says so, and why.
+        assert sr.ConceptNameCodeSequence[0].CodeMeaning == "AI analysis not performed"
+        texts = " ".join(i.TextValue for i in sr.ContentSequence if i.ValueType == "TEXT")
+        assert run.reason and run.reason in texts
+    assert daemon.stop() == 0
+    db.dispose()
+
+
+# -- storage commitment reports that come late, or say "failed" ---------------
+
+
+def commitment_setup(tmp_path: Path, orthanc: Orthanc) -> tuple[Config, Database, int]:
+    """In-process stages with a reported study; Orthanc knows our SCP at a port not yet open."""
+    scp_port = free_port()
+    knows_our_scp_at(orthanc, scp_port)
+    orthanc.start()
+    path = tmp_path / "secondreader.toml"
+    path.write_text(
+        f"""
+[scp]
+host = "127.0.0.1"
+port = {scp_port}
+
+[storage]
+state_dir = "{tmp_path / "state"}"
+fsync = false
+"""
+        + delivery_config(orthanc, commitment=True).replace(
+            "commitment_timeout_seconds = 20", "commitment_timeout_seconds = 1"
+        )
+    )
+    config = load_config(path, environ={})
+    config.storage.state_dir.mkdir(parents=True)
+    migrate.upgrade(config.database_url)
+    db = Database(config.database_url)
+    files = rd.ct_study(tmp_path / "ct")
+    study_uid = rd.receive(db, config.storage.spool_dir, files)
+    rd.record_analysis(db, config.storage.state_dir, study_uid, [rd.analysed(files)])
+    assert Reporter(db, config).run_once() == 1
+    return config, db, scp_port
+
+
+def knows_our_scp_at(orthanc: Orthanc, port: int) -> None:
+    orthanc.config["DicomModalities"] = {
+        "secondreader": {"AET": "SECONDREADER", "Host": "127.0.0.1", "Port": port}
+    }
+
+
+def our_scp(config: Config, dispatcher: Dispatcher) -> StorageSCP:
+    scp = StorageSCP(
+        scp_settings(config), lambda _obj: 0xA700, on_commitment=dispatcher.on_commitment
+    )
+    scp.start()
+    return scp
+
+
+def wait(predicate, timeout: float = 20) -> None:  # type: ignore[no-untyped-def]
+    deadline = time.monotonic() + timeout
+    while not predicate():
+        assert time.monotonic() < deadline, "condition not met"
+        time.sleep(0.1)
+
+
+def wait_report_lost(orthanc: Orthanc) -> None:
+    """Until Orthanc has tried to report to our SCP, and found nobody listening."""
+    wait(
+        lambda: (
+            'connecting to AET "SECONDREADER"' in orthanc.log()
+            and "Connection refused" in orthanc.log()
+        )
+    )
+
+
+def test_late_commitment_report_means_sent_and_asked_again(tmp_path: Path, orthanc_factory) -> None:  # type: ignore[no-untyped-def]
+    orthanc = orthanc_factory()
+    config, db, _port = commitment_setup(tmp_path, orthanc)
+    dispatcher = Dispatcher(db, config)
+
+    # Stored and asked; Orthanc's report finds nobody listening and is lost.
+    assert dispatcher.run_once().commitment_requested == 2
+    first_txn = {i.commitment_transaction_uid for i in outbox(db)}
+    assert len(first_txn) == 1 and {i.commitment_state for i in outbox(db)} == {"requested"}
+    wait_report_lost(orthanc)
+    time.sleep(1.1)  # past commitment_timeout_seconds
+
+    late = dispatcher.run_once()
+    assert late.failed == 2 and late.commitment_requested == 0
+    for item in outbox(db):
+        assert item.state == DeliveryState.PENDING and item.commitment_state == "failed"
+        assert item.last_error == "no storage commitment report within 1 s"
+        assert item.attempts == 1  # counted once, when it was sent
+
+    scp = our_scp(config, dispatcher)
+    try:
+        wait(lambda: dispatcher.run_once().commitment_requested == 2)
+        wait(lambda: all_done(db, 2))
+    finally:
+        scp.shutdown()
+    items = outbox(db)
+    assert {i.commitment_state for i in items} == {"committed"}
+    assert {i.attempts for i in items} == {2}
+    assert {i.commitment_transaction_uid for i in items}.isdisjoint(first_txn)
+    db.dispose()
+
+
+def test_negative_commitment_report_sends_that_object_again(
+    tmp_path: Path, orthanc_factory
+) -> None:  # type: ignore[no-untyped-def]
+    orthanc = orthanc_factory()
+    config, db, scp_port = commitment_setup(tmp_path, orthanc)
+    dispatcher = Dispatcher(db, config)
+    assert dispatcher.run_once().commitment_requested == 2
+    items = {i.object_kind: i for i in outbox(db)}
+    txn = items["sr"].commitment_transaction_uid
+    wait_report_lost(orthanc)  # else Orthanc's own (positive) report could win the race
+    scp = our_scp(config, dispatcher)
+    try:
+        # A PACS reporting on that transaction: SR committed, SEG not found.
+        peer = AE(ae_title="ORTHANC")
+        peer.add_requested_context(StorageCommitmentPushModel)
+        role = build_role(StorageCommitmentPushModel, scp_role=True)
+        assoc = peer.associate("127.0.0.1", scp_port, ae_title="SECONDREADER", ext_neg=[role])
+        assert assoc.is_established
+        info = Dataset()
+        info.TransactionUID = txn
+        ok, failed = Dataset(), Dataset()
+        ok.ReferencedSOPClassUID = items["sr"].sop_class_uid
+        ok.ReferencedSOPInstanceUID = items["sr"].sop_instance_uid
+        failed.ReferencedSOPClassUID = items["seg"].sop_class_uid
+        failed.ReferencedSOPInstanceUID = items["seg"].sop_instance_uid
+        failed.FailureReason = 0x0112
+        info.ReferencedSOPSequence = [ok]
+        info.FailedSOPSequence = [failed]
+        status, _ = assoc.send_n_event_report(
+            info, 2, StorageCommitmentPushModel, StorageCommitmentPushModelInstance
+        )
+        assoc.release()
+        assert status.Status == 0x0000
+
+        after = {i.object_kind: i for i in outbox(db)}
+        assert after["sr"].state == DeliveryState.DONE
+        assert after["sr"].commitment_state == "committed"
+        seg = after["seg"]
+        assert seg.state == DeliveryState.PENDING and seg.commitment_state == "failed"
+        assert seg.last_status == 0x0112 and seg.attempts == 1
+        assert seg.last_error == "storage commitment failed: 0x0112 no such object instance"
+
+        # After its backoff the SEG is sent and asked for again; Orthanc has it.
+        wait(lambda: dispatcher.run_once().commitment_requested == 1)
+        wait(lambda: all_done(db, 2))
+    finally:
+        scp.shutdown()
+    seg = {i.object_kind: i for i in outbox(db)}["seg"]
+    assert (seg.attempts, seg.commitment_state) == (2, "committed")
+    assert seg.commitment_transaction_uid != txn
+    db.dispose()
