@@ -45,3 +45,5 @@ def setup_logging(level: str = "INFO", json_format: bool = False) -> None:
     logging.getLogger("pynetdicom").setLevel("WARNING" if level != "DEBUG" else "INFO")
     logging.getLogger("apscheduler").setLevel("WARNING")
     logging.getLogger("alembic").setLevel("WARNING")
+    # highdicom narrates every attribute it copies at INFO.
+    logging.getLogger("highdicom").setLevel("WARNING")
