@@ -20,6 +20,7 @@ from dicom_io.identify import (
     InvalidDataset,
     check_complete,
     identify,
+    valid_uid,
 )
 from dicom_io.scp import AssociationOutcome, ReceivedObject
 from dicom_io.sopclasses import is_image_storage
@@ -53,6 +54,10 @@ class Receiver:
                     s,
                     EventType.INSTANCE_FAILED,
                     obj.calling_ae,
+                    # The C-STORE request's UID, when it is one: says which instance it was.
+                    sop_instance_uid=(
+                        obj.sop_instance_uid if valid_uid(obj.sop_instance_uid) else None
+                    ),
                     status=status,
                     reason=why,
                 )

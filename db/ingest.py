@@ -31,20 +31,37 @@ class StoredInstance:
     calling_ae: str
 
 
-def _insert_ignore(session: Session, table: Any, values: dict[str, Any], key: str) -> None:
-    """INSERT ... ON CONFLICT (key) DO NOTHING: concurrent associations may race here."""
+def _insert_ignore(session: Session, table: Any, values: dict[str, Any], key: str) -> bool:
+    """INSERT ... ON CONFLICT (key) DO NOTHING; True if a row was inserted.
+
+    Concurrent associations may race here. RETURNING tells reliably on both
+    backends whether the row went in (rowcount does not, with psycopg).
+    """
     dialect = session.get_bind().dialect.name
     ins = pg_insert if dialect == "postgresql" else sqlite_insert
-    session.execute(ins(table).values(**values).on_conflict_do_nothing(index_elements=[key]))
+    stmt = (
+        ins(table)
+        .values(**values)
+        .on_conflict_do_nothing(index_elements=[key])
+        .returning(table.c.id)
+    )
+    return session.execute(stmt).first() is not None
 
 
-def record_instance(session: Session, item: StoredInstance, now: datetime | None = None) -> bool:
-    """Upsert study, series and instance; returns True when the instance is new.
-
-    A re-sent instance (same SOP Instance UID) only bumps its receive count.
-    An instance for a completed study re-opens it, so it is completed again.
-    """
-    now = now or utcnow()
+def _study_id(session: Session, item: StoredInstance, now: datetime) -> int:
+    """The study's id, created or re-opened as needed, its last_received_at set to `now`."""
+    # The common case in one statement: the study exists and is receiving.
+    row = session.execute(
+        update(Study)
+        .where(
+            Study.study_instance_uid == item.study_instance_uid,
+            Study.state == StudyState.RECEIVING,
+        )
+        .values(last_received_at=now)
+        .returning(Study.id)
+    ).first()
+    if row is not None:
+        return int(row[0])
     _insert_ignore(
         session,
         Study.__table__,
@@ -76,49 +93,72 @@ def record_instance(session: Session, item: StoredInstance, now: datetime | None
             )
     else:
         session.execute(update(Study).where(Study.id == study_id).values(last_received_at=now))
+    return int(study_id)
 
-    _insert_ignore(
-        session,
-        Series.__table__,
-        {
-            "study_id": study_id,
-            "series_instance_uid": item.series_instance_uid,
-            "modality": item.modality,
-        },
-        "series_instance_uid",
-    )
-    series_id = session.execute(
-        select(Series.id).where(Series.series_instance_uid == item.series_instance_uid)
-    ).scalar_one()
 
-    existing = session.execute(
-        update(Instance)
-        .where(Instance.sop_instance_uid == item.sop_instance_uid)
-        .values(
-            receive_count=Instance.receive_count + 1,
-            received_at=now,
-            path=item.path,
-            size_bytes=item.size_bytes,
-            transfer_syntax_uid=item.transfer_syntax_uid,
-        )
-    ).rowcount
-    is_new = not existing
-    if is_new:
+def _series_id(session: Session, item: StoredInstance, study_id: int) -> int:
+    def existing() -> int | None:
+        return session.execute(
+            select(Series.id).where(Series.series_instance_uid == item.series_instance_uid)
+        ).scalar()
+
+    series_id = existing()
+    if series_id is None:
         _insert_ignore(
             session,
-            Instance.__table__,
+            Series.__table__,
             {
-                "series_id": series_id,
-                "sop_instance_uid": item.sop_instance_uid,
-                "sop_class_uid": item.sop_class_uid,
-                "transfer_syntax_uid": item.transfer_syntax_uid,
-                "path": item.path,
-                "size_bytes": item.size_bytes,
-                "received_at": now,
-                "calling_ae": item.calling_ae,
-                "receive_count": 1,
+                "study_id": study_id,
+                "series_instance_uid": item.series_instance_uid,
+                "modality": item.modality,
             },
-            "sop_instance_uid",
+            "series_instance_uid",
+        )
+        series_id = existing()
+    assert series_id is not None
+    return int(series_id)
+
+
+def record_instance(session: Session, item: StoredInstance, now: datetime | None = None) -> bool:
+    """Upsert study, series and instance; returns True when the instance is new.
+
+    A re-sent instance (same SOP Instance UID) only bumps its receive count.
+    An instance for a completed study re-opens it, so it is completed again.
+
+    The common case (a new instance of a study already receiving, in a known
+    series) takes four statements: this runs once per received object, inside
+    the SQLite write lock, so every statement counts (bench/ingest.py).
+    """
+    now = now or utcnow()
+    study_id = _study_id(session, item, now)
+    series_id = _series_id(session, item, study_id)
+    is_new = _insert_ignore(
+        session,
+        Instance.__table__,
+        {
+            "series_id": series_id,
+            "sop_instance_uid": item.sop_instance_uid,
+            "sop_class_uid": item.sop_class_uid,
+            "transfer_syntax_uid": item.transfer_syntax_uid,
+            "path": item.path,
+            "size_bytes": item.size_bytes,
+            "received_at": now,
+            "calling_ae": item.calling_ae,
+            "receive_count": 1,
+        },
+        "sop_instance_uid",
+    )
+    if not is_new:
+        session.execute(
+            update(Instance)
+            .where(Instance.sop_instance_uid == item.sop_instance_uid)
+            .values(
+                receive_count=Instance.receive_count + 1,
+                received_at=now,
+                path=item.path,
+                size_bytes=item.size_bytes,
+                transfer_syntax_uid=item.transfer_syntax_uid,
+            )
         )
     audit.record(
         session,

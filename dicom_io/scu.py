@@ -135,7 +135,14 @@ def send(paths: Sequence[Path], remote: RemoteAE) -> list[SendResult]:
             if not assoc.is_established:
                 results.append(SendResult(path, sop_uid, None))
                 continue
-            rsp = assoc.send_c_store(path)
+            try:
+                rsp = assoc.send_c_store(path)
+            except ValueError as exc:
+                # The peer refused this file's SOP class or transfer syntax
+                # (presentation context rejected): report it, send the rest.
+                log.warning("not sending %s: %s", path, exc)
+                results.append(SendResult(path, sop_uid, None))
+                continue
             status = int(rsp.Status) if rsp and "Status" in rsp else None
             results.append(SendResult(path, sop_uid, status))
     finally:

@@ -60,7 +60,15 @@ def storescu(
         str(port),
         *map(str, files),
     ]
-    return subprocess.run(cmd, capture_output=True, text=True, timeout=timeout, env=dcmtk_env())
+    # errors="replace": dcmtk echoes undecodable bytes of a damaged file in its messages.
+    return subprocess.run(
+        cmd,
+        capture_output=True,
+        text=True,
+        errors="replace",
+        timeout=timeout,
+        env=dcmtk_env(),
+    )
 
 
 class DaemonProcess:
@@ -105,6 +113,8 @@ check_interval_seconds = 0.5
 
     def start(self, timeout: float = 60) -> DaemonProcess:
         self.cli("db", "upgrade")
+        # On a restart the log already holds the last run's "ready": look past it.
+        offset = self.log_path.stat().st_size if self.log_path.exists() else 0
         log = self.log_path.open("ab")
         self.proc = subprocess.Popen(
             [sys.executable, "-m", "daemon.cli", "serve"],
@@ -117,7 +127,7 @@ check_interval_seconds = 0.5
         while time.monotonic() < deadline:
             if self.proc.poll() is not None:
                 raise RuntimeError(f"daemon exited early:\n{self.log_path.read_text()}")
-            if "secondreader ready" in self.log_path.read_text():
+            if b"secondreader ready" in self.log_path.read_bytes()[offset:]:
                 return self
             time.sleep(0.1)
         raise RuntimeError(f"daemon not ready in {timeout} s:\n{self.log_path.read_text()}")
@@ -271,7 +281,9 @@ def db_url(request: pytest.FixtureRequest, tmp_path: Path) -> str:
 def pytest_terminal_summary(terminalreporter, exitstatus, config):  # type: ignore[no-untyped-def]
     skipped = terminalreporter.stats.get("skipped", [])
     if os.environ.get("CI") and skipped:
-        terminalreporter.write_line(f"CI: {len(skipped)} test(s) skipped; failing the run", red=True)
+        terminalreporter.write_line(
+            f"CI: {len(skipped)} test(s) skipped; failing the run", red=True
+        )
 
 
 def pytest_sessionfinish(session, exitstatus):  # type: ignore[no-untyped-def]

@@ -1,0 +1,284 @@
+"""Receive throughput: dcmtk's storescu sending one CT study to storescp and to us.
+
+One run, on loopback:
+
+1. writes a CT study (default 200 slices of 512x512, noisy content) to a
+   temporary folder;
+2. sends it with storescu (TCP_NODELAY=1) over one association, then over four
+   concurrent associations (the files split four ways, four storescu started
+   together), to
+   - dcmtk's storescp (its defaults, plus --fork so that it serves concurrent
+     associations at all; it writes files and does not fsync),
+   - `secondreader serve` with the default configuration (fsync of every file
+     and its folder, SQLite synchronous=FULL), only host, port and state folder
+     set, and no in-process worker (the models would compete for the CPU),
+   - the same with durability off (storage.fsync=false, SQLite NORMAL), labelled;
+3. repeats each measurement (default 3) and prints the median in MB/s
+   (10^6 bytes of Part 10 files per second of wall time, from starting the
+   storescu processes to the last one exiting) and the ratio to storescp.
+
+storescu invents new SOP Instance UIDs for every image it sends (+II), so each
+repeat stores new instances rather than re-sending known ones.
+
+    .venv/bin/python bench/ingest.py [--slices 200] [--size 512] [--repeats 3]
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import shutil
+import socket
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from collections.abc import Callable, Iterator, Sequence
+from contextlib import contextmanager
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+
+REPO = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(REPO))
+
+from dicom_io.synthetic import write_ct_series  # noqa: E402
+
+DCMTK_ENV = {**os.environ, "TCP_NODELAY": "1"}
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])
+
+
+def wait_port(port: int, proc: subprocess.Popen[bytes], timeout: float = 60) -> None:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if proc.poll() is not None:
+            raise RuntimeError(f"{proc.args!r} exited with {proc.returncode}")
+        with socket.socket() as s:
+            if s.connect_ex(("127.0.0.1", port)) == 0:
+                return
+        time.sleep(0.05)
+    raise RuntimeError(f"nothing listening on port {port} after {timeout} s")
+
+
+def make_study(folder: Path, slices: int, size: int) -> list[Path]:
+    rng = np.random.default_rng(2024)
+    volume = rng.normal(40.0, 300.0, size=(slices, size, size)).astype(np.float32)
+    return write_ct_series(volume, folder, patient_name="Bench^Phantom", patient_id="BENCH-0001")
+
+
+# -- receivers -------------------------------------------------------------------
+
+
+@dataclass
+class Receiver:
+    label: str
+    port: int
+    aet: str
+    count_files: Callable[[], int]
+
+
+@contextmanager
+def storescp(workdir: Path) -> Iterator[Receiver]:
+    out = workdir / "storescp-out"
+    out.mkdir()
+    port = free_port()
+    proc = subprocess.Popen(
+        ["storescp", "--fork", "-aet", "STORESCP", "-od", str(out), str(port)],
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+        env=DCMTK_ENV,
+    )
+    try:
+        wait_port(port, proc)
+        yield Receiver("dcmtk storescp", port, "STORESCP", lambda: sum(1 for _ in out.iterdir()))
+    finally:
+        proc.terminate()
+        proc.wait(timeout=10)
+        shutil.rmtree(out, ignore_errors=True)
+
+
+@contextmanager
+def secondreader(
+    workdir: Path, label: str, overrides: dict[str, str] | None = None
+) -> Iterator[Receiver]:
+    root = workdir / label.replace(" ", "-").replace(",", "")
+    root.mkdir()
+    port = free_port()
+    config = root / "secondreader.toml"
+    config.write_text(
+        f'[scp]\nhost = "127.0.0.1"\nport = {port}\n'
+        f'[storage]\nstate_dir = "{root / "state"}"\n'
+        "[worker]\nin_process = false\n"
+    )
+    env = {**os.environ, "SECONDREADER_CONFIG": str(config), **(overrides or {})}
+    cli = [sys.executable, "-m", "daemon.cli"]
+    subprocess.run([*cli, "db", "upgrade"], cwd=REPO, env=env, check=True, capture_output=True)
+    log = root / "serve.log"
+    with log.open("wb") as fh:
+        proc = subprocess.Popen(
+            [*cli, "serve"], cwd=REPO, env=env, stdout=fh, stderr=subprocess.STDOUT
+        )
+    spool = root / "state" / "spool"
+    try:
+        wait_port(port, proc)
+        yield Receiver(
+            label,
+            port,
+            "SECONDREADER",
+            lambda: sum(1 for p in spool.rglob("*.dcm")),
+        )
+    finally:
+        proc.terminate()
+        proc.wait(timeout=60)
+        shutil.rmtree(root / "state", ignore_errors=True)
+
+
+@contextmanager
+def bare_pynetdicom(workdir: Path) -> Iterator[Receiver]:
+    """Reference: a bare pynetdicom SCP (in this process) writing the raw bytes to a file.
+
+    No validation, no fsync, no database: the ceiling of any receiver built on
+    pynetdicom, to tell the library's share of the time from ours.
+    """
+    from pynetdicom import AE, ALL_TRANSFER_SYNTAXES, evt
+    from pynetdicom.sop_class import CTImageStorage
+
+    out = workdir / "bare-out"
+    out.mkdir()
+
+    def on_store(event: evt.Event) -> int:
+        name = f"{event.request.AffectedSOPInstanceUID}.dcm"
+        (out / name).write_bytes(event.encoded_dataset(include_meta=True))
+        return 0x0000
+
+    ae = AE(ae_title="BARE")
+    ae.maximum_pdu_size = 0
+    ae.add_supported_context(CTImageStorage, ALL_TRANSFER_SYNTAXES)
+    port = free_port()
+    server = ae.start_server(
+        ("127.0.0.1", port), block=False, evt_handlers=[(evt.EVT_C_STORE, on_store)]
+    )
+    try:
+        yield Receiver(
+            "reference: bare pynetdicom SCP, no fsync/DB",
+            port,
+            "BARE",
+            lambda: sum(1 for _ in out.iterdir()),
+        )
+    finally:
+        server.shutdown()
+        shutil.rmtree(out, ignore_errors=True)
+
+
+# -- senders -----------------------------------------------------------------------
+
+
+def send(receiver: Receiver, files: Sequence[Path], associations: int) -> float:
+    """Seconds for `associations` storescu processes to send `files` between them."""
+    before = receiver.count_files()
+    groups = [list(files[k::associations]) for k in range(associations)]
+    start = time.perf_counter()
+    procs = [
+        subprocess.Popen(
+            ["storescu", "+II", "+IR", "100000", "-aec", receiver.aet]
+            + ["127.0.0.1", str(receiver.port), *map(str, group)],
+            stdout=subprocess.DEVNULL,
+            stderr=subprocess.PIPE,
+            env=DCMTK_ENV,
+        )
+        for group in groups
+    ]
+    for p in procs:
+        _, err = p.communicate(timeout=600)
+        if p.returncode != 0:
+            raise RuntimeError(f"storescu failed: {err.decode(errors='replace')}")
+    elapsed = time.perf_counter() - start
+    # Received files land before their response: all must be there now.
+    deadline = time.monotonic() + 10
+    while receiver.count_files() - before < len(files) and time.monotonic() < deadline:
+        time.sleep(0.05)
+    got = receiver.count_files() - before
+    if got != len(files):
+        raise RuntimeError(f"{receiver.label}: {got} files received of {len(files)}")
+    return elapsed
+
+
+def measure(receiver: Receiver, files: Sequence[Path], repeats: int) -> dict[int, float]:
+    mb = sum(p.stat().st_size for p in files) / 1e6
+    result = {}
+    for n in (1, 4):
+        times = [send(receiver, files, n) for _ in range(repeats)]
+        result[n] = mb / statistics.median(times)
+        spread = ", ".join(f"{mb / t:.0f}" for t in times)
+        print(f"  {receiver.label:<40} {n} assoc: {result[n]:7.1f} MB/s  ({spread})", flush=True)
+    return result
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--slices", type=int, default=200)
+    parser.add_argument("--size", type=int, default=512)
+    parser.add_argument("--repeats", type=int, default=3)
+    parser.add_argument("--no-durability-off", action="store_true", help="skip the fsync-off row")
+    parser.add_argument("--no-reference", action="store_true", help="skip the bare pynetdicom row")
+    parser.add_argument("--json", type=Path, help="also write the figures to this file")
+    args = parser.parse_args(argv)
+    for tool in ("storescu", "storescp"):
+        if shutil.which(tool) is None:
+            parser.error(f"{tool} not found: install dcmtk")
+
+    with tempfile.TemporaryDirectory(prefix="bench-ingest-") as tmp:
+        workdir = Path(tmp)
+        t = time.perf_counter()
+        files = make_study(workdir / "study", args.slices, args.size)
+        mb = sum(p.stat().st_size for p in files) / 1e6
+        print(
+            f"study: {len(files)} CT slices of {args.size}x{args.size}, {mb:.1f} MB "
+            f"(written in {time.perf_counter() - t:.1f} s); median of {args.repeats}",
+            flush=True,
+        )
+        rows: dict[str, dict[int, float]] = {}
+        with storescp(workdir) as r:
+            rows[r.label] = measure(r, files, args.repeats)
+        if not args.no_reference:
+            with bare_pynetdicom(workdir) as r:
+                rows[r.label] = measure(r, files, args.repeats)
+        with secondreader(workdir, "secondreader (defaults: fsync, SQLite FULL)") as r:
+            rows[r.label] = measure(r, files, args.repeats)
+        if not args.no_durability_off:
+            with secondreader(
+                workdir,
+                "secondreader, DURABILITY OFF (no fsync, SQLite NORMAL)",
+                {
+                    "SECONDREADER_STORAGE__FSYNC": "false",
+                    "SECONDREADER_DATABASE__SQLITE_SYNCHRONOUS": "NORMAL",
+                },
+            ) as r:
+                rows[r.label] = measure(r, files, args.repeats)
+
+    base = rows["dcmtk storescp"]
+    print()
+    print(
+        f"{'receiver':<56} {'1 assoc MB/s':>12} {'4 assoc MB/s':>12} {'ratio 1':>8} {'ratio 4':>8}"
+    )
+    for label, row in rows.items():
+        print(
+            f"{label:<56} {row[1]:12.1f} {row[4]:12.1f} "
+            f"{row[1] / base[1]:8.2f} {row[4] / base[4]:8.2f}"
+        )
+    print("ratio = MB/s of the receiver / MB/s of dcmtk storescp, same number of associations")
+    if args.json:
+        args.json.write_text(json.dumps(rows, indent=2))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
