@@ -98,7 +98,10 @@ class StorageConfig(_Section):
 class DatabaseConfig(_Section):
     # SQLAlchemy URL; empty = SQLite file in the state directory.
     url: str = ""
-    sqlite_synchronous: Literal["FULL", "NORMAL"] = "FULL"
+    # NORMAL (WAL) survives a process crash; on power loss the last commits may
+    # be lost, and start-up rebuilds their rows from the fsynced spool files.
+    # FULL also fsyncs every commit: about 2.5 ms more per received instance here.
+    sqlite_synchronous: Literal["FULL", "NORMAL"] = "NORMAL"
 
 
 class CompletionConfig(_Section):

@@ -3,6 +3,12 @@
 Success is answered only after both: the file is durably on disk and its row
 is committed. Anything else answers a failure status and keeps nothing
 half-done that could be mistaken for an accepted instance.
+
+The spool file is the durable record (fsynced, file and folder); the row is
+committed with SQLite's synchronous=NORMAL by default, which survives a
+process crash but may lose the last commits on power loss. `recover` puts
+those rows back from the spool after an unclean stop, so an acknowledged
+instance is never lost either way.
 """
 
 from __future__ import annotations
@@ -12,7 +18,7 @@ import logging
 
 from db import audit
 from db.audit import EventType
-from db.ingest import StoredInstance, record_instance
+from db.ingest import StoredInstance, known_instance_paths, record_instance
 from db.session import Database
 from dicom_io.identify import (
     STATUS_DATASET_MISMATCH,
@@ -20,6 +26,7 @@ from dicom_io.identify import (
     InvalidDataset,
     check_complete,
     identify,
+    read_transfer_syntax,
     valid_uid,
 )
 from dicom_io.scp import AssociationOutcome, ReceivedObject
@@ -117,3 +124,40 @@ class Receiver:
             "new" if is_new else "duplicate",
         )
         return 0x0000
+
+    def recover(self) -> int:
+        """Record every spool file that has no row; returns how many."""
+        with self.db.session() as s:
+            known = known_instance_paths(s)
+        missing = [p for p in self.spool.stored() if p not in known]
+        for relative in missing:
+            path = self.spool.path(relative)
+            data = path.read_bytes()
+            try:
+                ident = identify(data)
+            except InvalidDataset as exc:
+                log.warning("spool file %s not recoverable: %s", relative, exc)
+                continue
+            item = StoredInstance(
+                study_instance_uid=ident.study_instance_uid,
+                series_instance_uid=ident.series_instance_uid,
+                sop_instance_uid=ident.sop_instance_uid,
+                sop_class_uid=ident.sop_class_uid,
+                transfer_syntax_uid=read_transfer_syntax(path),
+                modality=ident.modality,
+                path=relative,
+                size_bytes=len(data),
+                calling_ae="RECOVERY",
+            )
+            with self.db.session() as s:
+                record_instance(s, item)
+                audit.record(
+                    s,
+                    EventType.INSTANCE_RECOVERED,
+                    "receiver",
+                    study_instance_uid=ident.study_instance_uid,
+                    sop_instance_uid=ident.sop_instance_uid,
+                )
+        if missing:
+            log.warning("recovered %d spool file(s) without a database row", len(missing))
+        return len(missing)

@@ -5,6 +5,7 @@ from __future__ import annotations
 import logging
 import signal
 import threading
+from pathlib import Path
 from types import FrameType
 
 from daemon.completer import Completer
@@ -99,10 +100,20 @@ class Service:
         log.info("received %s: stopping", signal.Signals(signum).name)
         self.stop_event.set()
 
+    @property
+    def _running_marker(self) -> Path:
+        return self.config.storage.state_dir / "serve.running"
+
     def run(self) -> int:
         swept = self.spool.sweep_incoming()
         if swept:
             log.info("removed %d unacknowledged partial file(s) from the spool", swept)
+        if self._running_marker.exists():
+            # The last run did not stop cleanly: rows of acknowledged instances
+            # may be missing (SQLite NORMAL on power loss). Rebuild them.
+            log.warning("the previous run did not stop cleanly; checking the spool")
+            self.receiver.recover()
+        self._running_marker.touch()
         # SR/SEG files half written by a crash; the report stage writes them again.
         self.reporter.outbox.sweep_incoming()
         signal.signal(signal.SIGTERM, self._on_signal)
@@ -135,7 +146,7 @@ class Service:
         self.scheduler.shutdown()
         if self.worker is not None:
             self.worker.stop(self.config.worker.stop_seconds)
-        # One last pass so a study that went quiet while stopping is not delayed.
         self.db.dispose()
+        self._running_marker.unlink(missing_ok=True)
         log.info("secondreader stopped")
         return 0

@@ -18,6 +18,8 @@ class EventType:
     ASSOCIATION_REJECTED = "association.rejected"
     INSTANCE_STORED = "instance.stored"
     INSTANCE_FAILED = "instance.failed"
+    # A spool file whose row a crash lost (power loss under synchronous=NORMAL).
+    INSTANCE_RECOVERED = "instance.recovered"
     STUDY_REOPENED = "study.reopened"
     STUDY_COMPLETED = "study.completed"
     JOB_QUEUED = "job.queued"

@@ -170,3 +170,7 @@ def record_instance(session: Session, item: StoredInstance, now: datetime | None
         size_bytes=item.size_bytes,
     )
     return is_new
+
+
+def known_instance_paths(session: Session) -> set[str]:
+    return set(session.scalars(select(Instance.path)))

@@ -27,7 +27,7 @@ def _sqlite_pragmas(synchronous: str) -> Any:
 class Database:
     """Owns the engine; hands out short transactional sessions."""
 
-    def __init__(self, url: str, *, sqlite_synchronous: str = "FULL", echo: bool = False) -> None:
+    def __init__(self, url: str, *, sqlite_synchronous: str = "NORMAL", echo: bool = False) -> None:
         self.url = url
         kwargs: dict[str, Any] = {"echo": echo, "future": True}
         if url.startswith("sqlite"):

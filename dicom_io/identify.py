@@ -5,10 +5,12 @@ from __future__ import annotations
 import re
 from dataclasses import dataclass
 from io import BytesIO
+from pathlib import Path
 from typing import Literal
 
 from pydicom import dcmread
 from pydicom.errors import InvalidDicomError
+from pydicom.filereader import read_file_meta_info
 from pydicom.tag import Tag
 
 # Digits and dots only: a UID that passes can be used as a path component.
@@ -48,6 +50,11 @@ class Identity:
     study_instance_uid: str
     series_instance_uid: str
     modality: str | None
+
+
+def read_transfer_syntax(path: Path) -> str:
+    """The transfer syntax of a stored Part 10 file, from its file meta only."""
+    return str(read_file_meta_info(path).TransferSyntaxUID)
 
 
 def identify(encoded: bytes) -> Identity:
