@@ -152,7 +152,7 @@ def test_defaults() -> None:
     assert config.scp.tls.enabled is False
     assert config.scp.max_pdu_size == 0
     assert config.storage.fsync is True
-    assert config.database.sqlite_synchronous == "FULL"
+    assert config.database.sqlite_synchronous == "NORMAL"
     assert config.database_url == f"sqlite:///{config.storage.state_dir / 'secondreader.db'}"
     assert config.completion.stable_seconds == 10.0
 
