@@ -173,13 +173,15 @@ class Dispatcher:
             return
         outcome: dict[int, SendResult] = {by_path[r.path].id: r for r in results}
         stored = [i for i in items if i.id in outcome and outcome[i.id].ok]
-        refused: dict[int | None, list[OutboxView]] = defaultdict(list)
+        refused: dict[tuple[int | None, str], list[OutboxView]] = defaultdict(list)
         for item in items:
             if item not in stored:
                 r = outcome.get(item.id)
-                refused[r.status if r is not None else None].append(item)
-        for status, failed in refused.items():
-            self._failed(failed, status, status_text(status), summary)
+                status = r.status if r is not None else None
+                why = (r.error if r is not None else None) or status_text(status)
+                refused[(status, why)].append(item)
+        for (status, why), failed in refused.items():
+            self._failed(failed, status, why, summary)
         if not stored:
             return
         if dest.storage_commitment:

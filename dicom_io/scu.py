@@ -13,6 +13,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from pydicom import dcmread
+from pydicom.uid import UID
 from pynetdicom import AE, _config
 from pynetdicom.sop_class import Verification
 
@@ -44,7 +45,8 @@ class RemoteAE:
 class SendResult:
     path: Path
     sop_instance_uid: str
-    status: int | None  # None: no response (association lost)
+    status: int | None  # None: not stored and no response; `error` says why
+    error: str | None = None
 
     @property
     def ok(self) -> bool:
@@ -59,10 +61,18 @@ def _associate(ae: AE, remote: RemoteAE):  # type: ignore[no-untyped-def]
     assoc = ae.associate(remote.host, remote.port, ae_title=remote.ae_title, tls_args=tls)
     if not assoc.is_established:
         why = "rejected" if assoc.is_rejected else "aborted" if assoc.is_aborted else "no answer"
+        refused = sorted({_class_name(cx.abstract_syntax) for cx in assoc.rejected_contexts})
+        if refused and not assoc.accepted_contexts:
+            # pynetdicom aborts when the peer accepts no context: say which were refused.
+            why = f"refused every presentation context ({', '.join(refused)})"
         raise AssociationFailed(
             f"association to {remote.ae_title}@{remote.host}:{remote.port} {why}"
         )
     return assoc
+
+
+def _class_name(uid: str | None) -> str:
+    return UID(uid).name if uid else "?"
 
 
 def _new_ae(remote: RemoteAE) -> AE:
@@ -116,7 +126,7 @@ def send(paths: Sequence[Path], remote: RemoteAE) -> list[SendResult]:
             items.append((path, *_header(path)))
         except Exception as exc:
             log.warning("not sending %s: not a readable DICOM file (%s)", path, exc)
-            results.append(SendResult(path, "", None))
+            results.append(SendResult(path, "", None, "not a readable DICOM file"))
     pairs = sorted({(cls, ts) for _, cls, _, ts in items})
     if len(pairs) > _MAX_CONTEXTS:
         raise ValueError(
@@ -133,7 +143,7 @@ def send(paths: Sequence[Path], remote: RemoteAE) -> list[SendResult]:
     try:
         for path, _cls, sop_uid, _ts in items:
             if not assoc.is_established:
-                results.append(SendResult(path, sop_uid, None))
+                results.append(SendResult(path, sop_uid, None, "association lost"))
                 continue
             try:
                 rsp = assoc.send_c_store(path)
@@ -141,10 +151,12 @@ def send(paths: Sequence[Path], remote: RemoteAE) -> list[SendResult]:
                 # The peer refused this file's SOP class or transfer syntax
                 # (presentation context rejected): report it, send the rest.
                 log.warning("not sending %s: %s", path, exc)
-                results.append(SendResult(path, sop_uid, None))
+                why = f"the peer refused the SOP class {_class_name(_cls)} ({_class_name(_ts)})"
+                results.append(SendResult(path, sop_uid, None, why))
                 continue
             status = int(rsp.Status) if rsp and "Status" in rsp else None
-            results.append(SendResult(path, sop_uid, status))
+            error = None if status is not None else "no C-STORE response (association lost)"
+            results.append(SendResult(path, sop_uid, status, error))
     finally:
         if assoc.is_established:
             assoc.release()
