@@ -311,9 +311,9 @@ def test_pacs_refusing_sr_dead_letters_only_the_sr_with_its_reason(
     (item,) = json.loads(cli(cfg, "deliveries", "list", "--state", "dead", "--json").stdout)
     assert item["object_kind"] == "sr" and item["attempts"] >= 2
     # With the SR alone in the association the peer accepts no context at all,
-    # and pynetdicom aborts it: that is the last error. The first attempt's
-    # reason stays in the audit trail.
+    # and pynetdicom aborts it: the last error still names the refused class.
     assert item["last_error"].startswith("AssociationFailed: association to PACS@")
+    assert "refused every presentation context (Comprehensive 3D SR Storage)" in item["last_error"]
     with db.session() as s:
         reasons = [e.detail["error"] for e in audit.events(s, EventType.DELIVERY_ATTEMPT_FAILED)]
         (dead_event,) = audit.events(s, EventType.DELIVERY_DEAD)
