@@ -447,8 +447,9 @@ def _measurement_group(
     algorithm_id = hd.sr.AlgorithmIdentification(
         name=algorithm.name,
         version=algorithm.version,
-        # The threshold explains Present/Absent to whoever reads the number.
-        parameters=[f"{k}={v}" for k, v in algorithm.parameters.items()]
+        # The threshold explains Present/Absent to whoever reads the number;
+        # the finding's own threshold wins over a model-wide one of that name.
+        parameters=[f"{k}={v}" for k, v in algorithm.parameters.items() if k != "threshold"]
         + [f"threshold={finding.threshold:g}"],
         family=codes.DCM.ArtificialIntelligence,
     )
