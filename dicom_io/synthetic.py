@@ -98,6 +98,7 @@ def write_ct_series(
         ds.StudyID = "1"
         ds.SeriesNumber = 2
         ds.InstanceNumber = instance_numbers[k]
+        ds.AcquisitionNumber = 1
         ds.PatientPosition = "FFS"
         ds.ImagePositionPatient = [f"{v:.4f}" for v in position]
         ds.ImageOrientationPatient = [f"{v:.6f}" for v in (*row, *col)]

@@ -6,6 +6,8 @@ elsewhere can ship as TorchScript instead and need no class here.
 
 from __future__ import annotations
 
+import math
+
 import torch
 from torch import nn
 
@@ -26,20 +28,26 @@ class _ConvBlock(nn.Sequential):
 
 
 class SliceClassifier(nn.Module):
-    """Conv blocks, global average pooling, one linear layer: a logit per label.
+    """Conv blocks, a 1x1 convolution to a logit map per label, log-sum-exp pooling.
 
-    A strided stem halves the 128x128 input first: the 2-core CPUs this must
-    train on cannot afford full-resolution convolutions, and a nodule of >= 7 mm
-    is still >= 2 pixels wide at 64x64 over a 360 mm field of view.
+    A nodule is small and local, so the network scores every location of a
+    16x16 map (for 128x128 inputs) and pools with log-sum-exp, a smooth
+    maximum: one suspicious spot is enough for a positive slice, and
+    averaging (as global average pooling would) cannot dilute it. It also
+    keeps the evidence where it is, which is what Grad-CAM then shows.
+    `lse_r` sets the sharpness: large is max pooling, small is averaging.
 
-    The last block does not pool, so `features` (its output) keeps a 16x16
-    map for 128x128 inputs: the layer Grad-CAM explains.
+    A strided stem halves the input first: the 2-core CPUs this must train
+    on cannot afford full-resolution convolutions, and a nodule of >= 7 mm is
+    still >= 2 pixels wide at 64x64 over a 360 mm field of view.
     """
 
     def __init__(
-        self, in_channels: int = 1, n_labels: int = 1, width: int = 16, n_blocks: int = 3
+        self, in_channels: int = 1, n_labels: int = 1, width: int = 12, n_blocks: int = 3,
+        lse_r: float = 4.0,
     ) -> None:
         super().__init__()
+        self.lse_r = float(lse_r)
         self.stem = nn.Sequential(
             nn.Conv2d(in_channels, width, 5, stride=2, padding=2, bias=False),
             nn.BatchNorm2d(width),
@@ -49,17 +57,24 @@ class SliceClassifier(nn.Module):
         c = width
         for i in range(n_blocks):
             c_out = width * 2 ** (i + 1)
+            # The last block does not pool: its output is the map Grad-CAM explains.
             blocks.append(_ConvBlock(c, c_out, pool=i < n_blocks - 1))
             c = c_out
         self.blocks = nn.Sequential(*blocks)
         self.dropout = nn.Dropout(0.2)
-        self.head = nn.Linear(c, n_labels)
+        self.head = nn.Conv2d(c, n_labels, 1)
 
     @property
     def features(self) -> nn.Module:
         """The last convolutional block, whose activations Grad-CAM weighs."""
         return self.blocks[-1]
 
+    def logit_map(self, x: torch.Tensor) -> torch.Tensor:
+        """Per-location logits (n, n_labels, h', w')."""
+        return self.head(self.dropout(self.blocks(self.stem(x))))
+
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        f = self.blocks(self.stem(x))
-        return self.head(self.dropout(f.mean(dim=(2, 3))))
+        m = self.logit_map(x).flatten(2)
+        r = self.lse_r
+        # log(mean(exp(r * m))) / r, written with logsumexp to stay finite.
+        return (torch.logsumexp(r * m, dim=2) - math.log(m.shape[2])) / r

@@ -27,9 +27,10 @@ SOFT_TISSUE_HU = 40.0
 LUNG_HU = -850.0
 BONE_HU = 700.0
 
-# Nodule radii in mm. Below ~3 mm a nodule is no bigger than a hilar vessel
-# seen end-on, and at the model's ~2.8 mm pixels it is barely one pixel.
-NODULE_RADIUS_MM = (3.5, 10.0)
+# Nodule radii in mm: 8-20 mm nodules, the ones follow-up guidelines act on.
+# Smaller ones are no bigger than a vessel seen end-on at the model's ~2.8 mm
+# pixels (vessels here are <= 2 mm in radius), so no label could be trusted.
+NODULE_RADIUS_MM = (4.0, 10.0)
 
 SeedLike = int | np.random.Generator | np.random.SeedSequence
 
@@ -88,8 +89,7 @@ def _lung_scale(anat: _Anatomy, z: float) -> float:
 
 
 def _sample_anatomy(
-    rng: np.random.Generator, fov_x: float, fov_y: float, z_extent: float, lesion: bool,
-    nodule_z: float | None,
+    rng: np.random.Generator, fov_x: float, fov_y: float, z_extent: float, lesion: bool
 ) -> _Anatomy:
     # Body fits the field of view with a margin, as a well-centred scan would.
     ax = min(rng.uniform(140.0, 175.0), 0.46 * fov_x)
@@ -123,7 +123,7 @@ def _sample_anatomy(
             direction = rng.normal(0.0, 1.0, 3) + np.array([side * 1.2, 0.0, 0.0])
             direction /= np.linalg.norm(direction)
             length = rng.uniform(30.0, 90.0)
-            radius = rng.uniform(1.2, 2.6)
+            radius = rng.uniform(0.8, 2.0)
             hu = rng.uniform(-150.0, 40.0)
             end = start + length * direction
             vessels.append(_Segment(start, end, radius, hu))
@@ -138,29 +138,39 @@ def _sample_anatomy(
 
     nodule = None
     if lesion:
-        nodule = _sample_nodule(rng, lungs, lung_z_center, lung_z_half, z_extent, nodule_z)
+        nodule = _sample_nodule(rng, lungs, heart, lung_z_center, lung_z_half, z_extent)
     noise = rng.uniform(12.0, 30.0)
     return _Anatomy(body, fat, (lungs[0], lungs[1]), lung_z_center, lung_z_half, heart, spine,
                     ribs, tuple(vessels), nodule, noise)
 
 
 def _sample_nodule(
-    rng: np.random.Generator, lungs: list[_Ellipse], zc: float, zhalf: float, z_extent: float,
-    nodule_z: float | None,
+    rng: np.random.Generator, lungs: list[_Ellipse], heart: _Ellipse, zc: float, zhalf: float,
+    z_extent: float,
 ) -> _Nodule:
     radius = rng.uniform(*NODULE_RADIUS_MM)
-    lung = lungs[int(rng.integers(0, 2))]
-    if nodule_z is None:
-        # Inside the scanned range, where the lung is wide enough to hold it.
-        lim = min(0.5 * z_extent - radius, 0.6 * zhalf)
-        nodule_z = zc + rng.uniform(-1.0, 1.0) * max(lim, 0.0)
-        nodule_z = float(np.clip(nodule_z, -0.5 * z_extent + radius, 0.5 * z_extent - radius))
+    side = int(rng.integers(0, 2))
+    # Inside the scanned range (whole, if it fits), where the lung is wide
+    # enough to hold it.
+    half = max(0.5 * z_extent - radius, 0.0)
+    lo, hi = max(zc - 0.6 * zhalf, -half), min(zc + 0.6 * zhalf, half)
+    nodule_z = rng.uniform(lo, hi) if lo < hi else float(np.clip(zc, -half, half))
     t = (nodule_z - zc) / zhalf
     scale = 0.35 + 0.65 * float(np.sqrt(max(0.0, 1.0 - t * t)))
-    # Uniform in the inner part of the lung ellipse, clear of the pleura.
-    rho, phi = np.sqrt(rng.uniform()), rng.uniform(0.0, 2.0 * np.pi)
-    x = lung.cx + rho * np.cos(phi) * max(scale * lung.ax - radius - 4.0, 0.0)
-    y = lung.cy + rho * np.sin(phi) * max(scale * lung.ay - radius - 4.0, 0.0)
+    # Inside the lung, clear of the pleura, and not where the heart covers the
+    # lung ellipse: a nodule there would be soft tissue on soft tissue, invisible
+    # and a wrong label. Rejection sampling; the lateral lung as a fallback.
+    margin = radius + 3.0
+    lung = lungs[side]
+    x, y = lung.cx + (0.5 if side else -0.5) * scale * lung.ax, lung.cy
+    for _ in range(64):
+        cx = lung.cx + rng.uniform(-1.0, 1.0) * scale * lung.ax
+        cy = lung.cy + rng.uniform(-1.0, 1.0) * scale * lung.ay
+        px, py = np.array([cx]), np.array([cy])
+        if (_ellipse_depth(lung, px, py, scale)[0] >= margin
+                and _ellipse_depth(heart, px, py)[0] <= -margin):
+            x, y = cx, cy
+            break
     # Roughly spherical: random semi-axes within +-20 % and a random rotation.
     axes = radius * rng.uniform(0.8, 1.2, 3)
     q, _ = np.linalg.qr(rng.normal(size=(3, 3)))
@@ -220,7 +230,10 @@ def _render_plane(
         a = angle + 0.004 * z  # ribs slope: their cross-sections move with z
         cx = anat.body.cx + s * (anat.body.ax - anat.fat_mm) * np.sin(a)
         cy = anat.body.cy - s * (anat.body.ay - anat.fat_mm) * np.cos(a)
-        bone = np.maximum(bone, _soft(_ellipse_depth(_Ellipse(cx, cy, rr * 1.6, rr), x, y), edge))
+        sl = _bbox_slices(x, y, cx, cy, rr * 1.6 + 2 * edge)
+        if sl is not None:
+            rib = _soft(_ellipse_depth(_Ellipse(cx, cy, rr * 1.6, rr), x[sl], y[sl]), edge)
+            np.maximum(bone[sl], rib, out=bone[sl])
     img = img * (1.0 - bone) + BONE_HU * bone
     return img
 
@@ -288,12 +301,12 @@ def phantom_volume(
 
     Slice k lies at z = (k - (n_slices - 1) / 2) * spacing[0] mm; rows grow
     posterior and columns towards the patient's left, as in an LPS axial series.
-    With `lesion`, one nodule (radius 3.5-10 mm) lies inside a lung within the
+    With `lesion`, one nodule (radius 4-10 mm) lies inside a lung within the
     scanned range, so it spans several slices.
     """
     rng = as_generator(rng_or_seed)
     sz, sy, sx = spacing
-    anat = _sample_anatomy(rng, cols * sx, rows * sy, n_slices * sz, lesion, None)
+    anat = _sample_anatomy(rng, cols * sx, rows * sy, n_slices * sz, lesion)
     x, y = _grid(rows, cols, (sy, sx))
     zs = (np.arange(n_slices) - (n_slices - 1) / 2.0) * sz
     vol = np.empty((n_slices, rows, cols), dtype=np.int16)
@@ -325,7 +338,7 @@ def phantom_slice(
     """
     rng = as_generator(rng_or_seed)
     sy, sx = spacing
-    anat = _sample_anatomy(rng, cols * sx, rows * sy, 200.0, lesion, None)
+    anat = _sample_anatomy(rng, cols * sx, rows * sy, 200.0, lesion)
     if anat.nodule is not None:
         z = float(anat.nodule.center[2] + rng.uniform(-0.5, 0.5) * anat.nodule.radius)
     else:
@@ -337,3 +350,110 @@ def phantom_slice(
         nx, ny, _ = anat.nodule.center
         center = (int(round(ny / sy + (rows - 1) / 2.0)), int(round(nx / sx + (cols - 1) / 2.0)))
     return img, center
+
+
+# --- Projection radiographs (CR/DX) -------------------------------------------------
+
+
+def _band_weight(dist_mm: np.ndarray, half_width: float, edge: float) -> np.ndarray:
+    return _soft(half_width - np.abs(dist_mm), edge)
+
+
+def phantom_radiograph(
+    rng_or_seed: SeedLike,
+    rows: int = 256,
+    cols: int = 256,
+    spacing: tuple[float, float] = (1.7, 1.7),
+    lesion: bool = False,
+) -> tuple[np.ndarray, tuple[int, int] | None]:
+    """A PA chest radiograph, uint16 (y, x), brighter = more attenuation (MONOCHROME2).
+
+    Built as a map of projected attenuation: torso, two air-filled lungs
+    (darker), heart and spine (brighter), ribs crossing the lung fields as
+    curved bands and clavicles; with `lesion`, a nodule (radius 5-15 mm,
+    projected as a sphere) in a lung field, clear of the heart. Detector gain,
+    offset, gamma and noise vary, as between X-ray systems; the model's
+    "histogram" contrast normalises them.
+    """
+    rng = as_generator(rng_or_seed)
+    sy, sx = spacing
+    x, y = _grid(rows, cols, (sy, sx))
+    h, w = rows * sy, cols * sx
+    edge = max(min(sy, sx), 0.5)
+
+    # Torso: a projected cylinder, its thickness falling towards the sides.
+    half_w = rng.uniform(0.40, 0.47) * w
+    cx = rng.uniform(-0.03, 0.03) * w
+    t = np.clip(1.0 - ((x - cx) / half_w) ** 2, 0.0, None)
+    atten = 1.0 * np.sqrt(t) * _soft(y + 0.55 * h, 3 * edge)  # shoulders at the top
+
+    # Lungs: tall ellipses, air reduces attenuation; apex narrower than base.
+    top = -rng.uniform(0.30, 0.38) * h
+    bottom = rng.uniform(0.12, 0.25) * h
+    lungs: list[_Ellipse] = []
+    lung_w = np.zeros_like(x)
+    for side in (-1.0, 1.0):
+        lx = cx + side * half_w * rng.uniform(0.42, 0.52)
+        e = _Ellipse(lx, 0.5 * (top + bottom), half_w * rng.uniform(0.30, 0.37),
+                     0.5 * (bottom - top))
+        lungs.append(e)
+        # Narrow the apex: scale x distance by the height within the lung.
+        frac = np.clip((y - top) / (bottom - top), 0.0, 1.0)
+        squeeze = 0.65 + 0.35 * np.sqrt(frac)
+        xs = e.cx + (x - e.cx) / squeeze
+        lung_w = np.maximum(lung_w, _soft(_ellipse_depth(e, xs, y), 4 * edge))
+    heart = _Ellipse(cx + rng.uniform(0.02, 0.08) * w, bottom - rng.uniform(0.10, 0.16) * h,
+                     half_w * rng.uniform(0.28, 0.36), rng.uniform(0.12, 0.16) * h)
+    heart_w = _soft(_ellipse_depth(heart, x, y), 4 * edge)
+    lung_w *= 1.0 - heart_w
+    atten -= rng.uniform(0.45, 0.6) * lung_w * np.sqrt(t)
+    atten += 0.25 * heart_w
+    atten += 0.35 * _band_weight(x - cx, rng.uniform(0.035, 0.045) * w, 4 * edge)  # spine
+
+    # Ribs: arcs from the spine out over each lung field, evenly spaced down
+    # the chest; only within the thorax. Clavicles across the apices.
+    n_ribs = int(rng.integers(8, 11))
+    rib_amp = rng.uniform(0.06, 0.12)
+    dx = np.abs(x - cx)
+    thorax = (y > top - 0.04 * h) & (y < bottom + 0.04 * h) & (dx < 0.95 * half_w)
+    ribs = np.zeros_like(x)
+    for k in range(n_ribs):
+        y0 = top + (k + 0.3) * (bottom - top) / n_ribs
+        curve = rng.uniform(0.6, 1.0) / half_w
+        rib = _band_weight(y - (y0 - 0.15 * dx + curve * dx**2), rng.uniform(4.0, 6.0), 2 * edge)
+        np.maximum(ribs, rib, out=ribs)
+    atten += rib_amp * ribs * thorax
+    clav_y = top + 0.03 * h - 0.12 * dx
+    atten += 0.15 * _band_weight(y - clav_y, 6.0, 2 * edge) * (dx > 0.03 * w) * (dx < 0.8 * half_w)
+
+    # Detector: gamma, gain, offset, a gentle heel-effect gradient, noise.
+    # Drawn before the nodule, so that one seed gives the same image with and
+    # without it.
+    gamma = rng.uniform(0.8, 1.2)
+    heel = rng.uniform(-0.1, 0.1)
+    offset, gain = rng.uniform(200.0, 600.0), rng.uniform(1800.0, 3000.0)
+    noise = rng.normal(0.0, rng.uniform(10.0, 40.0), x.shape)
+
+    center = None
+    if lesion:
+        radius = rng.uniform(5.0, 15.0)
+        lung = lungs[int(rng.integers(0, 2))]
+        px, py = lung.cx, lung.cy
+        for _ in range(64):
+            qx = lung.cx + rng.uniform(-0.8, 0.8) * lung.ax
+            qy = lung.cy + rng.uniform(-0.8, 0.8) * lung.ay
+            ix = int(round(qx / sx + (cols - 1) / 2.0))
+            iy = int(round(qy / sy + (rows - 1) / 2.0))
+            if not (0 <= ix < cols and 0 <= iy < rows):
+                continue
+            if lung_w[iy, ix] > 0.99 and _ellipse_depth(heart, np.array([qx]),
+                                                         np.array([qy]))[0] < -radius:
+                px, py = qx, qy
+                break
+        d2 = ((x - px) ** 2 + (y - py) ** 2) / radius**2
+        atten += rng.uniform(0.25, 0.7) * np.sqrt(np.clip(1.0 - d2, 0.0, None))
+        center = (int(round(py / sy + (rows - 1) / 2.0)), int(round(px / sx + (cols - 1) / 2.0)))
+
+    atten = np.clip(atten, 0.0, None) ** gamma * (1.0 + heel * (y / h))
+    img = offset + gain * atten + noise
+    return np.clip(np.round(img), 0, 4095).astype(np.uint16), center
