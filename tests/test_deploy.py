@@ -44,3 +44,18 @@ def test_example_config_is_valid_and_equals_the_defaults() -> None:
     defaults = load_config(None, environ={})
     # The example documents the defaults: loading it changes nothing.
     assert example.model_dump() == defaults.model_dump()
+
+
+def test_readme_manifest_example_is_a_valid_manifest() -> None:
+    import tomllib
+
+    from model.manifest import ModelManifest
+
+    text = (REPO / "README.md").read_text()
+    block = text.split("```toml\n", 1)[1].split("```", 1)[0]
+    # The README elides the two values a user fills in.
+    block = block.replace('sha256 = "..."', f'sha256 = "{"0" * 64}"')
+    manifest = ModelManifest.model_validate(tomllib.loads(block))
+    assert manifest.applies_to.modalities == ["CT"]
+    assert manifest.labels[0].finding.value == "27925004"
+    assert manifest.weights.format == "torchscript"
