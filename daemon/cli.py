@@ -198,7 +198,9 @@ def _cmd_model_evaluate(_config: Config, args: argparse.Namespace) -> int:
     from model.train import evaluate
 
     folder = args.model or builtin_model_dir()
-    metrics = evaluate(folder, csv=args.csv, dicom_root=args.dicom_root, device=args.device)
+    metrics = evaluate(
+        folder, seed=args.seed, csv=args.csv, dicom_root=args.dicom_root, device=args.device
+    )
     print(f"{folder}:")
     for key in (
         "auc",
@@ -289,7 +291,7 @@ def build_parser() -> argparse.ArgumentParser:
     q.add_argument("output", type=Path, help="model folder to write")
     q.add_argument("--kind", choices=["ct", "cr"], default="ct", help="synthetic data set")
     q.add_argument("--seed", type=int, default=0)
-    q.add_argument("--epochs", type=int, default=12)
+    q.add_argument("--epochs", type=int, help="maximum epochs (default: per kind)")
     q.add_argument("--n-train", type=int, default=2400, help="synthetic training slices")
     q.add_argument("--csv", type=Path, help="site data: CSV of study_uid,label")
     q.add_argument("--dicom-root", type=Path, help="site data: folder of the CSV's studies")
@@ -299,6 +301,7 @@ def build_parser() -> argparse.ArgumentParser:
     q.set_defaults(func=_cmd_model_train)
     q = msub.add_parser("evaluate", help="AUC, sensitivity, specificity on the test set")
     q.add_argument("model", type=Path, nargs="?", help="model folder (default: built-in)")
+    q.add_argument("--seed", type=int, help="synthetic test set seed (default: the manifest's)")
     q.add_argument("--csv", type=Path)
     q.add_argument("--dicom-root", type=Path)
     q.add_argument("--device", default="auto")

@@ -279,19 +279,32 @@ def find_study_series(root: Path, study_uids: set[str]) -> dict[str, list[Path]]
 def read_series(
     paths: list[Path], orientation: str = "LPS"
 ) -> tuple[np.ndarray, tuple[float, ...]]:
-    """Files of one series -> (z, rows, cols) float32 in modality units, spacing (z, y, x) mm."""
+    """Files of one series -> (z, rows, cols) float32 in modality units, spacing (z, y, x) mm.
+
+    Volumes are reoriented to `orientation`; a single image (a radiograph)
+    is not, as it has no patient axes to reorient. GDCM already inverts
+    MONOCHROME1 images, so brighter means more attenuation for both.
+    """
     reader = sitk.ImageSeriesReader()
     reader.SetFileNames([str(p) for p in paths])
     # Float output: with the first file's integer type, a later slice's rescale would truncate.
     reader.SetOutputPixelType(sitk.sitkFloat32)
     img = reader.Execute()
-    if img.GetDimension() == 3:
+    if img.GetDimension() == 3 and img.GetSize()[2] > 1:
         img = sitk.DICOMOrient(img, orientation)
     arr = sitk.GetArrayFromImage(img).astype(np.float32)
     if arr.ndim == 2:
         arr = arr[None]
     sp = img.GetSpacing()
     spacing = (sp[2] if len(sp) > 2 else 1.0, sp[1], sp[0])
+    if arr.shape[0] == 1:
+        # GDCM leaves a radiograph's spacing at 1 mm when it is given only as
+        # Imager Pixel Spacing (or, for CR, even as Pixel Spacing): read it here.
+        header = pydicom.dcmread(paths[0], stop_before_pixels=True,
+                                 specific_tags=["PixelSpacing", "ImagerPixelSpacing"])
+        given = header.get("PixelSpacing") or header.get("ImagerPixelSpacing")
+        if given is not None and len(given) == 2:
+            spacing = (1.0, float(given[0]), float(given[1]))
     return arr, spacing
 
 

@@ -7,7 +7,7 @@ import pytest
 import torch
 from torch import nn
 
-from model.datasets import sample_seed, synthetic_ct_sample
+from model.datasets import sample_seed, synthetic_cr_sample, synthetic_ct_sample
 from model.inference import aggregate_study, forward_logits
 from model.registry import LoadedModel, builtin_model_dir, load_model
 
@@ -118,3 +118,19 @@ def test_saliency_works_inside_an_outer_inference_mode(model: LoadedModel, sampl
     with torch.inference_mode():  # a caller's context must not break Grad-CAM
         pred = model.predict(x, saliency_top_k=2)
     assert pred.saliency is not None and (pred.saliency.reshape(2, -1).max(axis=1) > 0).all()
+
+
+def test_radiograph_model_finds_and_locates_nodules() -> None:
+    cr = load_model(builtin_model_dir("cr-nodule"), "cpu")
+    xs, centers = [], []
+    for i in range(8):
+        x, c = synthetic_cr_sample(sample_seed(777, "test", i), i < 4, cr.manifest.input)
+        xs.append(x)
+        centers.append(c)
+    pred = cr.predict(np.stack(xs), saliency_top_k=4)
+    p = pred.probabilities[:, 0]
+    assert p[:4].min() > p[4:].max()  # fresh images, ranked right
+    assert pred.saliency is not None
+    for sal, (r, c) in zip(pred.saliency[:4], centers[:4], strict=True):
+        peak = np.unravel_index(np.argmax(sal), sal.shape)
+        assert np.hypot(peak[0] - r, peak[1] - c) < 10.0

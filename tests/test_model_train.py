@@ -7,6 +7,8 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+from pydicom.dataset import Dataset, FileMetaDataset
+from pydicom.uid import ComputedRadiographyImageStorage, ExplicitVRLittleEndian, generate_uid
 
 from dicom_io.synthetic import write_ct_series
 from model.datasets import (
@@ -14,10 +16,11 @@ from model.datasets import (
     find_study_series,
     load_labelled_studies,
     read_label_csv,
+    read_series,
     split_studies,
 )
 from model.manifest import ModelManifest
-from model.phantom import phantom_volume
+from model.phantom import phantom_radiograph, phantom_volume
 from model.registry import builtin_model_dirs, load_model, sha256_bytes
 from model.train import CT_INPUT, evaluate, roc_auc, roc_curve, train, youden_threshold
 
@@ -194,3 +197,35 @@ def test_label_csv_errors(tmp_path: Path) -> None:
     ok = tmp_path / "ok.csv"
     ok.write_text("study_uid,label\n1.2.3,true\n1.2.4,Negative\n")
     assert read_label_csv(ok) == {"1.2.3": 1, "1.2.4": 0}
+
+
+def _write_cr(path: Path, pixels: np.ndarray, photometric: str) -> None:
+    ds = Dataset()
+    ds.file_meta = FileMetaDataset()
+    ds.file_meta.MediaStorageSOPClassUID = ComputedRadiographyImageStorage
+    ds.file_meta.MediaStorageSOPInstanceUID = generate_uid()
+    ds.file_meta.TransferSyntaxUID = ExplicitVRLittleEndian
+    ds.SOPClassUID = ComputedRadiographyImageStorage
+    ds.SOPInstanceUID = ds.file_meta.MediaStorageSOPInstanceUID
+    ds.StudyInstanceUID, ds.SeriesInstanceUID = generate_uid(), generate_uid()
+    ds.Modality = "CR"
+    ds.PatientName, ds.PatientID = "Test^CR", "CR-1"
+    ds.Rows, ds.Columns = pixels.shape
+    ds.PixelSpacing = ["1.6", "1.6"]
+    ds.SamplesPerPixel = 1
+    ds.PhotometricInterpretation = photometric
+    ds.BitsAllocated, ds.BitsStored, ds.HighBit, ds.PixelRepresentation = 16, 12, 11, 0
+    ds.PixelData = pixels.astype(np.uint16).tobytes()
+    ds.save_as(path, enforce_file_format=True)
+
+
+def test_radiograph_reads_as_monochrome2(tmp_path: Path) -> None:
+    img, _ = phantom_radiograph(2, 200, 180, (1.6, 1.6), lesion=False)
+    _write_cr(tmp_path / "m2.dcm", img, "MONOCHROME2")
+    _write_cr(tmp_path / "m1.dcm", 4095 - img.astype(np.int32), "MONOCHROME1")
+    a, spacing = read_series([tmp_path / "m2.dcm"])
+    b, _ = read_series([tmp_path / "m1.dcm"])
+    assert a.shape == (1, 200, 180) and spacing[1:] == pytest.approx((1.6, 1.6))
+    np.testing.assert_array_equal(a[0], img)
+    # MONOCHROME1 comes back as MONOCHROME2 (GDCM inverts it): same image.
+    np.testing.assert_allclose(b[0] - b[0].mean(), a[0] - a[0].mean(), atol=1e-3)
