@@ -308,7 +308,30 @@ def analyse_study(
             )
             continue
         results.append(analyse_series(series, model))
-    return results
+    return _without_silent_models(study_uid, results)
+
+
+def _without_silent_models(study_uid: str, results: list[AnalysisResult]) -> list[AnalysisResult]:
+    """Keep "not applicable" only when no model applies to the study at all.
+
+    A CT study is not a reason for the radiograph model to report "AI did not
+    run": one model that ran (or failed QC) speaks for the study. When none
+    applies, one result says so, with every model's reason.
+    """
+    ran = [r for r in results if r.outcome != Outcome.NOT_APPLICABLE]
+    if ran or not results:
+        return ran
+    if len(results) == 1:
+        return results
+    return [
+        AnalysisResult(
+            study_instance_uid=study_uid,
+            series_instance_uid=None,
+            outcome=Outcome.NOT_APPLICABLE,
+            algorithm=None,
+            reason="; ".join(r.reason or "" for r in results),
+        )
+    ]
 
 
 def _load(

@@ -202,14 +202,18 @@ def test_study_without_a_fitting_series_is_not_applicable(tmp_path: Path) -> Non
     series = choose_series(study(tmp_path))
     cr_only = BrightSpotDouble(modalities=("DX",))
     too_many = BrightSpotDouble(min_slices=50)
-    not_dx, short = analyse_study(series, [cr_only, too_many], study_instance_uid="1.2.3")
-    assert not_dx.outcome == Outcome.NOT_APPLICABLE
-    assert not_dx.study_instance_uid == "1.2.3" and not_dx.series_instance_uid is None
-    assert "spot-double is for DX, not modality CT" in (not_dx.reason or "")
-    assert "not modality CR" in (not_dx.reason or "")
-    assert short.outcome == Outcome.NOT_APPLICABLE
-    assert "needs at least 50 images, the series has 12" in (short.reason or "")
-    assert not_dx.findings == [] and not_dx.algorithm is not None
+    # No model applies: one result says so, with every model's reason.
+    (result,) = analyse_study(series, [cr_only, too_many], study_instance_uid="1.2.3")
+    assert result.outcome == Outcome.NOT_APPLICABLE
+    assert result.study_instance_uid == "1.2.3" and result.series_instance_uid is None
+    assert "spot-double is for DX, not modality CT" in (result.reason or "")
+    assert "not modality CR" in (result.reason or "")
+    assert "needs at least 50 images, the series has 12" in (result.reason or "")
+    assert result.findings == [] and result.algorithm is None
+    # One model that does not apply says nothing when another one ran.
+    fits = BrightSpotDouble()
+    (ran,) = analyse_study(series, [cr_only, fits], study_instance_uid="1.2.3")
+    assert ran.outcome == Outcome.ANALYSED
 
 
 def test_study_with_a_missing_slice_fails_qc(tmp_path: Path) -> None:
