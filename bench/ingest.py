@@ -10,9 +10,9 @@ One run, on loopback:
    - dcmtk's storescp (its defaults, plus --fork so that it serves concurrent
      associations at all; it writes files and does not fsync),
    - `secondreader serve` with the default configuration (fsync of every file
-     and its folder, SQLite synchronous=FULL), only host, port and state folder
+     and its folder, SQLite synchronous=NORMAL), only host, port and state folder
      set, and no in-process worker (the models would compete for the CPU),
-   - the same with durability off (storage.fsync=false, SQLite NORMAL), labelled;
+   - the same with durability off (storage.fsync=false), labelled;
 3. repeats each measurement (default 3) and prints the median in MB/s
    (10^6 bytes of Part 10 files per second of wall time, from starting the
    storescu processes to the last one exiting) and the ratio to storescp.
@@ -251,12 +251,12 @@ def main(argv: Sequence[str] | None = None) -> int:
         if not args.no_reference:
             with bare_pynetdicom(workdir) as r:
                 rows[r.label] = measure(r, files, args.repeats)
-        with secondreader(workdir, "secondreader (defaults: fsync, SQLite FULL)") as r:
+        with secondreader(workdir, "secondreader (defaults: fsync, SQLite NORMAL)") as r:
             rows[r.label] = measure(r, files, args.repeats)
         if not args.no_durability_off:
             with secondreader(
                 workdir,
-                "secondreader, DURABILITY OFF (no fsync, SQLite NORMAL)",
+                "secondreader, DURABILITY OFF (no fsync)",
                 {
                     "SECONDREADER_STORAGE__FSYNC": "false",
                     "SECONDREADER_DATABASE__SQLITE_SYNCHRONOUS": "NORMAL",
