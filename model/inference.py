@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import contextlib
 import logging
-from collections.abc import Iterator
+from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Literal
 
@@ -60,25 +60,25 @@ def as_batch(slices: np.ndarray, channels: int, size: tuple[int, int]) -> np.nda
     return x
 
 
-def _chunks(n: int, size: int) -> Iterator[slice]:
-    for start in range(0, n, size):
-        yield slice(start, min(start + size, n))
+def run_batched(
+    n: int,
+    batch_size: int,
+    device: torch.device,
+    step: Callable[[slice], np.ndarray],
+) -> list[np.ndarray]:
+    """`step` over consecutive chunks of n items; halves the chunk on CUDA out-of-memory.
 
-
-def forward_logits(
-    network: nn.Module, x: np.ndarray, device: torch.device, batch_size: int = 32
-) -> np.ndarray:
-    """Logits (n, n_out) float32, batched; halves the batch on CUDA out-of-memory."""
+    A smaller batch is slower but gives the same numbers, so a GPU shared
+    with other work degrades instead of failing the job.
+    """
     if batch_size < 1:
         raise ValueError("batch_size must be >= 1")
     out: list[np.ndarray] = []
     start = 0
-    while start < x.shape[0]:
-        stop = min(start + batch_size, x.shape[0])
+    while start < n:
+        stop = min(start + batch_size, n)
         try:
-            with torch.inference_mode(), _autocast(device):
-                batch = torch.from_numpy(x[start:stop]).to(device)
-                out.append(network(batch).float().cpu().numpy())
+            out.append(step(slice(start, stop)))
         except torch.cuda.OutOfMemoryError:
             if batch_size == 1:
                 raise
@@ -88,6 +88,20 @@ def forward_logits(
             log.warning("CUDA out of memory; retrying with batch size %d", batch_size)
             continue
         start = stop
+    return out
+
+
+def forward_logits(
+    network: nn.Module, x: np.ndarray, device: torch.device, batch_size: int = 32
+) -> np.ndarray:
+    """Logits (n, n_out) float32, batched; halves the batch on CUDA out-of-memory."""
+
+    def step(part: slice) -> np.ndarray:
+        with torch.inference_mode(), _autocast(device):
+            batch = torch.from_numpy(x[part]).to(device)
+            return network(batch).float().cpu().numpy()  # type: ignore[no-any-return]
+
+    out = run_batched(x.shape[0], batch_size, device, step)
     if not out:
         return np.zeros((0, 0), dtype=np.float32)
     return np.concatenate(out).astype(np.float32)
@@ -128,11 +142,14 @@ def predict(
         slice_score = probs.max(axis=1)
         # Stable sort: equal scores keep slice order, so the choice is reproducible.
         top = np.argsort(-slice_score, kind="stable")[:k]
-        for part in _chunks(k, batch_size):
+
+        def explain(part: slice) -> np.ndarray:
             idx = top[part]
             batch = torch.from_numpy(x[idx]).to(device)
-            cams = grad_cam(network, layer, batch, best_label[idx].tolist())
-            saliency[idx] = cams * slice_score[idx, None, None]
+            return grad_cam(network, layer, batch, best_label[idx].tolist())
+
+        cams = np.concatenate(run_batched(k, batch_size, device, explain))
+        saliency[top] = cams * slice_score[top, None, None]
     return Prediction(probs, saliency)
 
 
