@@ -223,6 +223,14 @@ class ModelsConfig(_Section):
     paths: list[Path] = Field(default_factory=list)
 
 
+class MetricsConfig(_Section):
+    # Prometheus /metrics over HTTP: studies, queue depth, outbox, dead letters
+    # and audit event counts, read from the database.
+    enabled: bool = False
+    host: str = "127.0.0.1"
+    port: int = Field(9464, ge=1, le=65535)
+
+
 class Config(_Section):
     scp: SCPConfig = Field(default_factory=SCPConfig)
     storage: StorageConfig = Field(default_factory=StorageConfig)
@@ -233,6 +241,7 @@ class Config(_Section):
     delivery: DeliveryConfig = Field(default_factory=DeliveryConfig)
     worker: WorkerConfig = Field(default_factory=WorkerConfig)
     models: ModelsConfig = Field(default_factory=ModelsConfig)
+    metrics: MetricsConfig = Field(default_factory=MetricsConfig)
 
     @property
     def database_url(self) -> str:

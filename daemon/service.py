@@ -7,10 +7,12 @@ import signal
 import threading
 from pathlib import Path
 from types import FrameType
+from typing import Any
 
 from daemon.completer import Completer
 from daemon.config import Config
 from daemon.dispatcher import Dispatcher
+from daemon.metrics import serve_metrics
 from daemon.receiver import Receiver
 from daemon.reporter import Reporter
 from daemon.scheduler import Scheduler
@@ -79,6 +81,7 @@ class Service:
             ),
         )
         self.scheduler = Scheduler()
+        self.metrics_server: Any = None
         self.scheduler.every(
             "complete-studies", config.completion.check_interval_seconds, self.completer.run_once
         )
@@ -120,6 +123,10 @@ class Service:
         signal.signal(signal.SIGINT, self._on_signal)
         self.scp.start()
         self.scheduler.start()
+        if self.config.metrics.enabled:
+            self.metrics_server = serve_metrics(
+                self.db, self.config.metrics.host, self.config.metrics.port
+            )
         if self.worker is not None:
             # The models load in the worker's thread: receiving does not wait for them.
             self.worker.start()
@@ -144,6 +151,8 @@ class Service:
             )
         self.scp.shutdown()
         self.scheduler.shutdown()
+        if self.metrics_server is not None:
+            self.metrics_server.shutdown()
         if self.worker is not None:
             self.worker.stop(self.config.worker.stop_seconds)
         self.db.dispose()

@@ -69,3 +69,13 @@ def events(session: Session, event_type: str | None = None) -> list[AuditEvent]:
     if event_type is not None:
         stmt = stmt.where(AuditEvent.event_type == event_type)
     return list(session.scalars(stmt))
+
+
+def event_counts(session: Session) -> dict[str, int]:
+    """Events by type since the start of the trail (monotonic: the trail is append-only)."""
+    from sqlalchemy import func, select
+
+    rows = session.execute(
+        select(AuditEvent.event_type, func.count()).group_by(AuditEvent.event_type)
+    ).all()
+    return {event_type: n for event_type, n in rows}

@@ -1,0 +1,77 @@
+"""Prometheus metrics, read from the database at scrape time.
+
+Every stage already records its state and an audit event in the database, so
+the metrics are derived there instead of from counters threaded through the
+stages: they survive restarts, and they cover `secondreader worker`
+processes as well as `serve`.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Iterator
+from typing import Any
+
+from prometheus_client import start_http_server
+from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily
+from prometheus_client.registry import Collector, CollectorRegistry
+
+from db.audit import event_counts
+from db.outbox import outbox_counts
+from db.reports import report_counts
+from db.session import Database
+from db.studies import job_counts, study_counts
+
+log = logging.getLogger(__name__)
+
+
+class DatabaseCollector(Collector):
+    def __init__(self, db: Database) -> None:
+        self.db = db
+
+    def collect(self) -> Iterator[Any]:
+        up = GaugeMetricFamily("secondreader_database_up", "1 if the database answered")
+        try:
+            with self.db.session() as s:
+                counts = {
+                    "studies": study_counts(s),
+                    "jobs": job_counts(s),
+                    "reports": report_counts(s),
+                    "outbox": outbox_counts(s),
+                }
+                events = event_counts(s)
+        except Exception:
+            log.exception("metrics: database query failed")
+            up.add_metric([], 0)
+            yield up
+            return
+        up.add_metric([], 1)
+        yield up
+        helps = {
+            "studies": "Studies by state (receiving, complete)",
+            "jobs": "Analysis jobs by state; queued is the queue depth",
+            "reports": "Analysis runs by report state",
+            "outbox": "SR/SEG deliveries by state; dead are dead letters",
+        }
+        for name, by_state in counts.items():
+            family = GaugeMetricFamily(f"secondreader_{name}", helps[name], labels=["state"])
+            for state, n in sorted(by_state.items()):
+                family.add_metric([state], n)
+            yield family
+        audit = CounterMetricFamily(
+            "secondreader_audit_events",
+            "Audit events by type: associations, instances, studies, jobs, deliveries",
+            labels=["event_type"],
+        )
+        for event_type, n in sorted(events.items()):
+            audit.add_metric([event_type], n)
+        yield audit
+
+
+def serve_metrics(db: Database, host: str, port: int) -> Any:
+    """Start the /metrics HTTP endpoint in a thread; returns the server (call .shutdown())."""
+    registry = CollectorRegistry()
+    registry.register(DatabaseCollector(db))
+    server, _thread = start_http_server(port, addr=host, registry=registry)
+    log.info("metrics on http://%s:%d/metrics", host, server.server_port)
+    return server
