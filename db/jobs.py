@@ -491,6 +491,11 @@ def _record_run(
             {"label": f.label, "probability": round(float(f.probability), 4), "present": f.present}
             for f in result.findings
         ],
+        # Provenance: each preprocessing step with its parameters and timing.
+        preprocessing=[
+            {"name": step.get("name"), "parameters": step.get("parameters")}
+            for step in result.provenance
+        ],
     )
     return run.id
 

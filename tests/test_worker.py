@@ -306,6 +306,13 @@ def test_serve_analyses_received_studies(
     assert ((hit.point["col"] - cx) ** 2 + (hit.point["row"] - cy) ** 2) ** 0.5 <= 20
     assert saliency is not None and (d.state / saliency).is_file()
 
+    with db.session() as s:
+        recorded = {
+            e.study_instance_uid: e.detail for e in audit.events(s, EventType.ANALYSIS_RECORDED)
+        }
+    steps = [step["name"] for step in recorded[lesion_study]["preprocessing"]]
+    assert {"orientation", "resample", "denoise", "contrast"} <= set(steps)
+
     assert not_applicable.outcome == "not_applicable"
     assert not_applicable.reason is not None and "MR" in not_applicable.reason
 
