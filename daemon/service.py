@@ -64,7 +64,7 @@ class Service:
         if head is None:
             raise NotMigrated("the database has no schema: run `secondreader db upgrade` first")
         self.spool = Spool(config.storage.spool_dir, fsync=config.storage.fsync)
-        self.receiver = Receiver(self.db, self.spool)
+        self.receiver = Receiver(self.db, self.spool, config.scp.max_associations)
         self.completer = Completer(
             self.db, config.completion.stable_seconds, config.completion.max_seconds
         )
@@ -150,6 +150,7 @@ class Service:
                 "associations still running after %.0f s; closing", self.config.scp.drain_seconds
             )
         self.scp.shutdown()
+        self.receiver.close()
         self.scheduler.shutdown()
         if self.metrics_server is not None:
             self.metrics_server.shutdown()
