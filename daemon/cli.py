@@ -241,6 +241,52 @@ def _cmd_demo(_config: Config, args: argparse.Namespace) -> int:
     return 0
 
 
+def _cmd_find(config: Config, args: argparse.Namespace) -> int:
+    from dicom_io.query import find_studies
+    from dicom_io.scu import AssociationFailed
+
+    try:
+        matches = find_studies(
+            _remote(config, args),
+            study_date=args.date or "",
+            modality=args.modality or "",
+            accession_number=args.accession or "",
+        )
+    except AssociationFailed as exc:
+        print(f"find failed: {exc}", file=sys.stderr)
+        return 1
+    for m in matches:
+        n = "?" if m.number_of_instances is None else m.number_of_instances
+        print(
+            f"{m.study_instance_uid}  {m.study_date or '-':<8}  {m.modalities or '-':<8}"
+            f"  {m.accession_number or '-':<16}  {n} instance(s)"
+        )
+    print(f"{len(matches)} stud{'y' if len(matches) == 1 else 'ies'}")
+    return 0
+
+
+def _cmd_pull(config: Config, args: argparse.Namespace) -> int:
+    from dicom_io.query import move_study
+    from dicom_io.scu import AssociationFailed
+
+    remote = _remote(config, args)
+    destination = args.move_to or config.scp.ae_title
+    failed = 0
+    for uid in args.study_uids:
+        try:
+            result = move_study(remote, uid, destination)
+        except (AssociationFailed, ValueError) as exc:
+            print(f"pull {uid} failed: {exc}", file=sys.stderr)
+            failed += 1
+            continue
+        print(
+            f"{uid}: status 0x{result.status:04X}, {result.completed} sent to {destination},"
+            f" {result.failed} failed, {result.warning} warning(s)"
+        )
+        failed += 0 if result.ok else 1
+    return 0 if not failed else 1
+
+
 def _add_remote_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--host", default="127.0.0.1")
     p.add_argument("--port", type=int, default=104)
@@ -313,6 +359,19 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--slices", type=int, default=40)
     p.add_argument("--seed", type=int, default=15)
     p.set_defaults(func=_cmd_demo)
+
+    p = sub.add_parser("find", help="C-FIND studies on a PACS (study root)")
+    _add_remote_args(p)
+    p.add_argument("--date", help="StudyDate, e.g. 20261125 or 20261101-20261125")
+    p.add_argument("--modality", help="ModalitiesInStudy, e.g. CT")
+    p.add_argument("--accession", help="AccessionNumber")
+    p.set_defaults(func=_cmd_find)
+
+    p = sub.add_parser("pull", help="C-MOVE studies from a PACS to us (or --move-to AE)")
+    _add_remote_args(p)
+    p.add_argument("study_uids", nargs="+", metavar="STUDY_UID")
+    p.add_argument("--move-to", help="destination AE title (default: scp.ae_title)")
+    p.set_defaults(func=_cmd_pull)
 
     p = sub.add_parser("echo", help="C-ECHO a remote AE")
     _add_remote_args(p)

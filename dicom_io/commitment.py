@@ -19,7 +19,7 @@ from pynetdicom.sop_class import (
     StorageCommitmentPushModelInstance,
 )
 
-from dicom_io.scu import AssociationFailed, RemoteAE, _new_ae
+from dicom_io.scu import AssociationFailed, RemoteAE, new_ae
 
 log = logging.getLogger(__name__)
 
@@ -78,7 +78,7 @@ def request_commitment(
     """
     if not references:
         raise ValueError("nothing to ask a commitment for")
-    ae = _new_ae(remote)
+    ae = new_ae(remote)
     ae.add_requested_context(StorageCommitmentPushModel)
     tls = None
     if remote.ssl_context is not None:

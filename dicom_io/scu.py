@@ -54,7 +54,7 @@ class SendResult:
         return self.status is not None and (self.status == 0 or 0xB000 <= self.status <= 0xB007)
 
 
-def _associate(ae: AE, remote: RemoteAE):  # type: ignore[no-untyped-def]
+def associate(ae: AE, remote: RemoteAE):  # type: ignore[no-untyped-def]
     tls = None
     if remote.ssl_context is not None:
         tls = (remote.ssl_context, remote.tls_server_name or remote.host)
@@ -75,7 +75,7 @@ def _class_name(uid: str | None) -> str:
     return UID(uid).name if uid else "?"
 
 
-def _new_ae(remote: RemoteAE) -> AE:
+def new_ae(remote: RemoteAE) -> AE:
     ae = AE(ae_title=remote.calling_ae_title)
     ae.acse_timeout = ae.dimse_timeout = ae.network_timeout = remote.timeout
     ae.maximum_pdu_size = 0
@@ -84,9 +84,9 @@ def _new_ae(remote: RemoteAE) -> AE:
 
 def echo(remote: RemoteAE) -> int:
     """C-ECHO; returns the status (0 is success)."""
-    ae = _new_ae(remote)
+    ae = new_ae(remote)
     ae.add_requested_context(Verification)
-    assoc = _associate(ae, remote)
+    assoc = associate(ae, remote)
     try:
         rsp = assoc.send_c_echo()
         if not rsp:
@@ -132,14 +132,14 @@ def send(paths: Sequence[Path], remote: RemoteAE) -> list[SendResult]:
         raise ValueError(
             f"{len(pairs)} SOP class/transfer syntax pairs; at most 128 per association"
         )
-    ae = _new_ae(remote)
+    ae = new_ae(remote)
     for cls, ts in pairs:
         # Exactly the file's own syntax: chunked sending streams the bytes as
         # they are, so the peer must accept that syntax or refuse the class.
         ae.add_requested_context(cls, [ts])
     if not items:
         return results
-    assoc = _associate(ae, remote)
+    assoc = associate(ae, remote)
     try:
         for path, _cls, sop_uid, _ts in items:
             if not assoc.is_established:
