@@ -1,4 +1,4 @@
-"""sd_notify(3) without libsystemd: READY, STOPPING, STATUS and WATCHDOG."""
+"""sd_notify(3) without libsystemd: READY (with STATUS), STOPPING and WATCHDOG."""
 
 from __future__ import annotations
 
@@ -37,6 +37,3 @@ class Notifier:
 
     def watchdog(self) -> None:
         self.notify("WATCHDOG=1")
-
-    def status(self, text: str) -> None:
-        self.notify(f"STATUS={text}")

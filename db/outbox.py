@@ -393,13 +393,3 @@ def outbox_counts(session: Session) -> dict[str, int]:
     """Outbox rows by state: pending, done, dead."""
     rows = session.execute(select(OutboxItem.state, func.count()).group_by(OutboxItem.state)).all()
     return {state: n for state, n in rows}
-
-
-def dead_letter_count(session: Session) -> int:
-    return int(
-        session.execute(
-            select(func.count())
-            .select_from(OutboxItem)
-            .where(OutboxItem.state == DeliveryState.DEAD)
-        ).scalar_one()
-    )

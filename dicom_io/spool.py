@@ -74,6 +74,3 @@ class Spool:
     def stored(self) -> list[str]:
         """Relative paths of every stored object (the layout's three levels)."""
         return sorted(str(p.relative_to(self.root)) for p in self.root.glob("*/*/*.dcm"))
-
-    def delete(self, relative: str) -> None:
-        (self.root / relative).unlink(missing_ok=True)
