@@ -19,11 +19,19 @@ from concurrent.futures import ThreadPoolExecutor, wait
 
 from db import audit
 from db.audit import EventType
-from db.ingest import StoredInstance, known_instance_paths, record_instance
+from db.ingest import (
+    StoredInstance,
+    UIDConflict,
+    is_own_object,
+    known_instance_paths,
+    record_ancillary,
+    record_instance,
+)
 from db.session import Database
 from dicom_io.identify import (
     STATUS_DATASET_MISMATCH,
     STATUS_OUT_OF_RESOURCES,
+    Identity,
     InvalidDataset,
     check_complete,
     identify,
@@ -31,16 +39,36 @@ from dicom_io.identify import (
     valid_uid,
 )
 from dicom_io.scp import AssociationOutcome, ReceivedObject
-from dicom_io.sopclasses import is_image_storage
+from dicom_io.sopclasses import OWN_IMAGE_CLASSES, is_image_storage
 from dicom_io.spool import Spool
+
+# 0xA900 is "Data Set does not match SOP Class"; PS3.4 B.2.3 gives the
+# A9xx range to such refusals. A reused UID is a refusal of that kind, and
+# permanent: the sender must not simply retry.
+STATUS_UID_CONFLICT = STATUS_DATASET_MISMATCH
+
+_OUTCOME_EVENTS = {
+    "accepted": EventType.ASSOCIATION_ACCEPTED,
+    "rejected": EventType.ASSOCIATION_REJECTED,
+    "aborted": EventType.ASSOCIATION_ABORTED,
+}
 
 log = logging.getLogger(__name__)
 
 
 class Receiver:
-    def __init__(self, db: Database, spool: Spool, max_associations: int = 10) -> None:
+    def __init__(
+        self,
+        db: Database,
+        spool: Spool,
+        max_associations: int = 10,
+        *,
+        ancillary: Spool | None = None,
+    ) -> None:
+        """`ancillary` keeps non-image objects; None drops them (answered with success)."""
         self.db = db
         self.spool = spool
+        self.ancillary = ancillary
         # One spool writer per concurrent association at most.
         self._io = ThreadPoolExecutor(max_associations, thread_name_prefix="spool")
 
@@ -51,16 +79,21 @@ class Receiver:
         with self.db.session() as s:
             audit.record(
                 s,
-                EventType.ASSOCIATION_ACCEPTED
-                if outcome.accepted
-                else EventType.ASSOCIATION_REJECTED,
-                outcome.calling_ae,
+                _OUTCOME_EVENTS[outcome.kind],
+                outcome.calling_ae or "(unidentified)",
                 address=outcome.address,
                 reason=outcome.reason,
             )
 
-    def _refuse(self, obj: ReceivedObject, status: int, why: str) -> int:
-        log.warning("refused SOP instance from %s: %s (status 0x%04X)", obj.calling_ae, why, status)
+    def _refuse(self, obj: ReceivedObject, status: int, why: str, **detail: object) -> int:
+        # One line, no traceback: `why` is ours and quotes no dataset value.
+        log.warning(
+            "refused SOP instance %s from %s: %s (status 0x%04X)",
+            obj.sop_instance_uid if valid_uid(obj.sop_instance_uid) else "(invalid UID)",
+            obj.calling_ae,
+            why,
+            status,
+        )
         try:
             with self.db.session() as s:
                 audit.record(
@@ -73,15 +106,28 @@ class Receiver:
                     ),
                     status=status,
                     reason=why,
+                    **detail,
                 )
-        except Exception:
-            log.exception("could not audit a refused instance")
+        except Exception as exc:
+            log.error("could not audit a refused instance: %s", type(exc).__name__)
         return status
 
     def on_store(self, obj: ReceivedObject) -> int:
+        """The C-STORE status for one object; never raises (every refusal is audited)."""
         try:
-            ident = identify(obj.file_bytes)
+            return self._store(obj)
+        except Exception as exc:
+            log.debug("store traceback", exc_info=exc)
+            return self._refuse(
+                obj, STATUS_OUT_OF_RESOURCES, f"internal error: {type(exc).__name__}"
+            )
+
+    def _store(self, obj: ReceivedObject) -> int:
+        try:
+            # The framing first: it refuses hostile nesting and unknown VRs
+            # before a recursive parser sees them.
             check_complete(obj.dataset, obj.transfer_syntax_uid)
+            ident = identify(obj.file_bytes)
         except InvalidDataset as exc:
             return self._refuse(obj, exc.status, str(exc))
         if (
@@ -92,7 +138,12 @@ class Receiver:
                 obj, STATUS_DATASET_MISMATCH, "dataset UIDs differ from the C-STORE request"
             )
         if not is_image_storage(ident.sop_class_uid):
-            return self._refuse(obj, STATUS_DATASET_MISMATCH, "not an image storage SOP class")
+            return self._store_ancillary(obj, ident, "non-image")
+        if ident.sop_class_uid in OWN_IMAGE_CLASSES:
+            with self.db.session() as s:
+                own = is_own_object(s, ident.sop_instance_uid)
+            if own:
+                return self._store_ancillary(obj, ident, "own object")
 
         relative = self.spool.relative_path(
             ident.study_instance_uid, ident.series_instance_uid, ident.sop_instance_uid
@@ -116,6 +167,12 @@ class Receiver:
             with self.db.session() as s:
                 is_new = record_instance(s, item)
                 written.result()  # an OSError here rolls the row back
+        except UIDConflict as exc:
+            wait([written])
+            # No row names this path (the conflict says the UID lives elsewhere):
+            # the file is this refused object's alone.
+            self.spool.path(relative).unlink(missing_ok=True)
+            return self._conflict(obj, ident, exc)
         except OSError as exc:
             why = "disk full" if exc.errno == errno.ENOSPC else f"write failed: {exc.strerror}"
             return self._refuse(obj, STATUS_OUT_OF_RESOURCES, why)
@@ -123,7 +180,7 @@ class Receiver:
             # The file stays: an earlier, acknowledged copy may be the one we
             # just replaced, and the sender will resend this one.
             wait([written])
-            log.exception("database write failed for SOP instance %s", ident.sop_instance_uid)
+            log.debug("database write failed", exc_info=exc)
             return self._refuse(
                 obj, STATUS_OUT_OF_RESOURCES, f"database error: {type(exc).__name__}"
             )
@@ -133,6 +190,48 @@ class Receiver:
             ident.study_instance_uid,
             "new" if is_new else "duplicate",
         )
+        return 0x0000
+
+    def _conflict(self, obj: ReceivedObject, ident: Identity, exc: UIDConflict) -> int:
+        return self._refuse(
+            obj,
+            STATUS_UID_CONFLICT,
+            str(exc),
+            study_instance_uid=ident.study_instance_uid,
+            recorded_study_instance_uid=exc.other_study,
+            series_instance_uid=ident.series_instance_uid,
+        )
+
+    def _store_ancillary(self, obj: ReceivedObject, ident: Identity, reason: str) -> int:
+        """Keep (or drop) an object that is never analysed; it touches no study."""
+        relative = self.spool.relative_path(
+            ident.study_instance_uid, ident.series_instance_uid, ident.sop_instance_uid
+        )
+        item = StoredInstance(
+            study_instance_uid=ident.study_instance_uid,
+            series_instance_uid=ident.series_instance_uid,
+            sop_instance_uid=ident.sop_instance_uid,
+            sop_class_uid=ident.sop_class_uid,
+            transfer_syntax_uid=obj.transfer_syntax_uid,
+            modality=ident.modality,
+            path=relative,
+            size_bytes=len(obj.file_bytes),
+            calling_ae=obj.calling_ae,
+        )
+        stored = self.ancillary is not None
+        try:
+            if self.ancillary is not None:
+                self.ancillary.write(relative, obj.file_bytes)
+            with self.db.session() as s:
+                record_ancillary(s, item, reason, stored=stored)
+        except UIDConflict as exc:
+            if self.ancillary is not None:
+                self.ancillary.path(relative).unlink(missing_ok=True)
+            return self._conflict(obj, ident, exc)
+        except OSError as exc:
+            why = "disk full" if exc.errno == errno.ENOSPC else f"write failed: {exc.strerror}"
+            return self._refuse(obj, STATUS_OUT_OF_RESOURCES, why)
+        log.debug("%s %s (%s)", "kept" if stored else "dropped", ident.sop_instance_uid, reason)
         return 0x0000
 
     def recover(self) -> int:

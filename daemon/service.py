@@ -51,6 +51,14 @@ def scp_settings(config: Config) -> SCPSettings:
         max_pdu_size=c.max_pdu_size,
         allowed_peers=[PeerRule(p.ae_title, tuple(p.addresses)) for p in c.allowed_peers],
         ssl_context=ssl_context,
+        check_called_ae_title=c.check_called_ae_title,
+        refused_sop_classes=[
+            *c.refused_sop_classes,
+            *(["non-image"] if c.non_image_objects == "refuse" else []),
+        ],
+        request_timeout=c.request_timeout_seconds,
+        pdu_timeout=c.pdu_timeout_seconds,
+        max_pending_per_address=c.max_pending_per_address,
     )
 
 
@@ -64,7 +72,14 @@ class Service:
         if head is None:
             raise NotMigrated("the database has no schema: run `secondreader db upgrade` first")
         self.spool = Spool(config.storage.spool_dir, fsync=config.storage.fsync)
-        self.receiver = Receiver(self.db, self.spool, config.scp.max_associations)
+        ancillary = (
+            Spool(config.storage.ancillary_dir, fsync=config.storage.fsync)
+            if config.scp.non_image_objects == "store"
+            else None
+        )
+        self.receiver = Receiver(
+            self.db, self.spool, config.scp.max_associations, ancillary=ancillary
+        )
         self.completer = Completer(
             self.db, config.completion.stable_seconds, config.completion.max_seconds
         )

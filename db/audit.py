@@ -16,8 +16,13 @@ from db.models import AuditEvent, utcnow
 class EventType:
     ASSOCIATION_ACCEPTED = "association.accepted"
     ASSOCIATION_REJECTED = "association.rejected"
+    # Cut by us (a deadline, an oversized PDU) or aborted by the peer.
+    ASSOCIATION_ABORTED = "association.aborted"
     INSTANCE_STORED = "instance.stored"
     INSTANCE_FAILED = "instance.failed"
+    # Stored (or dropped, per scp.non_image_objects) but never analysed: a
+    # non-image object, or one of ours the PACS sent back.
+    INSTANCE_IGNORED = "instance.ignored"
     # A spool file whose row a crash lost (power loss under synchronous=NORMAL).
     INSTANCE_RECOVERED = "instance.recovered"
     STUDY_REOPENED = "study.reopened"

@@ -13,7 +13,19 @@ from sqlalchemy.orm import Session
 
 from db import audit
 from db.audit import EventType
-from db.models import Instance, Series, Study, StudyState, utcnow
+from db.models import AncillaryInstance, Instance, OutboxItem, Series, Study, StudyState, utcnow
+
+
+class UIDConflict(Exception):
+    """The object reuses a UID recorded under another study or series.
+
+    Never re-pointed: the recorded instance, its file and its study stay as
+    they are. `other_study` is the study that holds the UID already.
+    """
+
+    def __init__(self, message: str, other_study: str) -> None:
+        super().__init__(message)
+        self.other_study = other_study
 
 
 @dataclass(frozen=True)
@@ -96,11 +108,27 @@ def _study_id(session: Session, item: StoredInstance, now: datetime) -> int:
     return int(study_id)
 
 
+def _study_uid(session: Session, study_id: int) -> str:
+    return str(
+        session.execute(select(Study.study_instance_uid).where(Study.id == study_id)).scalar_one()
+    )
+
+
 def _series_id(session: Session, item: StoredInstance, study_id: int) -> int:
     def existing() -> int | None:
-        return session.execute(
-            select(Series.id).where(Series.series_instance_uid == item.series_instance_uid)
-        ).scalar()
+        row = session.execute(
+            select(Series.id, Series.study_id).where(
+                Series.series_instance_uid == item.series_instance_uid
+            )
+        ).first()
+        if row is None:
+            return None
+        if row.study_id != study_id:
+            raise UIDConflict(
+                "Series Instance UID already recorded in another study",
+                _study_uid(session, row.study_id),
+            )
+        return int(row.id)
 
     series_id = existing()
     if series_id is None:
@@ -149,6 +177,18 @@ def record_instance(session: Session, item: StoredInstance, now: datetime | None
         "sop_instance_uid",
     )
     if not is_new:
+        recorded_series = session.execute(
+            select(Instance.series_id).where(Instance.sop_instance_uid == item.sop_instance_uid)
+        ).scalar_one()
+        if recorded_series != series_id:
+            # Raised before anything is updated: the transaction rolls back,
+            # the study this object would have created or re-opened included.
+            other = session.execute(
+                select(Study.study_instance_uid)
+                .join(Series, Series.study_id == Study.id)
+                .where(Series.id == recorded_series)
+            ).scalar_one()
+            raise UIDConflict("SOP Instance UID already recorded in another series", other)
         session.execute(
             update(Instance)
             .where(Instance.sop_instance_uid == item.sop_instance_uid)
@@ -166,6 +206,98 @@ def record_instance(session: Session, item: StoredInstance, now: datetime | None
         item.calling_ae,
         study_instance_uid=item.study_instance_uid,
         sop_instance_uid=item.sop_instance_uid,
+        duplicate=not is_new,
+        size_bytes=item.size_bytes,
+    )
+    return is_new
+
+
+def is_own_object(session: Session, sop_instance_uid: str) -> bool:
+    """True if we produced this object (it is in our outbox): it came back to us."""
+    return (
+        session.execute(
+            select(OutboxItem.id).where(OutboxItem.sop_instance_uid == sop_instance_uid).limit(1)
+        ).first()
+        is not None
+    )
+
+
+def record_ancillary(
+    session: Session,
+    item: StoredInstance,
+    reason: str,
+    *,
+    stored: bool,
+    now: datetime | None = None,
+) -> bool:
+    """Record an object that is kept (or dropped) but never analysed; True when new.
+
+    It touches no study, series or job: a non-image object, or our own SR
+    routed back by the PACS, must not re-open a study (the loop guard).
+    """
+    now = now or utcnow()
+    image = session.execute(
+        select(Instance.id).where(Instance.sop_instance_uid == item.sop_instance_uid)
+    ).first()
+    if image is not None:
+        other = session.execute(
+            select(Study.study_instance_uid)
+            .join(Series, Series.study_id == Study.id)
+            .join(Instance, Instance.series_id == Series.id)
+            .where(Instance.sop_instance_uid == item.sop_instance_uid)
+        ).scalar_one()
+        raise UIDConflict("SOP Instance UID already recorded for an image", other)
+    recorded = session.execute(
+        select(AncillaryInstance.study_instance_uid, AncillaryInstance.series_instance_uid).where(
+            AncillaryInstance.sop_instance_uid == item.sop_instance_uid
+        )
+    ).first()
+    if recorded is not None and (
+        recorded.study_instance_uid != item.study_instance_uid
+        or recorded.series_instance_uid != item.series_instance_uid
+    ):
+        raise UIDConflict(
+            "SOP Instance UID already recorded in another series", recorded.study_instance_uid
+        )
+    values = {
+        "sop_class_uid": item.sop_class_uid,
+        "transfer_syntax_uid": item.transfer_syntax_uid,
+        "path": item.path if stored else None,
+        "size_bytes": item.size_bytes,
+        "received_at": now,
+        "calling_ae": item.calling_ae,
+        "reason": reason,
+    }
+    if recorded is None:
+        is_new = _insert_ignore(
+            session,
+            AncillaryInstance.__table__,
+            {
+                "study_instance_uid": item.study_instance_uid,
+                "series_instance_uid": item.series_instance_uid,
+                "sop_instance_uid": item.sop_instance_uid,
+                "receive_count": 1,
+                **values,
+            },
+            "sop_instance_uid",
+        )
+    else:
+        is_new = False
+    if not is_new:
+        session.execute(
+            update(AncillaryInstance)
+            .where(AncillaryInstance.sop_instance_uid == item.sop_instance_uid)
+            .values(receive_count=AncillaryInstance.receive_count + 1, **values)
+        )
+    audit.record(
+        session,
+        EventType.INSTANCE_IGNORED,
+        item.calling_ae,
+        study_instance_uid=item.study_instance_uid,
+        sop_instance_uid=item.sop_instance_uid,
+        sop_class_uid=item.sop_class_uid,
+        reason=reason,
+        stored=stored,
         duplicate=not is_new,
         size_bytes=item.size_bytes,
     )

@@ -89,6 +89,31 @@ class Instance(Base):
     series: Mapped[Series] = relationship(back_populates="instances")
 
 
+class AncillaryInstance(Base):
+    """An object stored (or dropped) but never analysed: a non-image object
+    (SR, SEG, PR, KO, RT, waveform, PDF) or one we produced coming back.
+
+    Kept apart from `instances`, so that it never re-opens a study, never
+    counts towards its completion and never reaches a worker (loop guard).
+    """
+
+    __tablename__ = "ancillary_instances"
+
+    id: Mapped[int] = mapped_column(Integer, primary_key=True)
+    study_instance_uid: Mapped[str] = mapped_column(UID, index=True)
+    series_instance_uid: Mapped[str] = mapped_column(UID)
+    sop_instance_uid: Mapped[str] = mapped_column(UID, unique=True)
+    sop_class_uid: Mapped[str] = mapped_column(UID)
+    transfer_syntax_uid: Mapped[str] = mapped_column(UID)
+    # Relative to the ancillary spool; None when dropped (scp.non_image_objects).
+    path: Mapped[str | None] = mapped_column(String(512))
+    size_bytes: Mapped[int] = mapped_column(BigInteger)
+    received_at: Mapped[datetime] = mapped_column(DateTime)
+    calling_ae: Mapped[str] = mapped_column(String(16))
+    reason: Mapped[str] = mapped_column(String(32))  # "non-image" or "own object"
+    receive_count: Mapped[int] = mapped_column(Integer, default=1)
+
+
 class Job(Base):
     """One unit of queued work on a study (for now: analyse it)."""
 

@@ -73,7 +73,17 @@ def identify(encoded: bytes) -> Identity:
         }
         modality = str(ds.get("Modality", "") or "") or None
     except (InvalidDicomError, EOFError, OSError, ValueError, KeyError, TypeError) as exc:
-        raise InvalidDataset(f"cannot parse dataset: {exc}", STATUS_CANNOT_UNDERSTAND) from exc
+        # The exception's text may quote values: only its type is kept.
+        raise InvalidDataset(
+            f"cannot parse dataset ({type(exc).__name__})", STATUS_CANNOT_UNDERSTAND
+        ) from exc
+    except Exception as exc:
+        # Anything else pydicom raises on a hostile stream (RecursionError,
+        # NotImplementedError for an unknown VR...) is still "cannot understand":
+        # never "out of resources", which tells the sender to try again.
+        raise InvalidDataset(
+            f"cannot parse dataset ({type(exc).__name__})", STATUS_CANNOT_UNDERSTAND
+        ) from exc
     for key, value in values.items():
         if not value:
             raise InvalidDataset(f"{key} missing", STATUS_DATASET_MISMATCH)
@@ -82,6 +92,16 @@ def identify(encoded: bytes) -> Identity:
             raise InvalidDataset(f"{key} is not a valid UID", STATUS_DATASET_MISMATCH)
     return Identity(modality=modality, **values)
 
+
+# Every VR of PS3.5 6.2; an explicit VR outside it cannot be parsed (and would
+# break a later stage that reads the whole header).
+_VRS = frozenset(
+    b"AE AS AT CS DA DS DT FD FL IS LO LT OB OD OF OL OV OW PN SH SL SQ SS ST SV TM "
+    b"UC UI UL UN UR US UT UV".split()
+)
+# Sequences nested deeper than this are refused: no real object comes close,
+# and a parser that recurses per level can be made to exhaust its stack.
+MAX_SEQUENCE_DEPTH = 32
 
 _LONG_VRS = {
     b"OB",
@@ -106,6 +126,10 @@ class _Truncated(Exception):
     pass
 
 
+class _Malformed(Exception):
+    pass
+
+
 class _Walker:
     """Walks element headers to the end of a dataset without decoding values.
 
@@ -125,8 +149,10 @@ class _Walker:
     def _tag(self, pos: int) -> int:
         return (self._u(pos, 2) << 16) | self._u(pos + 2, 2)
 
-    def elements(self, pos: int, end: int | None, implicit: bool) -> int:
+    def elements(self, pos: int, end: int | None, implicit: bool, depth: int = 0) -> int:
         """Parse elements from pos to end (or to an item delimiter); return the end."""
+        if depth > MAX_SEQUENCE_DEPTH:
+            raise _Malformed(f"sequences nested deeper than {MAX_SEQUENCE_DEPTH} levels")
         while end is None or pos < end:
             if end is None and pos >= len(self.data):
                 raise _Truncated("item ends without its delimiter")
@@ -138,23 +164,44 @@ class _Walker:
                 length, pos = self._u(pos + 4, 4), pos + 8
             else:
                 vr = self.data[pos + 4 : pos + 6]
+                if vr not in _VRS and len(vr) == 2:
+                    raise _Malformed(f"unknown VR at ({tag >> 16:04X},{tag & 0xFFFF:04X})")
                 if vr in _LONG_VRS:
                     length, pos = self._u(pos + 8, 4), pos + 12
                 else:
                     length, pos = self._u(pos + 6, 2), pos + 8
             if length == _UNDEFINED:
                 if tag == 0x7FE00010:
-                    pos = self.items(pos, fragments=True, implicit=implicit)
+                    pos = self.items(pos, fragments=True, implicit=implicit, depth=depth)
                 else:
                     # An undefined-length UN holds implicit little endian (PS3.5 6.2.2).
-                    pos = self.items(pos, fragments=False, implicit=implicit or vr == b"UN")
+                    pos = self.items(
+                        pos, fragments=False, implicit=implicit or vr == b"UN", depth=depth
+                    )
             else:
-                pos += length
-                if pos > len(self.data):
+                if pos + length > len(self.data):
                     raise _Truncated(f"value of ({tag >> 16:04X},{tag & 0xFFFF:04X}) is cut short")
+                if vr == b"SQ":
+                    self.defined_items(pos, pos + length, implicit, depth)
+                pos += length
         return pos
 
-    def items(self, pos: int, *, fragments: bool, implicit: bool) -> int:
+    def defined_items(self, pos: int, end: int, implicit: bool, depth: int) -> None:
+        """The items of a sequence of defined length, from pos to end."""
+        while pos < end:
+            tag, length = self._tag(pos), self._u(pos + 4, 4)
+            pos += 8
+            if tag != _ITEM:
+                raise _Malformed(f"expected an item at byte {pos - 8}")
+            if length == _UNDEFINED:
+                pos = self.elements(pos, None, implicit, depth + 1)
+            else:
+                if pos + length > end:
+                    raise _Truncated("item value cut short")
+                self.elements(pos, pos + length, implicit, depth + 1)
+                pos += length
+
+    def items(self, pos: int, *, fragments: bool, implicit: bool, depth: int) -> int:
         while True:
             tag, length = self._tag(pos), self._u(pos + 4, 4)
             pos += 8
@@ -163,7 +210,14 @@ class _Walker:
             if tag != _ITEM:
                 raise _Truncated(f"expected an item at byte {pos - 8}")
             if length == _UNDEFINED and not fragments:
-                pos = self.elements(pos, None, implicit)
+                pos = self.elements(pos, None, implicit, depth + 1)
+            elif not fragments and length:
+                # A defined-length item is parsed too: its elements can be as
+                # malformed as any other.
+                end = pos + length
+                if end > len(self.data):
+                    raise _Truncated("item value cut short")
+                pos = self.elements(pos, end, implicit, depth + 1)
             else:
                 pos += length
                 if pos > len(self.data):
@@ -180,3 +234,5 @@ def check_complete(dataset: bytes, transfer_syntax_uid: str) -> None:
         _Walker(dataset, implicit, little).elements(0, len(dataset), implicit)
     except _Truncated as exc:
         raise InvalidDataset(f"dataset is truncated: {exc}", STATUS_CANNOT_UNDERSTAND) from exc
+    except _Malformed as exc:
+        raise InvalidDataset(f"dataset is malformed: {exc}", STATUS_CANNOT_UNDERSTAND) from exc

@@ -2,25 +2,38 @@
 
 A thin layer over pynetdicom. It knows the network and nothing about the
 database: each received object is handed, as the raw bytes the peer sent, to
-the `on_store` callback, whose return value is the C-STORE status.
+the `on_store` callback, whose return value is the C-STORE status. Every
+association accepted, rejected or cut goes to `on_association`, from one
+notifier thread, so that a slow audit write never holds a network thread.
+The connection-level defences (deadlines, PDU caps, per-address limits)
+live in dicom_io/guard.py.
 """
 
 from __future__ import annotations
 
 import ipaddress
 import logging
+import queue
 import ssl
 import threading
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Collection, Sequence
 from dataclasses import dataclass, field
+from typing import Literal
 
 from pynetdicom import AE, evt
 from pynetdicom.sop_class import StorageCommitmentPushModel, Verification
-from pynetdicom.transport import ThreadedAssociationServer
 
 from dicom_io.commitment import CommitmentReport, parse_event_report
-from dicom_io.sopclasses import IMAGE_STORAGE_CLASSES, TRANSFER_SYNTAXES
+from dicom_io.guard import (
+    Connection,
+    ConnectionGuard,
+    GuardedAssociationServer,
+    GuardEvent,
+    GuardLimits,
+)
+from dicom_io.sopclasses import IMAGE_STORAGE_CLASSES, STORAGE_CLASSES, TRANSFER_SYNTAXES
+from dicom_io.text import printable
 
 log = logging.getLogger(__name__)
 
@@ -54,12 +67,19 @@ class ReceivedObject:
     file_bytes: bytes  # preamble + file meta + dataset, ready for disk
 
 
+OutcomeKind = Literal["accepted", "rejected", "aborted"]
+
+
 @dataclass(frozen=True)
 class AssociationOutcome:
-    accepted: bool
-    calling_ae: str
+    kind: OutcomeKind
+    calling_ae: str  # escaped: safe to log
     address: str
     reason: str = ""
+
+    @property
+    def accepted(self) -> bool:
+        return self.kind == "accepted"
 
 
 @dataclass
@@ -68,9 +88,38 @@ class SCPSettings:
     host: str
     port: int
     max_associations: int = 10
-    max_pdu_size: int = 0
+    max_pdu_size: int = 1024 * 1024
     allowed_peers: Sequence[PeerRule] = field(default_factory=tuple)
     ssl_context: ssl.SSLContext | None = None
+    # Refuse an A-ASSOCIATE-RQ addressed to another called AE title.
+    check_called_ae_title: bool = True
+    # Storage SOP classes refused at negotiation; "non-image" stands for all
+    # classes that are not images.
+    refused_sop_classes: Collection[str] = ()
+    request_timeout: float = 10.0
+    pdu_timeout: float = 60.0
+    max_pending_per_address: int = 4
+    # Seconds the accept loop may go without a turn before is_alive says no.
+    liveness_seconds: float = 10.0
+
+    def guard_limits(self) -> GuardLimits:
+        return GuardLimits(
+            request_timeout=self.request_timeout,
+            pdu_timeout=self.pdu_timeout,
+            # Our PDVs are at most max_pdu_size; a few headers on top.
+            max_pdu=self.max_pdu_size + 1024,
+            max_pending_per_address=self.max_pending_per_address,
+            max_pending=max(64, 4 * self.max_associations),
+        )
+
+    def accepted_storage_classes(self) -> list[str]:
+        refused = set(self.refused_sop_classes)
+        return [
+            uid
+            for uid in STORAGE_CLASSES
+            if uid not in refused
+            and not ("non-image" in refused and uid not in IMAGE_STORAGE_CLASSES)
+        ]
 
 
 class StorageSCP:
@@ -86,16 +135,28 @@ class StorageSCP:
         self._on_association = on_association
         self._on_commitment = on_commitment
         self._draining = threading.Event()
-        self._server: ThreadedAssociationServer | None = None
+        self._server: GuardedAssociationServer | None = None
+        self.guard = ConnectionGuard(
+            settings.guard_limits(), settings.max_associations, self._on_guard_event
+        )
+        # Outcomes go to the callback from one thread, through a bounded queue:
+        # a flood of refusals must not turn into a flood of blocked threads.
+        self._outcomes: queue.Queue[AssociationOutcome | None] = queue.Queue(maxsize=1000)
+        self._dropped = 0
+        self._notifier = threading.Thread(target=self._notify_loop, name="scp-audit", daemon=True)
         ae = AE(ae_title=settings.ae_title)
-        ae.maximum_associations = settings.max_associations
+        # The guard counts admitted associations itself (only those whose
+        # request was accepted); pynetdicom's own count includes every open
+        # connection, so keep it out of the way.
+        limits = self.guard.limits
+        ae.maximum_associations = settings.max_associations + limits.max_pending + 1
         ae.maximum_pdu_size = settings.max_pdu_size
         # A study can pause between series; do not drop a slow modality early.
         ae.network_timeout = 120
         ae.acse_timeout = 30
         ae.dimse_timeout = 120
         ae.add_supported_context(Verification)
-        for uid in IMAGE_STORAGE_CLASSES:
+        for uid in settings.accepted_storage_classes():
             ae.add_supported_context(uid, TRANSFER_SYNTAXES)
         if on_commitment is not None:
             # The PACS opens the association that carries its N-EVENT-REPORT
@@ -108,18 +169,28 @@ class StorageSCP:
         handlers = [
             (evt.EVT_REQUESTED, self._handle_requested),
             (evt.EVT_ACCEPTED, self._handle_accepted),
+            (evt.EVT_REJECTED, self._handle_rejected),
+            (evt.EVT_ABORTED, self._handle_aborted),
+            (evt.EVT_CONN_CLOSE, self._handle_closed),
             (evt.EVT_C_ECHO, self._handle_echo),
             (evt.EVT_C_STORE, self._handle_store),
         ]
         if self._on_commitment is not None:
             handlers.append((evt.EVT_N_EVENT_REPORT, self._handle_event_report))
         s = self.settings
-        self._server = self._ae.start_server(
+        self._notifier.start()
+        self.guard.start()
+        server = self._ae.make_server(
             (s.host, s.port),
-            block=False,
             evt_handlers=handlers,
             ssl_context=s.ssl_context,
+            server_class=GuardedAssociationServer,
         )
+        assert isinstance(server, GuardedAssociationServer)
+        server.guard = self.guard
+        self._ae._servers.append(server)
+        threading.Thread(target=server.serve_forever, name="scp-accept", daemon=True).start()
+        self._server = server
         log.info(
             "SCP %s listening on %s:%d (tls=%s)",
             s.ae_title,
@@ -136,9 +207,8 @@ class StorageSCP:
 
     @property
     def active_associations(self) -> int:
-        if self._server is None:
-            return 0
-        return len(self._server.active_associations)
+        """Associations admitted and not yet closed."""
+        return self.guard.counts()[1]
 
     def drain(self, timeout: float) -> bool:
         """Refuse new associations, wait for running ones; True if all finished."""
@@ -153,18 +223,31 @@ class StorageSCP:
             self._server.shutdown()
             self._server = None
         self._ae.shutdown()
+        self.guard.stop()
+        self._outcomes.put(None)
+        self._notifier.join(10)
 
     def is_alive(self) -> bool:
-        return self._server is not None
+        """The accept loop turned recently (it turns every 0.5 s, busy or idle)."""
+        server = self._server
+        if server is None:
+            return False
+        return time.monotonic() - server.last_loop < self.settings.liveness_seconds
 
     # -- handlers (run in the association's thread) ----------------------
     def _peer(self, event: evt.Event) -> tuple[str, str]:
+        """(calling AE title, address), the title escaped: it is the peer's text."""
         req = event.assoc.requestor
         # In EVT_REQUESTED pynetdicom has not yet copied the calling AE title
         # from the A-ASSOCIATE-RQ to `requestor.ae_title` (it does so during
         # negotiation, after the handler): read it from the request itself.
         ae_title = req.primitive.calling_ae_title if req.primitive is not None else req.ae_title
-        return str(ae_title).strip(), str(req.address)
+        return printable(str(ae_title).strip()), str(req.address)
+
+    @staticmethod
+    def _conn(event: evt.Event) -> Connection | None:
+        sock = event.assoc.dul.socket
+        return getattr(sock, "guard_conn", None)
 
     def _reject(
         self, event: evt.Event, source: int, diagnostic: int, result: int, why: str
@@ -176,30 +259,82 @@ class StorageSCP:
         # once and the peer often sees an abort instead of the rejection.
         event.assoc.kill()
         log.warning("association from %s@%s rejected: %s", ae_title, address, why)
-        self._notify(AssociationOutcome(False, ae_title, address, why))
+        self._notify(AssociationOutcome("rejected", ae_title, address, why))
 
     def _handle_requested(self, event: evt.Event) -> None:
         ae_title, address = self._peer(event)
+        primitive = event.assoc.requestor.primitive
+        called = str(primitive.called_ae_title).strip() if primitive is not None else ""
         if self._draining.is_set():
             # Transient: the modality should retry once we are back.
             self._reject(event, 0x03, 0x01, 0x02, "shutting down")
             return
+        if self.settings.check_called_ae_title and called != self.settings.ae_title:
+            self._reject(
+                event, 0x01, 0x07, 0x01, f"called AE title {printable(called)!r} is not ours"
+            )
+            return
         rules = self.settings.allowed_peers
         if rules and not any(rule.allows(ae_title, address) for rule in rules):
             self._reject(event, 0x01, 0x03, 0x01, "calling AE title not allowed from this address")
+            return
+        conn = self._conn(event)
+        if conn is not None:
+            full = self.guard.admit(conn, ae_title)
+            if full is not None:
+                # Transient, local limit exceeded: the sender retries later.
+                self._reject(event, 0x03, 0x02, 0x02, full)
 
     def _handle_accepted(self, event: evt.Event) -> None:
         ae_title, address = self._peer(event)
         log.info("association accepted from %s@%s", ae_title, address)
-        self._notify(AssociationOutcome(True, ae_title, address))
+        self._notify(AssociationOutcome("accepted", ae_title, address))
+
+    def _handle_rejected(self, event: evt.Event) -> None:
+        # pynetdicom's own rejections (protocol version, user identity...);
+        # ours are reported in _reject.
+        ae_title, address = self._peer(event)
+        why = "rejected during negotiation"
+        log.warning("association from %s@%s rejected: %s", ae_title, address, why)
+        self._notify(AssociationOutcome("rejected", ae_title, address, why))
+
+    def _handle_aborted(self, event: evt.Event) -> None:
+        ae_title, address = self._peer(event)
+        conn = self._conn(event)
+        if conn is not None and conn.cut_reason is not None:
+            return  # we cut it: reported by the guard already
+        why = "A-ABORT (by the peer, or after a protocol error)"
+        log.warning("association from %s@%s aborted: %s", ae_title, address, why)
+        self._notify(AssociationOutcome("aborted", ae_title, address, why))
+
+    def _handle_closed(self, event: evt.Event) -> None:
+        conn = self._conn(event)
+        if conn is not None:
+            self.guard.release(conn)
+
+    def _on_guard_event(self, event: GuardEvent) -> None:
+        self._notify(
+            AssociationOutcome(event.kind, event.calling_ae, event.address, event.reason)  # type: ignore[arg-type]
+        )
 
     def _notify(self, outcome: AssociationOutcome) -> None:
         if self._on_association is None:
             return
         try:
-            self._on_association(outcome)
-        except Exception:
-            log.exception("association callback failed")
+            self._outcomes.put_nowait(outcome)
+        except queue.Full:
+            self._dropped += 1
+
+    def _notify_loop(self) -> None:
+        while (outcome := self._outcomes.get()) is not None:
+            if self._dropped:
+                log.warning("%d association outcomes not audited (queue full)", self._dropped)
+                self._dropped = 0
+            assert self._on_association is not None
+            try:
+                self._on_association(outcome)
+            except Exception:
+                log.exception("association callback failed")
 
     def _handle_echo(self, event: evt.Event) -> int:
         return 0x0000
@@ -218,9 +353,15 @@ class StorageSCP:
         )
         try:
             return self._on_store(obj)
-        except Exception:
+        except Exception as exc:
             # Never let one object take the association down: refuse it and go on.
-            log.exception("store handler failed for SOP instance %s", obj.sop_instance_uid)
+            # One line: exception texts may quote values of the dataset.
+            log.error(
+                "store handler failed for SOP instance %s: %s",
+                printable(obj.sop_instance_uid),
+                type(exc).__name__,
+            )
+            log.debug("store handler traceback", exc_info=exc)
             return 0xA700
 
     def _handle_event_report(self, event: evt.Event) -> tuple[int, None]:

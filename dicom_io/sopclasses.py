@@ -3,22 +3,59 @@
 from __future__ import annotations
 
 import pynetdicom.sop_class as sop_class
+from pydicom.uid import (
+    DeflatedExplicitVRLittleEndian,
+    ExplicitVRBigEndian,
+    ExplicitVRLittleEndian,
+    ImplicitVRLittleEndian,
+)
 from pynetdicom import ALL_TRANSFER_SYNTAXES
 
-# Every image storage class pynetdicom knows: CT, MR, CR, DX, MG, US, XA, NM,
-# PT, SC and the enhanced and legacy-converted multi-frame families. Non-image
-# objects (SR, PDF, waveforms, RT) are refused at association negotiation:
-# there is nothing for an image model to read in them.
-IMAGE_STORAGE_CLASSES: dict[str, str] = {
-    str(getattr(sop_class, name)): name
-    for name in sorted(dir(sop_class))
-    if name.endswith("Storage") and "Image" in name
+# Every storage SOP class pynetdicom knows (PS3.4 Annex B): a PACS that
+# auto-routes forwards whole studies, SR, SEG, PR, KO, RT and waveforms with
+# the images, and refusing those fails its jobs. What is done with them is
+# the receive stage's decision (scp.non_image_objects).
+STORAGE_CLASSES: dict[str, str] = {
+    str(uid): name for name, uid in sorted(sop_class._STORAGE_CLASSES.items())
 }
 
-# Accepted and stored as they arrive, compressed ones included: the receive
-# path never decodes pixel data.
-TRANSFER_SYNTAXES: list[str] = list(ALL_TRANSFER_SYNTAXES)
+# The image classes: CT, MR, CR, DX, MG, US, XA, NM, PT, SC and the enhanced
+# and legacy-converted multi-frame families. Only these are analysed.
+IMAGE_STORAGE_CLASSES: dict[str, str] = {
+    uid: name for uid, name in STORAGE_CLASSES.items() if "Image" in name
+}
+
+# Image classes we produce ourselves (none today besides what a future summary
+# image would be): an object of these classes whose SOP Instance UID is in our
+# outbox came back from the PACS and must not be analysed (loop guard).
+OWN_IMAGE_CLASSES = frozenset(
+    str(uid)
+    for uid in (
+        sop_class.SecondaryCaptureImageStorage,
+        sop_class.MultiFrameTrueColorSecondaryCaptureImageStorage,
+    )
+)
+
+_UNCOMPRESSED = [
+    ExplicitVRLittleEndian,
+    DeflatedExplicitVRLittleEndian,
+    ImplicitVRLittleEndian,
+    ExplicitVRBigEndian,
+]
+
+# The acceptor's order decides which of the offered syntaxes is taken
+# (pynetdicom's negotiate_as_acceptor). Compressed ones first: the object is
+# kept exactly as the modality compressed it. Then Explicit VR before
+# Implicit: Implicit loses the VR of private elements.
+TRANSFER_SYNTAXES: list[str] = [
+    *(str(ts) for ts in ALL_TRANSFER_SYNTAXES if ts not in _UNCOMPRESSED),
+    *(str(ts) for ts in _UNCOMPRESSED),
+]
 
 
 def is_image_storage(uid: str) -> bool:
     return uid in IMAGE_STORAGE_CLASSES
+
+
+def is_storage(uid: str) -> bool:
+    return uid in STORAGE_CLASSES

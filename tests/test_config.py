@@ -150,7 +150,7 @@ def test_defaults() -> None:
     assert config.scp.port == 11112
     assert config.scp.allowed_peers == []
     assert config.scp.tls.enabled is False
-    assert config.scp.max_pdu_size == 0
+    assert config.scp.max_pdu_size == 1024 * 1024
     assert config.storage.fsync is True
     assert config.database.sqlite_synchronous == "NORMAL"
     assert config.database_url == f"sqlite:///{config.storage.state_dir / 'secondreader.db'}"

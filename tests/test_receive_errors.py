@@ -14,6 +14,7 @@ from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
+from pydicom import dcmread
 from pydicom.uid import generate_uid
 
 from db.audit import EventType
@@ -182,35 +183,70 @@ def test_missing_sop_instance_uid(err: DaemonProcess, err_db: DaemonDB, tmp_path
     _assert_still_accepts(err, err_db, tmp_path)
 
 
-def test_non_image_sop_class_is_refused_at_negotiation(
+def test_non_image_object_is_kept_audited_and_never_analysed(
     err: DaemonProcess, err_db: DaemonDB, tmp_path: Path
 ) -> None:
+    """A PACS that routes whole studies sends SR next to the images: kept, never analysed."""
     sr = sample_file(NON_IMAGE)
     h = header(sr)
     SENT.append(h)
-    good = ct_study(tmp_path / "good", 1, size=64)[0]
-    SENT.append(header(good))
     mark = _last_event_id(err_db)
 
-    alone = storescu(err.port, [sr], extra=["-R"])
-    assert alone.returncode != 0
-    assert "No Acceptable Presentation Contexts" in alone.stderr
-    # Next to an image: that context alone is rejected, the image goes through.
-    mixed = storescu(err.port, [sr, good], extra=["-R", "--no-halt", "-v"])
-    assert "No presentation context for: (SRt)" in mixed.stderr
-    assert "Received Store Response (Success)" in mixed.stderr
-    assert spool_path(err.state, header(good)).exists()
-    _assert_nothing_spooled(err, h)
+    r = storescu(err.port, [sr], extra=["-R"])
+    assert r.returncode == 0, r.stderr
+    kept = err.state / "ancillary" / h.study_instance_uid / h.series_instance_uid
+    # storescu re-encodes it as Explicit VR, which we prefer: same content, new bytes.
+    assert dcmread(kept / f"{h.sop_instance_uid}.dcm") == dcmread(sr)
+    # It is not an instance of a study: no study row, nothing to complete or analyse.
     assert err_db.study(h.study_instance_uid) is None
-    # No C-STORE ever came for it: the trail has the associations, no instance event.
-    accepted = err.wait_for(
-        lambda: (
-            (e := _new_events(err_db, EventType.ASSOCIATION_ACCEPTED, mark)) and len(e) == 2 and e
-        )
-    )
-    assert [e.actor for e in accepted] == ["STORESCU", "STORESCU"]
+    _assert_nothing_spooled(err, h)
+    ignored = _new_events(err_db, EventType.INSTANCE_IGNORED, mark)
+    assert [(e.sop_instance_uid, e.detail["reason"], e.detail["stored"]) for e in ignored] == [
+        (h.sop_instance_uid, "non-image", True)
+    ]
     assert _new_events(err_db, EventType.INSTANCE_FAILED, mark) == []
     _assert_still_accepts(err, err_db, tmp_path)
+
+
+@pytest.mark.parametrize("policy", ["refuse", "discard", "refused-class"])
+def test_non_image_policies(daemon_factory, tmp_path: Path, policy: str) -> None:  # type: ignore[no-untyped-def]
+    sr = sample_file(NON_IMAGE)
+    h = header(sr)
+    config = {
+        "refuse": 'non_image_objects = "refuse"',
+        "discard": 'non_image_objects = "discard"',
+        "refused-class": f'refused_sop_classes = ["{h.sop_class_uid}"]',
+    }[policy]
+    d = daemon_factory(RECEIVE_ONLY)
+    d.config_path.write_text(d.config_path.read_text().replace("[scp]\n", f"[scp]\n{config}\n"))
+    d.start()
+    db = DaemonDB(f"sqlite:///{d.state / 'secondreader.db'}")
+    try:
+        good = ct_study(tmp_path / "good", 1, size=64)[0]
+        if policy == "discard":
+            r = storescu(d.port, [sr], extra=["-R"])
+            assert r.returncode == 0, r.stderr
+            assert not (d.state / "ancillary").exists() or not any(
+                (d.state / "ancillary").rglob("*.dcm")
+            )
+            ignored = db.events(EventType.INSTANCE_IGNORED)
+            assert [(e.sop_instance_uid, e.detail["stored"]) for e in ignored] == [
+                (h.sop_instance_uid, False)
+            ]
+        else:
+            alone = storescu(d.port, [sr], extra=["-R"])
+            assert alone.returncode != 0
+            assert "No Acceptable Presentation Contexts" in alone.stderr
+            # Next to an image: that context alone is rejected, the image goes through.
+            mixed = storescu(d.port, [sr, good], extra=["-R", "--no-halt", "-v"])
+            assert "No presentation context for: (SRt)" in mixed.stderr
+            assert "Received Store Response (Success)" in mixed.stderr
+            assert spool_path(d.state, header(good)).exists()
+        assert db.study(h.study_instance_uid) is None
+        _assert_nothing_spooled(d, h)
+    finally:
+        db.close()
+        d.stop()
 
 
 def test_caller_not_on_the_allow_list(err: DaemonProcess, err_db: DaemonDB, tmp_path: Path) -> None:
@@ -259,7 +295,7 @@ def test_error_log_holds_no_patient_names_or_ids(
     assert storescu(err.port, [source], aet="STRANGER").returncode != 0
     _assert_still_accepts(err, err_db, tmp_path)
     log = err.log()
-    assert "refused SOP instance from RAWSCU" in log
+    assert "from RAWSCU: dataset is truncated" in log
     assert "association from STRANGER@127.0.0.1 rejected" in log
     assert phi_in(log, phi_values([*SENT, header(sample_file("CT_small.dcm"))])) == []
     assert err.stop() == 0

@@ -1,0 +1,324 @@
+"""The association server, hardened against peers that stall, drip or lie.
+
+pynetdicom 3.0.x (pinned in pyproject) leaves an accepted socket without any
+timeout, performs the TLS handshake in its single accept thread, reads
+whatever PDU length a peer declares, and counts every open connection against
+`maximum_associations` before its request is even parsed. On a hospital
+network any of these lets one anonymous host shut the receiver (shared notes,
+"pynetdicom under hostile peers"). This module changes exactly those points:
+
+* accept only in the accept thread; the TLS handshake runs in the
+  connection's own thread, under the request deadline;
+* a connection must have its association admitted within
+  `request_timeout` of the accept, whatever it sends meanwhile (a reaper
+  thread shuts the socket down past the deadline: half-sent requests, slow
+  drips and stalled handshakes alike);
+* every PDU must arrive whole within `pdu_timeout`, and a socket write
+  blocked that long fails, so a peer that stops reading cannot hold a slot;
+* the declared length of a PDU is capped: small before the association is
+  admitted, our maximum PDU size after;
+* connections not yet admitted are limited per source address and in all,
+  and only admitted associations count against the association limit.
+
+It relies on these pynetdicom internals: `AssociationServer.get_request`,
+`ThreadingMixIn.process_request_thread`, `RequestHandler._create_association`
+and `AssociationSocket.recv`, and on the DUL reading a PDU as recv(6) then
+recv(length). A pynetdicom upgrade must re-check them (tests/test_hostile.py).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+import socket
+import ssl
+import threading
+import time
+from collections.abc import Callable
+from dataclasses import dataclass
+from typing import TYPE_CHECKING, Any
+
+from pynetdicom.transport import AssociationSocket, RequestHandler, ThreadedAssociationServer
+
+from dicom_io.text import printable
+
+if TYPE_CHECKING:
+    from pynetdicom.association import Association
+
+log = logging.getLogger(__name__)
+
+_PDU_HEADER = 6  # type, reserved, 4-byte length: what the DUL reads first
+
+
+@dataclass(frozen=True)
+class GuardLimits:
+    # From the TCP accept to the association admitted: TLS handshake included.
+    request_timeout: float = 10.0
+    # One PDU, from its first byte to its last; also the limit of one blocked write.
+    pdu_timeout: float = 60.0
+    # Declared PDU length before the association is admitted. An A-ASSOCIATE-RQ
+    # with 128 presentation contexts of several syntaxes each is about 30 KB.
+    max_request_pdu: int = 256 * 1024
+    # After: what we announced as our maximum PDU (P-DATA PDVs), plus headers.
+    max_pdu: int = 1024 * 1024
+    max_pending_per_address: int = 4
+    max_pending: int = 64
+
+
+@dataclass
+class Connection:
+    """One accepted TCP connection, from accept to close."""
+
+    address: str
+    port: int
+    accepted_at: float
+    # A second handle on the same socket: shutting it down wakes any thread
+    # blocked on the connection, TLS-wrapped or not.
+    control: socket.socket
+    admitted: bool = False
+    closed: bool = False
+    assoc: Association | None = None
+    cut_reason: str | None = None
+    calling_ae: str = ""
+
+    @property
+    def peer(self) -> str:
+        who = f"{printable(self.calling_ae)}@" if self.calling_ae else ""
+        return f"{who}{self.address}:{self.port}"
+
+
+@dataclass(frozen=True)
+class GuardEvent:
+    """A connection the guard refused or cut, for the log and the audit trail."""
+
+    kind: str  # "rejected" (refused at accept) or "aborted" (cut later)
+    address: str
+    calling_ae: str
+    reason: str
+
+
+class ConnectionGuard:
+    """Book-keeping of open connections; thread-safe."""
+
+    def __init__(
+        self,
+        limits: GuardLimits,
+        max_associations: int,
+        on_event: Callable[[GuardEvent], None],
+    ) -> None:
+        self.limits = limits
+        self.max_associations = max_associations
+        self._on_event = on_event
+        self._lock = threading.Lock()
+        self._conns: dict[int, Connection] = {}
+        self._stop = threading.Event()
+        self._reaper = threading.Thread(target=self._reap_loop, name="scp-reaper", daemon=True)
+
+    def start(self) -> None:
+        self._reaper.start()
+
+    def stop(self) -> None:
+        self._stop.set()
+
+    # -- accounting --------------------------------------------------------
+    def register(self, sock: socket.socket, address: tuple[Any, ...]) -> Connection | None:
+        """A new TCP connection; None (and an event) if its address has too many pending."""
+        host, port = str(address[0]), int(address[1])
+        with self._lock:
+            pending = [c for c in self._conns.values() if not c.admitted]
+            from_host = sum(c.address == host for c in pending)
+            if from_host >= self.limits.max_pending_per_address:
+                why = f"{from_host} connections from this address await association already"
+            elif len(pending) >= self.limits.max_pending:
+                why = f"{len(pending)} connections await association already"
+            else:
+                conn = Connection(host, port, time.monotonic(), sock.dup())
+                self._conns[id(conn)] = conn
+                return conn
+        self._event(GuardEvent("rejected", host, "", why))
+        log.warning("connection from %s:%d refused: %s", host, port, why)
+        return None
+
+    def admit(self, conn: Connection, calling_ae: str) -> str | None:
+        """Count the association as admitted; returns why not, if the limit is reached."""
+        with self._lock:
+            conn.calling_ae = calling_ae
+            admitted = sum(c.admitted for c in self._conns.values())
+            if admitted >= self.max_associations:
+                return f"{admitted} associations in progress (scp.max_associations)"
+            conn.admitted = True
+            return None
+
+    def release(self, conn: Connection) -> None:
+        with self._lock:
+            if conn.closed:
+                return
+            conn.closed = True
+            self._conns.pop(id(conn), None)
+        with contextlib.suppress(OSError):
+            conn.control.close()
+
+    def counts(self) -> tuple[int, int]:
+        """(pending, admitted) connections."""
+        with self._lock:
+            admitted = sum(c.admitted for c in self._conns.values())
+            return len(self._conns) - admitted, admitted
+
+    # -- cutting -----------------------------------------------------------
+    def cut(self, conn: Connection, reason: str) -> None:
+        """Close the connection at once, logged and reported once."""
+        with self._lock:
+            first = conn.cut_reason is None and not conn.closed
+            if first:
+                conn.cut_reason = reason
+        if not first:
+            return
+        log.warning("connection from %s closed: %s", conn.peer, reason)
+        self._event(GuardEvent("aborted", conn.address, conn.calling_ae, reason))
+        with contextlib.suppress(OSError):
+            conn.control.shutdown(socket.SHUT_RDWR)
+
+    def _reap_loop(self) -> None:
+        while not self._stop.wait(0.25):
+            now = time.monotonic()
+            with self._lock:
+                conns = list(self._conns.values())
+            for conn in conns:
+                if conn.assoc is not None and not conn.assoc.is_alive():
+                    self.release(conn)
+                elif not conn.admitted and now - conn.accepted_at > self.limits.request_timeout:
+                    self.cut(
+                        conn,
+                        f"no association admitted within {self.limits.request_timeout:g} s "
+                        "of the connection",
+                    )
+
+    def _event(self, event: GuardEvent) -> None:
+        try:
+            self._on_event(event)
+        except Exception:
+            log.exception("guard event callback failed")
+
+
+_current = threading.local()
+
+
+class GuardedSocket(AssociationSocket):
+    """pynetdicom's socket wrapper with deadlines and a PDU length cap on reads.
+
+    Installed by re-classing the instance pynetdicom creates (see
+    `_GuardedRequestHandler`), so only `recv` changes.
+    """
+
+    guard_conn: Connection
+    guard: ConnectionGuard
+
+    def recv(self, nr_bytes: int) -> bytearray:
+        conn, limits = self.guard_conn, self.guard.limits
+        if nr_bytes != _PDU_HEADER:
+            cap = limits.max_pdu if conn.admitted else limits.max_request_pdu
+            if nr_bytes > cap:
+                state = "admitted" if conn.admitted else "unidentified"
+                self.guard.cut(
+                    conn, f"declared PDU length {nr_bytes} over the limit {cap} ({state} peer)"
+                )
+                return bytearray()  # the DUL sees a short PDU: connection closed
+        sock = self.socket
+        assert sock is not None
+        deadline = time.monotonic() + limits.pdu_timeout
+        data = bytearray()
+        try:
+            while len(data) < nr_bytes:
+                remaining = deadline - time.monotonic()
+                if remaining <= 0:
+                    raise TimeoutError
+                sock.settimeout(remaining)
+                chunk = sock.recv(min(nr_bytes - len(data), 65536))
+                if not chunk:
+                    break
+                data.extend(chunk)
+        except TimeoutError:
+            self.guard.cut(
+                conn,
+                f"PDU not received whole within {limits.pdu_timeout:g} s "
+                f"({len(data)} of {nr_bytes} bytes)",
+            )
+        except OSError:
+            pass  # closed under us (a cut) or reset: the DUL handles the short read
+        finally:
+            with contextlib.suppress(OSError):
+                sock.settimeout(limits.pdu_timeout)  # bounds blocked writes too
+        return data
+
+
+class _GuardedRequestHandler(RequestHandler):
+    server: GuardedAssociationServer
+
+    def _create_association(self) -> Association:
+        assoc = super()._create_association()
+        conn: Connection = _current.conn
+        sock = assoc.dul.socket
+        assert sock is not None
+        sock.__class__ = GuardedSocket
+        guarded: GuardedSocket = sock  # type: ignore[assignment]
+        guarded.guard_conn = conn
+        guarded.guard = self.server.guard
+        conn.assoc = assoc
+        return assoc
+
+
+class GuardedAssociationServer(ThreadedAssociationServer):
+    """ThreadedAssociationServer with the connection guard; pass as `server_class`."""
+
+    guard: ConnectionGuard
+    tls_context: ssl.SSLContext | None
+
+    def __init__(self, *args: Any, **kwargs: Any) -> None:
+        kwargs["request_handler"] = _GuardedRequestHandler
+        self.last_loop = time.monotonic()
+        # Accepted sockets awaiting their thread (sockets take no attributes).
+        self._accepted: dict[int, Connection] = {}
+        super().__init__(*args, **kwargs)
+        # The base class would wrap (handshake) in the accept thread: take the context away.
+        self.tls_context, self.ssl_context = self.ssl_context, None
+
+    def get_request(self) -> tuple[socket.socket, Any]:
+        assert self.socket is not None
+        return self.socket.accept()
+
+    def verify_request(self, request: Any, client_address: Any) -> bool:
+        conn = self.guard.register(request, client_address)
+        if conn is None:
+            return False
+        self._accepted[id(request)] = conn
+        return True
+
+    def service_actions(self) -> None:
+        # Called by serve_forever on every loop, busy or idle: the liveness stamp.
+        self.last_loop = time.monotonic()
+        super().service_actions()
+
+    def process_request_thread(self, request: Any, client_address: Any) -> None:
+        conn = self._accepted.pop(id(request))
+        limits = self.guard.limits
+        try:
+            request.settimeout(limits.pdu_timeout)
+            if self.tls_context is not None:
+                request = self.tls_context.wrap_socket(
+                    request, server_side=True, do_handshake_on_connect=False
+                )
+                request.do_handshake()
+        except (OSError, ValueError) as exc:
+            reason = f"TLS handshake failed: {type(exc).__name__}"
+            if conn.cut_reason is None:
+                self.guard.cut(conn, reason)
+            self.shutdown_request(request)
+            self.guard.release(conn)
+            return
+        _current.conn = conn
+        try:
+            super().process_request_thread(request, client_address)
+        finally:
+            _current.conn = None
+            if conn.assoc is None:  # never became an association
+                self.guard.release(conn)
