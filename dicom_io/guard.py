@@ -80,6 +80,8 @@ class Connection:
     assoc: Association | None = None
     cut_reason: str | None = None
     calling_ae: str = ""
+    # Its association's outcome (accepted, rejected) was reported by the SCP.
+    reported: bool = False
 
     @property
     def peer(self) -> str:
@@ -155,6 +157,12 @@ class ConnectionGuard:
                 return
             conn.closed = True
             self._conns.pop(id(conn), None)
+            silent = not conn.reported and conn.cut_reason is None
+        if silent:
+            # A malformed or incomplete request that pynetdicom aborted on its own.
+            why = "closed before an association was established (malformed or incomplete request)"
+            log.warning("connection from %s %s", conn.peer, why)
+            self._event(GuardEvent("aborted", conn.address, conn.calling_ae, why))
         with contextlib.suppress(OSError):
             conn.control.close()
 
@@ -272,6 +280,9 @@ class GuardedAssociationServer(ThreadedAssociationServer):
 
     guard: ConnectionGuard
     tls_context: ssl.SSLContext | None
+    # The listen backlog (socketserver's default is 5): a burst of connections
+    # waits in the kernel instead of retrying its SYN a second or more later.
+    request_queue_size = 128
 
     def __init__(self, *args: Any, **kwargs: Any) -> None:
         kwargs["request_handler"] = _GuardedRequestHandler

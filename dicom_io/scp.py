@@ -253,6 +253,7 @@ class StorageSCP:
         self, event: evt.Event, source: int, diagnostic: int, result: int, why: str
     ) -> None:
         ae_title, address = self._peer(event)
+        self._reported(event)
         event.assoc.acse.send_reject(result, source, diagnostic)
         # As pynetdicom's own rejections do: wait until the A-ASSOCIATE-RJ is out
         # and the peer has closed. Otherwise the reactor closes the socket at
@@ -285,8 +286,14 @@ class StorageSCP:
                 # Transient, local limit exceeded: the sender retries later.
                 self._reject(event, 0x03, 0x02, 0x02, full)
 
+    def _reported(self, event: evt.Event) -> None:
+        conn = self._conn(event)
+        if conn is not None:
+            conn.reported = True
+
     def _handle_accepted(self, event: evt.Event) -> None:
         ae_title, address = self._peer(event)
+        self._reported(event)
         log.info("association accepted from %s@%s", ae_title, address)
         self._notify(AssociationOutcome("accepted", ae_title, address))
 
@@ -294,6 +301,7 @@ class StorageSCP:
         # pynetdicom's own rejections (protocol version, user identity...);
         # ours are reported in _reject.
         ae_title, address = self._peer(event)
+        self._reported(event)
         why = "rejected during negotiation"
         log.warning("association from %s@%s rejected: %s", ae_title, address, why)
         self._notify(AssociationOutcome("rejected", ae_title, address, why))

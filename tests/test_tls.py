@@ -15,6 +15,8 @@ from pathlib import Path
 import pytest
 
 from db.audit import EventType
+from db.models import AuditEvent
+from tests.attacks import closed_by_peer, connect
 from tests.conftest import DaemonProcess, require_tool, storescu
 from tests.dicomgen import (
     RECEIVE_ONLY,
@@ -112,6 +114,7 @@ cert_file = "{pki.server_cert}"
 key_file = "{pki.server_key}"
 ca_file = "{pki.ca}"
 """,
+        env={"SECONDREADER_SCP__REQUEST_TIMEOUT_SECONDS": "2"},
     )
     d.start()
     yield d
@@ -175,3 +178,33 @@ def test_dcmtk_storescu_over_tls(tls_daemon: DaemonProcess, pki: PKI, tmp_path: 
         assert "Association Request Failed" in r.stderr
     assert not spool_path(tls_daemon.state, header(others[0])).exists()
     assert part_files(tls_daemon.state) == []
+
+
+def test_a_silent_tcp_peer_does_not_block_tls_associations(
+    tls_daemon: DaemonProcess, pki: PKI
+) -> None:
+    """The handshake ran in the accept thread: one idle connection blocked every TLS peer."""
+    db = DaemonDB(f"sqlite:///{tls_daemon.state / 'secondreader.db'}")
+    mark = max((e.id for e in db.events()), default=0)
+    with connect(tls_daemon.port, "127.0.0.80") as silent:
+        rc, out = _echo(
+            tls_daemon,
+            "--tls",
+            "--tls-ca", str(pki.ca),
+            "--tls-cert", str(pki.client_cert),
+            "--tls-key", str(pki.client_key),
+        )  # fmt: skip
+        assert rc == 0, out
+        # The silent one is cut at the request deadline (2 s here).
+        assert closed_by_peer(silent, 20)
+
+    def cut() -> list[AuditEvent]:
+        return [
+            e
+            for e in db.events(EventType.ASSOCIATION_ABORTED)
+            if e.id > mark and e.detail["address"] == "127.0.0.80"
+        ]
+
+    events = tls_daemon.wait_for(cut, timeout=20)
+    assert "no association admitted within 2 s" in events[0].detail["reason"]
+    db.close()
