@@ -124,6 +124,19 @@ def _cmd_deliveries_retry(config: Config, args: argparse.Namespace) -> int:
     return 0
 
 
+def _cmd_reports_retry(config: Config, args: argparse.Namespace) -> int:
+    from daemon.service import open_database
+    from db.reports import requeue_failed_reports
+
+    db = open_database(config)
+    with db.session() as s:
+        ids = requeue_failed_reports(s, run_ids=args.ids, actor="cli")
+    db.dispose()
+    # The running daemon builds them again at its next report tick.
+    print(f"re-queued {len(ids)} failed report(s)" + (f": runs {ids}" if ids else ""))
+    return 0
+
+
 def _remote(config: Config, args: argparse.Namespace):  # type: ignore[no-untyped-def]
     from dicom_io.scu import RemoteAE
     from dicom_io.tls import client_context
@@ -330,6 +343,12 @@ def build_parser() -> argparse.ArgumentParser:
     q.add_argument("--id", dest="ids", type=int, action="append", default=[], help="item id")
     q.add_argument("--destination", help="only this destination's dead letters")
     q.set_defaults(func=_cmd_deliveries_retry)
+
+    p = sub.add_parser("reports", help="the report stage: AI result and not-run SRs")
+    rsub = p.add_subparsers(dest="reports_command", required=True)
+    q = rsub.add_parser("retry", help="build failed reports again (all, or the runs selected)")
+    q.add_argument("--run", dest="ids", type=int, action="append", default=[], help="run id")
+    q.set_defaults(func=_cmd_reports_retry)
 
     p = sub.add_parser("model", help="train and evaluate models")
     msub = p.add_subparsers(dest="model_command", required=True)

@@ -16,6 +16,7 @@ from __future__ import annotations
 import io
 import logging
 from dataclasses import dataclass
+from typing import Any
 
 from pydicom import dcmread
 from pydicom.dataset import Dataset
@@ -31,10 +32,12 @@ from db.reports import (
     record_report_failure,
 )
 from db.session import Database
+from dicom_io.headers import UNKNOWN_MODALITY, read_header
 from dicom_io.identify import valid_uid
 from dicom_io.seg import build_saliency_seg
 from dicom_io.spool import Spool
 from dicom_io.sr import build_ai_result_sr, build_not_run_sr, finding_tracking_uid
+from dicom_io.text import printable, safe_error, scrub_values
 from model.results import Finding, Outcome
 
 log = logging.getLogger(__name__)
@@ -74,22 +77,30 @@ class Reporter:
                 run = load_pending_run(s, run_id, state_dir=self.state_dir)
         except (OSError, ValueError) as exc:
             # Its saliency file is missing or unreadable, or its rows are invalid.
-            self._fail(run_id, None, f"cannot read the run back: {type(exc).__name__}: {exc}")
+            self._fail(run_id, None, f"cannot read the run back: {safe_error(exc)}")
             return False
         if run is None:
             return False
         study_uid = run.result.study_instance_uid
         try:
-            objects = self._build(run)
+            headers = self._headers(run)
+            objects = self._build(run, headers)
         except ReportError as exc:
             self._fail(run_id, study_uid, str(exc))
             return False
         except Exception as exc:
             # Builders are deterministic: the same rows fail the same way on
-            # every tick, so this is recorded rather than retried.
-            log.exception("building the report of run %d failed", run_id)
-            self._fail(run_id, study_uid, f"{type(exc).__name__}: {exc}")
-            return False
+            # every tick, so retrying would not help. The radiologist still
+            # gets an SR: one that says the AI result could not be encoded.
+            error = safe_error(exc)
+            log.error("run %d: the AI result SR could not be built: %s", run_id, error)
+            log.debug("run %d traceback", run_id, exc_info=exc)
+            try:
+                objects = [self._not_run(run, headers, self._encoding_failure(error))]
+            except Exception as again:
+                log.debug("run %d traceback", run_id, exc_info=again)
+                self._fail(run_id, study_uid, f"{error}; not-run SR: {safe_error(again)}")
+                return False
         # Files first, rows second: a crash in between leaves files that the
         # next pass overwrites (the UIDs are derived from the run), never a
         # queued row without its file.
@@ -135,12 +146,13 @@ class Reporter:
         return done
 
     # -- building ----------------------------------------------------------
-    def _build(self, run: PendingRun) -> list[BuiltObject]:
-        result = run.result
+    @staticmethod
+    def _encoding_failure(error: str) -> str:
+        return f"the AI result could not be written as a DICOM SR ({error})"
+
+    def _common(self, run: PendingRun) -> dict[str, Any]:
         cfg = self.config.report
-        headers = self._headers(run)
-        predecessor = self._predecessor(run)
-        common = {
+        return {
             "series_number": cfg.series_number,
             "series_instance_uid": self._uid(run, "sr-series"),
             "sop_instance_uid": self._uid(run, "sr"),
@@ -148,26 +160,34 @@ class Reporter:
             "manufacturer_model_name": cfg.manufacturer_model_name,
             "institution_name": cfg.institution_name,
             "institutional_department_name": cfg.institutional_department_name,
-            "predecessor": predecessor,
+            "predecessor": self._predecessor(run),
         }
+
+    def _not_run(self, run: PendingRun, headers: list[Dataset], reason: str) -> BuiltObject:
+        result = run.result
+        outcome = result.outcome if result.outcome != Outcome.ANALYSED else Outcome.FAILED
+        sr = build_not_run_sr(
+            headers,
+            reason,
+            result.algorithm,
+            outcome=outcome,
+            series_description=self.config.report.not_run_series_description,
+            **self._common(run),
+        )
+        return BuiltObject("sr", sr)
+
+    def _build(self, run: PendingRun, headers: list[Dataset]) -> list[BuiltObject]:
+        result = run.result
+        cfg = self.config.report
         if result.outcome != Outcome.ANALYSED:
-            reason = result.reason or f"AI analysis outcome: {result.outcome}"
-            sr = build_not_run_sr(
-                headers,
-                reason,
-                result.algorithm,
-                outcome=result.outcome,
-                series_description=cfg.not_run_series_description,
-                **common,
-            )
-            return [BuiltObject("sr", sr)]
+            return [self._not_run(run, headers, result.reason or f"outcome: {result.outcome}")]
         seg = self._seg(run, headers) if cfg.segmentation else None
         sr = build_ai_result_sr(
             result,
             headers,
             series_description=cfg.series_description,
             segmentation=seg,
-            **common,
+            **self._common(run),
         )
         # The SEG first: the SR lists it as evidence, so it should be there first.
         return [*([BuiltObject("seg", seg)] if seg is not None else []), BuiltObject("sr", sr)]
@@ -200,23 +220,33 @@ class Reporter:
                 manufacturer=cfg.manufacturer,
                 manufacturer_model_name=cfg.manufacturer_model_name,
             )
-        except ValueError as exc:
+        except Exception as exc:
             # The SR carries the findings; a map that does not fit its images
-            # (or is empty) must not hold them back.
-            log.warning("run %d: no saliency SEG: %s", run.run_id, exc)
+            # (or is empty, or headers highdicom will not take) must not hold them back.
+            log.warning("run %d: no saliency SEG: %s", run.run_id, safe_error(exc))
             return None
 
     def _headers(self, run: PendingRun) -> list[Dataset]:
+        """The source headers, repaired (dicom_io/headers.py): real images lack Type 2
+        attributes, even Modality, and carry malformed values."""
         if not run.source_paths:
             raise ReportError("no images of the study are recorded")
-        headers = []
+        raw = []
         for relative in run.source_paths:
             path = self.spool_dir / relative
             try:
-                headers.append(dcmread(path, stop_before_pixels=True))
+                raw.append(read_header(path))
             except FileNotFoundError as exc:
                 raise ReportError(f"image missing from the spool: {relative}") from exc
-        return headers
+            except Exception as exc:
+                raise ReportError(f"image unreadable in the spool: {relative}") from exc
+        # An image without Modality takes its series' (the first that has one).
+        modality = next((str(h.Modality) for h in raw if h.get("Modality") != "OT"), None)
+        if modality is not None:
+            for h in raw:
+                if h.Modality == UNKNOWN_MODALITY and modality != UNKNOWN_MODALITY:
+                    h.Modality = modality
+        return raw
 
     def _predecessor(self, run: PendingRun) -> Dataset | None:
         uid = run.predecessor_sr_uid
@@ -262,6 +292,7 @@ class Reporter:
         return f"{OUTBOX_DIR}/{relative}"
 
     def _fail(self, run_id: int, study_uid: str | None, error: str) -> None:
+        error = printable(scrub_values(error), limit=4000)
         log.error("report of run %d failed: %s", run_id, error)
         with self.db.session() as s:
             record_report_failure(s, run_id, study_uid, error)

@@ -31,6 +31,7 @@ from daemon.config import Config, WorkerConfig
 from db import jobs, migrate
 from db.jobs import ClaimedJob, LeaseLost, RetryPolicy
 from db.session import Database
+from dicom_io.text import safe_error
 
 log = logging.getLogger(__name__)
 
@@ -268,8 +269,9 @@ class Worker:
         )
 
     def _record_failure(self, job: ClaimedJob, exc: Exception) -> None:
-        # Our own exception messages carry UIDs and paths, never patient attributes.
-        error = f"{type(exc).__name__}: {exc}"
+        # Our own exception messages carry UIDs and paths; a library's may quote
+        # a dataset value (a name, a birth date): scrubbed before log and row.
+        error = safe_error(exc)
         log.warning("job %d attempt %d failed: %s", job.job_id, job.attempt, error)
         log.debug("job %d traceback", job.job_id, exc_info=exc)
         try:

@@ -39,6 +39,7 @@ class EventType:
     # The report and deliver stages (db/reports.py, db/outbox.py).
     REPORT_CREATED = "report.created"  # SR (+ SEG) built and queued in the outbox
     REPORT_FAILED = "report.failed"  # could not be built; the run needs attention
+    REPORT_REQUEUED = "report.requeued"  # `secondreader reports retry`
     DELIVERY_DONE = "delivery.done"  # stored (and committed, when asked) at a destination
     DELIVERY_ATTEMPT_FAILED = "delivery.attempt_failed"  # will be retried after a backoff
     DELIVERY_DEAD = "delivery.dead"  # gave up: `secondreader deliveries retry` re-queues

@@ -44,6 +44,7 @@ from db.models import (
     Job,
     JobState,
     ReportState,
+    RunOutcome,
     Series,
     Study,
     utcnow,
@@ -264,7 +265,55 @@ def fail_attempt(
         error=error,
         retry_at=retry_at.isoformat() if retry_at else None,
     )
+    if retry_at is None:
+        _record_failed_run(
+            session,
+            job.job_id,
+            job.study_id,
+            job.study_instance_uid,
+            job.owner,
+            attempts,
+            error,
+            now,
+        )
     return str(values["state"])
+
+
+def _record_failed_run(
+    session: Session,
+    job_id: int,
+    study_id: int,
+    study_uid: str,
+    actor: str,
+    attempts: int,
+    error: str,
+    now: datetime,
+) -> None:
+    """A job given up for good: a FAILED run, so the report stage sends the not-run SR.
+
+    The absence of an AI result is never silent.
+    """
+    run = AnalysisRun(
+        job_id=job_id,
+        study_id=study_id,
+        outcome=RunOutcome.FAILED,
+        reason=f"the AI analysis failed after {attempts} attempt(s): {error}",
+        provenance={},
+        created_at=now,
+        report_state=ReportState.PENDING,
+    )
+    session.add(run)
+    session.flush()
+    audit.record(
+        session,
+        EventType.ANALYSIS_RECORDED,
+        actor,
+        study_instance_uid=study_uid,
+        job_id=job_id,
+        run_id=run.id,
+        outcome=RunOutcome.FAILED,
+        reason=run.reason,
+    )
 
 
 def release_job(session: Session, job: ClaimedJob, *, now: datetime | None = None) -> bool:
@@ -359,6 +408,9 @@ def requeue_expired(
                     attempt=attempts,
                     error=error,
                     retry_at=None,
+                )
+                _record_failed_run(
+                    session, job_id, study_id, study_uid, actor, attempts, str(error), now
                 )
     return [r[0] for r in (*failed, *requeued)]
 

@@ -152,6 +152,7 @@ class RunOutcome:
     ANALYSED = "analysed"
     NOT_APPLICABLE = "not_applicable"
     FAILED_QC = "failed_qc"
+    FAILED = "failed"
 
 
 class ReportState:

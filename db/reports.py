@@ -27,6 +27,7 @@ from db.models import (
     ReportState,
     RunOutcome,
     Series,
+    Study,
     utcnow,
 )
 from db.outbox import NewOutboxItem, queue_items
@@ -175,6 +176,38 @@ def record_report_failure(
             run_id=run_id,
             error=error,
         )
+
+
+def requeue_failed_reports(
+    session: Session, *, run_ids: Sequence[int] = (), actor: str
+) -> list[int]:
+    """Failed reports back to pending (all, or `run_ids`); returns the run ids.
+
+    After a fix (a new version, a repaired spool file) the report stage
+    builds them again; each is audited.
+    """
+    stmt = select(AnalysisRun.id, AnalysisRun.study_id).where(
+        AnalysisRun.report_state == ReportState.FAILED
+    )
+    if run_ids:
+        stmt = stmt.where(AnalysisRun.id.in_(list(run_ids)))
+    rows = session.execute(stmt.order_by(AnalysisRun.id)).all()
+    for run_id, study_id in rows:
+        session.execute(
+            update(AnalysisRun)
+            .where(AnalysisRun.id == run_id, AnalysisRun.report_state == ReportState.FAILED)
+            .values(report_state=ReportState.PENDING, report_error=None)
+        )
+        audit.record(
+            session,
+            EventType.REPORT_REQUEUED,
+            actor,
+            study_instance_uid=session.execute(
+                select(Study.study_instance_uid).where(Study.id == study_id)
+            ).scalar_one(),
+            run_id=run_id,
+        )
+    return [r[0] for r in rows]
 
 
 def report_counts(session: Session) -> dict[str, int]:

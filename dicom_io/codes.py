@@ -53,6 +53,9 @@ AI_OUTCOME = hd.sr.CodedConcept("AI-OUTCOME", PRIVATE_SCHEME, "AI analysis outco
 OUTCOME_NOT_APPLICABLE = hd.sr.CodedConcept(
     "NOT-APPLICABLE", PRIVATE_SCHEME, "No AI model applies to this study"
 )
+OUTCOME_FAILED = hd.sr.CodedConcept(
+    "FAILED", PRIVATE_SCHEME, "The AI analysis of this study failed"
+)
 OUTCOME_FAILED_QC = hd.sr.CodedConcept(
     "FAILED-QC", PRIVATE_SCHEME, "Images failed the AI input quality checks"
 )

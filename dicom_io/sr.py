@@ -210,11 +210,10 @@ def build_not_run_sr(
             relationship_type=hd.sr.RelationshipTypeValues.HAS_CONCEPT_MOD,
         )
     )
-    outcome_code = (
-        sr_codes.OUTCOME_FAILED_QC
-        if outcome == Outcome.FAILED_QC
-        else sr_codes.OUTCOME_NOT_APPLICABLE
-    )
+    outcome_code = {
+        Outcome.FAILED_QC: sr_codes.OUTCOME_FAILED_QC,
+        Outcome.FAILED: sr_codes.OUTCOME_FAILED,
+    }.get(outcome, sr_codes.OUTCOME_NOT_APPLICABLE)
     items.append(
         hd.sr.CodeContentItem(
             name=sr_codes.AI_OUTCOME,

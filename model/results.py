@@ -68,6 +68,9 @@ class Outcome(StrEnum):
     ANALYSED = "analysed"
     NOT_APPLICABLE = "not_applicable"  # no model applies to the study
     FAILED_QC = "failed_qc"  # missing slices, mixed orientation, ...
+    # The analysis (or encoding its result) failed for good: the not-run SR
+    # says so, so that a failure never reads as "no finding".
+    FAILED = "failed"
 
 
 @dataclass

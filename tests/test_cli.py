@@ -113,13 +113,16 @@ def test_send_to_our_daemon_then_status(daemon: DaemonProcess, tmp_path: Path) -
         str(tmp_path / "ct"),
         str(sr),
     )
-    # The SR's presentation context is refused: reported, the images still go.
-    assert rc == 1
-    assert f"failed: {sr}" in err
-    assert "sent 4 of 5 file(s)" in out
+    # The SR goes too (every storage class is accepted), and is kept apart.
+    assert rc == 0, err
+    assert "sent 5 of 5 file(s)" in out
     for path in files:
         stored = spool_path(daemon.state, header(path))
         assert dataset_bytes(stored) == dataset_bytes(path)
+    hs = header(sr)
+    assert (
+        daemon.state / "ancillary" / hs.study_instance_uid / hs.series_instance_uid
+    ).is_dir()
 
     db = DaemonDB(f"sqlite:///{daemon.state / 'secondreader.db'}")
     try:

@@ -115,7 +115,15 @@ def test_failing_analysis_is_retried_then_failed(sqlite_url: str, tmp_path: Path
             for e in audit.events(s)
             if e.event_type in (EventType.JOB_ATTEMPT_FAILED, EventType.JOB_FAILED)
         ]
-        assert s.query(AnalysisRun).count() == 0
+        # Given up: one FAILED run, so that the report stage sends the not-run SR.
+        runs = [(r.outcome, r.reason, r.report_state) for r in s.query(AnalysisRun)]
+    assert runs == [
+        (
+            "failed",
+            "the AI analysis failed after 3 attempt(s): RuntimeError: analysis attempt 3 broke",
+            "pending",
+        )
+    ]
     assert errors == [f"RuntimeError: analysis attempt {n} broke" for n in (1, 2, 3)]
     db.dispose()
 
