@@ -137,13 +137,14 @@ class Receiver:
             return self._refuse(
                 obj, STATUS_DATASET_MISMATCH, "dataset UIDs differ from the C-STORE request"
             )
-        if not is_image_storage(ident.sop_class_uid):
-            return self._store_ancillary(obj, ident, "non-image")
-        if ident.sop_class_uid in OWN_IMAGE_CLASSES:
+        # Loop guard: our SR, SEG (or a future summary image) routed back by
+        # the PACS must never re-open its study; nor may any non-image object.
+        image = is_image_storage(ident.sop_class_uid)
+        if not image or ident.sop_class_uid in OWN_IMAGE_CLASSES:
             with self.db.session() as s:
                 own = is_own_object(s, ident.sop_instance_uid)
-            if own:
-                return self._store_ancillary(obj, ident, "own object")
+            if own or not image:
+                return self._store_ancillary(obj, ident, "own object" if own else "non-image")
 
         relative = self.spool.relative_path(
             ident.study_instance_uid, ident.series_instance_uid, ident.sop_instance_uid

@@ -28,7 +28,18 @@ from daemon.dispatcher import Dispatcher
 from daemon.reporter import Reporter
 from daemon.service import scp_settings
 from db import migrate
-from db.models import AnalysisRun, DeliveryState, FindingRecord, OutboxItem, RunOutcome
+from db.audit import EventType
+from db.models import (
+    AnalysisRun,
+    AncillaryInstance,
+    AuditEvent,
+    DeliveryState,
+    FindingRecord,
+    Job,
+    OutboxItem,
+    RunOutcome,
+    Study,
+)
 from db.session import Database
 from dicom_io.scp import StorageSCP
 from dicom_io.sr import read_findings
@@ -421,4 +432,59 @@ def test_negative_commitment_report_sends_that_object_again(
     seg = {i.object_kind: i for i in outbox(db)}["seg"]
     assert (seg.attempts, seg.commitment_state) == (2, "committed")
     assert seg.commitment_transaction_uid != txn
+    db.dispose()
+
+
+LOOP_LUA = """
+-- Auto-routing as a PACS does it: every instance it stores goes on to the AI.
+function OnStoredInstance(instanceId, tags, metadata, origin)
+  SendToModality(instanceId, 'secondreader')
+end
+"""
+
+
+def test_our_sr_routed_back_by_the_pacs_starts_no_loop(
+    tmp_path: Path, daemon_factory, orthanc_factory
+) -> None:  # type: ignore[no-untyped-def]
+    """Orthanc forwards everything it stores to us, our SR and SEG included."""
+    lua = tmp_path / "forward.lua"
+    lua.write_text(LOOP_LUA)
+    orthanc = orthanc_factory(extra={"LuaScripts": [str(lua)]})
+    daemon = daemon_factory(delivery_config(orthanc), env=NO_WORKER)
+    knows_our_scp(orthanc, daemon)
+    orthanc.start()
+    daemon.start()
+    files = rd.ct_study(tmp_path / "ct")
+    send_to_daemon(daemon, files)
+    db = open_db(daemon)
+    study_uid = str(dcmread(files[0], stop_before_pixels=True).StudyInstanceUID)
+    rd.record_analysis(db, daemon.state, study_uid, [rd.analysed(files)])
+    daemon.wait_for(lambda: all_done(db, 2), timeout=60)
+    ours = {i.sop_instance_uid for i in outbox(db)}
+
+    # Both come back from Orthanc: kept apart as our own objects, audited.
+    def returned() -> list[AncillaryInstance]:
+        with db.session() as s:
+            rows = list(s.scalars(select(AncillaryInstance)))
+        return rows if {r.sop_instance_uid for r in rows} == ours else []
+
+    rows = daemon.wait_for(returned, timeout=60)
+    assert {r.reason for r in rows} == {"own object"}
+    assert {r.calling_ae for r in rows} == {orthanc.aet}
+    # Nothing re-opened the study (that happens when an instance is recorded),
+    # so there is one completion, one job, one analysis: no loop.
+    with db.session() as s:
+        (study,) = s.scalars(select(Study)).all()
+        assert (study.state, study.completion_count) == ("complete", 1)
+        assert len(s.scalars(select(Job)).all()) == 1
+        reopened = s.scalars(
+            select(AuditEvent).where(AuditEvent.event_type == EventType.STUDY_REOPENED)
+        ).all()
+        assert reopened == []
+        ignored = s.scalars(
+            select(AuditEvent).where(AuditEvent.event_type == EventType.INSTANCE_IGNORED)
+        ).all()
+        assert {e.sop_instance_uid for e in ignored} == ours
+    assert len(runs(db)) == 1
+    assert daemon.stop() == 0
     db.dispose()
