@@ -25,6 +25,12 @@ from model.results import (
 
 LOG_ENV = "SECONDREADER_TEST_ANALYSER_LOG"  # append "<study UID> <pid>" per analysis
 SLEEP_ENV = "SECONDREADER_TEST_ANALYSER_SLEEP"  # seconds each analysis takes
+# An analysis waits (at most RENDEZVOUS_SECONDS) until the log names this many
+# processes: with one per worker, every worker must have claimed a job while
+# the others held theirs, so the test of a shared queue does not rest on
+# which process the scheduler happened to run first.
+RENDEZVOUS_ENV = "SECONDREADER_TEST_ANALYSER_RENDEZVOUS"
+RENDEZVOUS_SECONDS = 60.0
 
 ALGORITHM = AlgorithmInfo(
     name="test-recorder",
@@ -40,9 +46,12 @@ LUNG = CodedConcept("39607008", "SCT", "Lung")
 class RecordingAnalyser:
     """Notes which process analysed which study, optionally taking its time."""
 
-    def __init__(self, log_path: Path | None = None, sleep_seconds: float = 0.0) -> None:
+    def __init__(
+        self, log_path: Path | None = None, sleep_seconds: float = 0.0, rendezvous: int = 0
+    ) -> None:
         self.log_path = log_path
         self.sleep_seconds = sleep_seconds
+        self.rendezvous = rendezvous
         self.calls: list[tuple[str, dict[str, list[Path]]]] = []
 
     def analyse(
@@ -56,6 +65,7 @@ class RecordingAnalyser:
                 os.write(fd, f"{study_instance_uid} {os.getpid()}\n".encode())
             finally:
                 os.close(fd)
+            self._wait_for_the_others()
         time.sleep(self.sleep_seconds)
         series_uid = next(iter(series), None)
         return [
@@ -68,6 +78,16 @@ class RecordingAnalyser:
                 provenance=[{"step": "record", "pid": os.getpid(), "files": len(series)}],
             )
         ]
+
+
+    def _wait_for_the_others(self) -> None:
+        assert self.log_path is not None
+        deadline = time.monotonic() + RENDEZVOUS_SECONDS
+        while time.monotonic() < deadline:
+            pids = {line.split()[1] for line in self.log_path.read_text().splitlines()}
+            if len(pids) >= self.rendezvous:
+                return
+            time.sleep(0.05)
 
 
 class FailingAnalyser:
@@ -85,4 +105,8 @@ class FailingAnalyser:
 
 def recording(_config: Config) -> RecordingAnalyser:
     log = os.environ.get(LOG_ENV)
-    return RecordingAnalyser(Path(log) if log else None, float(os.environ.get(SLEEP_ENV, "0") or 0))
+    return RecordingAnalyser(
+        Path(log) if log else None,
+        float(os.environ.get(SLEEP_ENV, "0") or 0),
+        int(os.environ.get(RENDEZVOUS_ENV, "0") or 0),
+    )

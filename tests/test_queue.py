@@ -297,6 +297,9 @@ def test_four_worker_processes_take_every_job_exactly_once(db_url: str, tmp_path
             env={
                 "SECONDREADER_TEST_ANALYSER_LOG": str(analysed),
                 "SECONDREADER_TEST_ANALYSER_SLEEP": "0",
+                # Each worker's first job waits until all four hold one: sharing
+                # is then guaranteed, not left to the scheduler.
+                "SECONDREADER_TEST_ANALYSER_RENDEZVOUS": "4",
             },
         ).start()
         for i in range(4)
@@ -322,7 +325,7 @@ def test_four_worker_processes_take_every_job_exactly_once(db_url: str, tmp_path
     assert Counter(uid for uid, _ in lines) == Counter({uid: 1 for uid in uids})
     by_worker = Counter(pid for _, pid in lines)
     assert set(by_worker) <= {str(w.pid) for w in workers}
-    assert len(by_worker) >= 2, f"the queue was not shared: {by_worker}"
+    assert len(by_worker) == 4, f"the queue was not shared: {by_worker}"
     with db.session() as s:
         jobs = s.query(Job).all()
         assert sorted(j.attempts for j in jobs) == [1] * 40
