@@ -133,17 +133,24 @@ def test_one_address_cannot_take_every_pending_slot(
             held.append(connect(hostile.port, "127.0.0.30"))
         _assert_served(hostile)
         assert [s.getsockname() for s in held if not closed_by_peer(s, GRACE)] == []
-    # scp.max_pending_per_address = 4: 6 refused at the accept, 4 cut at their deadline.
-    rejected = _wait_events(
-        hostile, hostile_db, EventType.ASSOCIATION_REJECTED, mark, 6, "await association already"
-    )
-    cut = _wait_events(
-        hostile, hostile_db, EventType.ASSOCIATION_ABORTED, mark, 4, "no association admitted"
-    )
-    assert len(rejected) == 6
-    assert len(cut) == 4
-    assert {e.detail["address"] for e in rejected + cut} == {"127.0.0.30"}
-    assert {e.actor for e in rejected} == {"(unidentified)"}
+    # scp.max_pending_per_address = 4: refused at the accept while 4 wait, each
+    # of those cut at its deadline. Every connection is accounted for.
+    def accounted() -> list[AuditEvent] | None:
+        events = [
+            e
+            for e in _events_after(hostile_db, EventType.ASSOCIATION_REJECTED, mark)
+            + _events_after(hostile_db, EventType.ASSOCIATION_ABORTED, mark)
+            if e.detail["address"] == "127.0.0.30"
+        ]
+        return events if len(events) == 10 else None
+
+    events = hostile.wait_for(accounted, timeout=GRACE)
+    reasons = [e.detail["reason"] for e in events]
+    cap = "4 connections from this address await association already"
+    refused = [r for r in reasons if r == cap]
+    assert refused and len(refused) <= 6
+    assert all(r == cap or "no association admitted" in r for r in reasons)
+    assert {e.actor for e in events} == {"(unidentified)"}
 
 
 def test_malformed_requests_closed_at_once_leave_room(

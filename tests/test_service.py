@@ -122,10 +122,9 @@ def test_drain_has_a_time_limit(daemon_factory) -> None:  # type: ignore[no-unty
     d = daemon_factory(RECEIVE_ONLY, env={"SECONDREADER_SCP__DRAIN_SECONDS": "1"}).start()
     with _held_association(d.port):
         assert d.proc is not None
-        started = time.monotonic()
         d.proc.send_signal(signal.SIGTERM)
-        assert d.proc.wait(timeout=30) == 0
-        assert time.monotonic() - started < 15
+        # Well before the default drain (30 s) would end; the log says why.
+        assert d.proc.wait(timeout=25) == 0
         d.proc = None
     assert "associations still running after 1 s; closing" in d.log()
 
