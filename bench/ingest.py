@@ -229,6 +229,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser.add_argument("--repeats", type=int, default=3)
     parser.add_argument("--no-durability-off", action="store_true", help="skip the fsync-off row")
     parser.add_argument("--no-reference", action="store_true", help="skip the bare pynetdicom row")
+    parser.add_argument(
+        "--pdu-row", action="store_true", help="add a row with scp.max_pdu_size = 64 MiB"
+    )
     parser.add_argument("--json", type=Path, help="also write the figures to this file")
     args = parser.parse_args(argv)
     for tool in ("storescu", "storescp"):
@@ -253,6 +256,15 @@ def main(argv: Sequence[str] | None = None) -> int:
                 rows[r.label] = measure(r, files, args.repeats)
         with secondreader(workdir, "secondreader (defaults: fsync, SQLite NORMAL)") as r:
             rows[r.label] = measure(r, files, args.repeats)
+        if args.pdu_row:
+            # The default PDU cap (1 MiB) against the largest allowed one: what
+            # bounding the memory a peer may make us hold costs in throughput.
+            with secondreader(
+                workdir,
+                "secondreader, max PDU 64 MiB",
+                {"SECONDREADER_SCP__MAX_PDU_SIZE": str(64 * 1024 * 1024)},
+            ) as r:
+                rows[r.label] = measure(r, files, args.repeats)
         if not args.no_durability_off:
             with secondreader(
                 workdir,

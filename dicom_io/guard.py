@@ -78,6 +78,9 @@ class Connection:
     admitted: bool = False
     closed: bool = False
     assoc: Association | None = None
+    # Set once the association's thread was started: before that, a thread
+    # that is not alive has simply not begun.
+    started: bool = False
     cut_reason: str | None = None
     calling_ae: str = ""
     # Its association's outcome (accepted, rejected) was reported by the SCP.
@@ -192,7 +195,7 @@ class ConnectionGuard:
             with self._lock:
                 conns = list(self._conns.values())
             for conn in conns:
-                if conn.assoc is not None and not conn.assoc.is_alive():
+                if conn.started and conn.assoc is not None and not conn.assoc.is_alive():
                     self.release(conn)
                 elif not conn.admitted and now - conn.accepted_at > self.limits.request_timeout:
                     self.cut(
@@ -261,6 +264,11 @@ class GuardedSocket(AssociationSocket):
 
 class _GuardedRequestHandler(RequestHandler):
     server: GuardedAssociationServer
+
+    def handle(self) -> None:
+        super().handle()  # creates the association and starts its thread
+        conn: Connection = _current.conn
+        conn.started = True
 
     def _create_association(self) -> Association:
         assoc = super()._create_association()

@@ -229,6 +229,27 @@ def test_instance_after_completion_reopens_the_study(
     assert [j.state for j in rx_db.jobs(study_uid)] == ["queued"]
 
 
+def test_explicit_vr_is_preferred_over_implicit(rx: DaemonProcess, tmp_path: Path) -> None:
+    """Implicit VR loses the VR of private elements: take Explicit when both are offered."""
+    from pydicom.uid import ExplicitVRLittleEndian, ImplicitVRLittleEndian, JPEG2000Lossless
+    from pynetdicom import AE
+    from pynetdicom.sop_class import CTImageStorage
+
+    ae = AE(ae_title="PREFS")
+    ae.add_requested_context(CTImageStorage, [ImplicitVRLittleEndian, ExplicitVRLittleEndian])
+    # A compressed syntax offered with the uncompressed ones is kept as sent.
+    ae.add_requested_context(
+        CTImageStorage, [ImplicitVRLittleEndian, ExplicitVRLittleEndian, JPEG2000Lossless]
+    )
+    assoc = ae.associate("127.0.0.1", rx.port, ae_title="SECONDREADER")
+    assert assoc.is_established
+    try:
+        chosen = [cx.transfer_syntax[0] for cx in assoc.accepted_contexts]
+    finally:
+        assoc.release()
+    assert chosen == [ExplicitVRLittleEndian, JPEG2000Lossless]
+
+
 def test_log_holds_no_patient_names_or_ids(rx: DaemonProcess, tmp_path: Path) -> None:
     """Last in the module, so every study sent above went through this log; it also
     stands alone: it sends a generated study and a real image itself."""

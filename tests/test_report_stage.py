@@ -7,6 +7,10 @@ dciodvfy and against the outbox rows.
 
 from __future__ import annotations
 
+import os
+import shutil
+import subprocess
+import sys
 from pathlib import Path
 
 import pytest
@@ -299,4 +303,74 @@ def test_unreadable_saliency_file_fails_the_run_visibly(tmp_path: Path, sqlite_u
     assert run.report_state == ReportState.FAILED
     assert (run.report_error or "").startswith("cannot read the run back")
     assert outbox_rows(db) == []
+    db.dispose()
+
+
+def test_reports_retry_builds_a_failed_report_again(tmp_path: Path, sqlite_url: str) -> None:
+    """The spool is restored (from backup, say): `secondreader reports retry` reports the run."""
+    config = make_config(tmp_path, sqlite_url)
+    db = Database(config.database_url)
+    files = rd.ct_study(tmp_path / "ct")
+    study_uid = rd.receive(db, config.storage.spool_dir, files)
+    rd.record_analysis(db, config.storage.state_dir, study_uid, [rd.analysed(files)])
+    backup = tmp_path / "backup"
+    shutil.copytree(config.storage.spool_dir, backup)
+    shutil.rmtree(config.storage.spool_dir)
+    assert Reporter(db, config).run_once() == 0
+    assert runs(db)[0].report_state == ReportState.FAILED
+    shutil.copytree(backup, config.storage.spool_dir)
+
+    cli = subprocess.run(
+        [sys.executable, "-m", "daemon.cli", "reports", "retry"],
+        env={**os.environ, "SECONDREADER_CONFIG": str(tmp_path / "secondreader.toml")},
+        capture_output=True,
+        text=True,
+        check=True,
+    )
+    (run,) = runs(db)
+    assert f"re-queued 1 failed report(s): runs [{run.id}]" in cli.stdout
+    assert (run.report_state, run.report_error) == (ReportState.PENDING, None)
+    assert Reporter(db, config).run_once() == 1
+    assert runs(db)[0].report_state == ReportState.REPORTED
+    with db.session() as s:
+        (event,) = audit.events(s, EventType.REPORT_REQUEUED)
+    assert (event.actor, event.study_instance_uid, event.detail) == (
+        "cli",
+        study_uid,
+        {"run_id": run.id},
+    )
+    db.dispose()
+
+
+def test_a_result_sr_that_cannot_be_built_becomes_a_not_run_sr(
+    tmp_path: Path, sqlite_url: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Nothing is silent: the radiologist gets an SR saying the result could not be encoded."""
+    config = make_config(tmp_path, sqlite_url)
+    db = Database(config.database_url)
+    files = rd.ct_study(tmp_path / "ct")
+    study_uid = rd.receive(db, config.storage.spool_dir, files)
+    rd.record_analysis(db, config.storage.state_dir, study_uid, [rd.analysed(files)])
+
+    def broken(*_args: object, **_kwargs: object) -> None:
+        # As highdicom words it: the value it refused is quoted (here, a name).
+        raise ValueError("Value 'Doe^Jane' is not valid for attribute 'PersonName'")
+
+    monkeypatch.setattr("daemon.reporter.build_ai_result_sr", broken)
+    assert Reporter(db, config).run_once() == 1
+
+    (run,) = runs(db)
+    assert run.report_state == ReportState.REPORTED
+    (path,) = {(config.storage.state_dir / i.path) for i in outbox_rows(db)}
+    sr = dcmread(path)
+    assert sr.StudyInstanceUID == study_uid
+    assert sr.SeriesDescription == config.report.not_run_series_description
+    assert read_findings(sr) == []
+    texts = [str(item.get("TextValue", "")) for item in sr.ContentSequence]
+    assert any(
+        "the AI result could not be written as a DICOM SR (ValueError: Value '<value>'" in t
+        for t in texts
+    )
+    assert not any("Doe" in t for t in texts)
+    assert_valid(path)
     db.dispose()
