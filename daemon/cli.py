@@ -7,6 +7,7 @@ import json
 import logging
 import sys
 from collections.abc import Sequence
+from datetime import datetime
 from pathlib import Path
 
 from daemon.config import Config, ConfigError, load_config
@@ -35,11 +36,59 @@ def _cmd_worker(config: Config, _args: argparse.Namespace) -> int:
 
 
 def _cmd_db_upgrade(config: Config, _args: argparse.Namespace) -> int:
-    from db import migrate
+    from daemon.service import audit_key_path, open_database
+    from db import chain, migrate
 
     config.storage.state_dir.mkdir(parents=True, exist_ok=True)
     migrate.upgrade(config.database_url)
     print(f"database at revision {migrate.current(config.database_url)}")
+    key_path = audit_key_path(config)
+    if chain.create_key(key_path):
+        print(f"created the audit key {key_path} (mode 0600): keep it outside the database")
+    db = open_database(config)
+    with db.session() as s:
+        signed = chain.sign_unsigned(s, chain.load_key(key_path))
+    db.dispose()
+    if signed:
+        print(f"signed {signed} audit row(s) written before the trail was signed")
+    return 0
+
+
+def _cmd_audit_verify(config: Config, args: argparse.Namespace) -> int:
+    from daemon.bookkeeper import seal_audit_trail, verify_audit_trail
+    from daemon.service import open_database
+
+    db = open_database(config)
+    if args.seal:
+        seal_audit_trail(db)
+    report = verify_audit_trail(db)
+    db.dispose()
+    print(
+        f"audit trail: {report.sealed} sealed row(s), head seq {report.head_seq} "
+        f"mac {report.head_mac}"
+    )
+    if report.unsealed:
+        print(
+            f"{report.unsealed} row(s) not sealed yet (signed; the daemon chains them every "
+            f"{config.audit.seal_interval_seconds:g} s)"
+        )
+    if report.intact:
+        print("intact: no row altered, deleted or inserted")
+        return 0
+    print(f"BROKEN: {len(report.problems)} problem(s); the first:")
+    for i, problem in enumerate(report.problems):
+        print(f"  {'*' if i == 0 else '-'} {problem.kind}: {problem.message}")
+    return 1
+
+
+def _cmd_audit_export(config: Config, args: argparse.Namespace) -> int:
+    from daemon.bookkeeper import export_audit_trail
+    from daemon.service import open_database
+
+    db = open_database(config)
+    text = export_audit_trail(db, study_instance_uid=args.study, since=args.since, fmt=args.format)
+    db.dispose()
+    sys.stdout.write(text)
     return 0
 
 
@@ -135,6 +184,192 @@ def _cmd_reports_retry(config: Config, args: argparse.Namespace) -> int:
     # The running daemon builds them again at its next report tick.
     print(f"re-queued {len(ids)} failed report(s)" + (f": runs {ids}" if ids else ""))
     return 0
+
+
+def _review_service(config: Config):  # type: ignore[no-untyped-def]
+    from daemon.reviewer import ReviewService
+    from daemon.service import open_database
+
+    return ReviewService(open_database(config), config)
+
+
+def _review_call(config: Config, call) -> int:  # type: ignore[no-untyped-def]
+    from daemon.reviewer import ReviewError
+
+    service = _review_service(config)
+    try:
+        return int(call(service) or 0)
+    except ReviewError as exc:
+        print(f"review: {exc}", file=sys.stderr)
+        return 1
+    finally:
+        service.db.dispose()
+
+
+def _finding_line(f) -> str:  # type: ignore[no-untyped-def]
+    where = ""
+    if f.sop_instance_uid:
+        point = f.point or {}
+        col, row = point.get("col", 0), point.get("row", 0)
+        where = f" at ({col:.0f}, {row:.0f}) on {f.sop_instance_uid}"
+    state = "present" if f.present else "absent"
+    return (
+        f"  {f.number}. {f.finding} ({f.site}): {state}, probability {f.probability:.0%} "
+        f"(threshold {f.threshold:.0%}){where}"
+    )
+
+
+def _cmd_review_list(config: Config, args: argparse.Namespace) -> int:
+    def run(service) -> int:  # type: ignore[no-untyped-def]
+        results = service.results(
+            state=None if args.state == "all" else args.state,
+            modality=args.modality,
+            model=args.model,
+            since=args.since,
+        )
+        if args.json:
+            print(json.dumps([_result_json(r) for r in results], indent=2, default=str))
+            return 0
+        for r in results:
+            top = max(r.findings, key=lambda f: f.probability, default=None)
+            what = f"{top.finding} {top.probability:.0%}" if top else "-"
+            print(
+                f"{r.run_id:>6} {r.state:<10} {r.modality or '?':<3} {r.model_name} "
+                f"{r.model_version}  {what}  {r.created_at:%Y-%m-%d %H:%M}  "
+                f"study {r.study_instance_uid}"
+            )
+        if not results:
+            print("no results")
+        return 0
+
+    return _review_call(config, run)
+
+
+def _result_json(r) -> dict:  # type: ignore[no-untyped-def,type-arg]
+    return {
+        "run_id": r.run_id,
+        "state": r.state,
+        "study_instance_uid": r.study_instance_uid,
+        "modality": r.modality,
+        "model": f"{r.model_name} {r.model_version}",
+        "created_at": r.created_at.isoformat(),
+        "ai_sr": r.ai_sr_sop_instance_uid,
+        "findings": [vars(f) for f in r.findings],
+        "decisions": [vars(d) for d in r.decisions],
+        "verifications": [vars(v) for v in r.verifications],
+    }
+
+
+def _cmd_review_show(config: Config, args: argparse.Namespace) -> int:
+    def run(service) -> int:  # type: ignore[no-untyped-def]
+        r, events = service.show(args.result)
+        if args.json:
+            print(json.dumps({**_result_json(r), "history": events}, indent=2, default=str))
+            return 0
+        print(f"result {r.run_id}: {r.state}; model {r.model_name} {r.model_version}")
+        print(f"study {r.study_instance_uid}, series {r.series_instance_uid}")
+        print(f"AI SR {r.ai_sr_sop_instance_uid}")
+        print("findings:")
+        for f in r.findings:
+            print(_finding_line(f))
+            for d in (d for d in r.decisions if d.finding_id == f.finding_id):
+                extra = f": {d.comment}" if d.comment else ""
+                print(f"       round {d.round}: {d.decision} by {d.reviewer}{extra}")
+        for v in r.verifications:
+            why = f" ({v.reason})" if v.reason else ""
+            print(f"verified SR {v.sr_sop_instance_uid}, round {v.round}, by {v.reviewer}{why}")
+        print("history:")
+        for e in events:
+            print(f"  {e['at']:%Y-%m-%d %H:%M:%S} {e['event']:<28} {e['actor']}")
+        return 0
+
+    return _review_call(config, run)
+
+
+def _correction(args: argparse.Namespace):  # type: ignore[no-untyped-def]
+    from daemon.reviewer import Correction
+
+    if not args.slice:
+        return None
+    return Correction(
+        args.slice,
+        point=tuple(args.point) if args.point else None,
+        box=tuple(args.box) if args.box else None,
+        frame_number=args.frame,
+    )
+
+
+def _report_verified(uid: str | None) -> None:
+    if uid:
+        print(f"verified SR {uid} queued for the PACS")
+    else:
+        print("decision recorded; findings remain undecided")
+
+
+def _cmd_review_decide(config: Config, args: argparse.Namespace) -> int:
+    def run(service) -> int:  # type: ignore[no-untyped-def]
+        uid = service.decide(
+            args.result,
+            args.decision,
+            service.reviewer(args.reviewer),
+            finding=args.finding,
+            comment=args.comment,
+            correction=_correction(args) if args.decision == "correct" else None,
+        )
+        _report_verified(uid)
+        return 0
+
+    return _review_call(config, run)
+
+
+def _cmd_review_amend(config: Config, args: argparse.Namespace) -> int:
+    def run(service) -> int:  # type: ignore[no-untyped-def]
+        uid = service.amend(
+            args.result,
+            args.finding,
+            args.decision,
+            service.reviewer(args.reviewer),
+            reason=args.reason,
+            comment=args.comment,
+            correction=_correction(args),
+        )
+        _report_verified(uid)
+        return 0
+
+    return _review_call(config, run)
+
+
+def _cmd_review_stats(config: Config, args: argparse.Namespace) -> int:
+    def run(service) -> int:  # type: ignore[no-untyped-def]
+        rows = service.stats(args.model)
+        if args.json:
+            out = [
+                {
+                    **vars(a),
+                    "decided": a.decided,
+                    "ppv": a.ppv,
+                    "agreement": a.agreement,
+                }
+                for a in rows
+            ]
+            print(json.dumps(out, indent=2))
+            return 0
+
+        def pct(v: float | None) -> str:
+            return "-" if v is None else f"{v:.0%}"
+
+        head = ("conf", "rej", "corr", "PPV", "agree")
+        print(f"{'model':<40} {'period':<9} " + " ".join(f"{h:>5}" for h in head))
+        for a in rows:
+            print(
+                f"{a.model:<40} {a.period:<9} {a.confirmed:>5} {a.rejected:>5} {a.corrected:>5} "
+                f"{pct(a.ppv):>5} {pct(a.agreement):>5}"
+            )
+        if not rows:
+            print("no review decisions yet")
+        return 0
+
+    return _review_call(config, run)
 
 
 def _remote(config: Config, args: argparse.Namespace):  # type: ignore[no-untyped-def]
@@ -328,6 +563,17 @@ def build_parser() -> argparse.ArgumentParser:
     dbsub = p.add_subparsers(dest="db_command", required=True)
     dbsub.add_parser("upgrade", help="apply migrations").set_defaults(func=_cmd_db_upgrade)
 
+    p = sub.add_parser("audit", help="the tamper-evident audit trail")
+    asub = p.add_subparsers(dest="audit_command", required=True)
+    q = asub.add_parser("verify", help="check the chain; names the first altered row (exit 1)")
+    q.add_argument("--seal", action="store_true", help="chain the unsealed rows first")
+    q.set_defaults(func=_cmd_audit_verify)
+    q = asub.add_parser("export", help="the trail, or one study's story, in time order")
+    q.add_argument("--study", help="Study Instance UID")
+    q.add_argument("--since", type=datetime.fromisoformat, help="UTC, ISO 8601")
+    q.add_argument("--format", choices=["jsonl", "csv"], default="jsonl")
+    q.set_defaults(func=_cmd_audit_export)
+
     p = sub.add_parser("status", help="studies by state and queue depth")
     p.add_argument("--json", action="store_true")
     p.set_defaults(func=_cmd_status)
@@ -343,6 +589,61 @@ def build_parser() -> argparse.ArgumentParser:
     q.add_argument("--id", dest="ids", type=int, action="append", default=[], help="item id")
     q.add_argument("--destination", help="only this destination's dead letters")
     q.set_defaults(func=_cmd_deliveries_retry)
+
+    p = sub.add_parser("review", help="physician review: confirm, reject or correct AI findings")
+    rv = p.add_subparsers(dest="review_command", required=True)
+    q = rv.add_parser("list", help="results to review (pending by default), triage order")
+    q.add_argument(
+        "--state", choices=["pending", "in_review", "verified", "amended", "decided", "all"],
+        default="pending",
+    )  # fmt: skip
+    q.add_argument("--modality")
+    q.add_argument("--model", help="model name")
+    q.add_argument("--since", type=datetime.fromisoformat, help="analysed since (UTC)")
+    q.add_argument("--json", action="store_true")
+    q.set_defaults(func=_cmd_review_list)
+    q = rv.add_parser("show", help="a result's findings, decisions and history")
+    q.add_argument("result", type=int, help="result id (review list)")
+    q.add_argument("--json", action="store_true")
+    q.set_defaults(func=_cmd_review_show)
+
+    def location_args(q: argparse.ArgumentParser) -> None:
+        q.add_argument("--slice", help="SOP Instance UID of the image the finding is on")
+        q.add_argument("--point", type=float, nargs=2, metavar=("X", "Y"), help="column row")
+        q.add_argument(
+            "--box", type=float, nargs=4, metavar=("X0", "Y0", "X1", "Y1"), help="columns, rows"
+        )
+        q.add_argument("--frame", type=int, help="frame number (multi-frame images)")
+
+    for decision, text in (
+        ("confirm", "confirm the finding(s)"),
+        ("reject", "reject: the finding is absent"),
+        ("correct", "the finding is there, at another location"),
+    ):
+        q = rv.add_parser(decision, help=text)
+        q.add_argument("result", type=int)
+        q.add_argument(
+            "--finding", type=int, required=decision == "correct",
+            help="finding number (default: every undecided finding)",
+        )  # fmt: skip
+        q.add_argument("--reviewer", required=True, help='name, as "Family^Given"')
+        q.add_argument("--comment")
+        if decision == "correct":
+            location_args(q)
+        q.set_defaults(func=_cmd_review_decide, decision=decision)
+    q = rv.add_parser("amend", help="decide a verified finding again (a new verified SR)")
+    q.add_argument("result", type=int)
+    q.add_argument("--finding", type=int, required=True)
+    q.add_argument("--decision", choices=["confirm", "reject", "correct"], required=True)
+    q.add_argument("--reason", required=True)
+    q.add_argument("--reviewer", required=True)
+    q.add_argument("--comment")
+    location_args(q)
+    q.set_defaults(func=_cmd_review_amend)
+    q = rv.add_parser("stats", help="agreement with the AI per model version, by week")
+    q.add_argument("--model", help="model name")
+    q.add_argument("--json", action="store_true")
+    q.set_defaults(func=_cmd_review_stats)
 
     p = sub.add_parser("reports", help="the report stage: AI result and not-run SRs")
     rsub = p.add_subparsers(dest="reports_command", required=True)

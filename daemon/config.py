@@ -152,6 +152,12 @@ class DestinationTLS(_Section):
 class Destination(_Section):
     """A PACS (or any C-STORE SCP) that receives our SR and SEG objects."""
 
+    # "immediate": the preliminary AI objects go at once (the verified SR
+    # follows the review). "after_review": they wait for the physician; then
+    # the verified SR goes, with the AI objects only if send_ai_result_after_review.
+    release: Literal["immediate", "after_review"] = "immediate"
+    send_ai_result_after_review: bool = False
+
     # Names the destination in the outbox and in `secondreader deliveries`.
     name: str = Field(min_length=1, max_length=64)
     ae_title: str
@@ -183,6 +189,22 @@ class ReportConfig(_Section):
     institution_name: str | None = Field(None, max_length=64)
     institutional_department_name: str | None = Field(None, max_length=64)
     check_interval_seconds: float = Field(2.0, gt=0)
+
+
+class AuditConfig(_Section):
+    # HMAC key of the tamper-evident trail, outside the database. Empty: the
+    # file audit.key next to the config file (or in the state directory
+    # without one). `secondreader db upgrade` creates it (mode 0600).
+    key_file: Path | None = None
+    # How often the sealer chains new audit rows (and logs the chain's head).
+    seal_interval_seconds: float = Field(5.0, gt=0)
+
+
+class ReviewConfig(_Section):
+    # The reviewer's organisation, in the verified SR (Verifying Organization).
+    organization: str = Field("secondreader site", min_length=1, max_length=64)
+    series_number: int = Field(9903, ge=1)
+    series_description: str = Field("AI RESULT - PHYSICIAN REVIEWED", max_length=64)
 
 
 class DeliveryConfig(_Section):
@@ -264,6 +286,8 @@ class Config(_Section):
     worker: WorkerConfig = Field(default_factory=WorkerConfig)
     models: ModelsConfig = Field(default_factory=ModelsConfig)
     metrics: MetricsConfig = Field(default_factory=MetricsConfig)
+    audit: AuditConfig = Field(default_factory=AuditConfig)
+    review: ReviewConfig = Field(default_factory=ReviewConfig)
 
     @property
     def database_url(self) -> str:
@@ -315,7 +339,7 @@ def load_config(path: Path | None = None, environ: Mapping[str, str] | None = No
             raise ConfigError(f"{path}: not valid TOML: {exc}") from exc
     data = _merge(data, _env_overrides(environ))
     try:
-        return Config.model_validate(data)
+        config = Config.model_validate(data)
     except ValidationError as exc:
         problems = []
         for err in exc.errors():
@@ -323,3 +347,7 @@ def load_config(path: Path | None = None, environ: Mapping[str, str] | None = No
             problems.append(f"{key}: {err['msg']}")
         where = f" in {path}" if path else ""
         raise ConfigError(f"invalid configuration{where}:\n  " + "\n  ".join(problems)) from exc
+    if config.audit.key_file is None:
+        folder = path.absolute().parent if path is not None else config.storage.state_dir
+        config.audit.key_file = folder / "audit.key"
+    return config

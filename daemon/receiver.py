@@ -83,6 +83,7 @@ class Receiver:
                 outcome.calling_ae or "(unidentified)",
                 address=outcome.address,
                 reason=outcome.reason,
+                association=outcome.association_id,
             )
 
     def _refuse(self, obj: ReceivedObject, status: int, why: str, **detail: object) -> int:
@@ -106,6 +107,7 @@ class Receiver:
                     ),
                     status=status,
                     reason=why,
+                    association=obj.association_id,
                     **detail,
                 )
         except Exception as exc:
@@ -159,6 +161,7 @@ class Receiver:
             path=relative,
             size_bytes=len(obj.file_bytes),
             calling_ae=obj.calling_ae,
+            association_id=obj.association_id,
         )
         # The file's write and fsyncs run while the row's statements run; the
         # commit waits for the file. Both are milliseconds of waiting on the
@@ -218,6 +221,7 @@ class Receiver:
             path=relative,
             size_bytes=len(obj.file_bytes),
             calling_ae=obj.calling_ae,
+            association_id=obj.association_id,
         )
         stored = self.ancillary is not None
         try:

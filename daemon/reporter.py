@@ -23,6 +23,7 @@ from pydicom.dataset import Dataset
 from pydicom.uid import generate_uid
 
 from daemon.config import Config
+from db.models import DeliveryState
 from db.outbox import NewOutboxItem
 from db.reports import (
     PendingRun,
@@ -36,7 +37,12 @@ from dicom_io.headers import UNKNOWN_MODALITY, read_header
 from dicom_io.identify import valid_uid
 from dicom_io.seg import build_saliency_seg
 from dicom_io.spool import Spool
-from dicom_io.sr import build_ai_result_sr, build_not_run_sr, finding_tracking_uid
+from dicom_io.sr import (
+    build_ai_result_sr,
+    build_not_run_sr,
+    finding_tracking_uid,
+    read_findings,
+)
 from dicom_io.text import printable, safe_error, scrub_values
 from model.results import Finding, Outcome
 
@@ -105,9 +111,13 @@ class Reporter:
         # next pass overwrites (the UIDs are derived from the run), never a
         # queued row without its file.
         queued: list[NewOutboxItem] = []
+        # An AI result with findings waits for the physician at destinations
+        # that take reviewed results only; "AI not run" has nothing to review.
+        reviewable = any(o.kind == "sr" and read_findings(o.dataset) for o in objects)
         for obj in objects:
             relative = self._write(study_uid, obj.dataset)
             for dest in self.config.delivery.destinations:
+                held = reviewable and dest.release == "after_review"
                 queued.append(
                     NewOutboxItem(
                         study_id=run.study_id,
@@ -117,6 +127,7 @@ class Reporter:
                         sop_instance_uid=str(obj.dataset.SOPInstanceUID),
                         path=relative,
                         destination=dest.name,
+                        state=DeliveryState.HELD if held else DeliveryState.PENDING,
                     )
                 )
         sr = next(o.dataset for o in objects if o.kind == "sr")

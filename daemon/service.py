@@ -9,16 +9,19 @@ from pathlib import Path
 from types import FrameType
 from typing import Any
 
+from daemon.bookkeeper import seal_audit_trail
 from daemon.completer import Completer
 from daemon.config import Config
 from daemon.dispatcher import Dispatcher
 from daemon.metrics import serve_metrics
 from daemon.receiver import Receiver
 from daemon.reporter import Reporter
+from daemon.reviewer import ReviewService
 from daemon.scheduler import Scheduler
 from daemon.systemd import Notifier
 from daemon.worker import Worker, requeue_expired_jobs, retry_policy
 from db import migrate
+from db.chain import load_key
 from db.session import Database
 from dicom_io.scp import PeerRule, SCPSettings, StorageSCP
 from dicom_io.spool import Spool
@@ -31,9 +34,18 @@ class NotMigrated(RuntimeError):
     pass
 
 
+def audit_key_path(config: Config) -> Path:
+    return config.audit.key_file or config.storage.state_dir / "audit.key"
+
+
 def open_database(config: Config) -> Database:
+    """The database, with the audit key that signs every audit row written through it."""
     config.storage.state_dir.mkdir(parents=True, exist_ok=True)
-    return Database(config.database_url, sqlite_synchronous=config.database.sqlite_synchronous)
+    return Database(
+        config.database_url,
+        sqlite_synchronous=config.database.sqlite_synchronous,
+        audit_key=load_key(audit_key_path(config)),
+    )
 
 
 def scp_settings(config: Config) -> SCPSettings:
@@ -113,6 +125,16 @@ class Service:
             config.worker.heartbeat_seconds,
             lambda: requeue_expired_jobs(self.db, policy, "serve"),
         )
+        # Review rounds a crash left without their verified SR (daemon/reviewer.py).
+        self.reviewer = ReviewService(self.db, config)
+        self.scheduler.every(
+            "finalize-reviews", config.report.check_interval_seconds, self.reviewer.finalize_pending
+        )
+        # The audit trail's single chain writer (db/chain.py).
+        self.scheduler.every("seal-audit", config.audit.seal_interval_seconds, self.seal_audit)
+
+    def seal_audit(self) -> None:
+        seal_audit_trail(self.db)
 
     def _on_signal(self, signum: int, _frame: FrameType | None) -> None:
         log.info("received %s: stopping", signal.Signals(signum).name)
@@ -171,6 +193,7 @@ class Service:
             self.metrics_server.shutdown()
         if self.worker is not None:
             self.worker.stop(self.config.worker.stop_seconds)
+        self.seal_audit()  # the last events of this run, chained before exit
         self.db.dispose()
         self._running_marker.unlink(missing_ok=True)
         log.info("secondreader stopped")

@@ -290,7 +290,13 @@ def run_worker(config: Config) -> int:
     if migrate.current(config.database_url) is None:
         log.error("the database has no schema: run `secondreader db upgrade` first")
         return 1
-    db = Database(config.database_url, sqlite_synchronous=config.database.sqlite_synchronous)
+    from daemon.service import open_database
+
+    try:
+        db = open_database(config)  # with the audit key: its events are signed
+    except FileNotFoundError as exc:
+        log.error("%s", exc)
+        return 1
     worker = Worker.from_config(config, db)
     stop = threading.Event()
 

@@ -6,11 +6,20 @@ the change it describes, so the trail and the data never disagree.
 
 from __future__ import annotations
 
+import json
+import secrets
+from datetime import datetime
 from typing import Any
 
+from sqlalchemy import select
 from sqlalchemy.orm import Session
 
+from db import chain
 from db.models import AuditEvent, utcnow
+
+# Session.info key of the audit key (db.session.Database sets it): a row
+# written through a session without it is unsigned, and `audit verify` says so.
+KEY_INFO = "audit_key"
 
 
 class EventType:
@@ -45,6 +54,15 @@ class EventType:
     DELIVERY_DEAD = "delivery.dead"  # gave up: `secondreader deliveries retry` re-queues
     DELIVERY_REQUEUED = "delivery.requeued"
     COMMITMENT_REQUESTED = "delivery.commitment_requested"
+    # Physician review (db/reviews.py, daemon/reviewer.py).
+    REVIEW_DECIDED = "review.decided"  # one finding confirmed, rejected or corrected
+    REVIEW_AMENDED = "review.amended"  # a decided finding decided again, with a reason
+    VERIFIED_SR_CREATED = "review.verified_sr_created"
+    RELEASE_HELD = "release.held"  # AI object held for review (release = after_review)
+    RELEASE_RELEASED = "release.released"  # held object sent after the review
+    RELEASE_WITHHELD = "release.withheld"  # held object never sent: the site sends the verified SR
+    # The bookkeeper (db/chain.py): rows chained, with the head of the chain.
+    AUDIT_SEALED = "audit.sealed"
 
 
 def record(
@@ -62,10 +80,43 @@ def record(
         actor=actor,
         study_instance_uid=study_instance_uid,
         sop_instance_uid=sop_instance_uid,
-        detail=detail,
+        # As the JSON column gives it back: what is signed is what is read.
+        detail=json.loads(json.dumps(detail, default=str)),
+        nonce=secrets.token_hex(16),
     )
+    key = session.info.get(KEY_INFO)
+    if key is not None:
+        event.row_mac = chain.row_mac(key, event)
     session.add(event)
     return event
+
+
+def study_story(
+    session: Session, *, study_instance_uid: str | None = None, since: datetime | None = None
+) -> list[AuditEvent]:
+    """The trail in time order; for one study, its events and its associations'.
+
+    An association carries no study; its events are linked to the study
+    through the association id its instances' events name.
+    """
+    stmt = select(AuditEvent).order_by(AuditEvent.at, AuditEvent.id)
+    if since is not None:
+        stmt = stmt.where(AuditEvent.at >= since)
+    if study_instance_uid is None:
+        return list(session.scalars(stmt))
+    own = list(session.scalars(stmt.where(AuditEvent.study_instance_uid == study_instance_uid)))
+    ids = {e.detail.get("association") for e in own} - {None}
+    linked = [
+        e
+        for e in session.scalars(
+            stmt.where(
+                AuditEvent.event_type.like("association.%"),
+                AuditEvent.study_instance_uid.is_(None),
+            )
+        )
+        if e.detail.get("association") in ids
+    ]
+    return sorted([*own, *linked], key=lambda e: (e.at, e.id))
 
 
 def events(session: Session, event_type: str | None = None) -> list[AuditEvent]:

@@ -41,6 +41,7 @@ class StoredInstance:
     path: str  # relative to the spool root
     size_bytes: int
     calling_ae: str
+    association_id: str | None = None  # links the instance to its association's events
 
 
 def _insert_ignore(session: Session, table: Any, values: dict[str, Any], key: str) -> bool:
@@ -208,6 +209,7 @@ def record_instance(session: Session, item: StoredInstance, now: datetime | None
         sop_instance_uid=item.sop_instance_uid,
         duplicate=not is_new,
         size_bytes=item.size_bytes,
+        association=item.association_id,
     )
     return is_new
 
@@ -300,6 +302,7 @@ def record_ancillary(
         stored=stored,
         duplicate=not is_new,
         size_bytes=item.size_bytes,
+        association=item.association_id,
     )
     return is_new
 

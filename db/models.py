@@ -17,6 +17,7 @@ from sqlalchemy import (
     Integer,
     String,
     Text,
+    UniqueConstraint,
 )
 from sqlalchemy.orm import DeclarativeBase, Mapped, mapped_column, relationship
 
@@ -135,7 +136,11 @@ class Job(Base):
 
 
 class AuditEvent(Base):
-    """Append-only trail of what happened. Written only through db.audit."""
+    """Append-only trail of what happened. Written only through db.audit.
+
+    Tamper-evident (db/chain.py): `row_mac` signs the row when it is written,
+    `seq` and `chain_mac` chain it to the previous one when it is sealed.
+    """
 
     __tablename__ = "audit_events"
 
@@ -146,6 +151,11 @@ class AuditEvent(Base):
     study_instance_uid: Mapped[str | None] = mapped_column(UID, index=True)
     sop_instance_uid: Mapped[str | None] = mapped_column(UID)
     detail: Mapped[dict[str, Any]] = mapped_column(JSON, default=dict)
+    # Unique: a copied row (content and MAC) cannot be inserted a second time.
+    nonce: Mapped[str | None] = mapped_column(String(32), unique=True)
+    row_mac: Mapped[str | None] = mapped_column(String(64))
+    seq: Mapped[int | None] = mapped_column(BigInteger, unique=True)
+    chain_mac: Mapped[str | None] = mapped_column(String(64))
 
 
 class RunOutcome:
@@ -213,10 +223,66 @@ class FindingRecord(Base):
     run: Mapped[AnalysisRun] = relationship(back_populates="findings")
 
 
+class Decision:
+    CONFIRM = "confirm"
+    REJECT = "reject"  # the finding is stated as absent (or, for an absent one, present)
+    CORRECT = "correct"  # kept, at the location the physician gives
+
+    ALL = (CONFIRM, REJECT, CORRECT)
+
+
+class FindingDecision(Base):
+    """A physician's decision on one AI finding, in one review round.
+
+    Round 1 is the first review; each amendment is a new round, with a
+    decision for every finding (changed or carried over), so a round alone
+    says what its verified SR states.
+    """
+
+    __tablename__ = "finding_decisions"
+    __table_args__ = (
+        UniqueConstraint("finding_id", "round", name="uq_finding_decisions_finding_round"),
+    )
+
+    id: Mapped[int] = mapped_column(Integer, primary_key=True)
+    run_id: Mapped[int] = mapped_column(ForeignKey("analysis_runs.id"), index=True)
+    finding_id: Mapped[int] = mapped_column(ForeignKey("findings.id"))
+    round: Mapped[int] = mapped_column(Integer)
+    decision: Mapped[str] = mapped_column(String(16))
+    reviewer: Mapped[str] = mapped_column(String(64))
+    organization: Mapped[str] = mapped_column(String(64))
+    comment: Mapped[str | None] = mapped_column(Text)
+    # For a correction: {"sop_instance_uid", "sop_class_uid", "frame_number", "point"|"box"}.
+    location: Mapped[dict[str, Any] | None] = mapped_column(JSON)
+    decided_at: Mapped[datetime] = mapped_column(DateTime)
+
+
+class Verification(Base):
+    """A verified SR: one completed review round of one AI result."""
+
+    __tablename__ = "verifications"
+    __table_args__ = (UniqueConstraint("run_id", "round", name="uq_verifications_run_round"),)
+
+    id: Mapped[int] = mapped_column(Integer, primary_key=True)
+    run_id: Mapped[int] = mapped_column(ForeignKey("analysis_runs.id"))
+    round: Mapped[int] = mapped_column(Integer)
+    reviewer: Mapped[str] = mapped_column(String(64))
+    organization: Mapped[str] = mapped_column(String(64))
+    reason: Mapped[str | None] = mapped_column(Text)  # why an amendment was made
+    sr_sop_instance_uid: Mapped[str] = mapped_column(UID)
+    # The AI SR for round 1; the previous verified SR for an amendment.
+    predecessor_sop_instance_uid: Mapped[str] = mapped_column(UID)
+    created_at: Mapped[datetime] = mapped_column(DateTime)
+
+
 class DeliveryState:
     PENDING = "pending"
     DONE = "done"
     DEAD = "dead"  # gave up; `secondreader deliveries retry` re-queues
+    # Release policy after_review: waits for the physician's decision.
+    HELD = "held"
+    # Held, and the site sends only the verified result: never sent.
+    WITHHELD = "withheld"
 
 
 class OutboxItem(Base):

@@ -42,6 +42,8 @@ class NewOutboxItem:
     sop_instance_uid: str
     path: str  # relative to the state directory
     destination: str
+    # PENDING, or HELD for a destination that takes results after review only.
+    state: str = DeliveryState.PENDING
 
 
 @dataclass(frozen=True)
@@ -134,7 +136,7 @@ def queue_items(
                 sop_instance_uid=item.sop_instance_uid,
                 path=item.path,
                 destination=item.destination,
-                state=DeliveryState.PENDING,
+                state=item.state,
                 attempts=0,
                 next_attempt_at=now,
                 created_at=now,

@@ -22,6 +22,7 @@ from db.audit import EventType
 from db.jobs import load_run_result
 from db.models import (
     AnalysisRun,
+    DeliveryState,
     FindingRecord,
     Instance,
     ReportState,
@@ -143,6 +144,17 @@ def record_report(
             update(FindingRecord).where(FindingRecord.id == finding_id).values(tracking_uid=uid)
         )
     queued = queue_items(session, objects, now=now)
+    for item in objects:
+        if item.state == DeliveryState.HELD:
+            audit.record(
+                session,
+                EventType.RELEASE_HELD,
+                ACTOR,
+                study_instance_uid=run.result.study_instance_uid,
+                sop_instance_uid=item.sop_instance_uid,
+                run_id=run.run_id,
+                destination=item.destination,
+            )
     audit.record(
         session,
         EventType.REPORT_CREATED,

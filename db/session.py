@@ -27,7 +27,15 @@ def _sqlite_pragmas(synchronous: str) -> Any:
 class Database:
     """Owns the engine; hands out short transactional sessions."""
 
-    def __init__(self, url: str, *, sqlite_synchronous: str = "NORMAL", echo: bool = False) -> None:
+    def __init__(
+        self,
+        url: str,
+        *,
+        sqlite_synchronous: str = "NORMAL",
+        echo: bool = False,
+        audit_key: bytes | None = None,
+    ) -> None:
+        """`audit_key` signs every audit row written through this database (db/chain.py)."""
         self.url = url
         kwargs: dict[str, Any] = {"echo": echo, "future": True}
         if url.startswith("sqlite"):
@@ -38,7 +46,10 @@ class Database:
         self.engine: Engine = create_engine(url, **kwargs)
         if self.is_sqlite:
             event.listen(self.engine, "connect", _sqlite_pragmas(sqlite_synchronous))
-        self._factory = sessionmaker(self.engine, expire_on_commit=False)
+        self.audit_key = audit_key
+        self._factory = sessionmaker(
+            self.engine, expire_on_commit=False, info={"audit_key": audit_key}
+        )
 
     @property
     def is_sqlite(self) -> bool:

@@ -34,8 +34,9 @@ import socket
 import ssl
 import threading
 import time
+import uuid
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
 
 from pynetdicom.transport import AssociationSocket, RequestHandler, ThreadedAssociationServer
@@ -85,6 +86,8 @@ class Connection:
     calling_ae: str = ""
     # Its association's outcome (accepted, rejected) was reported by the SCP.
     reported: bool = False
+    # Names the association in the audit trail: its events and its instances'.
+    id: str = field(default_factory=lambda: uuid.uuid4().hex[:16])
 
     @property
     def peer(self) -> str:
@@ -100,6 +103,7 @@ class GuardEvent:
     address: str
     calling_ae: str
     reason: str
+    association_id: str | None = None
 
 
 class ConnectionGuard:
@@ -165,7 +169,7 @@ class ConnectionGuard:
             # A malformed or incomplete request that pynetdicom aborted on its own.
             why = "closed before an association was established (malformed or incomplete request)"
             log.warning("connection from %s %s", conn.peer, why)
-            self._event(GuardEvent("aborted", conn.address, conn.calling_ae, why))
+            self._event(GuardEvent("aborted", conn.address, conn.calling_ae, why, conn.id))
         with contextlib.suppress(OSError):
             conn.control.close()
 
@@ -185,7 +189,7 @@ class ConnectionGuard:
         if not first:
             return
         log.warning("connection from %s closed: %s", conn.peer, reason)
-        self._event(GuardEvent("aborted", conn.address, conn.calling_ae, reason))
+        self._event(GuardEvent("aborted", conn.address, conn.calling_ae, reason, conn.id))
         with contextlib.suppress(OSError):
             conn.control.shutdown(socket.SHUT_RDWR)
 

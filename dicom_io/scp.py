@@ -65,6 +65,7 @@ class ReceivedObject:
     transfer_syntax_uid: str
     dataset: bytes  # the dataset as sent, without file meta
     file_bytes: bytes  # preamble + file meta + dataset, ready for disk
+    association_id: str | None = None  # names the association in the audit trail
 
 
 OutcomeKind = Literal["accepted", "rejected", "aborted"]
@@ -76,6 +77,7 @@ class AssociationOutcome:
     calling_ae: str  # escaped: safe to log
     address: str
     reason: str = ""
+    association_id: str | None = None
 
     @property
     def accepted(self) -> bool:
@@ -260,7 +262,7 @@ class StorageSCP:
         # once and the peer often sees an abort instead of the rejection.
         event.assoc.kill()
         log.warning("association from %s@%s rejected: %s", ae_title, address, why)
-        self._notify(AssociationOutcome("rejected", ae_title, address, why))
+        self._notify(AssociationOutcome("rejected", ae_title, address, why, self._id(event)))
 
     def _handle_requested(self, event: evt.Event) -> None:
         ae_title, address = self._peer(event)
@@ -286,6 +288,10 @@ class StorageSCP:
                 # Transient, local limit exceeded: the sender retries later.
                 self._reject(event, 0x03, 0x02, 0x02, full)
 
+    def _id(self, event: evt.Event) -> str | None:
+        conn = self._conn(event)
+        return conn.id if conn is not None else None
+
     def _reported(self, event: evt.Event) -> None:
         conn = self._conn(event)
         if conn is not None:
@@ -295,7 +301,7 @@ class StorageSCP:
         ae_title, address = self._peer(event)
         self._reported(event)
         log.info("association accepted from %s@%s", ae_title, address)
-        self._notify(AssociationOutcome("accepted", ae_title, address))
+        self._notify(AssociationOutcome("accepted", ae_title, address, "", self._id(event)))
 
     def _handle_rejected(self, event: evt.Event) -> None:
         # pynetdicom's own rejections (protocol version, user identity...);
@@ -304,7 +310,7 @@ class StorageSCP:
         self._reported(event)
         why = "rejected during negotiation"
         log.warning("association from %s@%s rejected: %s", ae_title, address, why)
-        self._notify(AssociationOutcome("rejected", ae_title, address, why))
+        self._notify(AssociationOutcome("rejected", ae_title, address, why, self._id(event)))
 
     def _handle_aborted(self, event: evt.Event) -> None:
         ae_title, address = self._peer(event)
@@ -313,7 +319,7 @@ class StorageSCP:
             return  # we cut it: reported by the guard already
         why = "A-ABORT (by the peer, or after a protocol error)"
         log.warning("association from %s@%s aborted: %s", ae_title, address, why)
-        self._notify(AssociationOutcome("aborted", ae_title, address, why))
+        self._notify(AssociationOutcome("aborted", ae_title, address, why, self._id(event)))
 
     def _handle_closed(self, event: evt.Event) -> None:
         conn = self._conn(event)
@@ -322,7 +328,13 @@ class StorageSCP:
 
     def _on_guard_event(self, event: GuardEvent) -> None:
         self._notify(
-            AssociationOutcome(event.kind, event.calling_ae, event.address, event.reason)  # type: ignore[arg-type]
+            AssociationOutcome(
+                event.kind,  # type: ignore[arg-type]
+                event.calling_ae,
+                event.address,
+                event.reason,
+                event.association_id,
+            )
         )
 
     def _notify(self, outcome: AssociationOutcome) -> None:
@@ -358,6 +370,7 @@ class StorageSCP:
             transfer_syntax_uid=str(event.context.transfer_syntax),
             dataset=event.encoded_dataset(include_meta=False),
             file_bytes=event.encoded_dataset(include_meta=True),
+            association_id=self._id(event),
         )
         try:
             return self._on_store(obj)

@@ -27,7 +27,14 @@ from pydicom.sr.codedict import codes
 from pydicom.uid import generate_uid
 
 from dicom_io import codes as sr_codes
-from model.results import AlgorithmInfo, AnalysisResult, CodedConcept, Finding, Outcome
+from model.results import (
+    AlgorithmInfo,
+    AnalysisResult,
+    CodedConcept,
+    Finding,
+    ImageLocation,
+    Outcome,
+)
 
 AI_RESULT_SERIES_DESCRIPTION = "AI RESULT - NOT VERIFIED"
 AI_NOT_RUN_SERIES_DESCRIPTION = "AI NOT RUN - NO AI RESULT"
@@ -52,11 +59,16 @@ _ABSENT = (sr_codes.ABSENT.value, sr_codes.ABSENT.scheme_designator)
 
 
 class ReviewDecision(NamedTuple):
-    """A physician's decision on one AI finding (a plain 3-tuple works too)."""
+    """A physician's decision on one AI finding (a plain 3-tuple works too).
+
+    A correction is `confirmed` with a `corrected_location`: the finding is
+    there, at the place the physician gives.
+    """
 
     tracking_uid: str
     confirmed: bool
     comment: str | None = None
+    corrected_location: ImageLocation | None = None
 
 
 class SRFinding(TypedDict):
@@ -279,8 +291,12 @@ def build_verified_sr(
     software_versions: str = SOFTWARE_VERSION,
     institution_name: str | None = None,
     institutional_department_name: str | None = None,
+    supersedes: Dataset | None = None,
 ) -> hd.sr.Comprehensive3DSR:
     """The physician's review of an AI SR: VERIFIED, FINAL, AI SR as predecessor.
+
+    An amendment passes the verified SR it `supersedes`: that one becomes the
+    predecessor; the findings are still read from the AI SR.
 
     Every finding of `ai_sr` needs a decision (a verified document must not
     attest findings nobody looked at). A confirmed finding is copied as is; a
@@ -289,7 +305,7 @@ def build_verified_sr(
     viewer draws a mark the physician rejected. Each group gets a Comment text
     with the decision. Tracking UIDs are kept: they name the same findings.
     """
-    by_uid = {str(d[0]): ReviewDecision(str(d[0]), bool(d[1]), d[2]) for d in decisions}
+    by_uid = {str(d[0]): ReviewDecision(str(d[0]), bool(d[1]), *d[2:]) for d in decisions}
     root = _root_item(ai_sr)
     groups = _measurement_groups(root)
     if not groups:
@@ -341,7 +357,7 @@ def build_verified_sr(
         is_verified=True,
         verifying_observer_name=verifying_observer_name,
         verifying_organization=verifying_organization,
-        previous_versions=[ai_sr],
+        previous_versions=[supersedes if supersedes is not None else ai_sr],
         coding_schemes=[sr_codes.IHE_SCHEME_ITEM],
     )
     # The stand-ins carry only the identifying attributes; take the rest of
@@ -481,6 +497,13 @@ def _measurement_group(
     # group (TID 1501) still carries type, site, probability and "Absent".
     if not finding.present or location is None:
         return hd.sr.MeasurementsAndQualitativeEvaluations(**common)
+    return hd.sr.PlanarROIMeasurementsAndQualitativeEvaluations(
+        referenced_region=_region(location), **common
+    )
+
+
+def _region(location: ImageLocation) -> hd.sr.ImageRegion:
+    """The Image Region (SCOORD) of a location: its box as a closed polyline, else its point."""
     if location.box is not None:
         c0, r0, c1, r1 = location.box
         # A closed POLYLINE repeats its first point (PS3.3 C.18.6.1.2).
@@ -489,7 +512,7 @@ def _measurement_group(
     else:
         graphic_type = hd.sr.GraphicTypeValues.POINT
         graphic_data = np.array([location.point], dtype=float)
-    region = hd.sr.ImageRegion(
+    return hd.sr.ImageRegion(
         graphic_type=graphic_type,
         graphic_data=graphic_data,
         source_image=hd.sr.SourceImageForRegion(
@@ -500,7 +523,6 @@ def _measurement_group(
             ),
         ),
     )
-    return hd.sr.PlanarROIMeasurementsAndQualitativeEvaluations(referenced_region=region, **common)
 
 
 def _image_library(headers: Sequence[Dataset], described: set[str]) -> hd.sr.ContentItem:
@@ -590,6 +612,9 @@ def _library_view(header: Dataset) -> Dataset:
 def _apply_decision(group: Dataset, decision: ReviewDecision) -> None:
     """Rewrite one copied measurement group with the reviewer's decision."""
     items = list(group.ContentSequence)
+    if decision.corrected_location is not None:
+        _apply_correction(group, items, decision)
+        return
     if not decision.confirmed:
         for item in items:
             if _concept(item) == _TRACKING_IDENTIFIER:
@@ -603,6 +628,25 @@ def _apply_decision(group: Dataset, decision: ReviewDecision) -> None:
             group.ContentTemplateSequence[0].TemplateIdentifier = "1501"
     verdict = "confirmed" if decision.confirmed else "rejected"
     text = f"Reviewer {verdict} the AI finding."
+    if decision.comment:
+        text += f" {decision.comment.strip()}"
+    items.append(hd.sr.TextContentItem(sr_codes.COMMENT, text, relationship_type="CONTAINS"))
+    group.ContentSequence = items
+
+
+def _apply_correction(group: Dataset, items: list[Dataset], decision: ReviewDecision) -> None:
+    """The finding is there, at the physician's location: new region, Present."""
+    assert decision.corrected_location is not None
+    for item in items:
+        if _concept(item) == _TRACKING_IDENTIFIER:
+            item.TextValue = f"{item.TextValue} - LOCATION CORRECTED BY REVIEWER"
+        elif item.ValueType == "CODE" and _code_value(item) == _ABSENT:
+            item.ConceptCodeSequence = [hd.sr.CodedConcept.from_code(sr_codes.PRESENT)]
+    items = [i for i in items if not (i.ValueType == "SCOORD" and _concept(i) == _IMAGE_REGION)]
+    items.append(_region(decision.corrected_location))
+    if "ContentTemplateSequence" in group:
+        group.ContentTemplateSequence[0].TemplateIdentifier = "1410"
+    text = "Reviewer corrected the location of the AI finding."
     if decision.comment:
         text += f" {decision.comment.strip()}"
     items.append(hd.sr.TextContentItem(sr_codes.COMMENT, text, relationship_type="CONTAINS"))
