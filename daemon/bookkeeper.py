@@ -15,8 +15,8 @@ from collections.abc import Iterable
 from datetime import datetime
 from typing import Any
 
-from db import chain
-from db.audit import study_story
+from db import audit, chain
+from db.audit import EventType, study_story
 from db.models import AuditEvent
 from db.session import Database
 
@@ -29,6 +29,22 @@ def seal_audit_trail(db: Database) -> chain.SealResult | None:
         return None
     with db.session() as s:
         result = chain.seal(s, db.audit_key)
+        if result.sealed:
+            # The pass itself is an event, chained last in the same transaction:
+            # no later pass is needed for it, so sealing never feeds itself.
+            audit.record(
+                s,
+                EventType.AUDIT_SEALED,
+                "bookkeeper",
+                sealed=result.sealed,
+                head_seq=result.head_seq,
+                head_mac=result.head_mac,
+            )
+            s.flush()
+            last = chain.seal(s, db.audit_key)
+            result = chain.SealResult(
+                result.sealed + last.sealed, last.head_seq, last.head_mac, result.skipped
+            )
     if result.sealed:
         # At INFO on purpose: a truncated tail leaves no trace in the database,
         # but the head logged here no longer matches `audit verify`.

@@ -276,8 +276,9 @@ class ReviewService:
                     actor=by.name,
                 )
         except IntegrityError:
-            # Another pass finalized this round first: its SR is the same object.
-            return None
+            # Another pass (serve's finalize_pending) finalized this round first:
+            # the UIDs are derived from the run and round, so its SR is this one.
+            return str(sr.SOPInstanceUID)
         log.info(
             "result %d: verified SR %s (round %d) queued for %d destination(s)",
             run_id,

@@ -19,6 +19,9 @@ from pathlib import Path
 import pytest
 
 REPO = Path(__file__).resolve().parent.parent
+
+# The orthanc_factory fixture, loaded as a plugin (asserts rewritten) for every module.
+pytest_plugins = ["tests.orthanc"]
 PG_BIN = Path("/usr/lib/postgresql")
 
 

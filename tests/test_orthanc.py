@@ -50,8 +50,6 @@ from tests.dicom_validate import dciodvfy_errors
 if TYPE_CHECKING:
     from tests.orthanc import Orthanc
 
-# The orthanc_factory fixture; loaded as a plugin so that its asserts are rewritten.
-pytest_plugins = ["tests.orthanc"]
 
 # The daemon's own completion is slowed down where the test records the
 # analysis itself, and no worker runs in the daemon: the test is the worker.

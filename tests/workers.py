@@ -12,6 +12,7 @@ from datetime import timedelta
 from pathlib import Path
 from typing import TypeVar
 
+from db.chain import create_key
 from db.ingest import StoredInstance, record_instance
 from db.models import utcnow
 from db.session import Database
@@ -69,7 +70,9 @@ class WorkerProcess:
         name: str,
         worker: dict[str, object] | None = None,
         env: dict[str, str] | None = None,
+        audit_key: Path | None = None,
     ) -> None:
+        """`audit_key`: the key of the daemon the worker joins; else one of its own."""
         self.name = name
         self.root = root
         root.mkdir(parents=True, exist_ok=True)
@@ -82,7 +85,14 @@ class WorkerProcess:
             "stop_seconds": 30,
             **(worker or {}),
         }
-        lines = [f'[storage]\nstate_dir = "{root / "state"}"\n', f'[database]\nurl = "{db_url}"\n']
+        if audit_key is None:
+            audit_key = root / "audit.key"
+            create_key(audit_key)
+        lines = [
+            f'[storage]\nstate_dir = "{root / "state"}"\n',
+            f'[database]\nurl = "{db_url}"\n',
+            f'[audit]\nkey_file = "{audit_key}"\n',
+        ]
         lines.append("[worker]\n" + "".join(f"{k} = {_toml(v)}\n" for k, v in settings.items()))
         self.config_path = root / f"{name}.toml"
         self.config_path.write_text("\n".join(lines))
