@@ -36,13 +36,13 @@ def _cmd_worker(config: Config, _args: argparse.Namespace) -> int:
 
 
 def _cmd_db_upgrade(config: Config, _args: argparse.Namespace) -> int:
-    from daemon.service import audit_key_path, open_database
+    from daemon.service import open_database
     from db import chain, migrate
 
     config.storage.state_dir.mkdir(parents=True, exist_ok=True)
     migrate.upgrade(config.database_url)
     print(f"database at revision {migrate.current(config.database_url)}")
-    key_path = audit_key_path(config)
+    key_path = config.audit_key_path
     if chain.create_key(key_path):
         print(f"created the audit key {key_path} (mode 0600): keep it outside the database")
     db = open_database(config)

@@ -19,6 +19,7 @@ from pydantic import (
     BaseModel,
     ConfigDict,
     Field,
+    PrivateAttr,
     ValidationError,
     field_validator,
     model_validator,
@@ -288,6 +289,16 @@ class Config(_Section):
     metrics: MetricsConfig = Field(default_factory=MetricsConfig)
     audit: AuditConfig = Field(default_factory=AuditConfig)
     review: ReviewConfig = Field(default_factory=ReviewConfig)
+    # The file this configuration was read from (not a setting).
+    _source: Path | None = PrivateAttr(default=None)
+
+    @property
+    def audit_key_path(self) -> Path:
+        """audit.key_file, else audit.key next to the config file (or in the state dir)."""
+        if self.audit.key_file is not None:
+            return self.audit.key_file
+        folder = self._source.parent if self._source is not None else self.storage.state_dir
+        return folder / "audit.key"
 
     @property
     def database_url(self) -> str:
@@ -347,7 +358,5 @@ def load_config(path: Path | None = None, environ: Mapping[str, str] | None = No
             problems.append(f"{key}: {err['msg']}")
         where = f" in {path}" if path else ""
         raise ConfigError(f"invalid configuration{where}:\n  " + "\n  ".join(problems)) from exc
-    if config.audit.key_file is None:
-        folder = path.absolute().parent if path is not None else config.storage.state_dir
-        config.audit.key_file = folder / "audit.key"
+    config._source = path.absolute() if path is not None else None
     return config

@@ -34,17 +34,13 @@ class NotMigrated(RuntimeError):
     pass
 
 
-def audit_key_path(config: Config) -> Path:
-    return config.audit.key_file or config.storage.state_dir / "audit.key"
-
-
 def open_database(config: Config) -> Database:
     """The database, with the audit key that signs every audit row written through it."""
     config.storage.state_dir.mkdir(parents=True, exist_ok=True)
     return Database(
         config.database_url,
         sqlite_synchronous=config.database.sqlite_synchronous,
-        audit_key=load_key(audit_key_path(config)),
+        audit_key=load_key(config.audit_key_path),
     )
 
 

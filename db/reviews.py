@@ -282,7 +282,9 @@ def record_decision(
         round=round,
         decision=decision,
         organization=organization,
-        comment=comment,
+        # Free text may name the patient: the comment stays in its row and in
+        # the verified SR, never in the trail (UIDs only there).
+        has_comment=bool(comment),
         location=location,
     )
 

@@ -9,6 +9,7 @@ tests/test_review_orthanc.py.
 
 from __future__ import annotations
 
+import json
 from datetime import timedelta
 from pathlib import Path
 
@@ -26,6 +27,7 @@ from db.session import Database
 from dicom_io.sr import read_findings
 from tests import reportdata as rd
 from tests.dicom_validate import dciodvfy_errors
+from tests.dicomgen import PATIENT_ID, PATIENT_NAME
 
 KEY = bytes(range(32))
 
@@ -120,10 +122,15 @@ def test_confirm_builds_a_verified_sr_for_every_destination(
     assert after.run_id == result.run_id
     assert service.results() == []  # nothing pending
     with db.session() as s:
-        types = [e.event_type for e in audit.events(s)]
+        events = audit.events(s)
+        types = [e.event_type for e in events]
         assert EventType.REVIEW_DECIDED in types and EventType.VERIFIED_SR_CREATED in types
         # Signed as written: the chain seals them.
         assert chain.seal(s, KEY).skipped == 0
+    # UIDs only in the trail: no patient name or ID, and not the free-text comment.
+    trail = " ".join(json.dumps(e.detail) + e.actor for e in events)
+    for value in (PATIENT_NAME, PATIENT_ID, "Solid nodule"):
+        assert value not in trail
     db.dispose()
 
 
