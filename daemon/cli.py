@@ -85,7 +85,7 @@ def _cmd_audit_export(config: Config, args: argparse.Namespace) -> int:
     from daemon.bookkeeper import export_audit_trail
     from daemon.service import open_database
 
-    db = open_database(config)
+    db = open_database(config, signed=False)
     text = export_audit_trail(db, study_instance_uid=args.study, since=args.since, fmt=args.format)
     db.dispose()
     sys.stdout.write(text)
@@ -98,7 +98,7 @@ def _cmd_status(config: Config, args: argparse.Namespace) -> int:
     from db.reports import report_counts
     from db.studies import job_counts, study_counts
 
-    db = open_database(config)
+    db = open_database(config, signed=False)
     with db.session() as s:
         report = {
             "studies": study_counts(s),
@@ -136,7 +136,7 @@ def _cmd_deliveries_list(config: Config, args: argparse.Namespace) -> int:
     from daemon.service import open_database
     from db.outbox import list_items
 
-    db = open_database(config)
+    db = open_database(config, signed=False)
     with db.session() as s:
         items = list_items(s, state=args.state, limit=args.limit)
     db.dispose()

@@ -34,13 +34,17 @@ class NotMigrated(RuntimeError):
     pass
 
 
-def open_database(config: Config) -> Database:
-    """The database, with the audit key that signs every audit row written through it."""
+def open_database(config: Config, *, signed: bool = True) -> Database:
+    """The database, with the audit key that signs every audit row written through it.
+
+    `signed=False` for commands that only read (status, listings, export):
+    they work without the key.
+    """
     config.storage.state_dir.mkdir(parents=True, exist_ok=True)
     return Database(
         config.database_url,
         sqlite_synchronous=config.database.sqlite_synchronous,
-        audit_key=load_key(config.audit_key_path),
+        audit_key=load_key(config.audit_key_path) if signed else None,
     )
 
 

@@ -25,6 +25,7 @@ from daemon.dispatcher import Dispatcher
 from daemon.reporter import Reporter
 from db import audit, migrate
 from db.audit import EventType
+from db.chain import create_key
 from db.models import DeliveryState, OutboxItem, utcnow
 from db.outbox import RetryPolicy
 from db.session import Database
@@ -142,6 +143,7 @@ timeout_seconds = 5
     config = load_config(path, environ={})
     config.storage.state_dir.mkdir(parents=True, exist_ok=True)
     migrate.upgrade(config.database_url)
+    create_key(config.audit_key_path)  # as `secondreader db upgrade` does
     return config
 
 

@@ -22,6 +22,7 @@ from daemon.config import Config, load_config
 from daemon.reporter import Reporter
 from db import audit, migrate
 from db.audit import EventType
+from db.chain import create_key
 from db.models import AnalysisRun, DeliveryState, FindingRecord, OutboxItem, ReportState
 from db.session import Database
 from dicom_io.sr import finding_tracking_uid, read_findings
@@ -57,7 +58,9 @@ port = 11113
 """
         + extra
     )
-    return load_config(path, environ={})
+    config = load_config(path, environ={})
+    create_key(config.audit_key_path)  # as `secondreader db upgrade` does
+    return config
 
 
 @pytest.fixture
