@@ -230,7 +230,12 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser.add_argument("--no-durability-off", action="store_true", help="skip the fsync-off row")
     parser.add_argument("--no-reference", action="store_true", help="skip the bare pynetdicom row")
     parser.add_argument(
-        "--pdu-row", action="store_true", help="add a row with scp.max_pdu_size = 64 MiB"
+        "--pdu-row",
+        type=int,
+        action="append",
+        default=[],
+        metavar="BYTES",
+        help="add a row with this scp.max_pdu_size (repeatable)",
     )
     parser.add_argument("--json", type=Path, help="also write the figures to this file")
     args = parser.parse_args(argv)
@@ -256,13 +261,13 @@ def main(argv: Sequence[str] | None = None) -> int:
                 rows[r.label] = measure(r, files, args.repeats)
         with secondreader(workdir, "secondreader (defaults: fsync, SQLite NORMAL)") as r:
             rows[r.label] = measure(r, files, args.repeats)
-        if args.pdu_row:
-            # The default PDU cap (1 MiB) against the largest allowed one: what
-            # bounding the memory a peer may make us hold costs in throughput.
+        for size in args.pdu_row:
+            # Other PDU caps against the default: what bounding the memory a
+            # peer may make us hold costs in throughput.
             with secondreader(
                 workdir,
-                "secondreader, max PDU 64 MiB",
-                {"SECONDREADER_SCP__MAX_PDU_SIZE": str(64 * 1024 * 1024)},
+                f"secondreader, max PDU {size / 2**20:g} MiB",
+                {"SECONDREADER_SCP__MAX_PDU_SIZE": str(size)},
             ) as r:
                 rows[r.label] = measure(r, files, args.repeats)
         if not args.no_durability_off:
