@@ -148,21 +148,8 @@ class Receiver:
             if own or not image:
                 return self._store_ancillary(obj, ident, "own object" if own else "non-image")
 
-        relative = self.spool.relative_path(
-            ident.study_instance_uid, ident.series_instance_uid, ident.sop_instance_uid
-        )
-        item = StoredInstance(
-            study_instance_uid=ident.study_instance_uid,
-            series_instance_uid=ident.series_instance_uid,
-            sop_instance_uid=ident.sop_instance_uid,
-            sop_class_uid=ident.sop_class_uid,
-            transfer_syntax_uid=obj.transfer_syntax_uid,
-            modality=ident.modality,
-            path=relative,
-            size_bytes=len(obj.file_bytes),
-            calling_ae=obj.calling_ae,
-            association_id=obj.association_id,
-        )
+        item = self._item(obj, ident)
+        relative = item.path
         # The file's write and fsyncs run while the row's statements run; the
         # commit waits for the file. Both are milliseconds of waiting on the
         # disk, and over one association they are the whole per-object cost.
@@ -196,6 +183,23 @@ class Receiver:
         )
         return 0x0000
 
+    def _item(self, obj: ReceivedObject, ident: Identity) -> StoredInstance:
+        """What gets recorded of an object; its path is the same in either spool."""
+        return StoredInstance(
+            study_instance_uid=ident.study_instance_uid,
+            series_instance_uid=ident.series_instance_uid,
+            sop_instance_uid=ident.sop_instance_uid,
+            sop_class_uid=ident.sop_class_uid,
+            transfer_syntax_uid=obj.transfer_syntax_uid,
+            modality=ident.modality,
+            path=self.spool.relative_path(
+                ident.study_instance_uid, ident.series_instance_uid, ident.sop_instance_uid
+            ),
+            size_bytes=len(obj.file_bytes),
+            calling_ae=obj.calling_ae,
+            association_id=obj.association_id,
+        )
+
     def _conflict(self, obj: ReceivedObject, ident: Identity, exc: UIDConflict) -> int:
         return self._refuse(
             obj,
@@ -208,21 +212,8 @@ class Receiver:
 
     def _store_ancillary(self, obj: ReceivedObject, ident: Identity, reason: str) -> int:
         """Keep (or drop) an object that is never analysed; it touches no study."""
-        relative = self.spool.relative_path(
-            ident.study_instance_uid, ident.series_instance_uid, ident.sop_instance_uid
-        )
-        item = StoredInstance(
-            study_instance_uid=ident.study_instance_uid,
-            series_instance_uid=ident.series_instance_uid,
-            sop_instance_uid=ident.sop_instance_uid,
-            sop_class_uid=ident.sop_class_uid,
-            transfer_syntax_uid=obj.transfer_syntax_uid,
-            modality=ident.modality,
-            path=relative,
-            size_bytes=len(obj.file_bytes),
-            calling_ae=obj.calling_ae,
-            association_id=obj.association_id,
-        )
+        item = self._item(obj, ident)
+        relative = item.path
         stored = self.ancillary is not None
         try:
             if self.ancillary is not None:
