@@ -29,7 +29,7 @@ import secrets
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from sqlalchemy import select, text, update
+from sqlalchemy import func, select, text, update
 from sqlalchemy.orm import Session
 
 from db.models import AuditEvent
@@ -135,8 +135,19 @@ def seal(session: Session, key: bytes, *, limit: int = 5000) -> SealResult:
 
 
 def sign_unsigned(session: Session, key: bytes) -> int:
-    """Sign rows written before the trail was signed (`db upgrade`, once); returns how many."""
-    rows = session.scalars(select(AuditEvent).where(AuditEvent.row_mac.is_(None))).all()
+    """Sign the rows written before the trail was signed (`db upgrade`); returns how many.
+
+    Only rows older than the first signed one: `db upgrade` runs at every
+    service start, and a row inserted by hand later must stay unsigned (and
+    be named by `verify`), not be adopted at the next restart.
+    """
+    first_signed = session.execute(
+        select(func.min(AuditEvent.id)).where(AuditEvent.row_mac.is_not(None))
+    ).scalar()
+    stmt = select(AuditEvent).where(AuditEvent.row_mac.is_(None))
+    if first_signed is not None:
+        stmt = stmt.where(AuditEvent.id < first_signed)
+    rows = session.scalars(stmt).all()
     for event in rows:
         if event.nonce is None:
             event.nonce = secrets.token_hex(16)

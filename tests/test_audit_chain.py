@@ -206,3 +206,35 @@ def test_chain_holds_under_concurrent_receive_and_workers(
     assert {EventType.INSTANCE_STORED, EventType.JOB_CLAIMED, EventType.ANALYSIS_RECORDED} <= types
     assert "audit chain sealed" in d.log()
     db.dispose()
+
+
+def test_db_upgrade_signs_only_rows_from_before_the_trail(tmp_path: Path) -> None:
+    """Rows from before the chain are adopted once; a row inserted by hand later never is."""
+    from db import migrate
+
+    url = f"sqlite:///{tmp_path / 'legacy.db'}"
+    migrate.upgrade(url)
+    legacy = Database(url)  # no key: as written before the trail was signed
+    old = _write_events(legacy, 2)
+    config = _config(tmp_path, url)
+    first = _cli(config, "db", "upgrade")
+    assert "signed 2 audit row(s) written before the trail was signed" in first.stdout
+    signed = Database(url, audit_key=load_key(tmp_path / "audit.key"))
+    _write_events(signed, 1)
+    with legacy.engine.begin() as conn:
+        conn.execute(
+            text(
+                "INSERT INTO audit_events (at, event_type, actor, detail) "
+                "VALUES ('2026-12-01 10:00:00', 'review.decided', 'Smith^Jane', '{}')"
+            )
+        )
+    again = _cli(config, "db", "upgrade")  # as ExecStartPre does at every start
+    assert "signed" not in again.stdout
+    report = _cli(config, "audit", "verify", "--seal")
+    assert report.returncode == 1
+    assert "1 problem(s)" in report.stdout and "was not written by secondreader" in report.stdout
+    with signed.session() as s:
+        sealed = [e.id for e in s.scalars(select(AuditEvent).where(AuditEvent.seq.is_not(None)))]
+    assert old[0] in sealed and old[1] in sealed
+    legacy.dispose()
+    signed.dispose()
