@@ -96,10 +96,6 @@ class ResultView:
         return max((f.probability for f in self.findings), default=0.0)
 
     @property
-    def any_present(self) -> bool:
-        return any(f.present for f in self.findings)
-
-    @property
     def state(self) -> str:
         if self.verifications:
             return "amended" if len(self.verifications) > 1 else "verified"

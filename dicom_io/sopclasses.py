@@ -55,7 +55,3 @@ TRANSFER_SYNTAXES: list[str] = [
 
 def is_image_storage(uid: str) -> bool:
     return uid in IMAGE_STORAGE_CLASSES
-
-
-def is_storage(uid: str) -> bool:
-    return uid in STORAGE_CLASSES
