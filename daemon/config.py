@@ -150,6 +150,13 @@ class DestinationTLS(_Section):
     key_file: Path | None = None
 
 
+OutputKind = Literal["sr", "pmap", "seg", "binary-seg", "gsps", "summary"]
+OUTPUT_KINDS: tuple[str, ...] = ("sr", "pmap", "seg", "binary-seg", "gsps", "summary")
+# What OHIF 3.13 shows (SR, parametric map) and what any PACS shows (GSPS,
+# summary). The FRACTIONAL SEG stays off: OHIF 3.13 hangs on "Loading SEG...".
+DEFAULT_OUTPUTS: tuple[str, ...] = ("sr", "pmap", "gsps", "summary")
+
+
 class Destination(_Section):
     """A PACS (or any C-STORE SCP) that receives our SR and SEG objects."""
 
@@ -158,6 +165,17 @@ class Destination(_Section):
     # the verified SR goes, with the AI objects only if send_ai_result_after_review.
     release: Literal["immediate", "after_review"] = "immediate"
     send_ai_result_after_review: bool = False
+    # Which AI objects this destination receives (see OUTPUT_KINDS):
+    # "sr" the TID 1500 SR; "pmap" the saliency as a Parametric Map (OHIF
+    # overlays it; CT/MR only); "seg" the saliency as a FRACTIONAL SEG;
+    # "binary-seg" the thresholded region as a BINARY SEG; "gsps" the region
+    # and its label as a presentation state on the key image (most PACS
+    # viewers show it); "summary" a Secondary Capture of the result, for
+    # every study, negative and not-run ones too. The physician's verified SR
+    # goes to every destination.
+    outputs: list[OutputKind] = Field(
+        default_factory=lambda: list(DEFAULT_OUTPUTS), min_length=1
+    )
 
     # Names the destination in the outbox and in `secondreader deliveries`.
     name: str = Field(min_length=1, max_length=64)
@@ -172,6 +190,13 @@ class Destination(_Section):
 
     _check_ae = field_validator("ae_title")(_ae_title)
 
+    @field_validator("outputs")
+    @classmethod
+    def _unique_outputs(cls, v: list[str]) -> list[str]:
+        if len(set(v)) != len(v):
+            raise ValueError("each output kind at most once")
+        return v
+
 
 class ReportConfig(_Section):
     # Series of the AI result SR; high numbers keep it after the acquired series.
@@ -181,10 +206,28 @@ class ReportConfig(_Section):
     not_run_series_description: str = Field(
         "AI NOT RUN - NO AI RESULT - secondreader", max_length=64
     )
-    # Saliency map as a FRACTIONAL SEG next to the SR (analysed studies only).
+    # false: no saliency objects at all (parametric map, SEGs), whatever a
+    # destination's outputs ask for.
     segmentation: bool = True
+    # Series of each AI object; the destinations' `outputs` say which are sent.
     seg_series_number: int = Field(9902, ge=1)
     seg_series_description: str = Field("AI SALIENCY - NOT VERIFIED - secondreader", max_length=64)
+    pmap_series_number: int = Field(9904, ge=1)
+    pmap_series_description: str = Field(
+        "AI SALIENCY MAP - NOT VERIFIED - secondreader", max_length=64
+    )
+    gsps_series_number: int = Field(9905, ge=1)
+    gsps_series_description: str = Field(
+        "AI ANNOTATION - NOT VERIFIED - secondreader", max_length=64
+    )
+    summary_series_number: int = Field(9906, ge=1)
+    summary_series_description: str = Field(
+        "AI SUMMARY - NOT VERIFIED - secondreader", max_length=64
+    )
+    region_seg_series_number: int = Field(9907, ge=1)
+    region_seg_series_description: str = Field(
+        "AI REGION - NOT VERIFIED - secondreader", max_length=64
+    )
     manufacturer: str = Field("secondreader", max_length=64)
     manufacturer_model_name: str = Field("secondreader", max_length=64)
     institution_name: str | None = Field(None, max_length=64)

@@ -1,11 +1,14 @@
 """Stage 5, report: each analysis run becomes DICOM objects queued for the PACS.
 
 For a pending run: read its result back from the database, the headers of
-its images from the spool, build the SR (TID 1500, or "AI not run" with the
-reason) and, for an analysed run with a present finding, the saliency SEG;
-write them under <state_dir>/outbox/<study>/<uid>.dcm and, in one
-transaction, queue one outbox row per object per destination and mark the
-run reported. The deliver stage (daemon/dispatcher.py) takes it from there.
+its images from the spool, and build the objects the destinations take
+(`outputs`): the SR (TID 1500, or "AI not run" with the reason), the summary
+Secondary Capture (every study), and for an analysed run with a present
+finding the saliency as a Parametric Map, FRACTIONAL SEG or BINARY SEG and
+the GSPS on the key image. Write them under <state_dir>/outbox/<study>/<uid>.dcm
+and, in one transaction, queue one outbox row per object per destination that
+takes its kind, and mark the run reported. The deliver stage
+(daemon/dispatcher.py) takes it from there.
 
 A re-run of the same model on the same study supersedes the earlier SR:
 the new one lists it in its Predecessor Documents Sequence.
@@ -15,14 +18,16 @@ from __future__ import annotations
 
 import io
 import logging
+from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
 
+import numpy as np
 from pydicom import dcmread
 from pydicom.dataset import Dataset
 from pydicom.uid import generate_uid
 
-from daemon.config import Config
+from daemon.config import DEFAULT_OUTPUTS, Config
 from db.models import DeliveryState
 from db.outbox import NewOutboxItem
 from db.reports import (
@@ -35,7 +40,10 @@ from db.reports import (
 from db.session import Database
 from dicom_io.headers import UNKNOWN_MODALITY, read_header
 from dicom_io.identify import valid_uid
-from dicom_io.seg import build_saliency_seg
+from dicom_io.pixels import read_modality_pixels
+from dicom_io.pmap import build_saliency_map
+from dicom_io.pr import build_presentation_state
+from dicom_io.seg import build_region_seg, build_saliency_seg
 from dicom_io.spool import Spool
 from dicom_io.sr import (
     build_ai_result_sr,
@@ -43,8 +51,14 @@ from dicom_io.sr import (
     finding_tracking_uid,
     read_findings,
 )
+from dicom_io.summary import (
+    build_summary_image,
+    render_negative,
+    render_not_run,
+    render_positive,
+)
 from dicom_io.text import printable, safe_error, scrub_values
-from model.results import Finding, Outcome
+from model.results import Finding, ImageLocation, Outcome
 
 log = logging.getLogger(__name__)
 
@@ -57,7 +71,7 @@ class ReportError(Exception):
 
 @dataclass(frozen=True)
 class BuiltObject:
-    kind: str  # "sr" or "seg"
+    kind: str  # one of daemon.config.OUTPUT_KINDS
     dataset: Dataset
 
 
@@ -117,6 +131,8 @@ class Reporter:
         for obj in objects:
             relative = self._write(study_uid, obj.dataset)
             for dest in self.config.delivery.destinations:
+                if obj.kind not in dest.outputs:
+                    continue
                 held = reviewable and dest.release == "after_review"
                 queued.append(
                     NewOutboxItem(
@@ -174,6 +190,13 @@ class Reporter:
             "predecessor": self._predecessor(run),
         }
 
+    def _wanted(self) -> set[str]:
+        """The object kinds some destination takes (all defaults without destinations)."""
+        destinations = self.config.delivery.destinations
+        if not destinations:
+            return set(DEFAULT_OUTPUTS)  # built into the outbox, for a look
+        return {kind for dest in destinations for kind in dest.outputs}
+
     def _not_run(self, run: PendingRun, headers: list[Dataset], reason: str) -> BuiltObject:
         result = run.result
         outcome = result.outcome if result.outcome != Outcome.ANALYSED else Outcome.FAILED
@@ -190,9 +213,19 @@ class Reporter:
     def _build(self, run: PendingRun, headers: list[Dataset]) -> list[BuiltObject]:
         result = run.result
         cfg = self.config.report
+        wanted = self._wanted()
         if result.outcome != Outcome.ANALYSED:
-            return [self._not_run(run, headers, result.reason or f"outcome: {result.outcome}")]
-        seg = self._seg(run, headers) if cfg.segmentation else None
+            reason = result.reason or f"outcome: {result.outcome}"
+            summary = self._optional(run, "summary", wanted, lambda: self._summary(run, headers))
+            return [*summary, self._not_run(run, headers, reason)]
+        extras: list[BuiltObject] = []
+        saliency_kinds = {"seg": self._seg, "binary-seg": self._region_seg, "pmap": self._pmap}
+        for kind, builder in saliency_kinds.items():
+            if cfg.segmentation:
+                extras += self._optional(run, kind, wanted, lambda b=builder: b(run, headers))
+        extras += self._optional(run, "gsps", wanted, lambda: self._gsps(run, headers))
+        extras += self._optional(run, "summary", wanted, lambda: self._summary(run, headers))
+        seg = next((o.dataset for o in extras if o.kind == "seg"), None)
         sr = build_ai_result_sr(
             result,
             headers,
@@ -200,42 +233,161 @@ class Reporter:
             segmentation=seg,
             **self._common(run),
         )
-        # The SEG first: the SR lists it as evidence, so it should be there first.
-        return [*([BuiltObject("seg", seg)] if seg is not None else []), BuiltObject("sr", sr)]
+        # The SR last: it lists the SEG as evidence, so that should be there first.
+        return [*extras, BuiltObject("sr", sr)]
 
-    def _seg(self, run: PendingRun, headers: list[Dataset]) -> Dataset | None:
-        """The saliency map as a SEG for the run's most probable present finding.
+    def _optional(
+        self, run: PendingRun, kind: str, wanted: set[str], build: Callable[[], Dataset | None]
+    ) -> list[BuiltObject]:
+        """The object of `kind` if a destination wants it and it can be built.
 
-        None when there is no map, or no finding is present: like the SR,
-        which draws no region for an absent finding, we do not show a heat
-        map that invites a look for something the model says is not there.
-        The map of a multi-label model mixes labels slice by slice
+        The SR carries the findings: an extra object that does not fit its
+        images (an empty map, a projection image a parametric map cannot
+        describe, headers highdicom will not take) must not hold it back.
+        """
+        if kind not in wanted:
+            return []
+        try:
+            dataset = build()
+        except Exception as exc:
+            log.warning("run %d: no %s: %s", run.run_id, kind.upper(), safe_error(exc))
+            log.debug("run %d traceback", run.run_id, exc_info=exc)
+            return []
+        return [] if dataset is None else [BuiltObject(kind, dataset)]
+
+    def _top_present(self, run: PendingRun) -> Finding | None:
+        """The most probable present finding, if the run has saliency for it.
+
+        Like the SR, which draws no region for an absent finding, we do not
+        show a heat map that invites a look for something the model says is
+        not there. The map of a multi-label model mixes labels slice by slice
         (model/inference.py); the top finding is what it mostly shows.
         """
         result = run.result
         present = [f for f in result.findings if f.present]
         if result.saliency is None or result.algorithm is None or not present:
             return None
-        top: Finding = max(present, key=lambda f: f.probability)
-        cfg = self.config.report
-        try:
-            return build_saliency_seg(
-                result.saliency,
-                headers,
-                result.algorithm,
-                top,
-                series_number=cfg.seg_series_number,
-                series_description=cfg.seg_series_description,
-                series_instance_uid=self._uid(run, "seg-series"),
-                sop_instance_uid=self._uid(run, "seg"),
-                manufacturer=cfg.manufacturer,
-                manufacturer_model_name=cfg.manufacturer_model_name,
-            )
-        except Exception as exc:
-            # The SR carries the findings; a map that does not fit its images
-            # (or is empty, or headers highdicom will not take) must not hold them back.
-            log.warning("run %d: no saliency SEG: %s", run.run_id, safe_error(exc))
+        return max(present, key=lambda f: f.probability)
+
+    def _object_uids(self, run: PendingRun, kind: str) -> dict[str, str]:
+        return {
+            "series_instance_uid": self._uid(run, f"{kind}-series"),
+            "sop_instance_uid": self._uid(run, kind),
+        }
+
+    def _seg(self, run: PendingRun, headers: list[Dataset]) -> Dataset | None:
+        """The saliency map as a FRACTIONAL SEG for the run's top present finding."""
+        top = self._top_present(run)
+        if top is None:
             return None
+        cfg = self.config.report
+        assert run.result.saliency is not None and run.result.algorithm is not None
+        return build_saliency_seg(
+            run.result.saliency,
+            headers,
+            run.result.algorithm,
+            top,
+            series_number=cfg.seg_series_number,
+            series_description=cfg.seg_series_description,
+            manufacturer=cfg.manufacturer,
+            manufacturer_model_name=cfg.manufacturer_model_name,
+            **self._object_uids(run, "seg"),
+        )
+
+    def _region_seg(self, run: PendingRun, headers: list[Dataset]) -> Dataset | None:
+        """The thresholded saliency as a BINARY SEG, for viewers that load no other."""
+        top = self._top_present(run)
+        if top is None:
+            return None
+        cfg = self.config.report
+        assert run.result.saliency is not None and run.result.algorithm is not None
+        return build_region_seg(
+            run.result.saliency,
+            headers,
+            run.result.algorithm,
+            top,
+            series_number=cfg.region_seg_series_number,
+            series_description=cfg.region_seg_series_description,
+            manufacturer=cfg.manufacturer,
+            manufacturer_model_name=cfg.manufacturer_model_name,
+            **self._object_uids(run, "binary-seg"),
+        )
+
+    def _pmap(self, run: PendingRun, headers: list[Dataset]) -> Dataset | None:
+        """The saliency as a float Parametric Map (OHIF overlays it)."""
+        top = self._top_present(run)
+        if top is None:
+            return None
+        cfg = self.config.report
+        assert run.result.saliency is not None and run.result.algorithm is not None
+        return build_saliency_map(
+            run.result.saliency,
+            headers,
+            run.result.algorithm,
+            top,
+            series_number=cfg.pmap_series_number,
+            series_description=cfg.pmap_series_description,
+            manufacturer=cfg.manufacturer,
+            manufacturer_model_name=cfg.manufacturer_model_name,
+            **self._object_uids(run, "pmap"),
+        )
+
+    def _gsps(self, run: PendingRun, headers: list[Dataset]) -> Dataset | None:
+        """The regions and labels of the present findings as a GSPS on their key images."""
+        result = run.result
+        if result.algorithm is None or not any(f.present and f.location for f in result.findings):
+            return None
+        cfg = self.config.report
+        return build_presentation_state(
+            result.findings,
+            headers,
+            result.algorithm,
+            series_number=cfg.gsps_series_number,
+            series_description=cfg.gsps_series_description,
+            manufacturer=cfg.manufacturer,
+            manufacturer_model_name=cfg.manufacturer_model_name,
+            institution_name=cfg.institution_name,
+            institutional_department_name=cfg.institutional_department_name,
+            **self._object_uids(run, "gsps"),
+        )
+
+    def _summary(self, run: PendingRun, headers: list[Dataset]) -> Dataset:
+        """The result as a picture: key slice with region and legend, or a card."""
+        result = run.result
+        cfg = self.config.report
+        reference = headers[0]
+        if result.outcome != Outcome.ANALYSED:
+            picture = render_not_run(result.reason or str(result.outcome), result.algorithm)
+        else:
+            assert result.algorithm is not None
+            located = [f for f in result.findings if f.present and f.location is not None]
+            if located:
+                key = max(located, key=lambda f: f.probability).location
+                assert key is not None
+                reference, pixels = self._key_pixels(run, headers, key)
+                picture = render_positive(pixels, reference, result.findings, result.algorithm)
+            else:
+                picture = render_negative(result.findings, result.algorithm)
+        return build_summary_image(
+            picture,
+            reference,
+            algorithm=result.algorithm,
+            series_number=cfg.summary_series_number,
+            series_description=cfg.summary_series_description,
+            manufacturer=cfg.manufacturer,
+            **self._object_uids(run, "summary"),
+        )
+
+    def _key_pixels(
+        self, run: PendingRun, headers: list[Dataset], location: ImageLocation
+    ) -> tuple[Dataset, np.ndarray]:
+        """The key image's header and its pixels in modality units (HU for CT)."""
+        index = next(
+            i for i, h in enumerate(headers) if h.SOPInstanceUID == location.sop_instance_uid
+        )
+        return headers[index], read_modality_pixels(
+            self.spool_dir / run.source_paths[index], location.frame_number
+        )
 
     def _headers(self, run: PendingRun) -> list[Dataset]:
         """The source headers, repaired (dicom_io/headers.py): real images lack Type 2

@@ -20,9 +20,10 @@ PROCESSING_ALGORITHM = hd.sr.CodedConcept("Newcode1", "99IHE", "Processing Algor
 # The NUM measurement of each finding. DCM 122157 is the plain "Probability";
 # DCM 111047 "Probability of cancer" would be wrong for most findings.
 PROBABILITY = hd.sr.CodedConcept("122157", "DCM", "Probability")
-# UCUM "1" (dimensionless, meaning "no units", CID 7181) rather than the
-# annotation "{probability}": UCUM annotations equal 1 anyway, and "1" is the
-# unit the DICOM context groups list, so every reader knows it.
+# The probability is stated in percent (UCUM "%"): viewers print the value
+# with the unit's code, and "97.31 %" reads as what it is where "0.97 1"
+# (UCUM "1", no units) does not. `dicom_io.sr.read_findings` reads either.
+PERCENT = hd.sr.CodedConcept("%", "UCUM", "percent")
 UNITLESS = hd.sr.CodedConcept("1", "UCUM", "no units")
 
 PRESENT = codes.SCT.Present  # 52101004

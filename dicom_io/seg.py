@@ -1,4 +1,8 @@
-"""The model's saliency map as a FRACTIONAL (probability) DICOM Segmentation.
+"""The model's saliency map as DICOM Segmentations.
+
+`build_saliency_seg`: the map itself, FRACTIONAL (probability), for viewers
+that show fractional segmentations; `build_region_seg`: the map thresholded
+at half its peak, BINARY, for viewers that load binary ones only.
 
 One segment per SEG, on the source images' own grid (SEG cannot resample),
 in the study of its images and in a new series. The segment carries the
@@ -23,6 +27,9 @@ from dicom_io.sr import SOFTWARE_VERSION, algorithm_equipment, finding_tracking_
 from model.results import AlgorithmInfo, CodedConcept, Finding, SaliencyMap
 
 SALIENCY_SERIES_DESCRIPTION = "AI SALIENCY - NOT VERIFIED"
+REGION_SERIES_DESCRIPTION = "AI REGION - NOT VERIFIED"
+# The BINARY SEG's region: saliency at or above this fraction of its peak.
+REGION_FRACTION = 0.5
 
 # Saliency below this is set to 0 before encoding. Stored as 8-bit fractions
 # anyway (1/255 steps), and without it every slice holds some faint noise, so
@@ -58,18 +65,119 @@ def build_saliency_seg(
     "Morphologically abnormal structure". Values below `floor` become 0 and
     frames left empty are omitted; a map empty everywhere is a ValueError.
     """
+    frames = checked_frames(saliency)
+    if not 0.0 <= floor < 1.0:
+        raise ValueError("floor must lie in [0, 1)")
+    images, pixel_array = align_saliency(saliency, frames, source_headers)
+    pixel_array = np.where(pixel_array >= floor, pixel_array, np.float32(0.0))
+    if not pixel_array.any():
+        # highdicom would then keep every frame, all empty: no use to anyone.
+        raise ValueError(f"no saliency at or above {floor}: nothing to store, build no SEG")
+    return _segmentation(
+        images,
+        pixel_array,
+        hd.seg.SegmentationTypeValues.FRACTIONAL,
+        algorithm,
+        finding,
+        segment_label=f"AI saliency: {finding.label}",
+        content_label="AI_SALIENCY",
+        content_description=f"AI saliency map for {finding.label}, not verified",
+        segmented_property_category=segmented_property_category,
+        series_number=series_number,
+        series_description=series_description,
+        series_instance_uid=series_instance_uid,
+        sop_instance_uid=sop_instance_uid,
+        instance_number=instance_number,
+        manufacturer=manufacturer,
+        manufacturer_model_name=manufacturer_model_name,
+        software_versions=software_versions,
+        device_serial_number=device_serial_number,
+    )
+
+
+def build_region_seg(
+    saliency: SaliencyMap,
+    source_headers: Sequence[Dataset],
+    algorithm: AlgorithmInfo,
+    finding: Finding,
+    *,
+    series_number: int,
+    series_description: str = REGION_SERIES_DESCRIPTION,
+    series_instance_uid: str | None = None,
+    sop_instance_uid: str | None = None,
+    instance_number: int = 1,
+    segmented_property_category: CodedConcept | None = None,
+    fraction: float = REGION_FRACTION,
+    manufacturer: str = "secondreader",
+    manufacturer_model_name: str = "secondreader",
+    software_versions: str = SOFTWARE_VERSION,
+    device_serial_number: str | None = None,
+) -> hd.seg.Segmentation:
+    """The thresholded saliency (at `fraction` of its peak) as a one-segment BINARY SEG.
+
+    For viewers that load binary segmentations only (OHIF 3.13 among them).
+    """
+    frames = checked_frames(saliency)
+    if not 0.0 < fraction <= 1.0:
+        raise ValueError("fraction must lie in (0, 1]")
+    images, pixel_array = align_saliency(saliency, frames, source_headers)
+    peak = float(pixel_array.max())
+    if peak <= 0.0:
+        raise ValueError("the saliency map is zero everywhere: build no SEG")
+    mask = (pixel_array >= fraction * peak).astype(np.uint8)
+    return _segmentation(
+        images,
+        mask,
+        hd.seg.SegmentationTypeValues.BINARY,
+        algorithm,
+        finding,
+        segment_label=f"AI region: {finding.label}",
+        content_label="AI_REGION",
+        content_description=f"AI region for {finding.label}, not verified",
+        segmented_property_category=segmented_property_category,
+        series_number=series_number,
+        series_description=series_description,
+        series_instance_uid=series_instance_uid,
+        sop_instance_uid=sop_instance_uid,
+        instance_number=instance_number,
+        manufacturer=manufacturer,
+        manufacturer_model_name=manufacturer_model_name,
+        software_versions=software_versions,
+        device_serial_number=device_serial_number,
+    )
+
+
+def checked_frames(saliency: SaliencyMap) -> np.ndarray:
+    """The map's frames as float32 (n, rows, cols), checked to lie in [0, 1]."""
     frames = np.asarray(saliency.frames, dtype=np.float32)
     if frames.ndim != 3 or frames.shape[0] != len(saliency.source_sop_instance_uids):
         raise ValueError("saliency frames must be (n, rows, cols), one per source UID")
     if not np.isfinite(frames).all() or frames.min() < 0.0 or frames.max() > 1.0:
         raise ValueError("saliency values must lie in [0, 1]")
-    if not 0.0 <= floor < 1.0:
-        raise ValueError("floor must lie in [0, 1)")
-    images, pixel_array = _align(saliency, frames, source_headers)
-    pixel_array = np.where(pixel_array >= floor, pixel_array, np.float32(0.0))
-    if not pixel_array.any():
-        # highdicom would then keep every frame, all empty: no use to anyone.
-        raise ValueError(f"no saliency at or above {floor}: nothing to store, build no SEG")
+    return frames
+
+
+def _segmentation(
+    images: list[Dataset],
+    pixel_array: np.ndarray,
+    segmentation_type: hd.seg.SegmentationTypeValues,
+    algorithm: AlgorithmInfo,
+    finding: Finding,
+    *,
+    segment_label: str,
+    content_label: str,
+    content_description: str,
+    segmented_property_category: CodedConcept | None,
+    series_number: int,
+    series_description: str,
+    series_instance_uid: str | None,
+    sop_instance_uid: str | None,
+    instance_number: int,
+    manufacturer: str,
+    manufacturer_model_name: str,
+    software_versions: str,
+    device_serial_number: str | None,
+) -> hd.seg.Segmentation:
     study_instance_uid = images[0].StudyInstanceUID
     category = (
         seg_codes.to_hd(segmented_property_category)
@@ -78,7 +186,7 @@ def build_saliency_seg(
     )
     segment = hd.seg.SegmentDescription(
         segment_number=1,
-        segment_label=f"AI saliency: {finding.label}"[:64],
+        segment_label=segment_label[:64],
         segmented_property_category=category,
         segmented_property_type=seg_codes.to_hd(finding.finding_type),
         algorithm_type=hd.seg.SegmentAlgorithmTypeValues.AUTOMATIC,
@@ -92,11 +200,14 @@ def build_saliency_seg(
         tracking_id=f"AI {finding.label}",
         anatomic_regions=[seg_codes.to_hd(finding.finding_site)],
     )
+    fractional = segmentation_type == hd.seg.SegmentationTypeValues.FRACTIONAL
     seg = hd.seg.Segmentation(
-        source_images=[_without_bogus_spacing(i) for i in images],
+        source_images=[without_bogus_spacing(i) for i in images],
         pixel_array=pixel_array,
-        segmentation_type=hd.seg.SegmentationTypeValues.FRACTIONAL,
-        fractional_type=hd.seg.SegmentationFractionalTypeValues.PROBABILITY,
+        segmentation_type=segmentation_type,
+        fractional_type=(
+            hd.seg.SegmentationFractionalTypeValues.PROBABILITY if fractional else None
+        ),
         segment_descriptions=[segment],
         series_instance_uid=series_instance_uid or generate_uid(),
         series_number=series_number,
@@ -109,8 +220,8 @@ def build_saliency_seg(
         # made it. The daemon should pass its configured station identifier.
         device_serial_number=device_serial_number or platform.node()[:64] or "unknown",
         series_description=series_description,
-        content_label="AI_SALIENCY",
-        content_description=f"AI saliency map for {finding.label}, not verified"[:64],
+        content_label=content_label,
+        content_description=content_description[:64],
         omit_empty_frames=True,
         contributing_equipment=[algorithm_equipment(algorithm)],
         coding_schemes=[seg_codes.IHE_SCHEME_ITEM],
@@ -122,10 +233,10 @@ def build_saliency_seg(
     return seg
 
 
-def _align(
+def align_saliency(
     saliency: SaliencyMap, frames: np.ndarray, source_headers: Sequence[Dataset]
 ) -> tuple[list[Dataset], np.ndarray]:
-    """Source images and a pixel array in the order highdicom pairs them."""
+    """Source images and a pixel array in the order highdicom pairs them (SEG and PM)."""
     by_uid = {h.SOPInstanceUID: h for h in source_headers}
     missing = [u for u in saliency.source_sop_instance_uids if u not in by_uid]
     if missing:
@@ -150,7 +261,7 @@ def _align(
     return [image], full
 
 
-def _without_bogus_spacing(image: Dataset) -> Dataset:
+def without_bogus_spacing(image: Dataset) -> Dataset:
     """The header, less a Pixel Spacing of zeros (some CRs write 0\\0 for unknown).
 
     highdicom copies it into the SEG's Pixel Measures, where zero is invalid;

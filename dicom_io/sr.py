@@ -27,6 +27,7 @@ from pydicom.sr.codedict import codes
 from pydicom.uid import generate_uid
 
 from dicom_io import codes as sr_codes
+from dicom_io.wording import finding_label
 from model.results import (
     AlgorithmInfo,
     AnalysisResult,
@@ -53,6 +54,7 @@ _TRACKING_UID = ("112040", "DCM")
 _FINDING = ("121071", "DCM")
 _FINDING_SITE = ("363698007", "SCT")
 _IMAGE_REGION = ("111030", "DCM")
+_COMMENT = ("121106", "DCM")
 _SOURCE = hd.sr.CodedConcept("260753009", "SCT", "Source")  # an Image Library entry
 _PRESENT = (sr_codes.PRESENT.value, sr_codes.PRESENT.scheme_designator)
 _ABSENT = (sr_codes.ABSENT.value, sr_codes.ABSENT.scheme_designator)
@@ -84,7 +86,7 @@ class SRFinding(TypedDict):
     referenced_frame_numbers: list[int] | None
     graphic_type: str | None
     graphic_data: list[tuple[float, float]] | None  # (column, row)
-    comment: str | None  # the reviewer's Comment text (verified SR)
+    comment: str | None  # the label: the AI's sentence, or the reviewer's (verified SR)
 
 
 def finding_tracking_uid(study_instance_uid: str, device_uid: str, label: str) -> str:
@@ -404,7 +406,7 @@ def read_findings(sr: Dataset) -> list[SRFinding]:
             elif item.ValueType == "CODE" and _code_value(item) in (_PRESENT, _ABSENT):
                 found["present"] = _code_value(item) == _PRESENT
             elif item.ValueType == "NUM" and name == _key(sr_codes.PROBABILITY):
-                found["probability"] = float(item.MeasuredValueSequence[0].NumericValue)
+                found["probability"] = _probability(item.MeasuredValueSequence[0])
             elif item.ValueType == "SCOORD" and name == _IMAGE_REGION:
                 data = [float(v) for v in item.GraphicData]
                 found["graphic_type"] = str(item.GraphicType)
@@ -414,10 +416,17 @@ def read_findings(sr: Dataset) -> list[SRFinding]:
                 frames = ref.get("ReferencedFrameNumber")
                 if frames is not None:
                     found["referenced_frame_numbers"] = [int(f) for f in np.atleast_1d(frames)]
-            elif item.ValueType == "TEXT" and name == _key(sr_codes.COMMENT):
+            elif item.ValueType == "TEXT" and name == _COMMENT:
                 found["comment"] = str(item.TextValue)
         findings.append(found)
     return findings
+
+
+def _probability(value: Dataset) -> float:
+    """A probability NUM as a fraction: ours are in percent, older ones unitless."""
+    number = float(value.NumericValue)
+    unit = value.MeasurementUnitsCodeSequence[0]
+    return number / 100.0 if str(unit.CodeValue) == sr_codes.PERCENT.value else number
 
 
 def algorithm_equipment(algorithm: AlgorithmInfo) -> hd.ContributingEquipment:
@@ -477,29 +486,58 @@ def _measurement_group(
         "finding_type": finding_type,
         "algorithm_id": algorithm_id,
         "finding_sites": [hd.sr.FindingSite(sr_codes.to_hd(finding.finding_site))],
-        "measurements": [
-            hd.sr.Measurement(
-                name=sr_codes.PROBABILITY,
-                value=float(finding.probability),
-                unit=sr_codes.UNITLESS,
-                algorithm_id=algorithm_id,
-            )
-        ],
         "qualitative_evaluations": [
             hd.sr.QualitativeEvaluation(
                 finding_type, sr_codes.PRESENT if finding.present else sr_codes.ABSENT
             )
         ],
     }
+    probability = hd.sr.Measurement(
+        name=sr_codes.PROBABILITY,
+        value=100.0 * float(finding.probability),
+        unit=sr_codes.PERCENT,
+        algorithm_id=algorithm_id,
+    )
     location = finding.location
     # Only a present finding gets an image region: a mark drawn for an absent
     # finding is a cue to look for something the AI says is not there. Such a
     # group (TID 1501) still carries type, site, probability and "Absent".
+    group: hd.sr.Template
     if not finding.present or location is None:
-        return hd.sr.MeasurementsAndQualitativeEvaluations(**common)
-    return hd.sr.PlanarROIMeasurementsAndQualitativeEvaluations(
-        referenced_region=_region(location), **common
+        group = hd.sr.MeasurementsAndQualitativeEvaluations(measurements=[probability], **common)
+    else:
+        # The region twice: as the group's Image Region (TID 1410), and as
+        # what the probability was INFERRED FROM (TID 300). The cornerstone
+        # adapters OHIF uses look for the SCOORD of a group that has a NUM
+        # only inside that NUM; without it OHIF draws the region but never
+        # makes it a measurement ("No spatial coordinates group found").
+        # (highdicom refuses the child in a planar ROI group's measurements,
+        # so it is added to the built group.)
+        region = _region(location)
+        group = hd.sr.PlanarROIMeasurementsAndQualitativeEvaluations(
+            referenced_region=region, measurements=[probability], **common
+        )
+        for item in group[0].ContentSequence:
+            if item.ValueType == "NUM":
+                item.ContentSequence = [*item.get("ContentSequence", []), _inferred_from(region)]
+    # OHIF takes the measurement's label from the group's Comment (TID 1501
+    # has none of its own, but a TEXT in a group is what viewers read).
+    container = group[0]
+    container.ContentSequence.append(
+        hd.sr.TextContentItem(
+            name=sr_codes.COMMENT,
+            value=finding_label(finding, algorithm),
+            relationship_type=hd.sr.RelationshipTypeValues.CONTAINS,
+        )
     )
+    return group
+
+
+def _inferred_from(region: hd.sr.ImageRegion) -> Dataset:
+    """A copy of an Image Region as the INFERRED FROM child of a measurement."""
+    item = deepcopy(region)
+    item.RelationshipType = hd.sr.RelationshipTypeValues.INFERRED_FROM.value
+    return item
 
 
 def _region(location: ImageLocation) -> hd.sr.ImageRegion:
@@ -622,16 +660,50 @@ def _apply_decision(group: Dataset, decision: ReviewDecision) -> None:
             elif item.ValueType == "CODE" and _code_value(item) in (_PRESENT, _ABSENT):
                 flipped = sr_codes.ABSENT if _code_value(item) == _PRESENT else sr_codes.PRESENT
                 item.ConceptCodeSequence = [hd.sr.CodedConcept.from_code(flipped)]
-        items = [i for i in items if not (i.ValueType == "SCOORD" and _concept(i) == _IMAGE_REGION)]
+        items = _without_regions(items)
         # Without its region the group is a TID 1501 group, and says so.
         if "ContentTemplateSequence" in group:
             group.ContentTemplateSequence[0].TemplateIdentifier = "1501"
     verdict = "confirmed" if decision.confirmed else "rejected"
-    text = f"Reviewer {verdict} the AI finding."
-    if decision.comment:
-        text += f" {decision.comment.strip()}"
-    items.append(hd.sr.TextContentItem(sr_codes.COMMENT, text, relationship_type="CONTAINS"))
+    items = _with_review_comment(items, f"Reviewer {verdict} the AI finding.", decision.comment)
     group.ContentSequence = items
+
+
+def _without_regions(items: list[Dataset]) -> list[Dataset]:
+    """The group's items without its Image Region, and its NUMs without theirs."""
+    kept = []
+    for item in items:
+        if item.ValueType == "SCOORD" and _concept(item) == _IMAGE_REGION:
+            continue
+        if item.ValueType == "NUM" and "ContentSequence" in item:
+            children = [c for c in item.ContentSequence if c.ValueType != "SCOORD"]
+            if children:
+                item.ContentSequence = children
+            else:
+                del item.ContentSequence
+        kept.append(item)
+    return kept
+
+
+def _with_review_comment(items: list[Dataset], verdict: str, comment: str | None) -> list[Dataset]:
+    """Replace the AI's label (a Comment saying NOT VERIFIED) with the reviewer's.
+
+    The label OHIF shows is the group's first Comment: after review it must
+    say what the physician decided, not that nobody has looked.
+    """
+    ai_label = next(
+        (str(i.TextValue) for i in items if i.ValueType == "TEXT" and _concept(i) == _COMMENT),
+        None,
+    )
+    kept = [i for i in items if not (i.ValueType == "TEXT" and _concept(i) == _COMMENT)]
+    text = verdict
+    if ai_label:
+        # "AI: Nodule present, 97 % ..., NOT VERIFIED - model 1.0" -> the AI's words, reviewed.
+        text += f" ({ai_label.replace(', NOT VERIFIED', '')})"
+    if comment:
+        text += f" {comment.strip()}"
+    kept.append(hd.sr.TextContentItem(sr_codes.COMMENT, text, relationship_type="CONTAINS"))
+    return kept
 
 
 def _apply_correction(group: Dataset, items: list[Dataset], decision: ReviewDecision) -> None:
@@ -642,14 +714,19 @@ def _apply_correction(group: Dataset, items: list[Dataset], decision: ReviewDeci
             item.TextValue = f"{item.TextValue} - LOCATION CORRECTED BY REVIEWER"
         elif item.ValueType == "CODE" and _code_value(item) == _ABSENT:
             item.ConceptCodeSequence = [hd.sr.CodedConcept.from_code(sr_codes.PRESENT)]
-    items = [i for i in items if not (i.ValueType == "SCOORD" and _concept(i) == _IMAGE_REGION)]
-    items.append(_region(decision.corrected_location))
+    items = _without_regions(items)
+    region = _region(decision.corrected_location)
+    items.append(region)
+    # The reviewer's region is also what the probability NUM points at, so
+    # that OHIF tracks the corrected location (see _measurement_group).
+    for item in items:
+        if item.ValueType == "NUM" and _concept(item) == _key(sr_codes.PROBABILITY):
+            item.ContentSequence = [*item.get("ContentSequence", []), _inferred_from(region)]
     if "ContentTemplateSequence" in group:
         group.ContentTemplateSequence[0].TemplateIdentifier = "1410"
-    text = "Reviewer corrected the location of the AI finding."
-    if decision.comment:
-        text += f" {decision.comment.strip()}"
-    items.append(hd.sr.TextContentItem(sr_codes.COMMENT, text, relationship_type="CONTAINS"))
+    items = _with_review_comment(
+        items, "Reviewer corrected the location of the AI finding.", decision.comment
+    )
     group.ContentSequence = items
 
 

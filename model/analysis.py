@@ -8,8 +8,8 @@ the network on every slice, and turns slice outputs into study findings:
 - key slice: the slice with the highest probability for the label;
 - location: the saliency peak of the key slice, mapped through physical
   space onto the source image it lies on (SOP instance, and frame for
-  multi-frame sources), as a point and the bounding box of the connected
-  region around the peak above half the peak value on that image.
+  multi-frame sources), as a point and a box: the lesion found on that
+  source image inside the saliency peak (model/region.py).
 
 Points and boxes are DICOM SCOORD pixel coordinates, (column, row) with
 (0, 0) the top left corner of the top left pixel: pixel (r, c) has its
@@ -37,6 +37,7 @@ from model.preprocess import (
     source_slices_covering,
     to_source_grid,
 )
+from model.region import locate_region
 from model.results import (
     AlgorithmInfo,
     AnalysisResult,
@@ -47,10 +48,6 @@ from model.results import (
 )
 
 log = logging.getLogger(__name__)
-
-# The located region: connected pixels at or above this fraction of the peak.
-BOX_FRACTION = 0.5
-
 
 class PredictionLike(Protocol):
     @property
@@ -222,29 +219,19 @@ def _locate(
         int(np.clip(round(index[0]), 0, size[0] - 1)),
     )
     box: tuple[float, float, float, float] | None = None
+    point = (peak_rc[1] + 0.5, peak_rc[0] + 0.5)
     plane = planes.get(k_src)
     if plane is not None and float(plane.max()) > 0.0:
-        peak_rc, box = _peak_region(plane)
-    r, c = peak_rc
+        pixels = sitk.GetArrayViewFromImage(series.image)[k_src]
+        region = locate_region(pixels, plane)
+        point, box = region.point, region.box
     return ImageLocation(
         sop_instance_uid=series.sop_instance_uids[k_src],
         sop_class_uid=series.sop_class_uid,
-        point=(c + 0.5, r + 0.5),
+        point=point,
         box=box,
         frame_number=series.frame_numbers[k_src] if series.frame_numbers is not None else None,
     )
-
-
-def _peak_region(
-    plane: np.ndarray,
-) -> tuple[tuple[int, int], tuple[float, float, float, float]]:
-    """(row, col) of the maximum, and the box of its connected region >= half of it."""
-    row, col = np.unravel_index(int(np.argmax(plane)), plane.shape)
-    mask = (plane >= BOX_FRACTION * float(plane[row, col])).astype(np.uint8)
-    components = sitk.GetArrayFromImage(sitk.ConnectedComponent(sitk.GetImageFromArray(mask), True))
-    rows, cols = np.nonzero(components == components[row, col])
-    box = (float(cols.min()), float(rows.min()), float(cols.max() + 1), float(rows.max() + 1))
-    return (int(row), int(col)), box
 
 
 def analyse_study(

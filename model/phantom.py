@@ -323,6 +323,34 @@ def phantom_volume(
     return vol, center
 
 
+def phantom_nodule_mask(
+    seed: int | np.random.SeedSequence,
+    n_slices: int = 40,
+    rows: int = 256,
+    cols: int = 256,
+    spacing: tuple[float, float, float] = (2.5, 1.4, 1.4),
+) -> np.ndarray:
+    """The true extent of the nodule of `phantom_volume(seed, ..., lesion=True)`.
+
+    A boolean (z, y, x) volume on the same grid, True inside the nodule's
+    ellipsoid: the ground truth a located region is measured against. Takes
+    a seed, not a Generator, since it replays the same draws.
+    """
+    rng = as_generator(seed)
+    sz, sy, sx = spacing
+    anat = _sample_anatomy(rng, cols * sx, rows * sy, n_slices * sz, True)
+    assert anat.nodule is not None
+    x, y = _grid(rows, cols, (sy, sx))
+    zs = (np.arange(n_slices) - (n_slices - 1) / 2.0) * sz
+    nod = anat.nodule
+    mask = np.zeros((n_slices, rows, cols), dtype=bool)
+    for k, z in enumerate(zs):
+        off = np.stack([x - nod.center[0], y - nod.center[1], np.full_like(x, z - nod.center[2])],
+                       axis=-1)
+        mask[k] = np.linalg.norm(off @ nod.inv_axes.T, axis=-1) <= 1.0
+    return mask
+
+
 def phantom_slice(
     rng_or_seed: SeedLike,
     rows: int = 256,

@@ -138,6 +138,8 @@ ae_title = "PACS"
 host = "127.0.0.1"
 port = {port}
 timeout_seconds = 5
+# Two objects of two classes: what these tests of the dispatcher need.
+outputs = ["sr", "seg"]
 """
     )
     config = load_config(path, environ={})

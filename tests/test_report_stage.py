@@ -1,4 +1,4 @@
-"""The report stage: analysis runs in the database become SR (+ SEG) files in the outbox.
+"""The report stage: analysis runs in the database become DICOM objects in the outbox.
 
 Runs are recorded through the infer stage's own calls (tests/reportdata.py);
 the objects are checked by reading them back (dicom_io/sr.read_findings), by
@@ -49,6 +49,7 @@ name = "pacs"
 ae_title = "PACS"
 host = "127.0.0.1"
 port = 11112
+outputs = ["sr", "seg", "binary-seg", "pmap", "gsps", "summary"]
 
 [[delivery.destinations]]
 name = "archive"
@@ -99,12 +100,19 @@ def test_analysed_run_becomes_sr_and_seg_queued_per_destination(
     (run,) = runs(db)
     assert run.report_state == ReportState.REPORTED and run.report_error is None
     rows = outbox_rows(db)
-    # One row per object per destination, all waiting for the dispatcher.
+    # One row per object per destination that takes its kind ("archive" the
+    # default outputs), all waiting for the dispatcher.
     assert sorted((r.object_kind, r.destination) for r in rows) == [
-        ("seg", "archive"),
+        ("binary-seg", "pacs"),
+        ("gsps", "archive"),
+        ("gsps", "pacs"),
+        ("pmap", "archive"),
+        ("pmap", "pacs"),
         ("seg", "pacs"),
         ("sr", "archive"),
         ("sr", "pacs"),
+        ("summary", "archive"),
+        ("summary", "pacs"),
     ]
     assert {r.state for r in rows} == {DeliveryState.PENDING}
     assert {r.attempts for r in rows} == {0}
@@ -113,8 +121,21 @@ def test_analysed_run_becomes_sr_and_seg_queued_per_destination(
     assert sr_row.sop_instance_uid == run.sr_sop_instance_uid
     assert sr_row.sop_class_uid == Comprehensive3DSRStorage
     assert seg_row.sop_class_uid == SegmentationStorage
-    # The SEG is queued before the SR that cites it.
-    assert min(r.id for r in rows if r.object_kind == "seg") < sr_row.id
+    # Every other object is queued before the SR, which cites the SEG.
+    assert max(r.id for r in rows if r.object_kind != "sr") < sr_row.id
+    expected_classes = {
+        "binary-seg": SegmentationStorage,
+        "pmap": "1.2.840.10008.5.1.4.1.1.30",
+        "gsps": "1.2.840.10008.5.1.4.1.1.11.1",
+        "summary": "1.2.840.10008.5.1.4.1.1.7",
+    }
+    for row in rows:
+        if row.object_kind in expected_classes:
+            assert row.sop_class_uid == expected_classes[row.object_kind]
+            extra = dcmread(config.storage.state_dir / row.path)
+            assert extra.StudyInstanceUID == study_uid
+            assert extra.PatientID == dcmread(files[0], stop_before_pixels=True).PatientID
+            assert_valid(config.storage.state_dir / row.path)
     assert sr_row.path == f"outbox/{study_uid}/{sr_row.sop_instance_uid}.dcm"
 
     sr_path = config.storage.state_dir / sr_row.path
@@ -157,11 +178,11 @@ def test_analysed_run_becomes_sr_and_seg_queued_per_destination(
 
     with db.session() as s:
         (event,) = audit.events(s, EventType.REPORT_CREATED)
-    assert event.sop_instance_uid == sr.SOPInstanceUID and event.detail["outbox_items"] == 4
+    assert event.sop_instance_uid == sr.SOPInstanceUID and event.detail["outbox_items"] == 10
 
     # Nothing is pending any more: a second pass builds and queues nothing.
     assert Reporter(db, config).run_once() == 0
-    assert len(outbox_rows(db)) == 4
+    assert len(outbox_rows(db)) == 10
     db.dispose()
 
 
@@ -200,7 +221,9 @@ def test_rerun_of_the_same_model_supersedes_the_earlier_sr(tmp_path: Path, sqlit
     )
     assert finding["tracking_uid"] == first_findings[0]["tracking_uid"]
     kinds = sorted(r.object_kind for r in outbox_rows(db) if r.run_id == second.id)
-    assert kinds == ["sr", "sr"]  # two destinations, no SEG
+    # Two destinations; no saliency object and no GSPS for an absent finding,
+    # but the summary image, which says "no nodule found".
+    assert kinds == ["sr", "sr", "summary", "summary"]
     assert_valid(sr_path)
     db.dispose()
 
@@ -216,8 +239,8 @@ def test_not_run_outcome_becomes_a_not_run_sr(tmp_path: Path, sqlite_url: str) -
 
     (run,) = runs(db)
     rows = outbox_rows(db)
-    assert {r.object_kind for r in rows} == {"sr"} and len(rows) == 2
-    sr_path = config.storage.state_dir / rows[0].path
+    assert sorted(r.object_kind for r in rows) == ["sr", "sr", "summary", "summary"]
+    sr_path = config.storage.state_dir / next(r.path for r in rows if r.object_kind == "sr")
     sr = dcmread(sr_path)
     assert sr.SOPInstanceUID == run.sr_sop_instance_uid
     assert sr.SeriesDescription == "AI NOT RUN - NO AI RESULT - secondreader"
@@ -260,10 +283,17 @@ series_description = "AI TEST SERIES"
     (run,) = runs(db)
     assert run.report_state == ReportState.REPORTED
     written = sorted((config.storage.state_dir / "outbox" / study_uid).glob("*.dcm"))
-    assert [p.stem for p in written] == [run.sr_sop_instance_uid]
-    sr = dcmread(written[0])
+    # The default outputs, less the saliency objects (segmentation = false).
+    classes = {str(dcmread(p, stop_before_pixels=True).SOPClassUID) for p in written}
+    assert classes == {
+        Comprehensive3DSRStorage,
+        "1.2.840.10008.5.1.4.1.1.11.1",  # GSPS
+        "1.2.840.10008.5.1.4.1.1.7",  # Secondary Capture
+    }
+    sr_path = next(p for p in written if p.stem == run.sr_sop_instance_uid)
+    sr = dcmread(sr_path)
     assert (sr.SeriesNumber, sr.SeriesDescription) == (777, "AI TEST SERIES")
-    assert_valid(written[0])
+    assert_valid(sr_path)
     db.dispose()
 
 

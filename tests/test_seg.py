@@ -11,7 +11,8 @@ import pytest
 from pydicom.data import get_testdata_file
 from pydicom.dataset import Dataset
 
-from dicom_io.seg import build_saliency_seg
+from dicom_io.pmap import build_saliency_map
+from dicom_io.seg import build_region_seg, build_saliency_seg
 from dicom_io.sr import build_ai_result_sr, finding_tracking_uid, read_findings
 from dicom_io.synthetic import write_ct_series
 from model.results import (
@@ -178,3 +179,69 @@ def test_invalid_saliency_is_refused(tmp_path: Path) -> None:
     unknown = SaliencyMap(series, ["1.2.3.4"], np.zeros((1, 16, 16), np.float32))
     with pytest.raises(ValueError, match="not in source_headers"):
         build_saliency_seg(unknown, headers, ALGORITHM, _finding(), series_number=1)
+
+
+def test_ct_parametric_map_holds_the_float_saliency(tmp_path: Path) -> None:
+    n, rows, cols = 20, 64, 64
+    paths = write_ct_series(np.full((n, rows, cols), -1000, np.int16), tmp_path / "ct")
+    headers = [pydicom.dcmread(p, stop_before_pixels=True) for p in paths]
+    salient = [8, 9, 10]
+    frames = np.stack([_blob(rows, cols, (30, 40), 12.0) * (0.5 + 0.1 * i) for i in range(3)])
+    uids = [headers[k].SOPInstanceUID for k in salient]
+    saliency = SaliencyMap(headers[0].SeriesInstanceUID, uids[::-1], frames[::-1].copy())
+    pm = build_saliency_map(saliency, headers, ALGORITHM, _finding(), series_number=952)
+    pm = _save_valid(pm, tmp_path / "pm.dcm")
+
+    assert pm.SOPClassUID == "1.2.840.10008.5.1.4.1.1.30"  # what OHIF's pmap extension takes
+    assert pm.StudyInstanceUID == headers[0].StudyInstanceUID
+    assert "FloatPixelData" in pm and int(pm.NumberOfFrames) == 3
+    mapping = pm.SharedFunctionalGroupsSequence[0].RealWorldValueMappingSequence[0]
+    assert mapping.MeasurementUnitsCodeSequence[0].CodeValue == "1"
+    first, last = (
+        mapping.DoubleFloatRealWorldValueFirstValueMapped,
+        mapping.DoubleFloatRealWorldValueLastValueMapped,
+    )
+    assert (first, last) == (0.0, 1.0)
+    pixels = pm.pixel_array.reshape(3, rows, cols)
+    by_source = {
+        g.DerivationImageSequence[0].SourceImageSequence[0].ReferencedSOPInstanceUID: pixels[k]
+        for k, g in enumerate(pm.PerFrameFunctionalGroupsSequence)
+    }
+    for i, uid in enumerate(uids):
+        np.testing.assert_allclose(by_source[uid], frames[i], atol=1e-6)  # float, not 8-bit
+    equipment = [e.get("DeviceUID") for e in pm.ContributingEquipmentSequence]
+    assert ALGORITHM.device_uid in equipment
+
+
+def test_cr_binary_region_seg_validates(tmp_path: Path) -> None:
+    cr = pydicom.dcmread(get_testdata_file("RG1_UNCI.dcm"), stop_before_pixels=True)
+    frames = _blob(cr.Rows, cr.Columns, (800, 900), 150.0)[None]
+    saliency = SaliencyMap(cr.SeriesInstanceUID, [cr.SOPInstanceUID], frames)
+    # No frame of reference: highdicom cannot build the map; the reporter
+    # sends the BINARY SEG, GSPS and summary image for projection images.
+    with pytest.raises(ValueError, match="frame of reference"):
+        build_saliency_map(saliency, [cr], ALGORITHM, _finding(), series_number=952)
+
+    seg = build_region_seg(saliency, [cr], ALGORITHM, _finding(), series_number=953)
+    seg = _save_valid(seg, tmp_path / "cr_region.dcm")
+    assert seg.SegmentationType == "BINARY"
+    mask = seg.pixel_array.astype(bool)
+    assert set(np.unique(seg.pixel_array)) <= {0, 1}
+    # Half the peak: the blob falls linearly to 0 at 150 pixels, so radius 75.
+    assert mask[800, 900] and mask[800, 970] and not mask[800, 980]
+    (segment,) = seg.SegmentSequence
+    assert segment.TrackingUID == finding_tracking_uid(
+        cr.StudyInstanceUID, ALGORITHM.device_uid, "nodule"
+    )
+
+
+def test_zero_map_builds_no_parametric_map(tmp_path: Path) -> None:
+    paths = write_ct_series(np.full((3, 16, 16), -1000, np.int16), tmp_path / "ct")
+    headers = [pydicom.dcmread(p, stop_before_pixels=True) for p in paths]
+    saliency = SaliencyMap(
+        headers[0].SeriesInstanceUID, [headers[1].SOPInstanceUID], np.zeros((1, 16, 16), np.float32)
+    )
+    with pytest.raises(ValueError, match="zero everywhere"):
+        build_saliency_map(saliency, headers, ALGORITHM, _finding(), series_number=952)
+    with pytest.raises(ValueError, match="zero everywhere"):
+        build_region_seg(saliency, headers, ALGORITHM, _finding(), series_number=953)

@@ -179,10 +179,18 @@ def test_positive_ct_sr_content_tree(ct_headers: list[Dataset], tmp_path: Path) 
         )
         (probability,) = _children(group, "122157")
         value = probability.MeasuredValueSequence[0]
-        assert float(value.NumericValue) == pytest.approx(finding.probability, abs=1e-9)
-        assert value.MeasurementUnitsCodeSequence[0].CodeValue == "1"
+        # In percent, so that a viewer printing "value unit" shows "87.31 %".
+        assert float(value.NumericValue) == pytest.approx(100 * finding.probability, abs=1e-6)
+        unit = value.MeasurementUnitsCodeSequence[0]
+        assert (unit.CodeValue, unit.CodingSchemeDesignator) == ("%", "UCUM")
         (algorithm_name,) = _children(probability, "111001")
         assert algorithm_name.TextValue == ALGORITHM.name
+        # The label OHIF shows: the group's Comment, in words, marked NOT VERIFIED.
+        (comment,) = _children(group, "121106")
+        state = "present" if finding.present else "absent"
+        assert comment.TextValue.startswith(f"AI: {finding.finding_type.meaning} {state}, ")
+        assert "NOT VERIFIED" in comment.TextValue
+        assert f"{ALGORITHM.name} {ALGORITHM.version}" in comment.TextValue
         regions = _children(group, "111030")
         if finding.present:
             (region,) = regions
@@ -190,8 +198,20 @@ def test_positive_ct_sr_content_tree(ct_headers: list[Dataset], tmp_path: Path) 
             assert ref.ReferencedSOPInstanceUID == finding.location.sop_instance_uid
             assert region.GraphicType == "POLYLINE"
             assert list(region.GraphicData) == [10, 8, 19, 8, 19, 17, 10, 17, 10, 8]
+            # What the cornerstone adapters (OHIF) hydrate: the first NUM's
+            # content holds the SCOORD, INFERRED FROM, with its SELECTED FROM image.
+            (inferred,) = [i for i in probability.ContentSequence if i.ValueType == "SCOORD"]
+            assert inferred.RelationshipType == "INFERRED FROM"
+            assert list(inferred.GraphicData) == list(region.GraphicData)
+            (source,) = inferred.ContentSequence
+            assert (source.ValueType, source.RelationshipType) == ("IMAGE", "SELECTED FROM")
+            assert (
+                source.ReferencedSOPSequence[0].ReferencedSOPInstanceUID
+                == finding.location.sop_instance_uid
+            )
         else:  # no mark drawn for an absent finding
             assert regions == []
+            assert not any(i.ValueType == "SCOORD" for i in probability.ContentSequence)
 
     # IHE AIR: the algorithm in Contributing Equipment, with its Device UID.
     (equipment,) = [

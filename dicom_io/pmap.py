@@ -1,0 +1,93 @@
+"""The saliency map as a DICOM Parametric Map: float values a viewer overlays.
+
+OHIF 3.13 refuses a FRACTIONAL SEG whose values are not all 0 or the maximum
+("Fractional segmentations are not yet supported"), and has its own handler
+for Parametric Maps (SOP class 1.2.840.10008.5.1.4.1.1.30). So the map goes
+as a Parametric Map: 32-bit float pixel data, one frame per source image it
+reaches, with a Real World Value Mapping that states what the numbers are
+(a saliency score in [0, 1], no units). Cross-sectional sources only (see
+`build_saliency_map`).
+"""
+
+from __future__ import annotations
+
+import platform
+from collections.abc import Sequence
+
+import highdicom as hd
+import numpy as np
+from pydicom.dataset import Dataset
+from pydicom.uid import generate_uid
+
+from dicom_io import codes as pm_codes
+from dicom_io.seg import align_saliency, checked_frames, without_bogus_spacing
+from dicom_io.sr import SOFTWARE_VERSION, algorithm_equipment
+from model.results import AlgorithmInfo, Finding, SaliencyMap
+
+PARAMETRIC_MAP_SERIES_DESCRIPTION = "AI SALIENCY MAP - NOT VERIFIED"
+
+
+def build_saliency_map(
+    saliency: SaliencyMap,
+    source_headers: Sequence[Dataset],
+    algorithm: AlgorithmInfo,
+    finding: Finding,
+    *,
+    series_number: int,
+    series_description: str = PARAMETRIC_MAP_SERIES_DESCRIPTION,
+    series_instance_uid: str | None = None,
+    sop_instance_uid: str | None = None,
+    instance_number: int = 1,
+    manufacturer: str = "secondreader",
+    manufacturer_model_name: str = "secondreader",
+    software_versions: str = SOFTWARE_VERSION,
+    device_serial_number: str | None = None,
+) -> hd.pm.ParametricMap:
+    """The saliency of one finding as a float Parametric Map on the source images' grid.
+
+    `source_headers` are the images the map lies on (pixel data not needed);
+    as for the SEG, they are matched to `saliency.source_sop_instance_uids`.
+    A map that is zero everywhere is a ValueError: there is nothing to show.
+    """
+    frames = checked_frames(saliency)
+    images, pixel_array = align_saliency(saliency, frames, source_headers)
+    if "FrameOfReferenceUID" not in images[0]:
+        # highdicom 0.28 cannot index the frames of a map without a frame of
+        # reference (its dimension index fails); projection images get the
+        # BINARY SEG, the GSPS and the summary image instead.
+        raise ValueError("a parametric map needs source images with a frame of reference")
+    if not pixel_array.any():
+        raise ValueError("the saliency map is zero everywhere: build no parametric map")
+    mapping = hd.pm.RealWorldValueMapping(
+        lut_label="AI_SALIENCY",
+        lut_explanation=f"AI saliency for {finding.finding_type.meaning}, 0 to 1"[:64],
+        unit=pm_codes.UNITLESS,
+        value_range=(0.0, 1.0),
+        slope=1.0,
+        intercept=0.0,
+    )
+    pm = hd.pm.ParametricMap(
+        source_images=[without_bogus_spacing(i) for i in images],
+        pixel_array=np.ascontiguousarray(pixel_array, dtype=np.float32),
+        series_instance_uid=series_instance_uid or generate_uid(),
+        series_number=series_number,
+        sop_instance_uid=sop_instance_uid or generate_uid(),
+        instance_number=instance_number,
+        manufacturer=manufacturer,
+        manufacturer_model_name=manufacturer_model_name,
+        software_versions=software_versions,
+        device_serial_number=device_serial_number or platform.node()[:64] or "unknown",
+        # A heat map of an image region, not a picture of the patient.
+        contains_recognizable_visual_features=False,
+        real_world_value_mappings=[mapping],
+        # Opens showing the whole range; viewers that overlay it colour it.
+        voi_lut_transformations=[hd.VOILUTTransformation(window_center=0.5, window_width=1.0)],
+        content_label="AI_SALIENCY",
+        content_description=f"AI saliency map for {finding.label}, not verified"[:64],
+        contributing_equipment=[algorithm_equipment(algorithm)],
+    )
+    pm.SeriesDescription = series_description
+    # General Series: Laterality is Type 2C (paired body parts); the source's
+    # value where it has one, else present and empty, as dciodvfy asks.
+    pm.Laterality = images[0].get("Laterality", "")
+    return pm
