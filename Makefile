@@ -19,10 +19,13 @@ run: install
 	$(VENV)/bin/secondreader db upgrade
 	$(VENV)/bin/secondreader serve
 
-# Install the real peers if missing (dcmtk, Orthanc, dicom3tools, PostgreSQL),
-# lint, then run the whole suite.
+# Install the real peers if missing (dcmtk, Orthanc with DICOMweb, dicom3tools,
+# PostgreSQL, Chromium, tesseract), fetch the OHIF viewer the viewer tests
+# open (npm package @ohif/app, checked against its published SHA-1), lint,
+# then run the whole suite.
 test: install
 	deploy/install-system-packages.sh
+	$(VENV)/bin/python tests/fetch_ohif.py
 	$(VENV)/bin/ruff check .
 	$(VENV)/bin/pytest
 

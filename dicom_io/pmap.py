@@ -7,6 +7,14 @@ as a Parametric Map: 32-bit float pixel data, one frame per source image it
 reaches, with a Real World Value Mapping that states what the numbers are
 (a saliency score in [0, 1], no units). Cross-sectional sources only (see
 `build_saliency_map`).
+
+OHIF's adapter (@cornerstonejs/adapters `ParametricMap.generateToolState`)
+lays each frame out at the index of its source image in the series volume,
+in a buffer only as long as the map: a map of 8 frames on slices 20-27 of
+40 fails ("Invalid typed array length"). So the map has a frame for every
+image of the series, zero where the model saw nothing, and is written with
+the Deflated transfer syntax (`DEFLATED`), in which those zero frames cost
+next to nothing on the wire and in the PACS.
 """
 
 from __future__ import annotations
@@ -17,7 +25,7 @@ from collections.abc import Sequence
 import highdicom as hd
 import numpy as np
 from pydicom.dataset import Dataset
-from pydicom.uid import generate_uid
+from pydicom.uid import DeflatedExplicitVRLittleEndian, generate_uid
 
 from dicom_io import codes as pm_codes
 from dicom_io.seg import align_saliency, checked_frames, without_bogus_spacing
@@ -25,6 +33,8 @@ from dicom_io.sr import SOFTWARE_VERSION, algorithm_equipment
 from model.results import AlgorithmInfo, Finding, SaliencyMap
 
 PARAMETRIC_MAP_SERIES_DESCRIPTION = "AI SALIENCY MAP - NOT VERIFIED"
+# The transfer syntax the map is written in (see the module's docstring).
+DEFLATED = DeflatedExplicitVRLittleEndian
 
 
 def build_saliency_map(
@@ -51,6 +61,8 @@ def build_saliency_map(
     """
     frames = checked_frames(saliency)
     images, pixel_array = align_saliency(saliency, frames, source_headers)
+    if saliency.source_frame_numbers is None:  # multi-frame sources come whole already
+        images, pixel_array = _whole_series(images, pixel_array, source_headers)
     if "FrameOfReferenceUID" not in images[0]:
         # highdicom 0.28 cannot index the frames of a map without a frame of
         # reference (its dimension index fails); projection images get the
@@ -86,8 +98,27 @@ def build_saliency_map(
         content_description=f"AI saliency map for {finding.label}, not verified"[:64],
         contributing_equipment=[algorithm_equipment(algorithm)],
     )
+    # highdicom writes Explicit VR Little Endian; Deflated is that, zipped on save.
+    pm.file_meta.TransferSyntaxUID = DEFLATED
     pm.SeriesDescription = series_description
     # General Series: Laterality is Type 2C (paired body parts); the source's
     # value where it has one, else present and empty, as dciodvfy asks.
     pm.Laterality = images[0].get("Laterality", "")
     return pm
+
+
+def _whole_series(
+    images: list[Dataset], pixel_array: np.ndarray, source_headers: Sequence[Dataset]
+) -> tuple[list[Dataset], np.ndarray]:
+    """Every image of the map's series, in slice order, with zero frames where it has none."""
+    series_uid = images[0].SeriesInstanceUID
+    series = [h for h in source_headers if h.SeriesInstanceUID == series_uid]
+    if "ImagePositionPatient" in images[0] and "ImageOrientationPatient" in images[0]:
+        normal = np.cross(*np.reshape(np.asarray(images[0].ImageOrientationPatient, float), (2, 3)))
+        series.sort(key=lambda h: float(np.dot(normal, np.asarray(h.ImagePositionPatient, float))))
+    frames = {img.SOPInstanceUID: pixel_array[k] for k, img in enumerate(images)}
+    full = np.zeros((len(series), *pixel_array.shape[1:]), dtype=np.float32)
+    for k, header in enumerate(series):
+        if header.SOPInstanceUID in frames:
+            full[k] = frames[header.SOPInstanceUID]
+    return series, full

@@ -492,18 +492,22 @@ def _measurement_group(
             )
         ],
     }
+    location = finding.location
+    located = finding.present and location is not None
     probability = hd.sr.Measurement(
         name=sr_codes.PROBABILITY,
         value=100.0 * float(finding.probability),
         unit=sr_codes.PERCENT,
-        algorithm_id=algorithm_id,
+        # The group names the algorithm already. Inside a NUM without a
+        # region it would only make OHIF look there for one in vain
+        # ("ContentSequence array contains no SCOORD ... skipping").
+        algorithm_id=algorithm_id if located else None,
     )
-    location = finding.location
     # Only a present finding gets an image region: a mark drawn for an absent
     # finding is a cue to look for something the AI says is not there. Such a
     # group (TID 1501) still carries type, site, probability and "Absent".
     group: hd.sr.Template
-    if not finding.present or location is None:
+    if not located or location is None:
         group = hd.sr.MeasurementsAndQualitativeEvaluations(measurements=[probability], **common)
     else:
         # The region twice: as the group's Image Region (TID 1410), and as

@@ -15,22 +15,35 @@ DISCLAIMER = "AI RESULT - NOT VERIFIED - not for diagnosis without physician rev
 
 
 def percent(probability: float, threshold: float | None = None) -> str:
-    """"97 %": a whole percent, or one decimal where rounding would blur the threshold.
+    """"97 %": whole percent, or more decimals where rounding would mislead.
 
-    A probability of 0.949 against a threshold of 0.95 reads "94.9 %", not
-    "95 %": the number must never seem to contradict present / absent.
+    Against a threshold, the number must never seem to contradict present /
+    absent: 0.949 against 0.95 reads "94.9 %", not "95 %". A probability
+    short of certainty never reads "100 %" (0.9999 reads "> 99.9 %"), nor one
+    above zero "0 %". A threshold reads as `threshold_percent` writes it.
     """
     value = 100.0 * float(probability)
+    limit = None if threshold is None else 100.0 * float(threshold)
+    shown_limit = None if threshold is None else float(threshold_percent(threshold)[:-2])
+    for decimals in (0, 1, 2):
+        shown = round(value, decimals)
+        if shown == 100.0 and value < 100.0 or shown == 0.0 and value > 0.0:
+            continue
+        if limit is None or shown_limit is None:
+            return f"{shown:.{decimals}f} %"
+        agrees = (shown >= shown_limit) == (value >= limit)
+        if agrees and (shown != shown_limit or value == limit):
+            return f"{shown:.{decimals}f} %"
+    if value >= 50.0:
+        return "> 99.99 %" if value < 100.0 else "100 %"
+    return "< 0.01 %" if value > 0.0 else "0 %"
+
+
+def threshold_percent(threshold: float) -> str:
+    """"95 %", or "98.5 %": a threshold is shown to one decimal unless it is whole."""
+    value = 100.0 * float(threshold)
     whole = round(value)
-    if threshold is not None:
-        limit = 100.0 * float(threshold)
-        if (value >= limit) != (whole >= limit) or (whole == round(limit) and value != limit):
-            return f"{value:.1f} %"
-    if whole == 100 and value < 100.0:
-        return "> 99 %"
-    if whole == 0 and value > 0.0:
-        return "< 1 %"
-    return f"{whole} %"
+    return f"{whole} %" if abs(value - whole) < 0.05 else f"{value:.1f} %"
 
 
 def finding_phrase(finding: Finding) -> str:
@@ -39,7 +52,7 @@ def finding_phrase(finding: Finding) -> str:
     return (
         f"{finding.finding_type.meaning} {state}, "
         f"{percent(finding.probability, finding.threshold)} "
-        f"(threshold {percent(finding.threshold)})"
+        f"(threshold {threshold_percent(finding.threshold)})"
     )
 
 

@@ -10,7 +10,11 @@ from __future__ import annotations
 import shutil
 import subprocess
 import sys
+import tempfile
 from pathlib import Path
+
+from pydicom import dcmread
+from pydicom.uid import DeflatedExplicitVRLittleEndian
 
 # The virtualenv's bin folder first: dicom3tools installs dciodvfy there.
 _BIN = Path(sys.executable).parent
@@ -25,15 +29,36 @@ def _tool(name: str) -> str:
 
 
 def dciodvfy_output(path: Path) -> list[str]:
-    """Every line dciodvfy -new prints for the file."""
-    run = subprocess.run(
-        [_tool("dciodvfy"), "-new", str(path)],
-        capture_output=True,
-        text=True,
-        timeout=120,
-        check=False,
-    )
+    """Every line dciodvfy -new prints for the file.
+
+    dciodvfy cannot read the Deflated transfer syntax (our parametric maps):
+    such a file is inflated by dcmtk's dcmconv first, a second reader that
+    must accept the deflated stream for the check to pass at all.
+    """
+    with tempfile.TemporaryDirectory() as tmp:
+        if _is_deflated(path):
+            inflated = Path(tmp) / "inflated.dcm"
+            subprocess.run(
+                [_tool("dcmconv"), "+te", str(path), str(inflated)],
+                capture_output=True, timeout=120, check=True,
+            )  # fmt: skip
+            path = inflated
+        run = subprocess.run(
+            [_tool("dciodvfy"), "-new", str(path)],
+            capture_output=True,
+            text=True,
+            timeout=120,
+            check=False,
+        )
     return [line for line in (run.stdout + run.stderr).splitlines() if line.strip()]
+
+
+def _is_deflated(path: Path) -> bool:
+    try:
+        meta = dcmread(path, stop_before_pixels=True, specific_tags=["SOPClassUID"]).file_meta
+    except Exception:
+        return False
+    return meta.get("TransferSyntaxUID") == DeflatedExplicitVRLittleEndian
 
 
 def dciodvfy_errors(path: Path) -> list[str]:

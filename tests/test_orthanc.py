@@ -8,7 +8,9 @@ has no shortcut at all: storescu -> daemon -> worker -> SR in Orthanc.
 
 from __future__ import annotations
 
+import json
 import time
+from collections.abc import Sequence
 from pathlib import Path
 from typing import TYPE_CHECKING
 
@@ -23,7 +25,7 @@ from pynetdicom.sop_class import (
 )
 from sqlalchemy import select
 
-from daemon.config import Config, load_config
+from daemon.config import OUTPUT_KINDS, Config, load_config
 from daemon.dispatcher import Dispatcher
 from daemon.reporter import Reporter
 from daemon.service import scp_settings
@@ -59,7 +61,14 @@ NO_WORKER = {
 }
 
 
-def delivery_config(orthanc: Orthanc, *, commitment: bool = False) -> str:
+# The delivery mechanics tests need two objects of two classes; the first
+# test sends every kind there is.
+TWO_OBJECTS = ("sr", "seg")
+
+
+def delivery_config(
+    orthanc: Orthanc, *, commitment: bool = False, outputs: Sequence[str] = TWO_OBJECTS
+) -> str:
     return f"""
 [report]
 check_interval_seconds = 0.3
@@ -78,6 +87,7 @@ host = "127.0.0.1"
 port = {orthanc.dicom_port}
 storage_commitment = {str(commitment).lower()}
 timeout_seconds = 5
+outputs = {json.dumps(list(outputs))}
 """
 
 
@@ -124,11 +134,23 @@ def fetch(orthanc: Orthanc, instance: dict, folder: Path):  # type: ignore[no-un
     return dcmread(path), path
 
 
-def test_sr_and_seg_reach_orthanc_in_the_study_of_the_images_and_are_committed(
+# What each output kind is in the PACS (daemon/config.py OUTPUT_KINDS).
+KIND_CLASSES = {
+    "sr": Comprehensive3DSRStorage,
+    "seg": SegmentationStorage,
+    "binary-seg": SegmentationStorage,
+    "pmap": "1.2.840.10008.5.1.4.1.1.30",  # Parametric Map, deflated
+    "gsps": "1.2.840.10008.5.1.4.1.1.11.1",
+    "summary": "1.2.840.10008.5.1.4.1.1.7",  # Secondary Capture
+}
+
+
+def test_every_output_kind_reaches_orthanc_in_the_study_of_the_images_and_is_committed(
     tmp_path: Path, daemon_factory, orthanc_factory
 ) -> None:  # type: ignore[no-untyped-def]
     orthanc = orthanc_factory()
-    daemon = daemon_factory(delivery_config(orthanc, commitment=True), env=NO_WORKER)
+    config = delivery_config(orthanc, commitment=True, outputs=OUTPUT_KINDS)
+    daemon = daemon_factory(config, env=NO_WORKER)
     knows_our_scp(orthanc, daemon)
     orthanc.start()
     daemon.start()
@@ -141,24 +163,34 @@ def test_sr_and_seg_reach_orthanc_in_the_study_of_the_images_and_are_committed(
     study_uid = str(dcmread(files[0], stop_before_pixels=True).StudyInstanceUID)
     rd.record_analysis(db, daemon.state, study_uid, [rd.analysed(files)])
 
-    daemon.wait_for(lambda: all_done(db, 2), timeout=60)
+    n = len(OUTPUT_KINDS)
+    daemon.wait_for(lambda: all_done(db, n), timeout=60)
 
     items = outbox(db)
+    assert sorted(i.object_kind for i in items) == sorted(OUTPUT_KINDS)
     # Done only once Orthanc reported them committed (N-EVENT-REPORT to our SCP).
     assert {i.commitment_state for i in items} == {"committed"}
     assert {i.attempts for i in items} == {1}
     assert len({i.commitment_transaction_uid for i in items}) == 1
-    assert "storage commitment" in daemon.log() and "2 committed, 0 failed" in daemon.log()
+    assert "storage commitment" in daemon.log() and f"{n} committed, 0 failed" in daemon.log()
 
     instances = orthanc.study_instances(study_uid)
-    assert len(instances) == len(files) + 2
-    (sr_entry,) = by_class(instances, Comprehensive3DSRStorage)
-    (seg_entry,) = by_class(instances, SegmentationStorage)
+    assert len(instances) == len(files) + n
+    by_uid = {i["SOPInstanceUID"]: i for i in instances}
+    fetched = {}
+    for item in items:
+        # Each object is in the PACS as what it is, in the study of the images,
+        # and still valid after the round trip (the map deflated, as sent).
+        entry = by_uid[item.sop_instance_uid]
+        assert entry["SOPClassUID"] == KIND_CLASSES[item.object_kind]
+        ds, path = fetch(orthanc, entry, tmp_path / "from-orthanc")
+        assert ds.StudyInstanceUID == study_uid
+        assert dciodvfy_errors(path) == [], (item.object_kind, path)
+        fetched[item.object_kind] = (ds, path)
     (run,) = runs(db)
-    assert sr_entry["SOPInstanceUID"] == run.sr_sop_instance_uid
-    sr, sr_path = fetch(orthanc, sr_entry, tmp_path / "from-orthanc")
-    seg, seg_path = fetch(orthanc, seg_entry, tmp_path / "from-orthanc")
-    assert sr.StudyInstanceUID == seg.StudyInstanceUID == study_uid
+    sr, seg = fetched["sr"][0], fetched["seg"][0]
+    assert sr.SOPInstanceUID == run.sr_sop_instance_uid
+    assert fetched["pmap"][0].file_meta.TransferSyntaxUID == "1.2.840.10008.1.2.1.99"
     (finding,) = read_findings(sr)
     middle = dcmread(files[len(files) // 2], stop_before_pixels=True)
     assert finding["probability"] == 0.87 and finding["present"] is True
@@ -175,8 +207,6 @@ def test_sr_and_seg_reach_orthanc_in_the_study_of_the_images_and_are_committed(
         for ref in series.ReferencedInstanceSequence
     }
     assert referenced <= {i["SOPInstanceUID"] for i in instances}
-    for path in (sr_path, seg_path):
-        assert dciodvfy_errors(path) == [], path
     assert daemon.stop() == 0
     db.dispose()
 

@@ -17,7 +17,7 @@ import pytest
 from pydicom import dcmread
 from sqlalchemy import select
 
-from daemon.config import Config, load_config
+from daemon.config import DEFAULT_OUTPUTS, Config, load_config
 from daemon.reporter import Reporter
 from daemon.reviewer import Correction, ReviewError, ReviewService
 from db import audit, chain, migrate
@@ -227,11 +227,12 @@ port = 11113
     db = Database(config.database_url)
     reported_result(db, config, tmp_path / "a")
     held = {(i.destination, i.object_kind): i.state for i in outbox(db)}
+    # Every AI object of the default outputs (SR, parametric map, GSPS, summary).
+    kinds = DEFAULT_OUTPUTS
     assert held == {
-        ("pacs", "sr"): DeliveryState.HELD,
-        ("pacs", "seg"): DeliveryState.HELD,
-        ("archive", "sr"): DeliveryState.PENDING,  # immediate: today's behaviour
-        ("archive", "seg"): DeliveryState.PENDING,
+        **{("pacs", kind): DeliveryState.HELD for kind in kinds},
+        # immediate: today's behaviour
+        **{("archive", kind): DeliveryState.PENDING for kind in kinds},
     }
     service = ReviewService(db, config)
     (result,) = service.results()
@@ -239,17 +240,15 @@ port = 11113
     after = {(i.destination, i.object_kind): i.state for i in outbox(db)}
     ai_state = DeliveryState.PENDING if send_ai else DeliveryState.WITHHELD
     assert after == {
-        ("pacs", "sr"): ai_state,
-        ("pacs", "seg"): ai_state,
-        ("archive", "sr"): DeliveryState.PENDING,
-        ("archive", "seg"): DeliveryState.PENDING,
+        **{("pacs", kind): ai_state for kind in kinds},
+        **{("archive", kind): DeliveryState.PENDING for kind in kinds},
         ("pacs", "verified-sr"): DeliveryState.PENDING,
         ("archive", "verified-sr"): DeliveryState.PENDING,
     }
     with db.session() as s:
-        assert len(audit.events(s, EventType.RELEASE_HELD)) == 2
-        kind = EventType.RELEASE_RELEASED if send_ai else EventType.RELEASE_WITHHELD
-        assert len(audit.events(s, kind)) == 2
+        assert len(audit.events(s, EventType.RELEASE_HELD)) == len(kinds)
+        event = EventType.RELEASE_RELEASED if send_ai else EventType.RELEASE_WITHHELD
+        assert len(audit.events(s, event)) == len(kinds)
     db.dispose()
 
 

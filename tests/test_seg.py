@@ -194,7 +194,11 @@ def test_ct_parametric_map_holds_the_float_saliency(tmp_path: Path) -> None:
 
     assert pm.SOPClassUID == "1.2.840.10008.5.1.4.1.1.30"  # what OHIF's pmap extension takes
     assert pm.StudyInstanceUID == headers[0].StudyInstanceUID
-    assert "FloatPixelData" in pm and int(pm.NumberOfFrames) == 3
+    # A frame for every image of the series (OHIF's adapter places frames by
+    # their image's index in the series), zero where the model saw nothing,
+    # and deflated, so those frames cost next to nothing.
+    assert "FloatPixelData" in pm and int(pm.NumberOfFrames) == n
+    assert pm.file_meta.TransferSyntaxUID == "1.2.840.10008.1.2.1.99"
     mapping = pm.SharedFunctionalGroupsSequence[0].RealWorldValueMappingSequence[0]
     assert mapping.MeasurementUnitsCodeSequence[0].CodeValue == "1"
     first, last = (
@@ -202,13 +206,23 @@ def test_ct_parametric_map_holds_the_float_saliency(tmp_path: Path) -> None:
         mapping.DoubleFloatRealWorldValueLastValueMapped,
     )
     assert (first, last) == (0.0, 1.0)
-    pixels = pm.pixel_array.reshape(3, rows, cols)
+    pixels = pm.pixel_array.reshape(n, rows, cols)
     by_source = {
         g.DerivationImageSequence[0].SourceImageSequence[0].ReferencedSOPInstanceUID: pixels[k]
         for k, g in enumerate(pm.PerFrameFunctionalGroupsSequence)
     }
+    assert set(by_source) == {h.SOPInstanceUID for h in headers}
     for i, uid in enumerate(uids):
         np.testing.assert_allclose(by_source[uid], frames[i], atol=1e-6)  # float, not 8-bit
+    assert not any(
+        by_source[h.SOPInstanceUID].any() for h in headers if h.SOPInstanceUID not in uids
+    )
+    # In slice order along the normal, as the series is.
+    z = [
+        float(g.PlanePositionSequence[0].ImagePositionPatient[2])
+        for g in pm.PerFrameFunctionalGroupsSequence
+    ]
+    assert z == sorted(z) or z == sorted(z, reverse=True)
     equipment = [e.get("DeviceUID") for e in pm.ContributingEquipmentSequence]
     assert ALGORITHM.device_uid in equipment
 

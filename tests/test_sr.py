@@ -183,8 +183,14 @@ def test_positive_ct_sr_content_tree(ct_headers: list[Dataset], tmp_path: Path) 
         assert float(value.NumericValue) == pytest.approx(100 * finding.probability, abs=1e-6)
         unit = value.MeasurementUnitsCodeSequence[0]
         assert (unit.CodeValue, unit.CodingSchemeDesignator) == ("%", "UCUM")
-        (algorithm_name,) = _children(probability, "111001")
-        assert algorithm_name.TextValue == ALGORITHM.name
+        # The group names the algorithm; a located finding's NUM too (TID 300).
+        (group_algorithm,) = _children(group, "111001")
+        assert group_algorithm.TextValue == ALGORITHM.name
+        if finding.present:
+            (algorithm_name,) = _children(probability, "111001")
+            assert algorithm_name.TextValue == ALGORITHM.name
+        else:  # nothing inside the NUM for OHIF to search for a region in vain
+            assert "ContentSequence" not in probability
         # The label OHIF shows: the group's Comment, in words, marked NOT VERIFIED.
         (comment,) = _children(group, "121106")
         state = "present" if finding.present else "absent"
@@ -211,7 +217,6 @@ def test_positive_ct_sr_content_tree(ct_headers: list[Dataset], tmp_path: Path) 
             )
         else:  # no mark drawn for an absent finding
             assert regions == []
-            assert not any(i.ValueType == "SCOORD" for i in probability.ContentSequence)
 
     # IHE AIR: the algorithm in Contributing Equipment, with its Device UID.
     (equipment,) = [

@@ -179,7 +179,11 @@ class ViewerServer:
 
 @contextmanager
 def browser(width: int = 1600, height: int = 1000) -> Iterator[Any]:
-    """A Playwright page in headless Debian Chromium; `page.console` lists its messages."""
+    """A Playwright page in headless Debian Chromium; `page.console` lists its messages.
+
+    `new_page(page)` opens another page of the same browser profile (OHIF's
+    dismissed tour stays dismissed), with a console list of its own.
+    """
     if shutil.which(CHROMIUM) is None and not Path(CHROMIUM).exists():
         pytest.fail("Chromium is not installed (Debian package chromium)")
     from playwright.sync_api import sync_playwright
@@ -194,14 +198,28 @@ def browser(width: int = 1600, height: int = 1000) -> Iterator[Any]:
                 "--ignore-gpu-blocklist",
                 "--no-sandbox",  # CI runs as root
                 "--disable-dev-shm-usage",
+                # The machine has no network beyond loopback: no background calls.
+                "--disable-background-networking",
+                "--disable-component-update",
+                "--disable-sync",
+                "--no-first-run",
             ],
         )
         try:
-            page = chrome.new_page(viewport={"width": width, "height": height})
-            messages: list[str] = []
-            page.on("console", lambda m: messages.append(f"{m.type}: {m.text}"))
-            page.on("pageerror", lambda e: messages.append(f"pageerror: {e}"))
-            page.console = messages  # type: ignore[attr-defined]
-            yield page
+            context = chrome.new_context(viewport={"width": width, "height": height})
+            yield _with_console(context.new_page())
         finally:
             chrome.close()
+
+
+def new_page(page: Any) -> Any:
+    """Another page in `page`'s browser profile, its console recorded."""
+    return _with_console(page.context.new_page())
+
+
+def _with_console(page: Any) -> Any:
+    messages: list[str] = []
+    page.on("console", lambda m: messages.append(f"{m.type}: {m.text}"))
+    page.on("pageerror", lambda e: messages.append(f"pageerror: {e}"))
+    page.console = messages
+    return page
