@@ -139,7 +139,7 @@ class Receiver:
             return self._refuse(
                 obj, STATUS_DATASET_MISMATCH, "dataset UIDs differ from the C-STORE request"
             )
-        # Loop guard: our SR, SEG (or a future summary image) routed back by
+        # Loop guard: our SR, SEG, map, GSPS or summary image routed back by
         # the PACS must never re-open its study; nor may any non-image object.
         image = is_image_storage(ident.sop_class_uid)
         if not image or ident.sop_class_uid in OWN_IMAGE_CLASSES:

@@ -25,9 +25,10 @@ IMAGE_STORAGE_CLASSES: dict[str, str] = {
     uid: name for uid, name in STORAGE_CLASSES.items() if "Image" in name
 }
 
-# Image classes we produce ourselves (none today besides what a future summary
-# image would be): an object of these classes whose SOP Instance UID is in our
-# outbox came back from the PACS and must not be analysed (loop guard).
+# Image classes we produce ourselves (the summary image, dicom_io/summary.py):
+# an object of these classes whose SOP Instance UID is in our outbox came back
+# from the PACS and must not be analysed (loop guard). Our other objects (SR,
+# SEG, Parametric Map, GSPS) are not image classes at all.
 OWN_IMAGE_CLASSES = frozenset(
     str(uid)
     for uid in (

@@ -474,11 +474,15 @@ end
 def test_our_sr_routed_back_by_the_pacs_starts_no_loop(
     tmp_path: Path, daemon_factory, orthanc_factory
 ) -> None:  # type: ignore[no-untyped-def]
-    """Orthanc forwards everything it stores to us, our SR and SEG included."""
+    """Orthanc forwards everything it stores to us, every kind of our objects included.
+
+    The summary is a Secondary Capture, an image class: only the outbox
+    tells it from an image to analyse.
+    """
     lua = tmp_path / "forward.lua"
     lua.write_text(LOOP_LUA)
     orthanc = orthanc_factory(extra={"LuaScripts": [str(lua)]})
-    daemon = daemon_factory(delivery_config(orthanc), env=NO_WORKER)
+    daemon = daemon_factory(delivery_config(orthanc, outputs=OUTPUT_KINDS), env=NO_WORKER)
     knows_our_scp(orthanc, daemon)
     orthanc.start()
     daemon.start()
@@ -487,10 +491,10 @@ def test_our_sr_routed_back_by_the_pacs_starts_no_loop(
     db = open_db(daemon)
     study_uid = str(dcmread(files[0], stop_before_pixels=True).StudyInstanceUID)
     rd.record_analysis(db, daemon.state, study_uid, [rd.analysed(files)])
-    daemon.wait_for(lambda: all_done(db, 2), timeout=60)
+    daemon.wait_for(lambda: all_done(db, len(OUTPUT_KINDS)), timeout=60)
     ours = {i.sop_instance_uid for i in outbox(db)}
 
-    # Both come back from Orthanc: kept apart as our own objects, audited.
+    # All come back from Orthanc: kept apart as our own objects, audited.
     def returned() -> list[AncillaryInstance]:
         with db.session() as s:
             rows = list(s.scalars(select(AncillaryInstance)))
