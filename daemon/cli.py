@@ -93,9 +93,11 @@ def _cmd_audit_export(config: Config, args: argparse.Namespace) -> int:
 
 
 def _cmd_status(config: Config, args: argparse.Namespace) -> int:
+    from daemon.cleaner import Cleaner
     from daemon.service import open_database
     from db.outbox import outbox_counts
     from db.reports import report_counts
+    from db.retention import files_removed_count
     from db.studies import job_counts, study_counts
 
     db = open_database(config, signed=False)
@@ -106,8 +108,11 @@ def _cmd_status(config: Config, args: argparse.Namespace) -> int:
             "reports": report_counts(s),
             "outbox": outbox_counts(s),
         }
+        removed = files_removed_count(s)
+    storage = Cleaner(db, config).storage_state()
     db.dispose()
     report["dead_letters"] = report["outbox"].get("dead", 0)
+    report["storage"] = {**storage, "studies_files_removed": removed}
     if args.json:
         print(json.dumps(report, indent=2, sort_keys=True))
         return 0
@@ -129,7 +134,48 @@ def _cmd_status(config: Config, args: argparse.Namespace) -> int:
         f"dead letters: {dead}"
         + (" (see `secondreader deliveries list --state dead`)" if dead else "")
     )
+    st = report["storage"]
+    print(
+        f"disk: {st['used_percent']:.1f} % used (high watermark {st['high_watermark_percent']:g} %)"
+        f"; files removed by retention: {st['studies_files_removed']} study(ies)"
+    )
+    if st["blocked"]:
+        print(
+            "DISK NEARLY FULL and no finished study left to remove: studies still in the "
+            "pipeline (receiving, queued, unreported, undelivered, awaiting review) hold it"
+        )
     return 0
+
+
+def _cmd_cleanup(config: Config, args: argparse.Namespace) -> int:
+    from daemon.cleaner import Cleaner
+    from daemon.service import open_database
+
+    db = open_database(config, signed=not args.dry_run)
+    report = Cleaner(db, config).run_once(dry_run=args.dry_run)
+    db.dispose()
+    verb = "would remove" if args.dry_run else "removed"
+    if args.json:
+        print(json.dumps({
+            "dry_run": args.dry_run,
+            "in_window": report.in_window,
+            "blocked": report.blocked,
+            "disk_used_percent_before": round(report.disk_before.percent, 2),
+            "disk_used_percent_after": round(report.disk_after.percent, 2),
+            "studies": [vars(r) for r in report.removed],
+        }, indent=2))  # fmt: skip
+    else:
+        for r in report.removed:
+            print(f"{verb} {r.files} file(s), {r.size_bytes / 1e6:.1f} MB of study "
+                  f"{r.study_instance_uid} ({r.reason})")  # fmt: skip
+        if not report.in_window:
+            print("outside the retention window: no removal by age now")
+        print(f"disk: {report.disk_before.percent:.1f} % used before, "
+              f"{report.disk_after.percent:.1f} % after; {len(report.removed)} study(ies) "
+              f"{verb}")  # fmt: skip
+        if report.blocked:
+            print("DISK NEARLY FULL and no finished study left to remove", file=sys.stderr)
+    return 2 if report.blocked else 0
 
 
 def _cmd_deliveries_list(config: Config, args: argparse.Namespace) -> int:
@@ -573,6 +619,13 @@ def build_parser() -> argparse.ArgumentParser:
     q.add_argument("--since", type=datetime.fromisoformat, help="UTC, ISO 8601")
     q.add_argument("--format", choices=["jsonl", "csv"], default="jsonl")
     q.set_defaults(func=_cmd_audit_export)
+
+    p = sub.add_parser(
+        "cleanup", help="retention: remove the files of finished studies (by age, by disk)"
+    )
+    p.add_argument("--dry-run", action="store_true", help="say what would go; remove nothing")
+    p.add_argument("--json", action="store_true")
+    p.set_defaults(func=_cmd_cleanup)
 
     p = sub.add_parser("status", help="studies by state and queue depth")
     p.add_argument("--json", action="store_true")

@@ -319,6 +319,39 @@ class MetricsConfig(_Section):
     port: int = Field(9464, ge=1, le=65535)
 
 
+class RetentionConfig(_Section):
+    """What `secondreader cleanup` and the daemon's retention job remove (daemon/cleaner.py).
+
+    Only finished studies lose their files (db/retention.py): never one that
+    is receiving, queued, running, unreported, undelivered or, with
+    `wait_for_review`, awaiting review. Database rows stay.
+    """
+
+    enabled: bool = True
+    # Files of a finished study are kept this many days after it finished.
+    keep_days: float = Field(30.0, ge=0)
+    # Above `high_watermark_percent` of the state folder's disk in use,
+    # finished studies are removed oldest first, whatever their age, until
+    # below `low_watermark_percent`; at any hour, since a full disk cannot wait.
+    high_watermark_percent: float = Field(90.0, gt=0, le=100)
+    low_watermark_percent: float = Field(80.0, gt=0, le=100)
+    # Age-based removal only between these times (local "HH:MM", both or
+    # neither; the window may span midnight). Unset: at any time.
+    window_start: str | None = Field(None, pattern=r"^([01]\d|2[0-3]):[0-5]\d$")
+    window_end: str | None = Field(None, pattern=r"^([01]\d|2[0-3]):[0-5]\d$")
+    # Keep a study until its analysed runs have a physician's verified SR.
+    wait_for_review: bool = False
+    check_interval_seconds: float = Field(300.0, gt=0)
+
+    @model_validator(mode="after")
+    def _consistent(self) -> RetentionConfig:
+        if self.low_watermark_percent >= self.high_watermark_percent:
+            raise ValueError("low_watermark_percent must be below high_watermark_percent")
+        if (self.window_start is None) != (self.window_end is None):
+            raise ValueError("window_start and window_end go together")
+        return self
+
+
 class Config(_Section):
     scp: SCPConfig = Field(default_factory=SCPConfig)
     storage: StorageConfig = Field(default_factory=StorageConfig)
@@ -332,6 +365,7 @@ class Config(_Section):
     metrics: MetricsConfig = Field(default_factory=MetricsConfig)
     audit: AuditConfig = Field(default_factory=AuditConfig)
     review: ReviewConfig = Field(default_factory=ReviewConfig)
+    retention: RetentionConfig = Field(default_factory=RetentionConfig)
     # The file this configuration was read from (not a setting).
     _source: Path | None = PrivateAttr(default=None)
 

@@ -9,7 +9,7 @@ processes as well as `serve`.
 from __future__ import annotations
 
 import logging
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from typing import Any
 
 from prometheus_client import start_http_server
@@ -19,6 +19,7 @@ from prometheus_client.registry import Collector, CollectorRegistry
 from db.audit import event_counts
 from db.outbox import outbox_counts
 from db.reports import report_counts
+from db.retention import files_removed_count
 from db.session import Database
 from db.studies import job_counts, study_counts
 
@@ -26,8 +27,11 @@ log = logging.getLogger(__name__)
 
 
 class DatabaseCollector(Collector):
-    def __init__(self, db: Database) -> None:
+    def __init__(
+        self, db: Database, storage: Callable[[], dict[str, float | bool]] | None = None
+    ) -> None:
         self.db = db
+        self.storage = storage  # daemon/cleaner.Cleaner.storage_state
 
     def collect(self) -> Iterator[Any]:
         up = GaugeMetricFamily("secondreader_database_up", "1 if the database answered")
@@ -40,6 +44,7 @@ class DatabaseCollector(Collector):
                     "outbox": outbox_counts(s),
                 }
                 events = event_counts(s)
+                removed = files_removed_count(s)
         except Exception:
             log.exception("metrics: database query failed")
             up.add_metric([], 0)
@@ -66,12 +71,34 @@ class DatabaseCollector(Collector):
         for event_type, n in sorted(events.items()):
             audit.add_metric([event_type], n)
         yield audit
+        yield GaugeMetricFamily(
+            "secondreader_studies_files_removed",
+            "Studies whose files retention removed (their rows stay)",
+            value=removed,
+        )
+        if self.storage is not None:
+            state = self.storage()
+            yield GaugeMetricFamily(
+                "secondreader_disk_used_ratio",
+                "Used fraction of the disk holding the state folder",
+                value=float(state["used_percent"]) / 100.0,
+            )
+            yield GaugeMetricFamily(
+                "secondreader_retention_blocked",
+                "1 when the disk is above the high watermark and nothing may be removed",
+                value=1.0 if state["blocked"] else 0.0,
+            )
 
 
-def serve_metrics(db: Database, host: str, port: int) -> Any:
+def serve_metrics(
+    db: Database,
+    host: str,
+    port: int,
+    storage: Callable[[], dict[str, float | bool]] | None = None,
+) -> Any:
     """Start the /metrics HTTP endpoint in a thread; returns the server (call .shutdown())."""
     registry = CollectorRegistry()
-    registry.register(DatabaseCollector(db))
+    registry.register(DatabaseCollector(db, storage))
     server, _thread = start_http_server(port, addr=host, registry=registry)
     log.info("metrics on http://%s:%d/metrics", host, server.server_port)
     return server

@@ -10,6 +10,7 @@ from types import FrameType
 from typing import Any
 
 from daemon.bookkeeper import seal_audit_trail
+from daemon.cleaner import Cleaner
 from daemon.completer import Completer
 from daemon.config import Config
 from daemon.dispatcher import Dispatcher
@@ -132,6 +133,12 @@ class Service:
         )
         # The audit trail's single chain writer (db/chain.py).
         self.scheduler.every("seal-audit", config.audit.seal_interval_seconds, self.seal_audit)
+        # Retention: files of finished studies, by age and by disk watermark.
+        self.cleaner = Cleaner(self.db, config)
+        if config.retention.enabled:
+            self.scheduler.every(
+                "retention", config.retention.check_interval_seconds, self.cleaner.run_once
+            )
 
     def seal_audit(self) -> None:
         seal_audit_trail(self.db)
@@ -156,13 +163,18 @@ class Service:
         self._running_marker.touch()
         # SR/SEG files half written by a crash; the report stage writes them again.
         self.reporter.outbox.sweep_incoming()
+        # A removal a crash interrupted, finished before anything is received.
+        self.cleaner.sweep()
         signal.signal(signal.SIGTERM, self._on_signal)
         signal.signal(signal.SIGINT, self._on_signal)
         self.scp.start()
         self.scheduler.start()
         if self.config.metrics.enabled:
             self.metrics_server = serve_metrics(
-                self.db, self.config.metrics.host, self.config.metrics.port
+                self.db,
+                self.config.metrics.host,
+                self.config.metrics.port,
+                storage=self.cleaner.storage_state,
             )
         if self.worker is not None:
             # The models load in the worker's thread: receiving does not wait for them.

@@ -61,6 +61,8 @@ class EventType:
     RELEASE_HELD = "release.held"  # AI object held for review (release = after_review)
     RELEASE_RELEASED = "release.released"  # held object sent after the review
     RELEASE_WITHHELD = "release.withheld"  # held object never sent: the site sends the verified SR
+    # Retention (daemon/cleaner.py): a finished study's files removed; its rows stay.
+    STUDY_FILES_REMOVED = "study.files_removed"
     # The bookkeeper (db/chain.py): rows chained, with the head of the chain.
     AUDIT_SEALED = "audit.sealed"
 

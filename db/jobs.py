@@ -166,12 +166,20 @@ def renew_lease(
 
 def study_series_files(session: Session, study_id: int) -> list[SeriesFiles]:
     """The study's instances as spool paths, grouped by series (in order of arrival)."""
-    rows = session.execute(
+    removed = session.execute(
+        select(Study.files_removed_at).where(Study.id == study_id)
+    ).scalar_one_or_none()
+    query = (
         select(Series.series_instance_uid, Series.modality, Instance.path)
         .join(Instance, Instance.series_id == Series.id)
         .where(Series.study_id == study_id)
         .order_by(Series.id, Instance.id)
-    ).all()
+    )
+    if removed is not None:
+        # Retention removed the files of what came before; a re-opened study
+        # is analysed on what it received since.
+        query = query.where(Instance.received_at > removed)
+    rows = session.execute(query).all()
     grouped: dict[str, SeriesFiles] = {}
     for series_uid, modality, path in rows:
         entry = grouped.setdefault(series_uid, SeriesFiles(series_uid, modality, []))

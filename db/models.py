@@ -57,6 +57,10 @@ class Study(Base):
     last_received_at: Mapped[datetime] = mapped_column(DateTime)
     completed_at: Mapped[datetime | None] = mapped_column(DateTime)
     completion_count: Mapped[int] = mapped_column(Integer, default=0)
+    # Retention (daemon/cleaner.py) removed the files of every instance
+    # received up to this moment; the rows stay. Instances received later
+    # (the study re-opened) have their files.
+    files_removed_at: Mapped[datetime | None] = mapped_column(DateTime)
 
     series: Mapped[list[Series]] = relationship(back_populates="study")
 

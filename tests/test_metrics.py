@@ -38,5 +38,9 @@ def test_metrics_count_studies_jobs_and_audit_events(daemon_factory, tmp_path: P
     assert stored == len(files)
     accepted = ("secondreader_audit_events_total", (("event_type", "association.accepted"),))
     assert m[accepted] == 1
+    # Retention: the disk of the state folder, and nothing removed or stuck yet.
+    assert 0 < m[("secondreader_disk_used_ratio", ())] < 1
+    assert m[("secondreader_retention_blocked", ())] == 0
+    assert m[("secondreader_studies_files_removed", ())] == 0
     assert d.stop() == 0
     db.close()
