@@ -1,25 +1,60 @@
-"""APScheduler wiring: every timed job of the daemon is registered here."""
+"""APScheduler wiring: every timed job of the daemon is registered here.
+
+The intervals are the safety net. When a stage hands work to the next one
+(a job queued, a run recorded, an outbox row added), it calls `wake(name)`
+and the next stage's job runs at once instead of at its next tick. A wake
+while the job runs makes it run once more right after, so no hand-off waits
+for an interval and no tick is skipped.
+"""
 
 from __future__ import annotations
 
+import contextlib
 import logging
+import threading
 from collections.abc import Callable
+from datetime import UTC, datetime
 
 from apscheduler.executors.pool import ThreadPoolExecutor
+from apscheduler.jobstores.base import JobLookupError
 from apscheduler.schedulers.background import BackgroundScheduler
 
 log = logging.getLogger(__name__)
 
 
-def _guarded(name: str, fn: Callable[[], object]) -> Callable[[], None]:
-    def run() -> None:
-        try:
-            fn()
-        except Exception:
-            # A failing tick must not kill the job; the next tick retries.
-            log.exception("scheduled job %s failed", name)
+class _Job:
+    def __init__(self, name: str, fn: Callable[[], object]) -> None:
+        self.name = name
+        self.fn = fn
+        self.lock = threading.Lock()
+        self.running = False
+        self.again = False
 
-    return run
+    def __call__(self) -> None:
+        with self.lock:
+            self.running = True
+        try:
+            while True:
+                with self.lock:
+                    self.again = False
+                try:
+                    self.fn()
+                except Exception:
+                    # A failing tick must not kill the job; the next tick retries.
+                    log.exception("scheduled job %s failed", self.name)
+                with self.lock:
+                    if not self.again:
+                        return
+        finally:
+            with self.lock:
+                self.running = False
+
+    def wake_running(self) -> bool:
+        """True if the job is running now: it then runs once more when done."""
+        with self.lock:
+            if self.running:
+                self.again = True
+            return self.running
 
 
 class Scheduler:
@@ -30,9 +65,20 @@ class Scheduler:
             job_defaults={"coalesce": True, "max_instances": 1, "misfire_grace_time": 30},
             timezone="UTC",
         )
+        self._jobs: dict[str, _Job] = {}
 
     def every(self, name: str, seconds: float, fn: Callable[[], object]) -> None:
-        self._sched.add_job(_guarded(name, fn), "interval", seconds=seconds, id=name, name=name)
+        job = _Job(name, fn)
+        self._jobs[name] = job
+        self._sched.add_job(job, "interval", seconds=seconds, id=name, name=name)
+
+    def wake(self, name: str) -> None:
+        """Run job `name` now (or once more right after its current run)."""
+        job = self._jobs.get(name)
+        if job is None or not self._sched.running or job.wake_running():
+            return
+        with contextlib.suppress(JobLookupError):  # shutting down
+            self._sched.modify_job(name, next_run_time=datetime.now(UTC))
 
     def start(self) -> None:
         self._sched.start()

@@ -110,15 +110,19 @@ class Service:
         )
         self.scheduler = Scheduler()
         self.metrics_server: Any = None
+        # Each stage's job; a stage that hands work on wakes the next one
+        # (daemon/scheduler.py), the intervals are the safety net.
         self.scheduler.every(
-            "complete-studies", config.completion.check_interval_seconds, self.completer.run_once
+            "complete-studies", config.completion.check_interval_seconds, self.complete_studies
         )
-        self.scheduler.every("report", config.report.check_interval_seconds, self.reporter.run_once)
+        self.scheduler.every("report", config.report.check_interval_seconds, self.report)
         self.scheduler.every(
             "deliver", config.delivery.check_interval_seconds, self.dispatcher.run_once
         )
         # Infer stage: one worker thread here unless workers run as their own processes.
         self.worker = Worker.from_config(config, self.db) if config.worker.in_process else None
+        if self.worker is not None:
+            self.worker.on_recorded = lambda: self.scheduler.wake("report")
         # Jobs of a dead worker (any process) go back to the queue even when no worker runs.
         policy = retry_policy(config.worker)
         self.scheduler.every(
@@ -129,7 +133,7 @@ class Service:
         # Review rounds a crash left without their verified SR (daemon/reviewer.py).
         self.reviewer = ReviewService(self.db, config)
         self.scheduler.every(
-            "finalize-reviews", config.report.check_interval_seconds, self.reviewer.finalize_pending
+            "finalize-reviews", config.report.check_interval_seconds, self.finalize
         )
         # The audit trail's single chain writer (db/chain.py).
         self.scheduler.every("seal-audit", config.audit.seal_interval_seconds, self.seal_audit)
@@ -142,6 +146,18 @@ class Service:
 
     def seal_audit(self) -> None:
         seal_audit_trail(self.db)
+
+    def finalize(self) -> None:
+        if self.reviewer.finalize_pending():
+            self.scheduler.wake("deliver")
+
+    def complete_studies(self) -> None:
+        if self.completer.run_once() and self.worker is not None:
+            self.worker.wake()
+
+    def report(self) -> None:
+        if self.reporter.run_once():
+            self.scheduler.wake("deliver")
 
     def _on_signal(self, signum: int, _frame: FrameType | None) -> None:
         log.info("received %s: stopping", signal.Signals(signum).name)

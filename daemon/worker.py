@@ -130,6 +130,10 @@ class Worker:
         self._make_analyser = make_analyser
         self.analyser: Analyser | None = None
         self._stop = threading.Event()
+        # Set by `wake` (a job was queued) and by stop: the idle wait ends at once.
+        self._wake = threading.Event()
+        # Called after each recorded result or failure: the report stage's wake-up.
+        self.on_recorded: Callable[[], None] | None = None
         self._lock = threading.Lock()
         self._current: ClaimedJob | None = None
         self._thread: threading.Thread | None = None
@@ -168,10 +172,16 @@ class Worker:
     def request_stop(self) -> None:
         """Take no new job; the current one goes on (see `stop`)."""
         self._stop.set()
+        self._wake.set()
+
+    def wake(self) -> None:
+        """A job was queued: look now rather than after the poll interval."""
+        self._wake.set()
 
     def stop(self, grace_seconds: float) -> None:
         """Let the current job finish for `grace_seconds`, else give it back to the queue."""
         self._stop.set()
+        self._wake.set()
         if self._thread is not None:
             self._thread.join(grace_seconds)
         with self._lock:
@@ -206,7 +216,8 @@ class Worker:
                 log.exception("worker loop error")
                 busy = False
             if not busy:
-                self._stop.wait(self.settings.poll_seconds)
+                self._wake.wait(self.settings.poll_seconds)
+                self._wake.clear()
 
     def _reap_if_due(self) -> None:
         if time.monotonic() < self._next_reap:
@@ -230,6 +241,8 @@ class Worker:
         finally:
             with self._lock:
                 self._current = None
+        if self.on_recorded is not None:
+            self.on_recorded()
         return True
 
     def _process(self, job: ClaimedJob) -> None:

@@ -1,0 +1,47 @@
+"""Hand-offs without polling: each stage wakes the next (daemon/scheduler.py).
+
+The report and deliver stages' intervals and the worker's poll are set to an
+hour, so their own ticks never come during the test: the SR can only reach
+the PACS (dcmtk's storescp) because completing the study woke the worker,
+the recorded run woke the report stage, and the queued SR woke delivery.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+from tests.conftest import storescu
+from tests.dicomgen import by_sop_instance, storescp
+from tests.reportdata import ct_study
+
+HOUR = 3600
+
+
+def test_each_stage_wakes_the_next(daemon_factory, tmp_path: Path) -> None:  # type: ignore[no-untyped-def]
+    with storescp(tmp_path / "pacs") as pacs_port:
+        d = daemon_factory(
+            f"""
+[worker]
+poll_seconds = {HOUR}
+
+[report]
+check_interval_seconds = {HOUR}
+
+[delivery]
+check_interval_seconds = {HOUR}
+
+[[delivery.destinations]]
+name = "pacs"
+ae_title = "STORESCP"
+host = "127.0.0.1"
+port = {pacs_port}
+outputs = ["sr"]
+"""
+        ).start()
+        files = ct_study(tmp_path / "ct", slices=12, size=64)
+        assert storescu(d.port, files).returncode == 0
+        received = d.wait_for(lambda: by_sop_instance(tmp_path / "pacs"), timeout=120)
+        assert len(received) == 1  # the SR (analysed or not-run: either way reported)
+        log = d.log()
+        assert "job 1 claimed" in log and "delivered 1 object(s) to pacs" in log
+        assert d.stop() == 0
