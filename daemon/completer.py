@@ -1,11 +1,17 @@
-"""Stage 2, complete: a study quiet for `stable_seconds` becomes one queued job."""
+"""Stage 2, complete: a study becomes one queued job when it is whole.
+
+Whole means: the modality's MPPS said COMPLETED and every instance it lists
+has arrived (at once, no waiting), or else nothing arrived for
+`stable_seconds` (the quiet window), or it has been receiving for
+`max_seconds`.
+"""
 
 from __future__ import annotations
 
 import logging
 
 from db.session import Database
-from db.studies import CompletedStudy, complete_stable_studies
+from db.studies import CompletedStudy, complete_by_mpps, complete_stable_studies
 
 log = logging.getLogger(__name__)
 
@@ -18,9 +24,16 @@ class Completer:
 
     def run_once(self) -> list[CompletedStudy]:
         with self.db.session() as s:
+            by_mpps = complete_by_mpps(s)
+        with self.db.session() as s:
             done = complete_stable_studies(
                 s, stable_seconds=self.stable_seconds, max_seconds=self.max_seconds
             )
+        for c in by_mpps:
+            log.info(
+                "study %s complete (MPPS: every listed instance arrived); job %d queued",
+                c.study_instance_uid, c.job_id,
+            )  # fmt: skip
         for c in done:
             log.info(
                 "study %s complete%s; job %d queued",
@@ -28,4 +41,4 @@ class Completer:
                 " (forced: still receiving at the time limit)" if c.forced else "",
                 c.job_id,
             )
-        return done
+        return [*by_mpps, *done]

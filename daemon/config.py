@@ -78,6 +78,10 @@ class SCPConfig(_Section):
     max_pdu_size: int = Field(1024 * 1024, ge=4096, le=64 * 1024 * 1024)
     # Refuse a request addressed to another AE title (a misrouted sender).
     check_called_ae_title: bool = True
+    # Modality Performed Procedure Step SCP: a study whose MPPS is COMPLETED
+    # completes as soon as every instance it lists has arrived, without the
+    # quiet window (completion.stable_seconds, still the rule without MPPS).
+    accept_mpps: bool = True
     # Objects that are not images (SR, SEG, PR, KO, RT, waveforms, PDF):
     # "store" keeps them in the spool, "discard" answers success and drops
     # them; either way they are audited and never analysed. "refuse" rejects

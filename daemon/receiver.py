@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import errno
 import logging
+from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor, wait
 
 from db import audit
@@ -27,7 +28,9 @@ from db.ingest import (
     record_ancillary,
     record_instance,
 )
+from db.mpps import record_message, waiting_studies
 from db.session import Database
+from dicom_io import mpps
 from dicom_io.identify import (
     STATUS_DATASET_MISMATCH,
     STATUS_OUT_OF_RESOURCES,
@@ -41,6 +44,7 @@ from dicom_io.identify import (
 from dicom_io.scp import AssociationOutcome, ReceivedObject
 from dicom_io.sopclasses import OWN_IMAGE_CLASSES, is_image_storage
 from dicom_io.spool import Spool
+from dicom_io.text import printable
 
 # 0xA900 is "Data Set does not match SOP Class"; PS3.4 B.2.3 gives the
 # A9xx range to such refusals. A reused UID is a refusal of that kind, and
@@ -69,6 +73,12 @@ class Receiver:
         self.db = db
         self.spool = spool
         self.ancillary = ancillary
+        # Studies a COMPLETED MPPS waits on: an instance of one of them wakes
+        # the completer (`on_ready`), so the study completes as soon as the
+        # last listed instance is in. Refreshed from the database on each MPPS.
+        with db.session() as s:
+            self._mpps_waiting: set[str] = waiting_studies(s)
+        self.on_ready: Callable[[], None] | None = None
         # One spool writer per concurrent association at most.
         self._io = ThreadPoolExecutor(max_associations, thread_name_prefix="spool")
 
@@ -181,7 +191,39 @@ class Receiver:
             ident.study_instance_uid,
             "new" if is_new else "duplicate",
         )
+        if ident.study_instance_uid in self._mpps_waiting and self.on_ready is not None:
+            self.on_ready()
         return 0x0000
+
+    def refresh_mpps_waiting(self) -> None:
+        """After the completer used an MPPS: its study waits no more."""
+        with self.db.session() as s:
+            self._mpps_waiting = waiting_studies(s)
+
+    def on_mpps(self, message: mpps.ProcedureStepMessage) -> int:
+        """The DIMSE status for an MPPS N-CREATE or N-SET; never raises."""
+        try:
+            with self.db.session() as s:
+                status = record_message(s, message)
+                waiting = waiting_studies(s)
+        except Exception as exc:
+            log.error(
+                "MPPS %s not recorded: %s", printable(message.sop_instance_uid),
+                type(exc).__name__,
+            )  # fmt: skip
+            log.debug("MPPS traceback", exc_info=exc)
+            return mpps.PROCESSING_FAILURE
+        self._mpps_waiting = waiting
+        log.info(
+            "MPPS %s %s from %s: %s, study %s, %d instance(s) listed (status 0x%04X)",
+            printable(message.sop_instance_uid), message.kind.upper(),
+            printable(message.calling_ae), message.status or "-",
+            printable(message.study_instance_uid or "-"),
+            len(message.instance_uids or []), status,
+        )  # fmt: skip
+        if message.status == mpps.COMPLETED and self.on_ready is not None:
+            self.on_ready()  # the instances may all be here already
+        return status
 
     def _item(self, obj: ReceivedObject, ident: Identity) -> StoredInstance:
         """What gets recorded of an object; its path is the same in either spool."""

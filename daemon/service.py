@@ -107,6 +107,7 @@ class Service:
             on_commitment=(
                 self.dispatcher.on_commitment if self.dispatcher.wants_commitment else None
             ),
+            on_mpps=self.receiver.on_mpps if config.scp.accept_mpps else None,
         )
         self.scheduler = Scheduler()
         self.metrics_server: Any = None
@@ -123,6 +124,8 @@ class Service:
         self.worker = Worker.from_config(config, self.db) if config.worker.in_process else None
         if self.worker is not None:
             self.worker.on_recorded = lambda: self.scheduler.wake("report")
+        # MPPS: the last listed instance (or the N-SET after it) completes the study now.
+        self.receiver.on_ready = lambda: self.scheduler.wake("complete-studies")
         # Jobs of a dead worker (any process) go back to the queue even when no worker runs.
         policy = retry_policy(config.worker)
         self.scheduler.every(
@@ -152,8 +155,10 @@ class Service:
             self.scheduler.wake("deliver")
 
     def complete_studies(self) -> None:
-        if self.completer.run_once() and self.worker is not None:
-            self.worker.wake()
+        if self.completer.run_once():
+            self.receiver.refresh_mpps_waiting()
+            if self.worker is not None:
+                self.worker.wake()
 
     def report(self) -> None:
         if self.reporter.run_once():

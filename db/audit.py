@@ -35,6 +35,8 @@ class EventType:
     # A spool file whose row a crash lost (power loss under synchronous=NORMAL).
     INSTANCE_RECOVERED = "instance.recovered"
     STUDY_REOPENED = "study.reopened"
+    # An MPPS N-CREATE or N-SET from a modality (dicom_io/mpps.py, db/mpps.py).
+    MPPS_UPDATED = "mpps.updated"
     STUDY_COMPLETED = "study.completed"
     JOB_QUEUED = "job.queued"
     # The infer stage (db/jobs.py): one event per transition of a job's lease.

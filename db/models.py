@@ -279,6 +279,25 @@ class Verification(Base):
     created_at: Mapped[datetime] = mapped_column(DateTime)
 
 
+class PerformedProcedureStep(Base):
+    """An MPPS the modality created and updated (dicom_io/mpps.py)."""
+
+    __tablename__ = "performed_procedure_steps"
+
+    id: Mapped[int] = mapped_column(Integer, primary_key=True)
+    sop_instance_uid: Mapped[str] = mapped_column(UID, unique=True)
+    study_instance_uid: Mapped[str | None] = mapped_column(UID, index=True)
+    status: Mapped[str] = mapped_column(String(16))
+    # SOP Instance UIDs of the Performed Series Sequence (COMPLETED lists them all).
+    instance_uids: Mapped[list[str]] = mapped_column(JSON, default=list)
+    calling_ae: Mapped[str] = mapped_column(String(16))
+    created_at: Mapped[datetime] = mapped_column(DateTime)
+    updated_at: Mapped[datetime] = mapped_column(DateTime)
+    # When it completed its study: it does so once (a later re-opening waits
+    # for the quiet window as usual).
+    used_at: Mapped[datetime | None] = mapped_column(DateTime)
+
+
 class DeliveryState:
     PENDING = "pending"
     DONE = "done"

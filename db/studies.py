@@ -10,7 +10,17 @@ from sqlalchemy.orm import Session
 
 from db import audit
 from db.audit import EventType
-from db.models import Instance, Job, JobState, Series, Study, StudyState, utcnow
+from db.models import (
+    Instance,
+    Job,
+    JobState,
+    PerformedProcedureStep,
+    Series,
+    Study,
+    StudyState,
+    utcnow,
+)
+from dicom_io import mpps
 
 
 @dataclass(frozen=True)
@@ -43,54 +53,116 @@ def complete_stable_studies(
     ).all()
     done: list[CompletedStudy] = []
     for study_id, uid, last_received_at, _since in candidates:
-        # Conditional on what we read: an instance that arrived meanwhile wins.
-        changed = session.execute(
-            update(Study)
-            .where(
-                Study.id == study_id,
-                Study.state == StudyState.RECEIVING,
-                Study.last_received_at == last_received_at,
-            )
-            .values(
-                state=StudyState.COMPLETE,
-                completed_at=now,
-                completion_count=Study.completion_count + 1,
-            )
-        ).rowcount
-        if not changed:
-            continue
         forced = last_received_at > quiet_before
-        n_instances = session.execute(
-            select(func.count(Instance.id)).join(Series).where(Series.study_id == study_id)
-        ).scalar_one()
-        audit.record(
-            session,
-            EventType.STUDY_COMPLETED,
-            "completer",
-            study_instance_uid=uid,
-            instances=n_instances,
-            forced=forced,
+        completed = _complete(
+            session, study_id, uid, last_received_at, now, "time limit" if forced else "quiet"
         )
-        job_id = session.execute(
-            select(Job.id).where(Job.study_id == study_id, Job.state == JobState.QUEUED)
-        ).scalar()
-        if job_id is None:
-            job = Job(
-                study_id=study_id,
-                kind="analyse",
-                state=JobState.QUEUED,
-                attempts=0,
-                not_before=now,
-                created_at=now,
-            )
-            session.add(job)
-            session.flush()
-            job_id = job.id
-            audit.record(
-                session, EventType.JOB_QUEUED, "completer", study_instance_uid=uid, job_id=job_id
-            )
-        done.append(CompletedStudy(study_id, uid, job_id, forced))
+        if completed is not None:
+            done.append(completed)
     return done
+
+
+def complete_by_mpps(session: Session, now: datetime | None = None) -> list[CompletedStudy]:
+    """Complete each receiving study whose COMPLETED MPPS lists only instances we have.
+
+    A step completes its study once (`used_at`). A DISCONTINUED step, or a
+    COMPLETED one with an instance still missing, completes nothing: the
+    quiet window does, as without MPPS.
+    """
+    now = now or utcnow()
+    steps = session.scalars(
+        select(PerformedProcedureStep).where(
+            PerformedProcedureStep.status == mpps.COMPLETED,
+            PerformedProcedureStep.used_at.is_(None),
+            PerformedProcedureStep.study_instance_uid.is_not(None),
+        )
+    ).all()
+    done: list[CompletedStudy] = []
+    for step in steps:
+        study = session.execute(
+            select(Study.id, Study.state, Study.last_received_at).where(
+                Study.study_instance_uid == step.study_instance_uid
+            )
+        ).one_or_none()
+        if study is None:
+            continue  # nothing arrived yet
+        listed = set(step.instance_uids)
+        have = set(
+            session.scalars(
+                select(Instance.sop_instance_uid)
+                .join(Series)
+                .where(Series.study_id == study.id, Instance.sop_instance_uid.in_(listed))
+            )
+        )
+        if not listed or have != listed:
+            continue
+        step.used_at = now
+        if study.state != StudyState.RECEIVING:
+            continue  # the quiet window was first
+        completed = _complete(
+            session, study.id, str(step.study_instance_uid), study.last_received_at, now, "mpps"
+        )
+        if completed is not None:
+            done.append(completed)
+    return done
+
+
+def _complete(
+    session: Session,
+    study_id: int,
+    uid: str,
+    last_received_at: datetime,
+    now: datetime,
+    by: str,
+) -> CompletedStudy | None:
+    """Mark one study complete and queue its job; None if an instance arrived meanwhile."""
+    # Conditional on what we read: an instance that arrived meanwhile wins.
+    changed = session.execute(
+        update(Study)
+        .where(
+            Study.id == study_id,
+            Study.state == StudyState.RECEIVING,
+            Study.last_received_at == last_received_at,
+        )
+        .values(
+            state=StudyState.COMPLETE,
+            completed_at=now,
+            completion_count=Study.completion_count + 1,
+        )
+    ).rowcount
+    if not changed:
+        return None
+    n_instances = session.execute(
+        select(func.count(Instance.id)).join(Series).where(Series.study_id == study_id)
+    ).scalar_one()
+    audit.record(
+        session,
+        EventType.STUDY_COMPLETED,
+        "completer",
+        study_instance_uid=uid,
+        instances=n_instances,
+        forced=by == "time limit",
+        by=by,
+    )
+    job_id = session.execute(
+        select(Job.id).where(Job.study_id == study_id, Job.state == JobState.QUEUED)
+    ).scalar()
+    if job_id is None:
+        job = Job(
+            study_id=study_id,
+            kind="analyse",
+            state=JobState.QUEUED,
+            attempts=0,
+            not_before=now,
+            created_at=now,
+        )
+        session.add(job)
+        session.flush()
+        job_id = job.id
+        audit.record(
+            session, EventType.JOB_QUEUED, "completer", study_instance_uid=uid, job_id=job_id
+        )
+    return CompletedStudy(study_id, uid, job_id, by == "time limit")
 
 
 def study_counts(session: Session) -> dict[str, int]:

@@ -21,9 +21,15 @@ from collections.abc import Callable, Collection, Sequence
 from dataclasses import dataclass, field
 from typing import Literal
 
+from pydicom.dataset import Dataset
 from pynetdicom import AE, evt
-from pynetdicom.sop_class import StorageCommitmentPushModel, Verification
+from pynetdicom.sop_class import (
+    ModalityPerformedProcedureStep,
+    StorageCommitmentPushModel,
+    Verification,
+)
 
+from dicom_io import mpps
 from dicom_io.commitment import CommitmentReport, parse_event_report
 from dicom_io.guard import (
     Connection,
@@ -131,9 +137,11 @@ class StorageSCP:
         on_store: Callable[[ReceivedObject], int],
         on_association: Callable[[AssociationOutcome], None] | None = None,
         on_commitment: Callable[[CommitmentReport], None] | None = None,
+        on_mpps: Callable[[mpps.ProcedureStepMessage], int] | None = None,
     ) -> None:
         self.settings = settings
         self._on_store = on_store
+        self._on_mpps = on_mpps
         self._on_association = on_association
         self._on_commitment = on_commitment
         self._draining = threading.Event()
@@ -164,6 +172,9 @@ class StorageSCP:
             # The PACS opens the association that carries its N-EVENT-REPORT
             # and acts as the Storage Commitment SCP on it: accept both roles.
             ae.add_supported_context(StorageCommitmentPushModel, scu_role=True, scp_role=True)
+        if on_mpps is not None:
+            # Modalities report what they performed: completion without the quiet window.
+            ae.add_supported_context(ModalityPerformedProcedureStep)
         self._ae = ae
 
     # -- lifecycle -------------------------------------------------------
@@ -179,6 +190,9 @@ class StorageSCP:
         ]
         if self._on_commitment is not None:
             handlers.append((evt.EVT_N_EVENT_REPORT, self._handle_event_report))
+        if self._on_mpps is not None:
+            handlers.append((evt.EVT_N_CREATE, self._handle_n_create))
+            handlers.append((evt.EVT_N_SET, self._handle_n_set))
         s = self.settings
         self._notifier.start()
         self.guard.start()
@@ -403,3 +417,42 @@ class StorageSCP:
             log.exception("storage commitment callback failed")
             return 0x0110, None
         return 0x0000, None
+
+    # -- MPPS (dicom_io/mpps.py) -------------------------------------------
+    def _handle_n_create(self, event: evt.Event) -> tuple[int, Dataset | None]:
+        req = event.request
+        if req.AffectedSOPClassUID != ModalityPerformedProcedureStep:
+            return 0x0118, None  # No such SOP Class
+        uid = str(req.AffectedSOPInstanceUID or "")
+        return self._mpps(event, "create", uid, lambda: event.attribute_list)
+
+    def _handle_n_set(self, event: evt.Event) -> tuple[int, Dataset | None]:
+        req = event.request
+        if req.RequestedSOPClassUID != ModalityPerformedProcedureStep:
+            return 0x0118, None
+        uid = str(req.RequestedSOPInstanceUID or "")
+        return self._mpps(event, "set", uid, lambda: event.modification_list)
+
+    def _mpps(
+        self,
+        event: evt.Event,
+        kind: Literal["create", "set"],
+        uid: str,
+        dataset: Callable[[], Dataset],
+    ) -> tuple[int, Dataset | None]:
+        ae_title, address = self._peer(event)
+        if not uid:
+            return mpps.INVALID_ATTRIBUTE_VALUE, None
+        try:
+            content = dataset()
+            message = mpps.parse(kind, uid, content, ae_title)
+        except Exception as exc:
+            log.warning(
+                "invalid MPPS N-%s from %s@%s: %s", kind.upper(), ae_title, address,
+                type(exc).__name__,
+            )  # fmt: skip
+            return mpps.INVALID_ATTRIBUTE_VALUE, None
+        assert self._on_mpps is not None
+        status = self._on_mpps(message)
+        # The attributes as the SCP now holds them: what was sent.
+        return status, content if status == mpps.SUCCESS else None
