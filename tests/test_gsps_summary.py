@@ -7,13 +7,10 @@ and never the patient's name or ID (they are in the header, as usual).
 
 from __future__ import annotations
 
-import shutil
-import subprocess
 from pathlib import Path
 
 import numpy as np
 import pydicom
-import pytest
 from PIL import Image
 
 from dicom_io.pr import build_presentation_state
@@ -28,6 +25,7 @@ from dicom_io.wording import finding_label
 from model.phantom import phantom_volume
 from model.results import Finding, ImageLocation
 from tests.dicom_validate import dciodvfy_errors
+from tests.ocr import read_text
 from tests.test_seg import ALGORITHM, LUNG, NODULE
 
 # Distinctive, so that a stray copy in the picture cannot hide.
@@ -55,16 +53,8 @@ def _present(header: pydicom.Dataset) -> Finding:
 
 
 def _ocr(picture: np.ndarray, path: Path) -> str:
-    tesseract = shutil.which("tesseract")
-    if tesseract is None:
-        pytest.fail("tesseract is not installed (Debian packages tesseract-ocr, -eng)")
-    # Dark text on light reads best: our pictures are light text on dark.
-    Image.fromarray(255 - np.asarray(Image.fromarray(picture).convert("L"))).save(path)
-    run = subprocess.run(
-        [tesseract, str(path), "-", "--psm", "6"], capture_output=True, text=True, timeout=120
-    )
-    assert run.returncode == 0, run.stderr
-    return " ".join(run.stdout.split())
+    Image.fromarray(picture).save(path)  # kept in the test's folder, to look at
+    return read_text(path)
 
 
 def test_gsps_draws_the_box_and_the_label_on_the_key_image(tmp_path: Path) -> None:

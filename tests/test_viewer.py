@@ -21,13 +21,11 @@ from __future__ import annotations
 import os
 import re
 import shutil
-import subprocess
 import time
 from pathlib import Path
 from typing import Any
 
 import numpy as np
-import pytest
 from PIL import Image
 from pydicom import dcmread
 
@@ -35,6 +33,7 @@ from dicom_io.sr import read_findings
 from dicom_io.synthetic import write_ct_series
 from model.phantom import phantom_volume
 from tests.conftest import DaemonProcess, storescu
+from tests.ocr import read_text
 from tests.orthanc import Orthanc
 from tests.test_orthanc import by_class, fetch
 from tests.test_review_orthanc import delivery, demo_ct
@@ -113,17 +112,6 @@ def _coloured_pixels(png: Path) -> int:
     rgb = np.asarray(Image.open(png).convert("RGB"), dtype=np.int16)
     spread = rgb.max(axis=2) - rgb.min(axis=2)
     return int((spread > 80).sum())
-
-
-def _ocr(png: Path) -> str:
-    tesseract = shutil.which("tesseract")
-    if tesseract is None:
-        pytest.fail("tesseract is not installed (Debian packages tesseract-ocr, -eng)")
-    run = subprocess.run(
-        [tesseract, str(png), "-", "--psm", "6"], capture_output=True, text=True, timeout=120
-    )
-    assert run.returncode == 0, run.stderr
-    return " ".join(run.stdout.split())
 
 
 def _known_errors(console: list[str]) -> list[str]:
@@ -229,10 +217,11 @@ def test_ohif_hydrates_the_sr_overlays_the_map_and_shows_the_summary(
             page.locator('[data-cy="viewport-pane"]').screenshot(
                 path=str(tmp_path / "viewport.png")
             )
-            text = _ocr(tmp_path / "viewport.png")
-            return text if "No nodule found" in text else None
+            text = read_text(tmp_path / "viewport.png")
+            wanted = ("No nodule found", f"Nodule absent, {neg_percent}", "NOT VERIFIED")
+            return text if all(w in text for w in wanted) else None
 
-        text = _until(summary_text) or _ocr(tmp_path / "viewport.png")
+        text = _until(summary_text) or read_text(tmp_path / "viewport.png")
         assert "No nodule found" in text, text
         assert f"Nodule absent, {neg_percent}" in text, text
         assert "NOT VERIFIED" in text, text
