@@ -96,6 +96,7 @@ def _cmd_status(config: Config, args: argparse.Namespace) -> int:
     from daemon.cleaner import Cleaner
     from daemon.service import open_database
     from db.outbox import outbox_counts
+    from db.pulls import pull_counts
     from db.reports import report_counts
     from db.retention import files_removed_count
     from db.studies import job_counts, study_counts
@@ -107,6 +108,7 @@ def _cmd_status(config: Config, args: argparse.Namespace) -> int:
             "jobs": job_counts(s),
             "reports": report_counts(s),
             "outbox": outbox_counts(s),
+            "pull": pull_counts(s),
         }
         removed = files_removed_count(s)
     storage = Cleaner(db, config).storage_state()
@@ -134,6 +136,10 @@ def _cmd_status(config: Config, args: argparse.Namespace) -> int:
         f"dead letters: {dead}"
         + (" (see `secondreader deliveries list --state dead`)" if dead else "")
     )
+    if report["pull"]:
+        print("scheduled pull:")
+        for state in ("pulled", "present", "retry", "failed"):
+            print(f"  {state:<16}{report['pull'].get(state, 0)}")
     st = report["storage"]
     print(
         f"disk: {st['used_percent']:.1f} % used (high watermark {st['high_watermark_percent']:g} %)"

@@ -323,6 +323,35 @@ class MetricsConfig(_Section):
     port: int = Field(9464, ge=1, le=65535)
 
 
+class PullConfig(_Section):
+    """Scheduled pull (daemon/puller.py): C-FIND the PACS for new studies, C-MOVE them to us.
+
+    The PACS must know our AE title, host and port (its modality table). A
+    study is pulled once: `pulled_studies` remembers it across restarts.
+    """
+
+    enabled: bool = False
+    ae_title: str = "PACS"
+    host: str = "127.0.0.1"
+    port: int = Field(104, ge=1, le=65535)
+    timeout_seconds: float = Field(30.0, gt=0)
+    interval_seconds: float = Field(300.0, gt=0)
+    # Filters of the C-FIND: modalities (one query each; empty: any), a Study
+    # Description pattern ("*CHEST*"; empty: any), and studies of the last
+    # `max_age_days` days by Study Date (today included).
+    modalities: list[str] = Field(default_factory=list)
+    study_description: str = Field("", max_length=64)
+    max_age_days: int = Field(1, ge=0, le=3650)
+    # Where the PACS sends them: our own AE title unless set.
+    move_destination: str | None = None
+    # At most this many C-MOVEs per poll, so one poll stays short.
+    max_studies_per_poll: int = Field(20, ge=1)
+    # A study whose C-MOVE failed this often is not asked for again.
+    max_attempts: int = Field(3, ge=1)
+
+    _check_ae = field_validator("ae_title")(_ae_title)
+
+
 class RetentionConfig(_Section):
     """What `secondreader cleanup` and the daemon's retention job remove (daemon/cleaner.py).
 
@@ -370,6 +399,7 @@ class Config(_Section):
     audit: AuditConfig = Field(default_factory=AuditConfig)
     review: ReviewConfig = Field(default_factory=ReviewConfig)
     retention: RetentionConfig = Field(default_factory=RetentionConfig)
+    pull: PullConfig = Field(default_factory=PullConfig)
     # The file this configuration was read from (not a setting).
     _source: Path | None = PrivateAttr(default=None)
 

@@ -15,6 +15,7 @@ from daemon.completer import Completer
 from daemon.config import Config
 from daemon.dispatcher import Dispatcher
 from daemon.metrics import serve_metrics
+from daemon.puller import Puller
 from daemon.receiver import Receiver
 from daemon.reporter import Reporter
 from daemon.reviewer import ReviewService
@@ -140,6 +141,10 @@ class Service:
         )
         # The audit trail's single chain writer (db/chain.py).
         self.scheduler.every("seal-audit", config.audit.seal_interval_seconds, self.seal_audit)
+        # Scheduled pull: new studies from the PACS, each asked for once.
+        if config.pull.enabled:
+            self.puller = Puller(self.db, config)
+            self.scheduler.every("pull", config.pull.interval_seconds, self.puller.run_once)
         # Retention: files of finished studies, by age and by disk watermark.
         self.cleaner = Cleaner(self.db, config)
         if config.retention.enabled:

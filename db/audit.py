@@ -65,6 +65,10 @@ class EventType:
     RELEASE_WITHHELD = "release.withheld"  # held object never sent: the site sends the verified SR
     # Retention (daemon/cleaner.py): a finished study's files removed; its rows stay.
     STUDY_FILES_REMOVED = "study.files_removed"
+    # Scheduled pull (daemon/puller.py): one per poll, one per C-MOVE.
+    PULL_POLLED = "pull.polled"
+    PULL_MOVED = "pull.moved"
+    PULL_FAILED = "pull.failed"
     # The bookkeeper (db/chain.py): rows chained, with the head of the chain.
     AUDIT_SEALED = "audit.sealed"
 

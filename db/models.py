@@ -298,6 +298,24 @@ class PerformedProcedureStep(Base):
     used_at: Mapped[datetime | None] = mapped_column(DateTime)
 
 
+class PulledStudy(Base):
+    """A study the scheduled pull found on the PACS (daemon/puller.py): pulled once."""
+
+    __tablename__ = "pulled_studies"
+
+    id: Mapped[int] = mapped_column(Integer, primary_key=True)
+    study_instance_uid: Mapped[str] = mapped_column(UID, unique=True)
+    source_ae: Mapped[str] = mapped_column(String(16))
+    # "pulled" (C-MOVE succeeded), "present" (already here: not asked for),
+    # "retry" (failed, asked again next poll) or "failed" (gave up).
+    state: Mapped[str] = mapped_column(String(16))
+    attempts: Mapped[int] = mapped_column(Integer, default=0)
+    last_status: Mapped[int | None] = mapped_column(Integer)
+    last_error: Mapped[str | None] = mapped_column(Text)
+    found_at: Mapped[datetime] = mapped_column(DateTime)
+    updated_at: Mapped[datetime] = mapped_column(DateTime)
+
+
 class DeliveryState:
     PENDING = "pending"
     DONE = "done"

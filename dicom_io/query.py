@@ -59,12 +59,18 @@ def find_studies(
     modality: str = "",
     accession_number: str = "",
     study_instance_uid: str = "",
+    study_description: str = "",
 ) -> list[StudyMatch]:
-    """C-FIND at STUDY level; empty filters are universal matching."""
+    """C-FIND at STUDY level; empty filters are universal matching.
+
+    `study_date` may be a range ("20261201-20261202"), `study_description`
+    may hold wildcards ("*CHEST*"), as C-FIND matching defines them.
+    """
     query = Dataset()
     query.QueryRetrieveLevel = "STUDY"
     query.StudyInstanceUID = study_instance_uid
     query.StudyDate = study_date
+    query.StudyDescription = study_description
     query.ModalitiesInStudy = modality
     query.AccessionNumber = accession_number
     query.NumberOfStudyRelatedInstances = ""
