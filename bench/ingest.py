@@ -13,6 +13,8 @@ One run, on loopback:
      and its folder, SQLite synchronous=NORMAL), only host, port and state folder
      set, and no in-process worker (the models would compete for the CPU),
    - the same with durability off (storage.fsync=false), labelled;
+   - the same with 2 receiving processes sharing the port (scp.processes);
+   - Debian's Orthanc, a durable PACS (SyncStorageArea, SQLite index);
 3. repeats each measurement (default 3) and prints the median in MB/s
    (10^6 bytes of Part 10 files per second of wall time, from starting the
    storescu processes to the last one exiting) and the ratio to storescp.
@@ -35,6 +37,7 @@ import subprocess
 import sys
 import tempfile
 import time
+import urllib.request
 from collections.abc import Callable, Iterator, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass
@@ -142,6 +145,47 @@ def secondreader(
 
 
 @contextmanager
+def orthanc(workdir: Path) -> Iterator[Receiver]:
+    """Debian's Orthanc as a durable PACS: its default SyncStorageArea (fsync), SQLite index."""
+    root = workdir / "orthanc"
+    root.mkdir()
+    port, http = free_port(), free_port()
+    config = root / "orthanc.json"
+    config.write_text(
+        json.dumps(
+            {
+                "Name": "bench",
+                "StorageDirectory": str(root / "storage"),
+                "IndexDirectory": str(root / "storage"),
+                "DicomPort": port,
+                "HttpPort": http,
+                "DicomAet": "ORTHANC",
+                "SyncStorageArea": True,
+                "Plugins": [],
+                "RemoteAccessAllowed": False,
+                "AuthenticationEnabled": False,
+            }
+        )
+    )
+    proc = subprocess.Popen(
+        ["Orthanc", str(config)], stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+        env=DCMTK_ENV, cwd=root,
+    )  # fmt: skip
+
+    def count() -> int:
+        with urllib.request.urlopen(f"http://127.0.0.1:{http}/statistics", timeout=10) as rsp:
+            return int(json.loads(rsp.read())["CountInstances"])
+
+    try:
+        wait_port(port, proc)
+        yield Receiver("Orthanc (Debian; fsync, SQLite)", port, "ORTHANC", count)
+    finally:
+        proc.terminate()
+        proc.wait(timeout=60)
+        shutil.rmtree(root, ignore_errors=True)
+
+
+@contextmanager
 def bare_pynetdicom(workdir: Path) -> Iterator[Receiver]:
     """Reference: a bare pynetdicom SCP (in this process) writing the raw bytes to a file.
 
@@ -237,6 +281,15 @@ def main(argv: Sequence[str] | None = None) -> int:
         metavar="BYTES",
         help="add a row with this scp.max_pdu_size (repeatable)",
     )
+    parser.add_argument(
+        "--processes-row",
+        type=int,
+        action="append",
+        default=[],
+        metavar="N",
+        help="add a row with scp.processes = N receiving processes (repeatable; default 2)",
+    )
+    parser.add_argument("--no-orthanc", action="store_true", help="skip the Orthanc row")
     parser.add_argument("--json", type=Path, help="also write the figures to this file")
     args = parser.parse_args(argv)
     for tool in ("storescu", "storescp"):
@@ -256,11 +309,22 @@ def main(argv: Sequence[str] | None = None) -> int:
         rows: dict[str, dict[int, float]] = {}
         with storescp(workdir) as r:
             rows[r.label] = measure(r, files, args.repeats)
+        if not args.no_orthanc and shutil.which("Orthanc"):
+            with orthanc(workdir) as r:
+                rows[r.label] = measure(r, files, args.repeats)
         if not args.no_reference:
             with bare_pynetdicom(workdir) as r:
                 rows[r.label] = measure(r, files, args.repeats)
         with secondreader(workdir, "secondreader (defaults: fsync, SQLite NORMAL)") as r:
             rows[r.label] = measure(r, files, args.repeats)
+        for n in args.processes_row or [2]:
+            # Receiving processes sharing the port (daemon/receivers.py).
+            with secondreader(
+                workdir,
+                f"secondreader, {n} receiving processes",
+                {"SECONDREADER_SCP__PROCESSES": str(n)},
+            ) as r:
+                rows[r.label] = measure(r, files, args.repeats)
         for size in args.pdu_row:
             # Other PDU caps against the default: what bounding the memory a
             # peer may make us hold costs in throughput.
@@ -284,14 +348,16 @@ def main(argv: Sequence[str] | None = None) -> int:
     base = rows["dcmtk storescp"]
     print()
     print(
-        f"{'receiver':<56} {'1 assoc MB/s':>12} {'4 assoc MB/s':>12} {'ratio 1':>8} {'ratio 4':>8}"
+        f"{'receiver':<56} {'1 assoc MB/s':>12} {'4 assoc MB/s':>12} {'ratio 1':>8} "
+        f"{'ratio 4':>8} {'4 / 1':>6}"
     )
     for label, row in rows.items():
         print(
             f"{label:<56} {row[1]:12.1f} {row[4]:12.1f} "
-            f"{row[1] / base[1]:8.2f} {row[4] / base[4]:8.2f}"
+            f"{row[1] / base[1]:8.2f} {row[4] / base[4]:8.2f} {row[4] / row[1]:6.2f}"
         )
-    print("ratio = MB/s of the receiver / MB/s of dcmtk storescp, same number of associations")
+    print("ratio = MB/s of the receiver / MB/s of dcmtk storescp, same number of associations;")
+    print("4 / 1 = the receiver's own 4-association MB/s over its 1-association MB/s")
     if args.json:
         args.json.write_text(json.dumps(rows, indent=2))
     return 0

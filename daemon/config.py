@@ -82,6 +82,10 @@ class SCPConfig(_Section):
     # completes as soon as every instance it lists has arrived, without the
     # quiet window (completion.stable_seconds, still the rule without MPPS).
     accept_mpps: bool = True
+    # Receiving processes sharing the port (SO_REUSEPORT): concurrent
+    # associations are received on that many cores. 1: `serve` alone.
+    # max_associations applies to each process.
+    processes: int = Field(1, ge=1, le=64)
     # Objects that are not images (SR, SEG, PR, KO, RT, waveforms, PDF):
     # "store" keeps them in the spool, "discard" answers success and drops
     # them; either way they are audited and never analysed. "refuse" rejects

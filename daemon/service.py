@@ -17,6 +17,7 @@ from daemon.dispatcher import Dispatcher
 from daemon.metrics import serve_metrics
 from daemon.puller import Puller
 from daemon.receiver import Receiver
+from daemon.receivers import ReceiverPool
 from daemon.reporter import Reporter
 from daemon.reviewer import ReviewService
 from daemon.scheduler import Scheduler
@@ -50,7 +51,7 @@ def open_database(config: Config, *, signed: bool = True) -> Database:
     )
 
 
-def scp_settings(config: Config) -> SCPSettings:
+def scp_settings(config: Config, *, share_port: bool = False) -> SCPSettings:
     c = config.scp
     ssl_context = None
     if c.tls.enabled:
@@ -73,6 +74,7 @@ def scp_settings(config: Config) -> SCPSettings:
         request_timeout=c.request_timeout_seconds,
         pdu_timeout=c.pdu_timeout_seconds,
         max_pending_per_address=c.max_pending_per_address,
+        share_port=share_port,
     )
 
 
@@ -101,8 +103,10 @@ class Service:
         # our SCP, on an association the PACS opens: the SCP hands them over.
         self.reporter = Reporter(self.db, config)
         self.dispatcher = Dispatcher(self.db, config)
+        # More receiving processes on the same port (daemon/receivers.py).
+        shared = config.scp.processes > 1
         self.scp = StorageSCP(
-            scp_settings(config),
+            scp_settings(config, share_port=shared),
             self.receiver.on_store,
             self.receiver.on_association,
             on_commitment=(
@@ -111,6 +115,11 @@ class Service:
             on_mpps=self.receiver.on_mpps if config.scp.accept_mpps else None,
         )
         self.scheduler = Scheduler()
+        self.receivers = (
+            ReceiverPool(config, lambda: self.scheduler.wake("complete-studies"))
+            if shared
+            else None
+        )
         self.metrics_server: Any = None
         # Each stage's job; a stage that hands work on wakes the next one
         # (daemon/scheduler.py), the intervals are the safety net.
@@ -194,6 +203,8 @@ class Service:
         signal.signal(signal.SIGTERM, self._on_signal)
         signal.signal(signal.SIGINT, self._on_signal)
         self.scp.start()
+        if self.receivers is not None:
+            self.receivers.start()
         self.scheduler.start()
         if self.config.metrics.enabled:
             self.metrics_server = serve_metrics(
@@ -211,6 +222,8 @@ class Service:
         while not self.stop_event.wait(interval):
             # Ping the watchdog only while the parts that do the work are alive.
             worker_ok = self.worker is None or self.worker.healthy
+            if self.receivers is not None:
+                self.receivers.check()  # a dead receiving process is started again
             if self.scheduler.running and self.scp.is_alive() and worker_ok:
                 self.notifier.watchdog()
         return self.stop()
@@ -219,12 +232,16 @@ class Service:
         self.notifier.stopping()
         if self.worker is not None:
             self.worker.request_stop()  # no new job while the associations drain
+        if self.receivers is not None:
+            self.receivers.request_stop()  # they drain while we do
         drained = self.scp.drain(self.config.scp.drain_seconds)
         if not drained:
             log.warning(
                 "associations still running after %.0f s; closing", self.config.scp.drain_seconds
             )
         self.scp.shutdown()
+        if self.receivers is not None:
+            self.receivers.join(self.config.scp.drain_seconds + 5)
         self.receiver.close()
         self.scheduler.shutdown()
         if self.metrics_server is not None:

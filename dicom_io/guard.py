@@ -345,3 +345,17 @@ class GuardedAssociationServer(ThreadedAssociationServer):
             _current.conn = None
             if conn.assoc is None:  # never became an association
                 self.guard.release(conn)
+
+
+class SharedPortAssociationServer(GuardedAssociationServer):
+    """A guarded server whose port other receiving processes share (SO_REUSEPORT).
+
+    Each process binds its own listening socket to the same address; the
+    kernel spreads the incoming connections over them, so associations are
+    received on every core instead of one interpreter's GIL.
+    """
+
+    def server_bind(self) -> None:
+        assert self.socket is not None
+        self.socket.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEPORT, 1)
+        super().server_bind()

@@ -37,6 +37,7 @@ from dicom_io.guard import (
     GuardedAssociationServer,
     GuardEvent,
     GuardLimits,
+    SharedPortAssociationServer,
 )
 from dicom_io.sopclasses import IMAGE_STORAGE_CLASSES, STORAGE_CLASSES, TRANSFER_SYNTAXES
 from dicom_io.text import printable
@@ -107,6 +108,8 @@ class SCPSettings:
     request_timeout: float = 10.0
     pdu_timeout: float = 60.0
     max_pending_per_address: int = 4
+    # Other processes listen on the same port (SO_REUSEPORT): daemon/receivers.py.
+    share_port: bool = False
     # Seconds the accept loop may go without a turn before is_alive says no.
     liveness_seconds: float = 10.0
 
@@ -200,7 +203,7 @@ class StorageSCP:
             (s.host, s.port),
             evt_handlers=handlers,
             ssl_context=s.ssl_context,
-            server_class=GuardedAssociationServer,
+            server_class=SharedPortAssociationServer if s.share_port else GuardedAssociationServer,
         )
         assert isinstance(server, GuardedAssociationServer)
         server.guard = self.guard
