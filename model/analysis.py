@@ -249,6 +249,7 @@ def analyse_study(
         (s.study_instance_uid for s in series_list if s.study_instance_uid), ""
     )
     loaded: dict[int, LoadedSeries | SeriesQCError] = {}
+    load_seconds: dict[int, float] = {}
     results: list[AnalysisResult] = []
     for model in models:
         name = model.manifest.name
@@ -275,7 +276,9 @@ def analyse_study(
             continue
         chosen = max(candidates, key=lambda s: s.n_slices)
         try:
+            started = time.perf_counter()
             series = _load(chosen, loaded)
+            load_seconds.setdefault(id(chosen), round(time.perf_counter() - started, 4))
         except SeriesQCError as exc:
             log.warning(
                 "study %s series %s failed QC for %s: %s",
@@ -294,7 +297,12 @@ def analyse_study(
                 )
             )
             continue
-        results.append(analyse_series(series, model))
+        result = analyse_series(series, model)
+        seconds = load_seconds.get(id(chosen))
+        for step in result.provenance:
+            if step.get("name") == "load" and step.get("seconds") is None:
+                step["seconds"] = seconds  # read once, shared by the models that use it
+        results.append(result)
     return _without_silent_models(study_uid, results)
 
 
