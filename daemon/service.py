@@ -25,6 +25,7 @@ from daemon.systemd import Notifier
 from daemon.worker import Worker, requeue_expired_jobs, retry_policy
 from db import migrate
 from db.chain import load_key
+from db.notify import RUNS, Listener
 from db.session import Database
 from dicom_io.scp import PeerRule, SCPSettings, StorageSCP
 from dicom_io.spool import Spool
@@ -134,6 +135,9 @@ class Service:
         self.worker = Worker.from_config(config, self.db) if config.worker.in_process else None
         if self.worker is not None:
             self.worker.on_recorded = lambda: self.scheduler.wake("report")
+        # PostgreSQL: runs recorded by `secondreader worker` processes wake the
+        # report stage here at once (db/notify.py).
+        self.listener = Listener(config.database_url, {RUNS: lambda: self.scheduler.wake("report")})
         # MPPS: the last listed instance (or the N-SET after it) completes the study now.
         self.receiver.on_ready = lambda: self.scheduler.wake("complete-studies")
         # Jobs of a dead worker (any process) go back to the queue even when no worker runs.
@@ -206,6 +210,7 @@ class Service:
         if self.receivers is not None:
             self.receivers.start()
         self.scheduler.start()
+        self.listener.start()
         if self.config.metrics.enabled:
             self.metrics_server = serve_metrics(
                 self.db,
@@ -243,6 +248,7 @@ class Service:
         if self.receivers is not None:
             self.receivers.join(self.config.scp.drain_seconds + 5)
         self.receiver.close()
+        self.listener.stop()
         self.scheduler.shutdown()
         if self.metrics_server is not None:
             self.metrics_server.shutdown()

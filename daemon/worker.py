@@ -30,6 +30,7 @@ from daemon.analyser import Analyser
 from daemon.config import Config, WorkerConfig
 from db import jobs, migrate
 from db.jobs import ClaimedJob, LeaseLost, RetryPolicy
+from db.notify import JOBS, Listener
 from db.session import Database
 from dicom_io.text import safe_error
 
@@ -326,6 +327,9 @@ def run_worker(config: Config) -> int:
         db.dispose()
         return 1
     worker.start()
+    # PostgreSQL: a job queued by serve wakes this worker at once (db/notify.py).
+    listener = Listener(config.database_url, {JOBS: worker.wake})
+    listener.start()
     log.info("secondreader worker ready (%s)", worker.owner)
     rc = 0
     # The main thread only waits, so a signal is handled at once even while
@@ -335,6 +339,7 @@ def run_worker(config: Config) -> int:
             log.error("worker thread ended unexpectedly")
             rc = 1
             break
+    listener.stop()
     worker.stop(config.worker.stop_seconds)
     db.dispose()
     log.info("secondreader worker stopped")

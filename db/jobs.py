@@ -49,6 +49,7 @@ from db.models import (
     Study,
     utcnow,
 )
+from db.notify import RUNS, notify
 from model.results import (
     AlgorithmInfo,
     AnalysisResult,
@@ -228,6 +229,7 @@ def finish_job(
         state=state,
         run_ids=run_ids,
     )
+    notify(session, RUNS)  # the report stage of another process looks at once (PostgreSQL)
     return state
 
 

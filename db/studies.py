@@ -20,6 +20,7 @@ from db.models import (
     StudyState,
     utcnow,
 )
+from db.notify import JOBS, notify
 from dicom_io import mpps
 
 
@@ -162,6 +163,7 @@ def _complete(
         audit.record(
             session, EventType.JOB_QUEUED, "completer", study_instance_uid=uid, job_id=job_id
         )
+        notify(session, JOBS)  # workers of other processes look at once (PostgreSQL)
     return CompletedStudy(study_id, uid, job_id, by == "time limit")
 
 

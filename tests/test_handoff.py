@@ -8,9 +8,12 @@ the recorded run woke the report stage, and the queued SR woke delivery.
 
 from __future__ import annotations
 
+import signal
+import subprocess
+import sys
 from pathlib import Path
 
-from tests.conftest import storescu
+from tests.conftest import REPO, create_pg_database, storescu
 from tests.dicomgen import by_sop_instance, storescp
 from tests.reportdata import ct_study
 
@@ -44,4 +47,55 @@ outputs = ["sr"]
         assert len(received) == 1  # the SR (analysed or not-run: either way reported)
         log = d.log()
         assert "job 1 claimed" in log and "delivered 1 object(s) to pacs" in log
+        assert d.stop() == 0
+
+
+def test_processes_wake_each_other_through_postgresql(
+    daemon_factory, pg_server: str, tmp_path: Path
+) -> None:  # type: ignore[no-untyped-def]
+    """serve completes, a `secondreader worker` process analyses: NOTIFY carries both hand-offs.
+
+    The worker's poll and serve's report interval are an hour: only LISTEN /
+    NOTIFY (db/notify.py) can bring the job to the worker and its run back.
+    """
+    url = create_pg_database(pg_server, "handoff")
+    with storescp(tmp_path / "pacs") as pacs_port:
+        d = daemon_factory(
+            f"""
+[database]
+url = "{url}"
+
+[worker]
+in_process = false
+poll_seconds = {HOUR}
+
+[report]
+check_interval_seconds = {HOUR}
+
+[delivery]
+check_interval_seconds = {HOUR}
+
+[[delivery.destinations]]
+name = "pacs"
+ae_title = "STORESCP"
+host = "127.0.0.1"
+port = {pacs_port}
+outputs = ["sr"]
+"""
+        ).start()
+        log = (tmp_path / "worker.log").open("wb")
+        worker = subprocess.Popen(
+            [sys.executable, "-m", "daemon.cli", "worker"], cwd=REPO, env=d.env,
+            stdout=log, stderr=subprocess.STDOUT,
+        )  # fmt: skip
+        try:
+            d.wait_for(lambda: b"worker ready" in (tmp_path / "worker.log").read_bytes(), 120)
+            files = ct_study(tmp_path / "ct", slices=12, size=64)
+            assert storescu(d.port, files).returncode == 0
+            received = d.wait_for(lambda: by_sop_instance(tmp_path / "pacs"), timeout=120)
+            assert len(received) == 1
+        finally:
+            worker.send_signal(signal.SIGTERM)
+            assert worker.wait(timeout=60) == 0
+        assert "job 1 claimed" in (tmp_path / "worker.log").read_text()
         assert d.stop() == 0

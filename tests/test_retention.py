@@ -13,7 +13,7 @@ import json
 import os
 import subprocess
 import sys
-from datetime import timedelta
+from datetime import datetime, timedelta
 from pathlib import Path
 
 import pytest
@@ -359,3 +359,30 @@ def test_nothing_left_to_remove_is_said_loudly_and_receiving_goes_on(
     assert status["storage"]["blocked"] is True
     assert status["storage"]["studies_files_removed"] == 1
     assert "DISK NEARLY FULL" in cli("status").stdout
+
+
+@pytest.mark.parametrize(
+    ("start", "end", "inside", "outside"),
+    [("01:00", "05:00", "03:30", "12:00"), ("22:00", "04:00", "23:30", "04:00")],
+)
+def test_removal_by_age_only_inside_the_off_peak_window(
+    tmp_path: Path, start: str, end: str, inside: str, outside: str
+) -> None:
+    config = make_config(
+        tmp_path, tmp_path / "state",
+        f'keep_days = 1\nwindow_start = "{start}"\nwindow_end = "{end}"',
+    )  # fmt: skip
+    db = open_db(config)
+    study_uid = finished(db, config, tmp_path / "a")
+    age(db, study_uid, 10)
+
+    def at(hhmm: str) -> Cleaner:
+        hour, minute = map(int, hhmm.split(":"))
+        return Cleaner(db, config, clock=lambda: datetime(2026, 12, 2, hour, minute))
+
+    report = at(outside).run_once()
+    assert not report.in_window and report.removed == []
+    assert spool_files(config, study_uid)
+    report = at(inside).run_once()
+    assert report.in_window and [r.study_instance_uid for r in report.removed] == [study_uid]
+    db.dispose()
