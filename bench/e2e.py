@@ -185,7 +185,7 @@ def run(label: str, workdir: Path, files: list[Path], env: dict[str, str], use_m
         events = s.scalars(select(AuditEvent).where(AuditEvent.study_instance_uid == study_uid)
                            .order_by(AuditEvent.id)).all()  # fmt: skip
         run_row = s.scalars(select(AnalysisRun)).first()
-        provenance = list(run_row.provenance) if run_row else []
+        provenance = list(run_row.provenance.get("steps", [])) if run_row else []
     db.dispose()
 
     def at(kind: str, last: bool = False) -> float:

@@ -15,8 +15,9 @@ from __future__ import annotations
 
 import errno
 import logging
+import threading
 from collections.abc import Callable
-from concurrent.futures import ThreadPoolExecutor, wait
+from concurrent.futures import Future, ThreadPoolExecutor, wait
 
 from db import audit
 from db.audit import EventType
@@ -68,11 +69,19 @@ class Receiver:
         max_associations: int = 10,
         *,
         ancillary: Spool | None = None,
+        shared: bool = False,
     ) -> None:
-        """`ancillary` keeps non-image objects; None drops them (answered with success)."""
+        """`ancillary` keeps non-image objects; None drops them (answered with success).
+
+        `shared`: other processes receive into the same database (scp.processes).
+        """
         self.db = db
         self.spool = spool
         self.ancillary = ancillary
+        self.shared = shared
+        # Stores in progress in this process (see `_store`: the file first when > 1).
+        self._in_flight = 0
+        self._count_lock = threading.Lock()
         # Studies a COMPLETED MPPS waits on: an instance of one of them wakes
         # the completer (`on_ready`), so the study completes as soon as the
         # last listed instance is in. Refreshed from the database on each MPPS.
@@ -164,7 +173,32 @@ class Receiver:
         # commit waits for the file. Both are milliseconds of waiting on the
         # disk, and over one association they are the whole per-object cost.
         written = self._io.submit(self.spool.write, relative, obj.file_bytes)
+        with self._count_lock:
+            self._in_flight += 1
+            alone = self._in_flight == 1 and not self.shared
         try:
+            return self._record(obj, ident, item, written, alone)
+        finally:
+            with self._count_lock:
+                self._in_flight -= 1
+
+    def _record(
+        self,
+        obj: ReceivedObject,
+        ident: Identity,
+        item: StoredInstance,
+        written: Future[int],
+        alone: bool,
+    ) -> int:
+        """The row, committed once the file is durable; the C-STORE status."""
+        relative = item.path
+        try:
+            if not alone:
+                # Others store too: the database's write lock must not be held
+                # while this file is fsynced, or every store waits for every
+                # fsync in turn. So the file is durable before the transaction
+                # starts. (Alone, the two overlap: the lowest latency.)
+                wait([written])
             with self.db.session() as s:
                 is_new = record_instance(s, item)
                 written.result()  # an OSError here rolls the row back

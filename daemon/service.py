@@ -95,7 +95,11 @@ class Service:
             else None
         )
         self.receiver = Receiver(
-            self.db, self.spool, config.scp.max_associations, ancillary=ancillary
+            self.db,
+            self.spool,
+            config.scp.max_associations,
+            ancillary=ancillary,
+            shared=config.scp.processes > 1,
         )
         self.completer = Completer(
             self.db, config.completion.stable_seconds, config.completion.max_seconds
