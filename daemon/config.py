@@ -163,6 +163,9 @@ OUTPUT_KINDS: tuple[str, ...] = ("sr", "pmap", "seg", "binary-seg", "gsps", "sum
 # What OHIF 3.13 shows (SR, parametric map) and what any PACS shows (GSPS,
 # summary). The FRACTIONAL SEG stays off: OHIF 3.13 hangs on "Loading SEG...".
 DEFAULT_OUTPUTS: tuple[str, ...] = ("sr", "pmap", "gsps", "summary")
+# What the report stage's second pass builds; the SR, and the SEG it cites,
+# come first (daemon/reporter.py).
+EXTRA_KINDS = frozenset({"pmap", "binary-seg", "gsps", "summary"})
 
 
 class Destination(_Section):

@@ -27,13 +27,17 @@ from pydicom import dcmread
 from pydicom.dataset import Dataset
 from pydicom.uid import generate_uid
 
-from daemon.config import DEFAULT_OUTPUTS, Config
+from daemon.config import DEFAULT_OUTPUTS, EXTRA_KINDS, Config
 from db.models import DeliveryState
 from db.outbox import NewOutboxItem
 from db.reports import (
     PendingRun,
+    extras_run_ids,
+    is_verified,
     load_pending_run,
     pending_run_ids,
+    record_extras,
+    record_extras_skipped,
     record_report,
     record_report_failure,
 )
@@ -84,12 +88,25 @@ class Reporter:
         # The spool's atomic write (temporary file, fsync, rename), rooted at
         # the outbox: a crash never leaves half an SR under its real name.
         self.outbox = Spool(self.state_dir / OUTBOX_DIR, fsync=config.storage.fsync)
+        # Called after each pass queues objects: the deliver stage's wake-up.
+        self.on_queued: Callable[[], None] | None = None
 
     def run_once(self) -> int:
-        """Report every pending run; returns how many were reported."""
+        """Both passes over every pending run; returns how many runs were reported.
+
+        First pass: the SR (and the SEG it cites) of every pending run is
+        built and queued, so that delivery starts at once (`on_queued`).
+        Second pass: the other objects (parametric map, BINARY SEG, GSPS,
+        summary), which take seconds for a large series, follow.
+        """
         with self.db.session() as s:
             run_ids = pending_run_ids(s)
-        return sum(self.report(run_id) for run_id in run_ids)
+        done = sum(self.report(run_id) for run_id in run_ids)
+        with self.db.session() as s:
+            extra_ids = extras_run_ids(s)
+        for run_id in extra_ids:
+            self.report_extras(run_id)
+        return done
 
     def report(self, run_id: int) -> bool:
         try:
@@ -102,6 +119,7 @@ class Reporter:
         if run is None:
             return False
         study_uid = run.result.study_instance_uid
+        fallback = False
         try:
             headers = self._headers(run)
             objects = self._build(run, headers)
@@ -117,35 +135,15 @@ class Reporter:
             log.debug("run %d traceback", run_id, exc_info=exc)
             try:
                 objects = [self._not_run(run, headers, self._encoding_failure(error))]
+                fallback = True  # no map or picture of a result the SR could not carry
             except Exception as again:
                 log.debug("run %d traceback", run_id, exc_info=again)
                 self._fail(run_id, study_uid, f"{error}; not-run SR: {safe_error(again)}")
                 return False
-        # Files first, rows second: a crash in between leaves files that the
-        # next pass overwrites (the UIDs are derived from the run), never a
-        # queued row without its file.
-        queued: list[NewOutboxItem] = []
         # An AI result with findings waits for the physician at destinations
         # that take reviewed results only; "AI not run" has nothing to review.
         reviewable = any(o.kind == "sr" and read_findings(o.dataset) for o in objects)
-        for obj in objects:
-            relative = self._write(study_uid, obj.dataset)
-            for dest in self.config.delivery.destinations:
-                if obj.kind not in dest.outputs:
-                    continue
-                held = reviewable and dest.release == "after_review"
-                queued.append(
-                    NewOutboxItem(
-                        study_id=run.study_id,
-                        run_id=run.run_id,
-                        object_kind=obj.kind,
-                        sop_class_uid=str(obj.dataset.SOPClassUID),
-                        sop_instance_uid=str(obj.dataset.SOPInstanceUID),
-                        path=relative,
-                        destination=dest.name,
-                        state=DeliveryState.HELD if held else DeliveryState.PENDING,
-                    )
-                )
+        queued = self._queue(run, objects, reviewable)
         sr = next(o.dataset for o in objects if o.kind == "sr")
         tracking = {}
         if run.result.algorithm is not None:
@@ -160,7 +158,10 @@ class Reporter:
                 sr_sop_instance_uid=str(sr.SOPInstanceUID),
                 tracking_uids=tracking,
                 objects=queued,
+                extras_pending=not fallback and bool(self._wanted() & EXTRA_KINDS),
             )
+        if done and self.on_queued is not None:
+            self.on_queued()
         if done:
             log.info(
                 "run %d (study %s, %s): %s queued for %d destination(s)",
@@ -171,6 +172,83 @@ class Reporter:
                 len(self.config.delivery.destinations),
             )
         return done
+
+    def report_extras(self, run_id: int) -> bool:
+        """The second pass for one run: its other objects, built and queued."""
+        try:
+            with self.db.session() as s:
+                run = load_pending_run(s, run_id, state_dir=self.state_dir, extras=True)
+                verified = is_verified(s, run_id)
+        except (OSError, ValueError) as exc:
+            # Its saliency file went missing: the SR is out; the rest cannot be.
+            log.warning("run %d: no objects beside the SR: %s", run_id, safe_error(exc))
+            run, verified = None, False
+            with self.db.session() as s:
+                record_extras_skipped(s, run_id)
+        if run is None:
+            return False
+        try:
+            headers = self._headers(run)
+            objects = self._build_extras(run, headers)
+        except Exception as exc:
+            log.warning("run %d: no objects beside the SR: %s", run_id, safe_error(exc))
+            log.debug("run %d traceback", run_id, exc_info=exc)
+            objects = []
+        reviewable = run.result.outcome == Outcome.ANALYSED and bool(run.result.findings)
+        queued = self._queue(run, objects, reviewable, verified=verified)
+        with self.db.session() as s:
+            done = record_extras(s, run, queued)
+        if done and objects:
+            if self.on_queued is not None:
+                self.on_queued()
+            log.info(
+                "run %d (study %s): %s queued",
+                run.run_id, run.result.study_instance_uid,
+                " + ".join(o.kind.upper() for o in objects),
+            )  # fmt: skip
+        return done
+
+    def _queue(
+        self,
+        run: PendingRun,
+        objects: list[BuiltObject],
+        reviewable: bool,
+        *,
+        verified: bool = False,
+    ) -> list[NewOutboxItem]:
+        """Write each object, and the outbox rows of the destinations that take its kind.
+
+        Files first, rows second: a crash in between leaves files that the
+        next pass overwrites (the UIDs are derived from the run), never a
+        queued row without its file. An object of a reviewable result is held
+        at an `after_review` destination; one built after the review was
+        decided (`verified`) follows the decision's release at once.
+        """
+        queued: list[NewOutboxItem] = []
+        for obj in objects:
+            relative = self._write(run.result.study_instance_uid, obj.dataset)
+            for dest in self.config.delivery.destinations:
+                if obj.kind not in dest.outputs:
+                    continue
+                state = DeliveryState.PENDING
+                if reviewable and dest.release == "after_review":
+                    if not verified:
+                        state = DeliveryState.HELD
+                    elif not dest.send_ai_result_after_review:
+                        state = DeliveryState.WITHHELD
+                queued.append(
+                    NewOutboxItem(
+                        study_id=run.study_id,
+                        run_id=run.run_id,
+                        object_kind=obj.kind,
+                        sop_class_uid=str(obj.dataset.SOPClassUID),
+                        sop_instance_uid=str(obj.dataset.SOPInstanceUID),
+                        path=relative,
+                        destination=dest.name,
+                        state=state,
+                    )
+                )
+        return queued
 
     # -- building ----------------------------------------------------------
     @staticmethod
@@ -216,25 +294,32 @@ class Reporter:
         wanted = self._wanted()
         if result.outcome != Outcome.ANALYSED:
             reason = result.reason or f"outcome: {result.outcome}"
-            summary = self._optional(run, "summary", wanted, lambda: self._summary(run, headers))
-            return [*summary, self._not_run(run, headers, reason)]
-        extras: list[BuiltObject] = []
-        saliency_kinds = {"seg": self._seg, "binary-seg": self._region_seg, "pmap": self._pmap}
-        for kind, builder in saliency_kinds.items():
-            if cfg.segmentation:
-                extras += self._optional(run, kind, wanted, lambda b=builder: b(run, headers))
-        extras += self._optional(run, "gsps", wanted, lambda: self._gsps(run, headers))
-        extras += self._optional(run, "summary", wanted, lambda: self._summary(run, headers))
-        seg = next((o.dataset for o in extras if o.kind == "seg"), None)
+            return [self._not_run(run, headers, reason)]
+        seg = []
+        if cfg.segmentation:
+            seg = self._optional(run, "seg", wanted, lambda: self._seg(run, headers))
         sr = build_ai_result_sr(
             result,
             headers,
             series_description=cfg.series_description,
-            segmentation=seg,
+            segmentation=seg[0].dataset if seg else None,
             **self._common(run),
         )
         # The SR last: it lists the SEG as evidence, so that should be there first.
-        return [*extras, BuiltObject("sr", sr)]
+        return [*seg, BuiltObject("sr", sr)]
+
+    def _build_extras(self, run: PendingRun, headers: list[Dataset]) -> list[BuiltObject]:
+        """The objects beside the SR (second pass); each one optional (`_optional`)."""
+        wanted = self._wanted()
+        summary = self._optional(run, "summary", wanted, lambda: self._summary(run, headers))
+        if run.result.outcome != Outcome.ANALYSED:
+            return summary
+        extras: list[BuiltObject] = []
+        if self.config.report.segmentation:
+            for kind, builder in (("binary-seg", self._region_seg), ("pmap", self._pmap)):
+                extras += self._optional(run, kind, wanted, lambda b=builder: b(run, headers))
+        extras += self._optional(run, "gsps", wanted, lambda: self._gsps(run, headers))
+        return [*extras, *summary]
 
     def _optional(
         self, run: PendingRun, kind: str, wanted: set[str], build: Callable[[], Dataset | None]

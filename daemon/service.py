@@ -131,7 +131,11 @@ class Service:
         self.scheduler.every(
             "complete-studies", config.completion.check_interval_seconds, self.complete_studies
         )
-        self.scheduler.every("report", config.report.check_interval_seconds, self.report)
+        self.scheduler.every(
+            "report", config.report.check_interval_seconds, self.reporter.run_once
+        )
+        # The SR goes out as soon as it is queued, the other objects after.
+        self.reporter.on_queued = lambda: self.scheduler.wake("deliver")
         self.scheduler.every(
             "deliver", config.delivery.check_interval_seconds, self.dispatcher.run_once
         )
@@ -182,9 +186,6 @@ class Service:
             if self.worker is not None:
                 self.worker.wake()
 
-    def report(self) -> None:
-        if self.reporter.run_once():
-            self.scheduler.wake("deliver")
 
     def _on_signal(self, signum: int, _frame: FrameType | None) -> None:
         log.info("received %s: stopping", signal.Signals(signum).name)

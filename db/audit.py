@@ -50,6 +50,8 @@ class EventType:
     # The report and deliver stages (db/reports.py, db/outbox.py).
     REPORT_CREATED = "report.created"  # SR (+ SEG) built and queued in the outbox
     REPORT_FAILED = "report.failed"  # could not be built; the run needs attention
+    # The second pass: the objects beside the SR (map, GSPS, summary) queued.
+    REPORT_EXTRAS_CREATED = "report.extras_created"
     REPORT_REQUEUED = "report.requeued"  # `secondreader reports retry`
     DELIVERY_DONE = "delivery.done"  # stored (and committed, when asked) at a destination
     DELIVERY_ATTEMPT_FAILED = "delivery.attempt_failed"  # will be retried after a backoff

@@ -200,6 +200,9 @@ class AnalysisRun(Base):
     report_state: Mapped[str] = mapped_column(String(16), default=ReportState.PENDING, index=True)
     report_error: Mapped[str | None] = mapped_column(Text)
     sr_sop_instance_uid: Mapped[str | None] = mapped_column(UID)
+    # "pending": the SR is queued, the other objects (map, GSPS, summary) are
+    # still to build (daemon/reporter.py, second pass); None: none or done.
+    extras_state: Mapped[str | None] = mapped_column(String(16))
 
     findings: Mapped[list[FindingRecord]] = relationship(back_populates="run")
 

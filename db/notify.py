@@ -41,11 +41,14 @@ class Listener:
         self.conninfo = parsed.set(drivername="postgresql").render_as_string(hide_password=False)
         self.callbacks = dict(callbacks)
         self._stop = threading.Event()
+        self.listening = threading.Event()
         self._thread = threading.Thread(target=self._run, name="pg-listen", daemon=True)
 
-    def start(self) -> None:
+    def start(self, timeout: float = 10.0) -> None:
+        """Start listening; returns once LISTEN is in place (or after `timeout`)."""
         if self.enabled:
             self._thread.start()
+            self.listening.wait(timeout)
 
     def stop(self) -> None:
         self._stop.set()
@@ -56,6 +59,11 @@ class Listener:
                 with psycopg.connect(self.conninfo, autocommit=True) as conn:
                     for channel in self.callbacks:
                         conn.execute(f"LISTEN {channel}")  # constants of this module
+                    # What was queued before LISTEN took hold sent its NOTIFY to
+                    # nobody: one wake-up each, so that it is looked at now.
+                    for callback in self.callbacks.values():
+                        callback()
+                    self.listening.set()
                     while not self._stop.is_set():
                         for note in conn.notifies(timeout=1.0):
                             callback = self.callbacks.get(note.channel)

@@ -29,12 +29,15 @@ from db.models import (
     RunOutcome,
     Series,
     Study,
+    Verification,
     utcnow,
 )
 from db.outbox import NewOutboxItem, queue_items
 from model.results import AnalysisResult
 
 ACTOR = "reporter"
+# analysis_runs.extras_state: the second pass has the run's other objects to build.
+EXTRAS_PENDING = "pending"
 
 
 @dataclass(frozen=True)
@@ -65,13 +68,34 @@ def pending_run_ids(session: Session, limit: int = 20) -> list[int]:
     )
 
 
-def load_pending_run(session: Session, run_id: int, *, state_dir: Path) -> PendingRun | None:
+def extras_run_ids(session: Session, limit: int = 20) -> list[int]:
+    """Reported runs whose other objects (map, GSPS, summary) are still to build."""
+    return list(
+        session.scalars(
+            select(AnalysisRun.id)
+            .where(AnalysisRun.extras_state == EXTRAS_PENDING)
+            .order_by(AnalysisRun.id)
+            .limit(limit)
+        )
+    )
+
+
+def load_pending_run(
+    session: Session, run_id: int, *, state_dir: Path, extras: bool = False
+) -> PendingRun | None:
     """The run rebuilt as the infer stage's result; None if it is not pending any more.
 
+    `extras`: pending for the second pass (its SR is queued) instead of the first.
     Raises OSError or ValueError when its saliency file is missing or unreadable.
     """
     run = session.get(AnalysisRun, run_id)
-    if run is None or run.report_state != ReportState.PENDING:
+    if run is None:
+        return None
+    if (
+        (run.extras_state != EXTRAS_PENDING)
+        if extras
+        else (run.report_state != ReportState.PENDING)
+    ):
         return None
     # One reading of the rows for both stages: the infer stage's own.
     result = load_run_result(session, run_id, state_dir=state_dir)
@@ -124,9 +148,13 @@ def record_report(
     sr_sop_instance_uid: str,
     tracking_uids: dict[int, str],
     objects: Sequence[NewOutboxItem],
+    extras_pending: bool = False,
     now: datetime | None = None,
 ) -> bool:
-    """Mark the run reported and queue its objects; False if another pass did it first."""
+    """Mark the run reported and queue its SR (and SEG); False if another pass did it first.
+
+    `extras_pending`: its other objects are built by the second pass (`record_extras`).
+    """
     now = now or utcnow()
     changed = session.execute(
         update(AnalysisRun)
@@ -135,6 +163,7 @@ def record_report(
             report_state=ReportState.REPORTED,
             report_error=None,
             sr_sop_instance_uid=sr_sop_instance_uid,
+            extras_state=EXTRAS_PENDING if extras_pending else None,
         )
     ).rowcount
     if not changed:
@@ -143,18 +172,7 @@ def record_report(
         session.execute(
             update(FindingRecord).where(FindingRecord.id == finding_id).values(tracking_uid=uid)
         )
-    queued = queue_items(session, objects, now=now)
-    for item in objects:
-        if item.state == DeliveryState.HELD:
-            audit.record(
-                session,
-                EventType.RELEASE_HELD,
-                ACTOR,
-                study_instance_uid=run.result.study_instance_uid,
-                sop_instance_uid=item.sop_instance_uid,
-                run_id=run.run_id,
-                destination=item.destination,
-            )
+    queued = _queue(session, run, objects, now)
     audit.record(
         session,
         EventType.REPORT_CREATED,
@@ -168,6 +186,64 @@ def record_report(
         predecessor=run.predecessor_sr_uid,
     )
     return True
+
+
+def record_extras(
+    session: Session, run: PendingRun, objects: Sequence[NewOutboxItem], now: datetime | None = None
+) -> bool:
+    """Queue the run's other objects and mark them built; False if done already."""
+    now = now or utcnow()
+    changed = session.execute(
+        update(AnalysisRun)
+        .where(AnalysisRun.id == run.run_id, AnalysisRun.extras_state == EXTRAS_PENDING)
+        .values(extras_state=None)
+    ).rowcount
+    if not changed:
+        return False
+    queued = _queue(session, run, objects, now)
+    audit.record(
+        session,
+        EventType.REPORT_EXTRAS_CREATED,
+        ACTOR,
+        study_instance_uid=run.result.study_instance_uid,
+        run_id=run.run_id,
+        kinds=sorted({o.object_kind for o in objects}),
+        objects=sorted({o.sop_instance_uid for o in objects}),
+        outbox_items=queued,
+    )
+    return True
+
+
+def record_extras_skipped(session: Session, run_id: int) -> None:
+    """The second pass cannot build the run's other objects (its files are gone): none."""
+    session.execute(
+        update(AnalysisRun)
+        .where(AnalysisRun.id == run_id, AnalysisRun.extras_state == EXTRAS_PENDING)
+        .values(extras_state=None)
+    )
+
+
+def is_verified(session: Session, run_id: int) -> bool:
+    """A physician's verified SR exists for the run (its review is decided)."""
+    return session.scalar(select(Verification.id).where(Verification.run_id == run_id)) is not None
+
+
+def _queue(
+    session: Session, run: PendingRun, objects: Sequence[NewOutboxItem], now: datetime
+) -> int:
+    queued = queue_items(session, objects, now=now)
+    for item in objects:
+        if item.state == DeliveryState.HELD:
+            audit.record(
+                session,
+                EventType.RELEASE_HELD,
+                ACTOR,
+                study_instance_uid=run.result.study_instance_uid,
+                sop_instance_uid=item.sop_instance_uid,
+                run_id=run.run_id,
+                destination=item.destination,
+            )
+    return queued
 
 
 def record_report_failure(

@@ -4,7 +4,8 @@ A study is finished when nothing of the pipeline can still need its files:
 
 - it is complete (not receiving) and its files are not removed yet;
 - no job of it is queued or running, and it has at least one analysis run;
-- every run is reported (a failed report still needs the images);
+- every run is reported, its objects beside the SR too (a failed report
+  still needs the images);
 - every outbox item is done or withheld (pending, held, dead: not yet);
 - with `wait_for_review`, every analysed run has a verified SR.
 
@@ -77,7 +78,8 @@ def finished_studies(
     )
     any_run = exists().where(AnalysisRun.study_id == Study.id)
     unreported = exists().where(
-        AnalysisRun.study_id == Study.id, AnalysisRun.report_state != ReportState.REPORTED
+        AnalysisRun.study_id == Study.id,
+        (AnalysisRun.report_state != ReportState.REPORTED) | AnalysisRun.extras_state.is_not(None),
     )
     undelivered = exists().where(
         OutboxItem.study_id == Study.id,

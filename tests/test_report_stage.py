@@ -121,8 +121,11 @@ def test_analysed_run_becomes_sr_and_seg_queued_per_destination(
     assert sr_row.sop_instance_uid == run.sr_sop_instance_uid
     assert sr_row.sop_class_uid == Comprehensive3DSRStorage
     assert seg_row.sop_class_uid == SegmentationStorage
-    # Every other object is queued before the SR, which cites the SEG.
-    assert max(r.id for r in rows if r.object_kind != "sr") < sr_row.id
+    # The first pass queues the SEG, then the SR that cites it; the second
+    # pass the objects beside them, which take longer to build.
+    first = [r.id for r in rows if r.object_kind in ("seg", "sr")]
+    assert max(r.id for r in rows if r.object_kind == "seg") < sr_row.id
+    assert max(first) < min(r.id for r in rows if r.object_kind not in ("seg", "sr"))
     expected_classes = {
         "binary-seg": SegmentationStorage,
         "pmap": "1.2.840.10008.5.1.4.1.1.30",
@@ -178,7 +181,11 @@ def test_analysed_run_becomes_sr_and_seg_queued_per_destination(
 
     with db.session() as s:
         (event,) = audit.events(s, EventType.REPORT_CREATED)
-    assert event.sop_instance_uid == sr.SOPInstanceUID and event.detail["outbox_items"] == 10
+        (extras,) = audit.events(s, EventType.REPORT_EXTRAS_CREATED)
+    # SEG and SR for "pacs", SR for "archive"; then the 7 other rows.
+    assert event.sop_instance_uid == sr.SOPInstanceUID and event.detail["outbox_items"] == 3
+    assert extras.detail["outbox_items"] == 7
+    assert extras.detail["kinds"] == ["binary-seg", "gsps", "pmap", "summary"]
 
     # Nothing is pending any more: a second pass builds and queues nothing.
     assert Reporter(db, config).run_once() == 0

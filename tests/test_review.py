@@ -22,7 +22,7 @@ from daemon.reporter import Reporter
 from daemon.reviewer import Correction, ReviewError, ReviewService
 from db import audit, chain, migrate
 from db.audit import EventType
-from db.models import DeliveryState, FindingDecision, OutboxItem
+from db.models import AnalysisRun, DeliveryState, FindingDecision, OutboxItem
 from db.session import Database
 from dicom_io.sr import read_findings
 from tests import reportdata as rd
@@ -249,6 +249,39 @@ port = 11113
         assert len(audit.events(s, EventType.RELEASE_HELD)) == len(kinds)
         event = EventType.RELEASE_RELEASED if send_ai else EventType.RELEASE_WITHHELD
         assert len(audit.events(s, event)) == len(kinds)
+    db.dispose()
+
+
+def test_objects_built_after_the_decision_follow_its_release(
+    tmp_path: Path, sqlite_url: str
+) -> None:
+    """The physician decides between the report's two passes: the map, GSPS and
+    summary built after it are withheld at once, not held for a review that is over."""
+    config = make_config(
+        tmp_path,
+        sqlite_url,
+        PACS + 'release = "after_review"\nsend_ai_result_after_review = false\n',
+    )
+    db = Database(config.database_url, audit_key=KEY)
+    files = rd.ct_study(tmp_path / "a", seed=7)
+    study_uid = rd.receive(db, config.storage.spool_dir, files)
+    rd.record_analysis(db, config.storage.state_dir, study_uid, [rd.analysed(files)])
+    reporter = Reporter(db, config)
+    with db.session() as s:
+        (run_id,) = s.scalars(select(AnalysisRun.id)).all()
+    assert reporter.report(run_id)  # the first pass alone: the SR, held
+    assert {(i.object_kind, i.state) for i in outbox(db)} == {("sr", DeliveryState.HELD)}
+    service = ReviewService(db, config)
+    service.decide(run_id, "confirm", service.reviewer("Smith^Jane"))
+    assert reporter.report_extras(run_id)
+    states = {i.object_kind: i.state for i in outbox(db)}
+    assert states == {
+        "sr": DeliveryState.WITHHELD,
+        "verified-sr": DeliveryState.PENDING,
+        "pmap": DeliveryState.WITHHELD,
+        "gsps": DeliveryState.WITHHELD,
+        "summary": DeliveryState.WITHHELD,
+    }
     db.dispose()
 
 
