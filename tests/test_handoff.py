@@ -43,10 +43,11 @@ outputs = ["sr"]
         ).start()
         files = ct_study(tmp_path / "ct", slices=12, size=64)
         assert storescu(d.port, files).returncode == 0
-        received = d.wait_for(lambda: by_sop_instance(tmp_path / "pacs"), timeout=120)
+        # Logged once storescp answered, so its file is whole by then.
+        d.wait_for(lambda: "delivered 1 object(s) to pacs" in d.log(), timeout=120)
+        received = by_sop_instance(tmp_path / "pacs")
         assert len(received) == 1  # the SR (analysed or not-run: either way reported)
-        log = d.log()
-        assert "job 1 claimed" in log and "delivered 1 object(s) to pacs" in log
+        assert "job 1 claimed" in d.log()
         assert d.stop() == 0
 
 
@@ -92,8 +93,8 @@ outputs = ["sr"]
             d.wait_for(lambda: b"worker ready" in (tmp_path / "worker.log").read_bytes(), 120)
             files = ct_study(tmp_path / "ct", slices=12, size=64)
             assert storescu(d.port, files).returncode == 0
-            received = d.wait_for(lambda: by_sop_instance(tmp_path / "pacs"), timeout=120)
-            assert len(received) == 1
+            d.wait_for(lambda: "delivered 1 object(s) to pacs" in d.log(), timeout=120)
+            assert len(by_sop_instance(tmp_path / "pacs")) == 1
         finally:
             worker.send_signal(signal.SIGTERM)
             assert worker.wait(timeout=60) == 0
