@@ -69,16 +69,11 @@ class Receiver:
         max_associations: int = 10,
         *,
         ancillary: Spool | None = None,
-        shared: bool = False,
     ) -> None:
-        """`ancillary` keeps non-image objects; None drops them (answered with success).
-
-        `shared`: other processes receive into the same database (scp.processes).
-        """
+        """`ancillary` keeps non-image objects; None drops them (answered with success)."""
         self.db = db
         self.spool = spool
         self.ancillary = ancillary
-        self.shared = shared
         # Stores in progress in this process (see `_store`: the file first when > 1).
         self._in_flight = 0
         self._count_lock = threading.Lock()
@@ -175,7 +170,7 @@ class Receiver:
         written = self._io.submit(self.spool.write, relative, obj.file_bytes)
         with self._count_lock:
             self._in_flight += 1
-            alone = self._in_flight == 1 and not self.shared
+            alone = self._in_flight == 1
         try:
             return self._record(obj, ident, item, written, alone)
         finally:
