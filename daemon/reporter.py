@@ -362,59 +362,53 @@ class Reporter:
 
     def _seg(self, run: PendingRun, headers: list[Dataset]) -> Dataset | None:
         """The saliency map as a FRACTIONAL SEG for the run's top present finding."""
-        top = self._top_present(run)
-        if top is None:
-            return None
         cfg = self.config.report
-        assert run.result.saliency is not None and run.result.algorithm is not None
-        return build_saliency_seg(
-            run.result.saliency,
-            headers,
-            run.result.algorithm,
-            top,
-            series_number=cfg.seg_series_number,
-            series_description=cfg.seg_series_description,
-            manufacturer=cfg.manufacturer,
-            manufacturer_model_name=cfg.manufacturer_model_name,
-            **self._object_uids(run, "seg"),
-        )
+        return self._saliency_object(
+            run, headers, "seg", build_saliency_seg,
+            cfg.seg_series_number, cfg.seg_series_description,
+        )  # fmt: skip
 
     def _region_seg(self, run: PendingRun, headers: list[Dataset]) -> Dataset | None:
         """The thresholded saliency as a BINARY SEG, for viewers that load no other."""
-        top = self._top_present(run)
-        if top is None:
-            return None
         cfg = self.config.report
-        assert run.result.saliency is not None and run.result.algorithm is not None
-        return build_region_seg(
-            run.result.saliency,
-            headers,
-            run.result.algorithm,
-            top,
-            series_number=cfg.region_seg_series_number,
-            series_description=cfg.region_seg_series_description,
-            manufacturer=cfg.manufacturer,
-            manufacturer_model_name=cfg.manufacturer_model_name,
-            **self._object_uids(run, "binary-seg"),
-        )
+        return self._saliency_object(
+            run, headers, "binary-seg", build_region_seg,
+            cfg.region_seg_series_number, cfg.region_seg_series_description,
+        )  # fmt: skip
 
     def _pmap(self, run: PendingRun, headers: list[Dataset]) -> Dataset | None:
         """The saliency as a float Parametric Map (OHIF overlays it)."""
+        cfg = self.config.report
+        return self._saliency_object(
+            run, headers, "pmap", build_saliency_map,
+            cfg.pmap_series_number, cfg.pmap_series_description,
+        )  # fmt: skip
+
+    def _saliency_object(
+        self,
+        run: PendingRun,
+        headers: list[Dataset],
+        kind: str,
+        builder: Callable[..., Dataset],
+        series_number: int,
+        series_description: str,
+    ) -> Dataset | None:
+        """One of the saliency objects (dicom_io/seg.py, pmap.py) of the top present finding."""
         top = self._top_present(run)
         if top is None:
             return None
         cfg = self.config.report
         assert run.result.saliency is not None and run.result.algorithm is not None
-        return build_saliency_map(
+        return builder(
             run.result.saliency,
             headers,
             run.result.algorithm,
             top,
-            series_number=cfg.pmap_series_number,
-            series_description=cfg.pmap_series_description,
+            series_number=series_number,
+            series_description=series_description,
             manufacturer=cfg.manufacturer,
             manufacturer_model_name=cfg.manufacturer_model_name,
-            **self._object_uids(run, "pmap"),
+            **self._object_uids(run, kind),
         )
 
     def _gsps(self, run: PendingRun, headers: list[Dataset]) -> Dataset | None:

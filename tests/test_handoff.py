@@ -20,11 +20,11 @@ from tests.reportdata import ct_study
 HOUR = 3600
 
 
-def test_each_stage_wakes_the_next(daemon_factory, tmp_path: Path) -> None:  # type: ignore[no-untyped-def]
-    with storescp(tmp_path / "pacs") as pacs_port:
-        d = daemon_factory(
-            f"""
+def slow_ticks(pacs_port: int, extra: str = "", *, in_process: bool = True) -> str:
+    """The worker's poll and the report and deliver ticks an hour apart; the SR to storescp."""
+    return f"""{extra}
 [worker]
+in_process = {str(in_process).lower()}
 poll_seconds = {HOUR}
 
 [report]
@@ -40,7 +40,11 @@ host = "127.0.0.1"
 port = {pacs_port}
 outputs = ["sr"]
 """
-        ).start()
+
+
+def test_each_stage_wakes_the_next(daemon_factory, tmp_path: Path) -> None:  # type: ignore[no-untyped-def]
+    with storescp(tmp_path / "pacs") as pacs_port:
+        d = daemon_factory(slow_ticks(pacs_port)).start()
         files = ct_study(tmp_path / "ct", slices=12, size=64)
         assert storescu(d.port, files).returncode == 0
         # Logged once storescp answered, so its file is whole by then.
@@ -61,29 +65,8 @@ def test_processes_wake_each_other_through_postgresql(
     """
     url = create_pg_database(pg_server, "handoff")
     with storescp(tmp_path / "pacs") as pacs_port:
-        d = daemon_factory(
-            f"""
-[database]
-url = "{url}"
-
-[worker]
-in_process = false
-poll_seconds = {HOUR}
-
-[report]
-check_interval_seconds = {HOUR}
-
-[delivery]
-check_interval_seconds = {HOUR}
-
-[[delivery.destinations]]
-name = "pacs"
-ae_title = "STORESCP"
-host = "127.0.0.1"
-port = {pacs_port}
-outputs = ["sr"]
-"""
-        ).start()
+        config = slow_ticks(pacs_port, f'[database]\nurl = "{url}"\n', in_process=False)
+        d = daemon_factory(config).start()
         log = (tmp_path / "worker.log").open("wb")
         worker = subprocess.Popen(
             [sys.executable, "-m", "daemon.cli", "worker"], cwd=REPO, env=d.env,
