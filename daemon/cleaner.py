@@ -31,6 +31,7 @@ from datetime import datetime, time, timedelta
 from pathlib import Path
 
 from daemon.config import Config
+from db.jobs import SALIENCY_DIR
 from db.models import utcnow
 from db.retention import (
     FinishedStudy,
@@ -234,8 +235,14 @@ class Cleaner:
             self.trash.rmdir()
 
     def _prune_folders(self, paths: list[Path]) -> None:
-        """Remove the folders the files left empty (series, then study)."""
-        roots = {self.state_dir, self.config.storage.spool_dir, self.config.storage.ancillary_dir}
+        """Remove the folders the files left empty (series, then study), never a root."""
+        roots = {
+            self.state_dir,
+            self.config.storage.spool_dir,
+            self.config.storage.ancillary_dir,
+            self.state_dir / SALIENCY_DIR,
+            self.state_dir / "outbox",  # daemon/reporter.OUTBOX_DIR (a heavy import)
+        }
         for folder in sorted({p.parent for p in paths}, key=lambda p: -len(p.parts)):
             while folder not in roots and folder.is_relative_to(self.state_dir):
                 try:
