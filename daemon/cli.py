@@ -92,6 +92,68 @@ def _cmd_audit_export(config: Config, args: argparse.Namespace) -> int:
     return 0
 
 
+def _password(args: argparse.Namespace) -> str:
+    if args.password_stdin:
+        return sys.stdin.readline().rstrip("\n")
+    import getpass
+
+    first = getpass.getpass("Password: ")
+    if getpass.getpass("Again: ") != first:
+        raise SystemExit("secondreader: the two passwords differ")
+    return first
+
+
+def _cmd_user(config: Config, args: argparse.Namespace) -> int:
+    import getpass
+
+    from daemon.accounts import AccountError, AccountService
+    from daemon.service import open_database
+
+    db = open_database(config)
+    service = AccountService(db, config.web)
+    actor = f"cli:{getpass.getuser()}"
+    try:
+        if args.user_command == "add":
+            service.add(args.name, _password(args), args.role, actor, args.full_name)
+            print(f"user {args.name} ({args.role}) added")
+        elif args.user_command == "passwd":
+            service.set_password(args.name, _password(args), actor)
+            print(f"password of {args.name} changed; their sessions are closed")
+        elif args.user_command == "disable":
+            service.disable(args.name, actor)
+            print(f"user {args.name} disabled; their sessions are closed")
+        else:
+            for u in service.users():
+                print(f"{u.username:<32} {u.role:<9} {'disabled' if u.disabled else ''}")
+    except AccountError as exc:
+        print(f"secondreader: {exc}", file=sys.stderr)
+        return 1
+    finally:
+        db.dispose()
+    return 0
+
+
+def _cmd_web(config: Config, _args: argparse.Namespace) -> int:
+    """The web page alone, in the foreground (serve runs it too with web.enabled)."""
+    from waitress import serve
+
+    from daemon.service import open_database
+    from daemon.web import create_app
+
+    db = open_database(config)
+
+    def healthy() -> bool:
+        try:
+            with db.session() as s:
+                s.connection()
+            return True
+        except Exception:
+            return False
+
+    serve(create_app(config, db, healthy), host=config.web.host, port=config.web.port, threads=4)
+    return 0
+
+
 def _cmd_status(config: Config, args: argparse.Namespace) -> int:
     from daemon.cleaner import Cleaner
     from daemon.service import open_database
@@ -625,6 +687,24 @@ def build_parser() -> argparse.ArgumentParser:
     q.add_argument("--since", type=datetime.fromisoformat, help="UTC, ISO 8601")
     q.add_argument("--format", choices=["jsonl", "csv"], default="jsonl")
     q.set_defaults(func=_cmd_audit_export)
+
+    p = sub.add_parser("user", help="accounts of the web page (reviewer, admin)")
+    usub = p.add_subparsers(dest="user_command", required=True)
+    for name, text in (("add", "add an account"), ("passwd", "set a new password")):
+        q = usub.add_parser(name, help=text)
+        q.add_argument("name")
+        if name == "add":
+            q.add_argument("--role", choices=["reviewer", "admin"], default="reviewer")
+            q.add_argument("--full-name", help='as in their verified SRs, e.g. "Smith^Jane"')
+        q.add_argument("--password-stdin", action="store_true", help="read it from stdin")
+        q.set_defaults(func=_cmd_user)
+    q = usub.add_parser("disable", help="disable an account (its sessions end)")
+    q.add_argument("name")
+    q.set_defaults(func=_cmd_user)
+    usub.add_parser("list", help="the accounts").set_defaults(func=_cmd_user)
+
+    p = sub.add_parser("web", help="the review web page alone, in the foreground")
+    p.set_defaults(func=_cmd_web)
 
     p = sub.add_parser(
         "cleanup", help="retention: remove the files of finished studies (by age, by disk)"

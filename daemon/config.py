@@ -392,6 +392,27 @@ class RetentionConfig(_Section):
         return self
 
 
+class WebConfig(_Section):
+    """The review web page (daemon/web.py), served inside `serve` or by `secondreader web`."""
+
+    enabled: bool = False
+    host: str = "127.0.0.1"
+    port: int = Field(8080, ge=1, le=65535)
+    # A session unused this long is over: the next request asks for the password.
+    session_idle_minutes: float = Field(30.0, gt=0)
+    # This many wrong passwords in a row lock the account for lockout_minutes.
+    lockout_attempts: int = Field(5, ge=1)
+    lockout_minutes: float = Field(15.0, gt=0)
+    # Cookies only over HTTPS (set it behind a TLS reverse proxy).
+    secure_cookies: bool = False
+    # Single sign-on: a reverse proxy at one of these addresses names the
+    # user in this header; from any other address the header is ignored.
+    trusted_proxies: list[str] = Field(default_factory=list)
+    proxy_user_header: str = ""
+    # "Open in viewer": e.g. "https://viewer.example/viewer?StudyInstanceUIDs={study_uid}".
+    viewer_url_template: str = ""
+
+
 class Config(_Section):
     scp: SCPConfig = Field(default_factory=SCPConfig)
     storage: StorageConfig = Field(default_factory=StorageConfig)
@@ -407,6 +428,7 @@ class Config(_Section):
     review: ReviewConfig = Field(default_factory=ReviewConfig)
     retention: RetentionConfig = Field(default_factory=RetentionConfig)
     pull: PullConfig = Field(default_factory=PullConfig)
+    web: WebConfig = Field(default_factory=WebConfig)
     # The file this configuration was read from (not a setting).
     _source: Path | None = PrivateAttr(default=None)
 

@@ -22,6 +22,7 @@ from daemon.reporter import Reporter
 from daemon.reviewer import ReviewService
 from daemon.scheduler import Scheduler
 from daemon.systemd import Notifier
+from daemon.web_server import serve_web
 from daemon.worker import Worker, requeue_expired_jobs, retry_policy
 from db import migrate
 from db.chain import load_key
@@ -125,6 +126,7 @@ class Service:
             else None
         )
         self.metrics_server: Any = None
+        self.web_server: Any = None
         # Each stage's job; a stage that hands work on wakes the next one
         # (daemon/scheduler.py), the intervals are the safety net.
         self.scheduler.every(
@@ -171,6 +173,10 @@ class Service:
             self.scheduler.every(
                 "retention", config.retention.check_interval_seconds, self.cleaner.run_once
             )
+
+    def healthy(self) -> bool:
+        """What /healthz reports: the SCP's accept loop and the scheduler turn."""
+        return self.scheduler.running and self.scp.is_alive()
 
     def seal_audit(self) -> None:
         seal_audit_trail(self.db)
@@ -222,6 +228,8 @@ class Service:
                 self.config.metrics.port,
                 storage=self.cleaner.storage_state,
             )
+        if self.config.web.enabled:
+            self.web_server = serve_web(self.config, self.db, self.healthy)
         if self.worker is not None:
             # The models load in the worker's thread: receiving does not wait for them.
             self.worker.start()
@@ -256,6 +264,8 @@ class Service:
         self.scheduler.shutdown()
         if self.metrics_server is not None:
             self.metrics_server.shutdown()
+        if self.web_server is not None:
+            self.web_server.close()
         if self.worker is not None:
             self.worker.stop(self.config.worker.stop_seconds)
         self.seal_audit()  # the last events of this run, chained before exit

@@ -71,6 +71,14 @@ class EventType:
     PULL_POLLED = "pull.polled"
     PULL_MOVED = "pull.moved"
     PULL_FAILED = "pull.failed"
+    # Accounts and the web page (daemon/accounts.py): who, never a password.
+    USER_CREATED = "user.created"
+    USER_PASSWORD_CHANGED = "user.password_changed"
+    USER_DISABLED = "user.disabled"
+    LOGIN_SUCCEEDED = "login.succeeded"
+    LOGIN_FAILED = "login.failed"
+    LOGIN_LOCKED = "login.locked"  # too many wrong passwords: locked for a while
+    LOGOUT = "logout"
     # The bookkeeper (db/chain.py): rows chained, with the head of the chain.
     AUDIT_SEALED = "audit.sealed"
 

@@ -319,6 +319,37 @@ class PulledStudy(Base):
     updated_at: Mapped[datetime] = mapped_column(DateTime)
 
 
+class User(Base):
+    """A local account of the web page (daemon/accounts.py): reviewer or admin."""
+
+    __tablename__ = "users"
+
+    id: Mapped[int] = mapped_column(Integer, primary_key=True)
+    username: Mapped[str] = mapped_column(String(64), unique=True)
+    # As DICOM writes a person (Smith^Jane): the verifying observer of their SRs.
+    full_name: Mapped[str] = mapped_column(String(64))
+    password_hash: Mapped[str] = mapped_column(String(256))  # argon2id, with its parameters
+    role: Mapped[str] = mapped_column(String(16))  # "reviewer" or "admin"
+    disabled: Mapped[bool] = mapped_column(default=False)
+    failed_logins: Mapped[int] = mapped_column(Integer, default=0)
+    locked_until: Mapped[datetime | None] = mapped_column(DateTime)
+    created_at: Mapped[datetime] = mapped_column(DateTime)
+    password_changed_at: Mapped[datetime] = mapped_column(DateTime)
+
+
+class WebSession(Base):
+    """A logged-in browser: only the token's hash is kept, and its CSRF token."""
+
+    __tablename__ = "web_sessions"
+
+    id: Mapped[int] = mapped_column(Integer, primary_key=True)
+    token_hash: Mapped[str] = mapped_column(String(64), unique=True)
+    user_id: Mapped[int] = mapped_column(ForeignKey("users.id"), index=True)
+    csrf_token: Mapped[str] = mapped_column(String(64))
+    created_at: Mapped[datetime] = mapped_column(DateTime)
+    last_seen_at: Mapped[datetime] = mapped_column(DateTime)
+
+
 class DeliveryState:
     PENDING = "pending"
     DONE = "done"

@@ -1,0 +1,209 @@
+"""The review web page: server-rendered (Flask, Jinja2), no front-end build.
+
+Pages: the login, the worklist (pending AI results in triage order, with
+filters), a result (its findings in words, the patient for the logged-in
+reviewer, the decision forms), the admin overview, and /healthz for load
+balancers. Every decision goes through the review service
+(daemon/reviewer.py) under the logged-in user's name, as the CLI's do.
+
+Security: every page but the login and /healthz needs a session
+(daemon/accounts.py); admin pages need the admin role; every POST carries the
+session's CSRF token; the session cookie is HttpOnly and SameSite=Strict
+(Secure with `web.secure_cookies`). URLs carry run numbers only, never a
+patient attribute, and nothing here logs a request line.
+"""
+
+from __future__ import annotations
+
+import hmac
+from collections.abc import Callable
+from functools import wraps
+from pathlib import Path
+from typing import Any
+
+from flask import Flask, abort, g, redirect, render_template, request, url_for
+from pydicom import dcmread
+
+from daemon.accounts import AccountService
+from daemon.config import Config
+from daemon.reviewer import ReviewError, ReviewService
+from db.outbox import outbox_counts
+from db.reports import report_counts
+from db.session import Database
+from db.studies import job_counts, study_counts
+from dicom_io.wording import percent, threshold_percent
+
+COOKIE = "secondreader_session"
+TEMPLATES = Path(__file__).resolve().parent / "web_templates"
+STATIC = Path(__file__).resolve().parent / "web_static"
+
+
+def create_app(config: Config, db: Database, healthy: Callable[[], bool] = lambda: True) -> Flask:
+    app = Flask(__name__, template_folder=str(TEMPLATES), static_folder=str(STATIC))
+    app.config["MAX_CONTENT_LENGTH"] = 64 * 1024  # forms only
+    accounts = AccountService(db, config.web)
+    reviews = ReviewService(db, config)
+    web = config.web
+    app.jinja_env.globals.update(percent=percent, threshold_percent=threshold_percent)
+
+    def address() -> str:
+        return str(request.remote_addr or "")
+
+    @app.before_request
+    def identify() -> Any:
+        g.user, g.csrf, g.token = None, None, None
+        token = request.cookies.get(COOKIE)
+        if token:
+            found = accounts.session(token)
+            if found is not None:
+                g.user, g.csrf, g.token = found.user, found.csrf_token, token
+        named = request.headers.get(web.proxy_user_header) if web.proxy_user_header else None
+        if g.user is None and named and address() in web.trusted_proxies:
+            # Single sign-on: only a configured proxy may name the user.
+            token = accounts.login_trusted(named, address())
+            if token is not None:
+                found = accounts.session(token)
+                if found is not None:
+                    g.user, g.csrf, g.token = found.user, found.csrf_token, token
+                    g.new_token = token
+        if request.method == "POST" and request.endpoint != "login":
+            sent = request.form.get("csrf", "")
+            if g.csrf is None or not hmac.compare_digest(sent, g.csrf):
+                abort(400, "invalid or missing CSRF token")
+        return None
+
+    @app.after_request
+    def headers(response: Any) -> Any:
+        new = getattr(g, "new_token", None)
+        if new:
+            _set_cookie(response, new, web.secure_cookies)
+        response.headers["Cache-Control"] = "no-store"  # pages name patients
+        response.headers["X-Frame-Options"] = "DENY"
+        response.headers["Content-Security-Policy"] = "default-src 'self'"
+        response.headers["Referrer-Policy"] = "no-referrer"
+        return response
+
+    def login_required(view: Callable[..., Any]) -> Callable[..., Any]:
+        @wraps(view)
+        def wrapped(*args: Any, **kwargs: Any) -> Any:
+            if g.user is None:
+                return redirect(url_for("login"))
+            return view(*args, **kwargs)
+
+        return wrapped
+
+    def admin_required(view: Callable[..., Any]) -> Callable[..., Any]:
+        @wraps(view)
+        def wrapped(*args: Any, **kwargs: Any) -> Any:
+            if g.user is None:
+                return redirect(url_for("login"))
+            if g.user.role != "admin":
+                abort(403)
+            return view(*args, **kwargs)
+
+        return wrapped
+
+    @app.get("/healthz")
+    def healthz() -> Any:
+        ok = healthy()
+        return ("ok\n", 200) if ok else ("unhealthy\n", 503)
+
+    @app.route("/login", methods=["GET", "POST"])
+    def login() -> Any:
+        error = None
+        if request.method == "POST":
+            token = accounts.login(
+                request.form.get("username", ""), request.form.get("password", ""), address()
+            )
+            if token is not None:
+                response = redirect(url_for("worklist"))
+                _set_cookie(response, token, web.secure_cookies)
+                return response
+            error = "Wrong user name or password, or the account is locked."
+        return render_template("login.html", error=error), 401 if error else 200
+
+    @app.post("/logout")
+    @login_required
+    def logout() -> Any:
+        accounts.logout(g.token, g.user.username, address())
+        response = redirect(url_for("login"))
+        response.delete_cookie(COOKIE)
+        return response
+
+    @app.get("/")
+    @login_required
+    def worklist() -> Any:
+        state = request.args.get("state", "pending")
+        if state not in ("pending", "in_review", "decided", "all"):
+            abort(400)
+        results = reviews.results(
+            state=None if state == "all" else state,
+            modality=request.args.get("modality") or None,
+            model=request.args.get("model") or None,
+        )
+        return render_template("worklist.html", results=results, state=state)
+
+    @app.get("/results/<int:run_id>")
+    @login_required
+    def result(run_id: int) -> Any:
+        try:
+            view, history = reviews.show(run_id)
+        except ReviewError:
+            abort(404)
+        patient = _patient(config, view.study_instance_uid, view.ai_sr_sop_instance_uid)
+        viewer = (
+            web.viewer_url_template.format(study_uid=view.study_instance_uid)
+            if web.viewer_url_template
+            else None
+        )
+        return render_template(
+            "result.html", r=view, history=history, patient=patient, viewer=viewer,
+            message=request.args.get("done"),
+        )  # fmt: skip
+
+    @app.post("/results/<int:run_id>/decide")
+    @login_required
+    def decide(run_id: int) -> Any:
+        decision = request.form.get("decision", "")
+        if decision not in ("confirm", "reject"):
+            abort(400)
+        finding = request.form.get("finding", type=int)
+        comment = (request.form.get("comment") or "").strip() or None
+        try:
+            uid = reviews.decide(
+                run_id, decision, reviews.reviewer(g.user.full_name), finding=finding,
+                comment=comment,
+            )  # fmt: skip
+        except ReviewError as exc:
+            return render_template("error.html", message=str(exc)), 409
+        return redirect(url_for("result", run_id=run_id, done="verified" if uid else "decided"))
+
+    @app.get("/admin")
+    @admin_required
+    def admin() -> Any:
+        with db.session() as s:
+            counts = {
+                "studies": study_counts(s),
+                "jobs": job_counts(s),
+                "reports": report_counts(s),
+                "outbox": outbox_counts(s),
+            }
+        return render_template("admin.html", counts=counts, users=accounts.users())
+
+    return app
+
+
+def _set_cookie(response: Any, token: str, secure: bool) -> None:
+    response.set_cookie(COOKIE, token, httponly=True, samesite="Strict", secure=secure, path="/")
+
+
+def _patient(config: Config, study_uid: str, sr_uid: str | None) -> dict[str, str]:
+    """Name and ID from the AI SR in the outbox: shown to the logged-in reviewer only."""
+    if sr_uid is None:
+        return {}
+    path = config.storage.state_dir / "outbox" / study_uid / f"{sr_uid}.dcm"
+    try:
+        ds = dcmread(path, stop_before_pixels=True, specific_tags=["PatientName", "PatientID"])
+    except (OSError, ValueError):
+        return {}
+    return {"name": str(ds.get("PatientName", "")), "id": str(ds.get("PatientID", ""))}

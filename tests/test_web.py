@@ -1,0 +1,201 @@
+"""The review web page's security and its review path, through Flask's test client.
+
+A real database with a reported AI result (the report stage's own calls),
+real argon2 accounts made by the CLI's service, and the review service
+behind the forms: what a browser would send, without the browser.
+"""
+
+from __future__ import annotations
+
+import logging
+import re
+from datetime import timedelta
+from pathlib import Path
+
+import pytest
+from flask.testing import FlaskClient
+from sqlalchemy import select, update
+
+from daemon.accounts import AccountError, AccountService
+from daemon.config import Config, load_config
+from daemon.reporter import Reporter
+from daemon.web import COOKIE, create_app
+from db import audit, migrate
+from db.audit import EventType
+from db.models import OutboxItem, WebSession, utcnow
+from db.session import Database
+from tests import reportdata as rd
+from tests.dicomgen import PATIENT_ID, PATIENT_NAME
+
+KEY = bytes(range(32))
+PASSWORD = "correct horse battery"
+
+
+def make(tmp_path: Path, web: str = "") -> tuple[Config, Database]:
+    path = tmp_path / "secondreader.toml"
+    path.write_text(
+        f"""
+[storage]
+state_dir = "{tmp_path / "state"}"
+fsync = false
+
+[database]
+url = "sqlite:///{tmp_path / "db.sqlite"}"
+
+[review]
+organization = "Test Hospital Radiology"
+
+[web]
+enabled = true
+{web}
+
+[[delivery.destinations]]
+name = "pacs"
+ae_title = "PACS"
+host = "127.0.0.1"
+port = 11112
+"""
+    )
+    config = load_config(path, environ={})
+    migrate.upgrade(config.database_url)
+    db = Database(config.database_url, audit_key=KEY)
+    accounts = AccountService(db, config.web)
+    accounts.add("smith", PASSWORD, "reviewer", "test", full_name="Smith^Jane")
+    accounts.add("root", PASSWORD, "admin", "test")
+    files = rd.ct_study(tmp_path / "ct")
+    study_uid = rd.receive(db, config.storage.spool_dir, files)
+    rd.record_analysis(db, config.storage.state_dir, study_uid, [rd.analysed(files)])
+    assert Reporter(db, config).run_once() == 1
+    return config, db
+
+
+@pytest.fixture
+def site(tmp_path: Path):  # type: ignore[no-untyped-def]
+    config, db = make(tmp_path)
+    app = create_app(config, db)
+    yield app, db
+    db.dispose()
+
+
+def login(client: FlaskClient, user: str = "smith", password: str = PASSWORD):  # type: ignore[no-untyped-def]
+    return client.post("/login", data={"username": user, "password": password})
+
+
+def csrf(client: FlaskClient, page: str = "/") -> str:
+    match = re.search(r'name="csrf" value="([^"]+)"', client.get(page).get_data(as_text=True))
+    assert match, "no CSRF token on the page"
+    return match.group(1)
+
+
+def test_every_page_but_login_and_health_needs_a_session(site) -> None:  # type: ignore[no-untyped-def]
+    app, _db = site
+    client = app.test_client()
+    for page in ("/", "/results/1", "/admin"):
+        rsp = client.get(page)
+        assert rsp.status_code == 302 and rsp.headers["Location"].endswith("/login"), page
+    assert client.post("/results/1/decide", data={"decision": "confirm"}).status_code == 400
+    assert client.get("/login").status_code == 200
+    assert client.get("/healthz").status_code == 200
+
+
+def test_login_review_and_logout(site, caplog: pytest.LogCaptureFixture) -> None:  # type: ignore[no-untyped-def]
+    app, db = site
+    client = app.test_client()
+    caplog.set_level(logging.DEBUG)
+    rsp = login(client)
+    assert rsp.status_code == 302
+    cookie = client.get_cookie(COOKIE)
+    assert cookie is not None and cookie.http_only and cookie.same_site == "Strict"
+
+    worklist = client.get("/").get_data(as_text=True)
+    assert "#1" in worklist and "Nodule present" in worklist
+    page = client.get("/results/1").get_data(as_text=True)
+    assert PATIENT_NAME in page and PATIENT_ID in page  # for the logged-in reviewer only
+    assert "NOT VERIFIED" in page
+
+    # A form posted without the session's CSRF token is refused.
+    refused = client.post("/results/1/decide", data={"decision": "confirm", "finding": "1"})
+    assert refused.status_code == 400
+    token = csrf(client, "/results/1")
+    rsp = client.post(
+        "/results/1/decide",
+        data={"decision": "confirm", "finding": "1", "comment": "solid", "csrf": token},
+    )
+    assert rsp.status_code == 302 and "/results/1" in rsp.headers["Location"]
+    with db.session() as s:
+        kinds = {i.object_kind for i in s.scalars(select(OutboxItem))}
+        decided = audit.events(s, EventType.REVIEW_DECIDED)
+    assert "verified-sr" in kinds  # the verified SR is queued for the PACS
+    assert [e.actor for e in decided] == ["Smith^Jane"]  # under the logged-in user
+    after = client.get("/results/1").get_data(as_text=True)
+    assert "confirm by Smith^Jane" in after and "Physician reviewed" in after
+
+    assert client.post("/logout", data={"csrf": token}).status_code == 302
+    assert client.get("/").status_code == 302  # the session is over
+    # Nothing of the patient in any log line.
+    for record in caplog.records:
+        assert PATIENT_NAME not in record.getMessage() and PATIENT_ID not in record.getMessage()
+
+
+def test_a_reviewer_cannot_reach_the_admin_pages(site) -> None:  # type: ignore[no-untyped-def]
+    app, _db = site
+    reviewer, admin = app.test_client(), app.test_client()
+    login(reviewer)
+    login(admin, "root")
+    assert reviewer.get("/admin").status_code == 403
+    assert admin.get("/admin").status_code == 200
+
+
+def test_five_wrong_passwords_lock_the_account(site) -> None:  # type: ignore[no-untyped-def]
+    app, db = site
+    client = app.test_client()
+    for _ in range(5):
+        assert login(client, password="wrong password!").status_code == 401
+    # Locked: even the right password is refused now.
+    assert login(client).status_code == 401
+    assert client.get("/").status_code == 302
+    with db.session() as s:
+        locked = audit.events(s, EventType.LOGIN_LOCKED)
+        failed = audit.events(s, EventType.LOGIN_FAILED)
+    assert [e.actor for e in locked] == ["smith"]
+    assert failed[-1].detail["reason"] == "locked"
+    # Another account is not affected.
+    assert login(app.test_client(), "root").status_code == 302
+
+
+def test_an_idle_session_expires(site) -> None:  # type: ignore[no-untyped-def]
+    app, db = site
+    client = app.test_client()
+    login(client)
+    assert client.get("/").status_code == 200
+    with db.session() as s:
+        s.execute(update(WebSession).values(last_seen_at=utcnow() - timedelta(hours=2)))
+    assert client.get("/").status_code == 302
+
+
+def test_a_proxy_header_counts_only_from_a_trusted_proxy(tmp_path: Path) -> None:
+    config, db = make(
+        tmp_path, 'trusted_proxies = ["10.9.8.7"]\nproxy_user_header = "X-Remote-User"'
+    )
+    app = create_app(config, db)
+    header = {"X-Remote-User": "smith"}
+    stranger = app.test_client()
+    rsp = stranger.get("/", headers=header, environ_base={"REMOTE_ADDR": "127.0.0.1"})
+    assert rsp.status_code == 302  # ignored: not from the proxy
+    proxy = app.test_client()
+    rsp = proxy.get("/", headers=header, environ_base={"REMOTE_ADDR": "10.9.8.7"})
+    assert rsp.status_code == 200 and "smith (reviewer)" in rsp.get_data(as_text=True)
+    db.dispose()
+
+
+def test_accounts_refuse_weak_passwords_and_duplicates(site) -> None:  # type: ignore[no-untyped-def]
+    _app, db = site
+    from daemon.config import WebConfig
+
+    accounts = AccountService(db, WebConfig())
+    with pytest.raises(AccountError, match="12 characters"):
+        accounts.add("jones", "short", "reviewer", "test")
+    with pytest.raises(AccountError, match="exists"):
+        accounts.add("smith", PASSWORD, "reviewer", "test", full_name="Smith^Jane")
+    accounts.disable("smith", "test")
+    assert accounts.login("smith", PASSWORD, "127.0.0.1") is None
