@@ -26,9 +26,12 @@ from pydicom import dcmread
 
 from daemon.accounts import AccountService
 from daemon.config import Config
-from daemon.reviewer import ReviewError, ReviewService
+from daemon.reviewer import Correction, ReviewError, ReviewService
+from daemon.web_images import SeriesImage, in_slice_order, render, scale_of
+from db.jobs import read_saliency
 from db.outbox import outbox_counts
 from db.reports import report_counts
+from db.reviews import series_images
 from db.session import Database
 from db.studies import job_counts, study_counts
 from dicom_io.wording import percent, threshold_percent
@@ -151,6 +154,8 @@ def create_app(config: Config, db: Database, healthy: Callable[[], bool] = lambd
         except ReviewError:
             abort(404)
         patient = _patient(config, view.study_instance_uid, view.ai_sr_sop_instance_uid)
+        images = series(run_id)
+        shown = chosen_slice(view, images) if images else None
         viewer = (
             web.viewer_url_template.format(study_uid=view.study_instance_uid)
             if web.viewer_url_template
@@ -158,8 +163,84 @@ def create_app(config: Config, db: Database, healthy: Callable[[], bool] = lambd
         )
         return render_template(
             "result.html", r=view, history=history, patient=patient, viewer=viewer,
-            message=request.args.get("done"),
+            message=request.args.get("done"), shown=shown, n_images=len(images),
+            overlay=request.args.get("overlay") == "1",
         )  # fmt: skip
+
+    series_cache: dict[int, list[SeriesImage]] = {}
+
+    def series(run_id: int) -> list[SeriesImage]:
+        """The run's analysed series in slice order (read once per run)."""
+        if run_id not in series_cache:
+            with db.session() as s:
+                rows, _ = series_images(s, run_id)
+            images = [SeriesImage(uid, config.storage.spool_dir / p) for uid, p in rows]
+            present = [i for i in images if i.path.exists()]  # retention may have run
+            if len(series_cache) > 32:
+                series_cache.clear()
+            series_cache[run_id] = in_slice_order(present)
+        return series_cache[run_id]
+
+    def key_slice(view: Any, images: list[SeriesImage]) -> int:
+        uids = [i.sop_instance_uid for i in images]
+        located = [f for f in view.findings if f.sop_instance_uid in uids]
+        if not located:
+            return len(images) // 2
+        top = max(located, key=lambda f: f.probability)
+        return uids.index(top.sop_instance_uid)
+
+    def chosen_slice(view: Any, images: list[SeriesImage]) -> int:
+        k = request.values.get("slice", type=int)
+        if k is None:
+            return key_slice(view, images)
+        return min(max(k, 0), len(images) - 1)
+
+    @app.get("/results/<int:run_id>/image.png")
+    @login_required
+    def image(run_id: int) -> Any:
+        try:
+            view, _ = reviews.show(run_id)
+        except ReviewError:
+            abort(404)
+        images = series(run_id)
+        if not images:
+            abort(404)
+        shown = images[chosen_slice(view, images)]
+        box = None
+        for f in view.findings:
+            if f.present and f.sop_instance_uid == shown.sop_instance_uid and f.box:
+                box = (f.box["col0"], f.box["row0"], f.box["col1"], f.box["row1"])
+        overlay = None
+        if request.args.get("overlay") == "1":
+            overlay = _saliency_plane(config, db, run_id, shown.sop_instance_uid)
+        png, _scale = render(shown.path, box, overlay)
+        return app.response_class(png, mimetype="image/png")
+
+    @app.post("/results/<int:run_id>/correct")
+    @login_required
+    def correct(run_id: int) -> Any:
+        try:
+            view, _ = reviews.show(run_id)
+        except ReviewError:
+            abort(404)
+        images = series(run_id)
+        finding = request.form.get("finding", type=int)
+        x, y = request.form.get("click.x", type=float), request.form.get("click.y", type=float)
+        if not images or finding is None or x is None or y is None:
+            abort(400)
+        shown = images[chosen_slice(view, images)]
+        header = dcmread(shown.path, stop_before_pixels=True, specific_tags=["Rows", "Columns"])
+        scale = scale_of(int(header.Rows), int(header.Columns))
+        point = (x / scale, y / scale)  # the click on the picture, in the image's pixels
+        try:
+            uid = reviews.decide(
+                run_id, "correct", reviews.reviewer(g.user.full_name), finding=finding,
+                comment=(request.form.get("comment") or "").strip() or None,
+                correction=Correction(shown.sop_instance_uid, point=point),
+            )  # fmt: skip
+        except ReviewError as exc:
+            return render_template("error.html", message=str(exc)), 409
+        return redirect(url_for("result", run_id=run_id, done="verified" if uid else "decided"))
 
     @app.post("/results/<int:run_id>/decide")
     @login_required
@@ -207,3 +288,18 @@ def _patient(config: Config, study_uid: str, sr_uid: str | None) -> dict[str, st
     except (OSError, ValueError):
         return {}
     return {"name": str(ds.get("PatientName", "")), "id": str(ds.get("PatientID", ""))}
+
+
+def _saliency_plane(config: Config, db: Database, run_id: int, sop_uid: str) -> Any:
+    """The run's saliency on one image, or None (no map there, or its file is gone)."""
+    with db.session() as s:
+        _, relative = series_images(s, run_id)
+    if relative is None:
+        return None
+    try:
+        saliency = read_saliency(config.storage.state_dir / relative)
+    except (OSError, ValueError, KeyError):
+        return None
+    if sop_uid not in saliency.source_sop_instance_uids:
+        return None
+    return saliency.frames[saliency.source_sop_instance_uids.index(sop_uid)]

@@ -24,6 +24,7 @@ from db.models import (
     DeliveryState,
     FindingDecision,
     FindingRecord,
+    Instance,
     OutboxItem,
     ReportState,
     RunOutcome,
@@ -440,3 +441,17 @@ def agreement_stats(session: Session, *, model: str | None = None) -> list[Agree
                 row.present_upheld += decision != Decision.REJECT
     # Weeks in order, "overall" last, per model.
     return sorted(table.values(), key=lambda a: (a.model, a.period == "overall", a.period))
+
+
+def series_images(session: Session, run_id: int) -> tuple[list[tuple[str, str]], str | None]:
+    """The analysed series' images as (SOP Instance UID, spool path), and the saliency file."""
+    run = session.get(AnalysisRun, run_id)
+    if run is None or run.series_instance_uid is None:
+        return [], None
+    rows = session.execute(
+        select(Instance.sop_instance_uid, Instance.path)
+        .join(Series, Series.id == Instance.series_id)
+        .where(Series.series_instance_uid == run.series_instance_uid)
+        .order_by(Instance.id)
+    ).all()
+    return [(uid, path) for uid, path in rows], run.saliency_path

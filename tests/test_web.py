@@ -7,13 +7,16 @@ behind the forms: what a browser would send, without the browser.
 
 from __future__ import annotations
 
+import io
 import logging
 import re
 from datetime import timedelta
 from pathlib import Path
 
+import numpy as np
 import pytest
 from flask.testing import FlaskClient
+from PIL import Image
 from sqlalchemy import select, update
 
 from daemon.accounts import AccountError, AccountService
@@ -22,7 +25,7 @@ from daemon.reporter import Reporter
 from daemon.web import COOKIE, create_app
 from db import audit, migrate
 from db.audit import EventType
-from db.models import OutboxItem, WebSession, utcnow
+from db.models import FindingDecision, OutboxItem, WebSession, utcnow
 from db.session import Database
 from tests import reportdata as rd
 from tests.dicomgen import PATIENT_ID, PATIENT_NAME
@@ -199,3 +202,53 @@ def test_accounts_refuse_weak_passwords_and_duplicates(site) -> None:  # type: i
         accounts.add("smith", PASSWORD, "reviewer", "test", full_name="Smith^Jane")
     accounts.disable("smith", "test")
     assert accounts.login("smith", PASSWORD, "127.0.0.1") is None
+
+
+def test_key_image_overlay_and_a_correction_by_click(site) -> None:  # type: ignore[no-untyped-def]
+    app, db = site
+    client = app.test_client()
+    login(client)
+    page = client.get("/results/1").get_data(as_text=True)
+    # The key image by default: the middle slice of 6 (rd.analysed), with its box.
+    assert "Image 4 of 6" in page and 'id="key-image"' in page
+    plain = client.get("/results/1/image.png?slice=3")
+    assert plain.status_code == 200 and plain.mimetype == "image/png"
+    picture = np.asarray(Image.open(io.BytesIO(plain.data)).convert("RGB")).astype(int)
+    assert picture.shape == (64, 64, 3)
+    yellow = (picture[..., 0] > 200) & (picture[..., 1] > 180) & (picture[..., 2] < 80)
+    assert yellow.any()  # the AI's box
+    overlaid = client.get("/results/1/image.png?slice=3&overlay=1").data
+    assert overlaid != plain.data  # the saliency map, blended in
+    other = np.asarray(Image.open(io.BytesIO(client.get("/results/1/image.png?slice=0").data)))
+    assert not ((other[..., 0] > 200) & (other[..., 1] > 180) & (other[..., 2] < 80)).any()
+    assert client.get("/results/1/image.png", headers={}).status_code == 200
+
+    # The reviewer clicks the true location on slice 2 (0-based 1).
+    token = csrf(client, "/results/1?slice=1")
+    rsp = client.post(
+        "/results/1/correct",
+        data={"csrf": token, "finding": "1", "slice": "1", "click.x": "40", "click.y": "12"},
+    )
+    assert rsp.status_code == 302
+    with db.session() as s:
+        (decision,) = s.scalars(select(FindingDecision)).all()
+    assert decision.decision == "correct" and decision.reviewer == "Smith^Jane"
+    assert decision.location["point"] == {"col": 40.0, "row": 12.0}
+    # On the image shown when clicking (the slice before the key image), not the key image.
+    with db.session() as s:
+        from db.reviews import series_images
+
+        rows, _ = series_images(s, 1)
+    assert decision.location["sop_instance_uid"] in {uid for uid, _ in rows}
+    assert decision.location["sop_instance_uid"] != rd_key_image(db)
+    anonymous = app.test_client().get("/results/1/image.png")
+    assert anonymous.status_code == 302  # pictures of a patient need a session too
+
+
+def rd_key_image(db: Database) -> str:
+    """The SOP Instance UID of the run's finding (rd.analysed: the middle slice)."""
+    from db.models import FindingRecord
+
+    with db.session() as s:
+        (uid,) = s.scalars(select(FindingRecord.sop_instance_uid)).all()
+    return str(uid)

@@ -16,9 +16,10 @@ from pathlib import Path
 from pydicom import dcmread
 from pydicom.uid import Comprehensive3DSRStorage
 
+from dicom_io.sr import read_findings
 from tests.conftest import REPO, free_port, storescu
 from tests.orthanc import Orthanc
-from tests.test_orthanc import by_class
+from tests.test_orthanc import by_class, fetch
 from tests.test_review_orthanc import delivery, demo_ct
 from tests.test_viewer import _save
 from tests.viewer import browser
@@ -43,9 +44,13 @@ def test_reviewer_confirms_in_the_browser_and_the_pacs_gets_the_verified_sr(
     files = demo_ct(tmp_path / "ct", seed=3)
     header = dcmread(files[0], stop_before_pixels=True)
     study_uid = str(header.StudyInstanceUID)
-    assert storescu(d.port, files).returncode == 0
-    d.wait_for(lambda: by_class(orthanc.study_instances(study_uid), Comprehensive3DSRStorage),
-               timeout=300)  # fmt: skip
+    other = demo_ct(tmp_path / "ct2", seed=5)
+    other_uid = str(dcmread(other[0], stop_before_pixels=True).StudyInstanceUID)
+    for sent in (files, other):
+        assert storescu(d.port, sent).returncode == 0
+    for uid in (study_uid, other_uid):
+        d.wait_for(lambda u=uid: by_class(orthanc.study_instances(u), Comprehensive3DSRStorage),
+                   timeout=300)  # fmt: skip
 
     site = f"http://127.0.0.1:{web_port}"
     with browser() as page:
@@ -58,9 +63,10 @@ def test_reviewer_confirms_in_the_browser_and_the_pacs_gets_the_verified_sr(
         page.click("#login")
         page.wait_for_selector("#worklist")
         _save(page, tmp_path, "web-worklist.png")
-        first = page.locator("#worklist tbody tr").first
-        assert "Nodule present" in first.inner_text()
-        first.locator("a").click()
+        rows = page.locator("#worklist tbody tr")
+        assert rows.count() == 2 and "Nodule present" in rows.first.inner_text()
+        first_run = rows.first.locator("a").inner_text()
+        rows.first.locator("a").click()
         page.wait_for_selector("#finding-1")
         assert str(header.PatientName) in page.inner_text("#patient")
         page.fill("#finding-1 input[name=comment]", "solid nodule")
@@ -74,6 +80,28 @@ def test_reviewer_confirms_in_the_browser_and_the_pacs_gets_the_verified_sr(
             timeout=120,
         )  # fmt: skip
         assert {s["SeriesDescription"] for s in srs} >= {"AI RESULT - PHYSICIAN REVIEWED"}
+        # The other result: the reviewer clicks the true location on the image.
+        page.goto(f"{site}/")
+        second = page.locator("#worklist tbody tr a")
+        assert second.count() == 1 and second.first.inner_text() != first_run
+        second.first.click()
+        page.wait_for_selector("#key-image")
+        page.click("#overlay")  # the saliency map on, then the click
+        page.wait_for_selector("#key-image")
+        _save(page, tmp_path, "web-result-overlay.png")
+        page.click("#key-image", position={"x": 100, "y": 120})
+        page.wait_for_selector(".done")
+        assert "correct by Smith^Jane" in page.inner_text("main")
+        corrected = d.wait_for(
+            lambda: (found := [i for i in by_class(orthanc.study_instances(other_uid),
+                                                    Comprehensive3DSRStorage)
+                               if i["SeriesDescription"] == "AI RESULT - PHYSICIAN REVIEWED"])
+            and found,
+            timeout=120,
+        )  # fmt: skip
+        sr, _path = fetch(orthanc, corrected[0], tmp_path / "from-orthanc")
+        (finding,) = read_findings(sr)
+        assert finding["present"] is True and finding["graphic_data"] == [(100.0, 120.0)]
         page.click("#logout")
         page.wait_for_selector("#login")
         page.goto(f"{site}/")
