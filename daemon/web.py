@@ -26,14 +26,16 @@ from pydicom import dcmread
 
 from daemon.accounts import AccountService
 from daemon.config import Config
+from daemon.dispatcher import Dispatcher
 from daemon.reviewer import Correction, ReviewError, ReviewService
-from daemon.web_images import SeriesImage, in_slice_order, render, scale_of
+from daemon.web_images import SeriesImage, agreement_plot, in_slice_order, render, scale_of
 from db.jobs import read_saliency
-from db.outbox import outbox_counts
-from db.reports import report_counts
+from db.outbox import list_items, outbox_counts, requeue_dead
+from db.reports import report_counts, requeue_failed_reports
 from db.reviews import series_images
 from db.session import Database
 from db.studies import job_counts, study_counts
+from dicom_io.scu import echo
 from dicom_io.wording import percent, threshold_percent
 
 COOKIE = "secondreader_session"
@@ -269,7 +271,49 @@ def create_app(config: Config, db: Database, healthy: Callable[[], bool] = lambd
                 "reports": report_counts(s),
                 "outbox": outbox_counts(s),
             }
-        return render_template("admin.html", counts=counts, users=accounts.users())
+            dead = list_items(s, state="dead", limit=50)
+        return render_template(
+            "admin.html", counts=counts, users=accounts.users(), dead=dead,
+            destinations=config.delivery.destinations, echo=request.args.get("echo"),
+            done=request.args.get("done"),
+        )  # fmt: skip
+
+    @app.post("/admin/reports/retry")
+    @admin_required
+    def retry_reports() -> Any:
+        with db.session() as s:
+            runs = requeue_failed_reports(s, actor=g.user.username)
+        return redirect(url_for("admin", done=f"{len(runs)} failed report(s) queued again"))
+
+    @app.post("/admin/deliveries/retry")
+    @admin_required
+    def retry_deliveries() -> Any:
+        with db.session() as s:
+            n = requeue_dead(s, actor=g.user.username)
+        return redirect(url_for("admin", done=f"{n} dead letter(s) queued again"))
+
+    @app.post("/admin/echo/<name>")
+    @admin_required
+    def echo_destination(name: str) -> Any:
+        dest = next((d for d in config.delivery.destinations if d.name == name), None)
+        if dest is None:
+            abort(404)
+        try:
+            status = echo(Dispatcher(db, config).remote(dest))
+            text = f"{name}: C-ECHO status 0x{status:04X}" + (" (success)" if status == 0 else "")
+        except Exception as exc:
+            text = f"{name}: no answer ({type(exc).__name__})"
+        return redirect(url_for("admin", echo=text))
+
+    @app.get("/admin/monitoring")
+    @admin_required
+    def monitoring() -> Any:
+        return render_template("monitoring.html", rows=reviews.stats())
+
+    @app.get("/admin/monitoring.png")
+    @admin_required
+    def monitoring_plot() -> Any:
+        return app.response_class(agreement_plot(reviews.stats()), mimetype="image/png")
 
     return app
 

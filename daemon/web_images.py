@@ -1,4 +1,5 @@
-"""The result page's pictures: an image of the analysed series, windowed, with the AI's region.
+"""The web page's pictures: an image of the analysed series with the AI's region, and the
+model monitoring plot.
 
 Rendered on the server as PNG (no viewer in the page): the modality's
 window (dicom_io/summary.window), the finding's box in yellow on its key
@@ -13,6 +14,7 @@ import io
 import warnings
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import matplotlib
 import numpy as np
@@ -83,3 +85,29 @@ def render(
     out = io.BytesIO()
     picture.save(out, format="PNG")
     return out.getvalue(), scale
+
+
+def agreement_plot(rows: list[Any]) -> bytes:
+    """PPV and agreement by ISO week, one line per model version (db/reviews.Agreement rows)."""
+    from matplotlib.figure import Figure  # no pyplot: no global state, thread-safe
+
+    figure = Figure(figsize=(8, 3.5), dpi=100)
+    axes = figure.subplots(1, 2, sharey=True)
+    weekly = [r for r in rows if r.period != "overall"]
+    for model in sorted({r.model for r in weekly}):
+        mine = sorted((r for r in weekly if r.model == model), key=lambda r: r.period)
+        weeks = [r.period for r in mine]
+        for ax, values in zip(axes, ([r.ppv for r in mine], [r.agreement for r in mine]),
+                              strict=True):  # fmt: skip
+            ax.plot(weeks, [v if v is not None else float("nan") for v in values], marker="o",
+                    label=model)  # fmt: skip
+    for ax, title in zip(axes, ("PPV (present findings upheld)", "Agreement"), strict=True):
+        ax.set_title(title)
+        ax.set_ylim(0, 1.05)
+        ax.tick_params(axis="x", labelrotation=45)
+    if weekly:
+        axes[0].legend(fontsize="small")
+    figure.tight_layout()
+    out = io.BytesIO()
+    figure.savefig(out, format="png")
+    return out.getvalue()

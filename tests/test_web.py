@@ -28,7 +28,7 @@ from db.audit import EventType
 from db.models import FindingDecision, OutboxItem, WebSession, utcnow
 from db.session import Database
 from tests import reportdata as rd
-from tests.dicomgen import PATIENT_ID, PATIENT_NAME
+from tests.dicomgen import PATIENT_ID, PATIENT_NAME, storescp
 
 KEY = bytes(range(32))
 PASSWORD = "correct horse battery"
@@ -252,3 +252,49 @@ def rd_key_image(db: Database) -> str:
     with db.session() as s:
         (uid,) = s.scalars(select(FindingRecord.sop_instance_uid)).all()
     return str(uid)
+
+
+def test_operations_and_monitoring_are_for_admins_and_work(tmp_path: Path) -> None:
+    with storescp(tmp_path / "pacs") as pacs_port:
+        config, db = make(tmp_path, "")
+        # The PACS of the config is dcmtk's storescp here, for a real C-ECHO.
+        config.delivery.destinations[0].port = pacs_port
+        config.delivery.destinations[0].ae_title = "STORESCP"
+        app = create_app(config, db)
+        reviewer, admin = app.test_client(), app.test_client()
+        login(reviewer)
+        login(admin, "root")
+        token = csrf(reviewer)
+        for action in ("/admin/reports/retry", "/admin/deliveries/retry", "/admin/echo/pacs"):
+            assert reviewer.post(action, data={"csrf": token}).status_code == 403, action
+        for page in ("/admin/monitoring", "/admin/monitoring.png"):
+            assert reviewer.get(page).status_code == 403
+
+        admin_token = csrf(admin, "/admin")
+        assert admin.post("/admin/echo/pacs").status_code == 400  # no CSRF token
+        rsp = admin.post("/admin/echo/pacs", data={"csrf": admin_token}, follow_redirects=True)
+        assert "pacs: C-ECHO status 0x0000 (success)" in rsp.get_data(as_text=True)
+
+        # A dead letter, sent again from the page.
+        with db.session() as s:
+            s.execute(update(OutboxItem).values(state="dead"))
+        page = admin.get("/admin").get_data(as_text=True)
+        assert 'id="retry-deliveries"' in page
+        rsp = admin.post("/admin/deliveries/retry", data={"csrf": admin_token},
+                         follow_redirects=True)  # fmt: skip
+        assert "dead letter(s) queued again" in rsp.get_data(as_text=True)
+        with db.session() as s:
+            assert {i.state for i in s.scalars(select(OutboxItem))} == {"pending"}
+            requeued = audit.events(s, EventType.DELIVERY_REQUEUED)
+        assert requeued and {e.actor for e in requeued} == {"root"}
+
+        # Monitoring: a decision shows in the table, and the plot is a picture.
+        token = csrf(reviewer, "/results/1")
+        reviewer.post("/results/1/decide", data={"decision": "reject", "finding": "1",
+                                                 "csrf": token})  # fmt: skip
+        table = admin.get("/admin/monitoring").get_data(as_text=True)
+        assert "secondreader-test" in table or "overall" in table
+        assert re.search(r"<td>overall</td><td>0</td><td>1</td><td>0</td>", table), table
+        plot = admin.get("/admin/monitoring.png")
+        assert plot.status_code == 200 and plot.data[:8] == b"\x89PNG\r\n\x1a\n"
+        db.dispose()

@@ -40,6 +40,12 @@ def test_reviewer_confirms_in_the_browser_and_the_pacs_gets_the_verified_sr(
         cwd=REPO, env=d.env, input=PASSWORD + "\n", capture_output=True, text=True,
     )  # fmt: skip
     assert added.returncode == 0, added.stderr
+    admin = subprocess.run(
+        [sys.executable, "-m", "daemon.cli", "user", "add", "root", "--role", "admin",
+         "--password-stdin"],
+        cwd=REPO, env=d.env, input=PASSWORD + "\n", capture_output=True, text=True,
+    )  # fmt: skip
+    assert admin.returncode == 0, admin.stderr
     d.start()
     files = demo_ct(tmp_path / "ct", seed=3)
     header = dcmread(files[0], stop_before_pixels=True)
@@ -106,6 +112,17 @@ def test_reviewer_confirms_in_the_browser_and_the_pacs_gets_the_verified_sr(
         page.wait_for_selector("#login")
         page.goto(f"{site}/")
         assert page.url.endswith("/login")  # logged out: back to the login
+        # The administrator's monitoring page: one confirmed, one corrected.
+        page.fill("input[name=username]", "root")
+        page.fill("input[name=password]", PASSWORD)
+        page.click("#login")
+        page.wait_for_selector("#worklist")
+        page.goto(f"{site}/admin/monitoring")
+        overall = page.locator("#agreement tr", has_text="overall").inner_text().split()
+        # model name, version, "overall", then confirmed, rejected, corrected
+        assert overall[3:6] == ["1", "0", "1"], overall
+        page.wait_for_function("document.getElementById('plot').naturalWidth > 0")
+        _save(page, tmp_path, "web-monitoring.png")
     for url in urls:
         assert str(header.PatientName) not in url and str(header.PatientID) not in url
     log = d.log()
