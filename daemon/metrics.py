@@ -13,7 +13,11 @@ from collections.abc import Callable, Iterator
 from typing import Any
 
 from prometheus_client import start_http_server
-from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily
+from prometheus_client.core import (
+    CounterMetricFamily,
+    GaugeMetricFamily,
+    HistogramMetricFamily,
+)
 from prometheus_client.registry import Collector, CollectorRegistry
 
 from db.audit import event_counts
@@ -21,6 +25,7 @@ from db.outbox import outbox_counts
 from db.reports import report_counts
 from db.retention import files_removed_count
 from db.session import Database
+from db.stage_times import STAGES, decision_counts, stage_durations
 from db.studies import job_counts, study_counts
 
 log = logging.getLogger(__name__)
@@ -45,6 +50,8 @@ class DatabaseCollector(Collector):
                 }
                 events = event_counts(s)
                 removed = files_removed_count(s)
+                durations = stage_durations(s)
+                decisions = decision_counts(s)
         except Exception:
             log.exception("metrics: database query failed")
             up.add_metric([], 0)
@@ -71,6 +78,20 @@ class DatabaseCollector(Collector):
         for event_type, n in sorted(events.items()):
             audit.add_metric([event_type], n)
         yield audit
+        for stage in STAGES:
+            yield _histogram(
+                f"secondreader_stage_{stage}_seconds",
+                f"Seconds of the {stage.replace('_', ' ')} stage (from the database's timestamps)",
+                durations[stage],
+            )
+        review = CounterMetricFamily(
+            "secondreader_review_decisions",
+            "Physicians' decisions on AI findings, by model version and decision",
+            labels=["model", "version", "decision"],
+        )
+        for (model, version, decision), n in sorted(decisions.items()):
+            review.add_metric([model, version, decision], n)
+        yield review
         yield GaugeMetricFamily(
             "secondreader_studies_files_removed",
             "Studies whose files retention removed (their rows stay)",
@@ -88,6 +109,17 @@ class DatabaseCollector(Collector):
                 "1 when the disk is above the high watermark and nothing may be removed",
                 value=1.0 if state["blocked"] else 0.0,
             )
+
+
+# Seconds: from a fast hand-off to a slow study, a quiet window to an hour.
+BUCKETS = (0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0, 60.0, 120.0, 300.0, 900.0, 3600.0)
+
+
+def _histogram(name: str, documentation: str, values: list[float]) -> HistogramMetricFamily:
+    counts = [sum(1 for v in values if v <= bound) for bound in BUCKETS]
+    buckets = [(str(bound), n) for bound, n in zip(BUCKETS, counts, strict=True)]
+    buckets.append(("+Inf", len(values)))
+    return HistogramMetricFamily(name, documentation, buckets=buckets, sum_value=sum(values))
 
 
 def serve_metrics(

@@ -29,10 +29,10 @@ from daemon.config import Config
 from daemon.dispatcher import Dispatcher
 from daemon.reviewer import Correction, ReviewError, ReviewService
 from daemon.web_images import SeriesImage, agreement_plot, in_slice_order, render, scale_of
-from db.jobs import read_saliency
+from db.jobs import read_saliency, requeue_failed_jobs, running_jobs
 from db.outbox import list_items, outbox_counts, requeue_dead
 from db.reports import report_counts, requeue_failed_reports
-from db.reviews import series_images
+from db.reviews import run_provenance, series_images
 from db.session import Database
 from db.studies import job_counts, study_counts
 from dicom_io.scu import echo
@@ -156,6 +156,8 @@ def create_app(config: Config, db: Database, healthy: Callable[[], bool] = lambd
         except ReviewError:
             abort(404)
         patient = _patient(config, view.study_instance_uid, view.ai_sr_sop_instance_uid)
+        with db.session() as s:
+            provenance = run_provenance(s, run_id)
         images = series(run_id)
         shown = chosen_slice(view, images) if images else None
         viewer = (
@@ -166,7 +168,7 @@ def create_app(config: Config, db: Database, healthy: Callable[[], bool] = lambd
         return render_template(
             "result.html", r=view, history=history, patient=patient, viewer=viewer,
             message=request.args.get("done"), shown=shown, n_images=len(images),
-            overlay=request.args.get("overlay") == "1",
+            overlay=request.args.get("overlay") == "1", provenance=provenance,
         )  # fmt: skip
 
     series_cache: dict[int, list[SeriesImage]] = {}
@@ -272,11 +274,19 @@ def create_app(config: Config, db: Database, healthy: Callable[[], bool] = lambd
                 "outbox": outbox_counts(s),
             }
             dead = list_items(s, state="dead", limit=50)
+            running = running_jobs(s)
         return render_template(
             "admin.html", counts=counts, users=accounts.users(), dead=dead,
             destinations=config.delivery.destinations, echo=request.args.get("echo"),
-            done=request.args.get("done"),
+            done=request.args.get("done"), running=running, worker=config.worker,
         )  # fmt: skip
+
+    @app.post("/admin/jobs/retry")
+    @admin_required
+    def retry_jobs() -> Any:
+        with db.session() as s:
+            n = requeue_failed_jobs(s, actor=g.user.username)
+        return redirect(url_for("admin", done=f"{n} failed job(s) queued again"))
 
     @app.post("/admin/reports/retry")
     @admin_required

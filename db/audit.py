@@ -46,6 +46,7 @@ class EventType:
     JOB_FAILED = "job.failed"  # gave up after worker.max_attempts
     JOB_RELEASED = "job.released"  # worker stopping: back to the queue, attempt not counted
     JOB_LEASE_EXPIRED = "job.lease_expired"  # worker died or hung: attempt counted
+    JOB_REQUEUED = "job.requeued"  # a failed job queued again by an administrator
     ANALYSIS_RECORDED = "analysis.recorded"  # one AnalysisRun and its findings
     # The report and deliver stages (db/reports.py, db/outbox.py).
     REPORT_CREATED = "report.created"  # SR (+ SEG) built and queued in the outbox

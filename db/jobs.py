@@ -650,3 +650,34 @@ def _jsonable(value: Any) -> Any:
     if value is None or isinstance(value, str | int | float | bool):
         return value
     return str(value)
+
+
+def requeue_failed_jobs(session: Session, *, actor: str, now: datetime | None = None) -> int:
+    """Jobs that gave up (`worker.max_attempts`) back to the queue with fresh attempts."""
+    now = now or utcnow()
+    failed = session.execute(
+        select(Job.id, Study.study_instance_uid)
+        .join(Study, Study.id == Job.study_id)
+        .where(Job.state == JobState.FAILED)
+    ).all()
+    for job_id, study_uid in failed:
+        session.execute(
+            update(Job)
+            .where(Job.id == job_id, Job.state == JobState.FAILED)
+            .values(
+                state=JobState.QUEUED, attempts=0, not_before=now, last_error=None, finished_at=None
+            )  # fmt: skip
+        )
+        audit.record(session, EventType.JOB_REQUEUED, actor, study_instance_uid=study_uid,
+                     job_id=job_id)  # fmt: skip
+    return len(failed)
+
+
+def running_jobs(session: Session) -> list[tuple[int, str, str | None]]:
+    """(job id, study UID, worker) of the jobs being analysed now."""
+    rows = session.execute(
+        select(Job.id, Study.study_instance_uid, Job.lease_owner)
+        .join(Study, Study.id == Job.study_id)
+        .where(Job.state == JobState.RUNNING)
+    ).all()
+    return [(job_id, uid, owner) for job_id, uid, owner in rows]

@@ -455,3 +455,10 @@ def series_images(session: Session, run_id: int) -> tuple[list[tuple[str, str]],
         .order_by(Instance.id)
     ).all()
     return [(uid, path) for uid, path in rows], run.saliency_path
+
+
+def run_provenance(session: Session, run_id: int) -> dict[str, Any]:
+    """How the run came about: the algorithm's parameters (weights hash, threshold), the
+    preprocessing steps with their parameters and times, and the job and worker."""
+    run = session.get(AnalysisRun, run_id)
+    return dict(run.provenance) if run is not None and run.provenance else {}

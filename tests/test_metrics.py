@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import urllib.request
 from pathlib import Path
 
@@ -44,3 +45,52 @@ def test_metrics_count_studies_jobs_and_audit_events(daemon_factory, tmp_path: P
     assert m[("secondreader_studies_files_removed", ())] == 0
     assert d.stop() == 0
     db.close()
+
+
+def test_stage_histograms_and_review_decisions_move(daemon_factory, tmp_path: Path) -> None:  # type: ignore[no-untyped-def]
+    """Received, analysed, reported, delivered, reviewed: each shows in /metrics."""
+    from tests.dicomgen import by_sop_instance, storescp
+    from tests.test_review_orthanc import demo_ct
+
+    port = free_port()
+    with storescp(tmp_path / "pacs") as pacs_port:
+        d = daemon_factory(
+            f"""
+[metrics]
+enabled = true
+port = {port}
+
+[report]
+check_interval_seconds = 0.3
+
+[[delivery.destinations]]
+name = "pacs"
+ae_title = "STORESCP"
+host = "127.0.0.1"
+port = {pacs_port}
+outputs = ["sr"]
+"""
+        ).start()
+        before = _scrape(port)
+        for stage in ("receive_to_complete", "queue_wait", "analysis", "report", "delivery"):
+            assert before[(f"secondreader_stage_{stage}_seconds_count", ())] == 0
+        assert storescu(d.port, demo_ct(tmp_path / "ct", seed=3)).returncode == 0
+        d.wait_for(lambda: "delivered 1 object(s) to pacs" in d.log(), timeout=300)
+        assert len(by_sop_instance(tmp_path / "pacs")) == 1
+        after = _scrape(port)
+        for stage in ("receive_to_complete", "queue_wait", "analysis", "report", "delivery"):
+            assert after[(f"secondreader_stage_{stage}_seconds_count", ())] == 1, stage
+            inf = (f"secondreader_stage_{stage}_seconds_bucket", (("le", "+Inf"),))
+            assert after[inf] == 1
+        # The analysis took time; its sum says how much.
+        assert after[("secondreader_stage_analysis_seconds_sum", ())] > 0
+        run = d.cli("review", "list", "--json").stdout
+        run_id = str(json.loads(run)[0]["run_id"])
+        d.cli("review", "confirm", run_id, "--reviewer", "Smith^Jane")
+        reviewed = _scrape(port)
+        confirmed = [
+            v for (name, labels), v in reviewed.items()
+            if name == "secondreader_review_decisions_total" and ("decision", "confirm") in labels
+        ]  # fmt: skip
+        assert confirmed == [1]
+        assert d.stop() == 0

@@ -25,7 +25,7 @@ from daemon.reporter import Reporter
 from daemon.web import COOKIE, create_app
 from db import audit, migrate
 from db.audit import EventType
-from db.models import FindingDecision, OutboxItem, WebSession, utcnow
+from db.models import FindingDecision, Job, OutboxItem, WebSession, utcnow
 from db.session import Database
 from tests import reportdata as rd
 from tests.dicomgen import PATIENT_ID, PATIENT_NAME, storescp
@@ -115,6 +115,9 @@ def test_login_review_and_logout(site, caplog: pytest.LogCaptureFixture) -> None
     page = client.get("/results/1").get_data(as_text=True)
     assert PATIENT_NAME in page and PATIENT_ID in page  # for the logged-in reviewer only
     assert "NOT VERIFIED" in page
+    # How the AI came to it: the algorithm's parameters and the preprocessing steps.
+    assert 'id="provenance"' in page and "threshold" in page
+    assert "<td>window</td>" in page  # rd.analysed's preprocessing step
 
     # A form posted without the session's CSRF token is refused.
     refused = client.post("/results/1/decide", data={"decision": "confirm", "finding": "1"})
@@ -265,7 +268,8 @@ def test_operations_and_monitoring_are_for_admins_and_work(tmp_path: Path) -> No
         login(reviewer)
         login(admin, "root")
         token = csrf(reviewer)
-        for action in ("/admin/reports/retry", "/admin/deliveries/retry", "/admin/echo/pacs"):
+        for action in ("/admin/reports/retry", "/admin/deliveries/retry", "/admin/echo/pacs",
+                       "/admin/jobs/retry"):  # fmt: skip
             assert reviewer.post(action, data={"csrf": token}).status_code == 403, action
         for page in ("/admin/monitoring", "/admin/monitoring.png"):
             assert reviewer.get(page).status_code == 403
@@ -287,6 +291,15 @@ def test_operations_and_monitoring_are_for_admins_and_work(tmp_path: Path) -> No
             assert {i.state for i in s.scalars(select(OutboxItem))} == {"pending"}
             requeued = audit.events(s, EventType.DELIVERY_REQUEUED)
         assert requeued and {e.actor for e in requeued} == {"root"}
+
+        # A failed job, analysed again from the page.
+        with db.session() as s:
+            s.execute(update(Job).values(state="failed", attempts=3))
+        assert 'id="retry-jobs"' in admin.get("/admin").get_data(as_text=True)
+        admin.post("/admin/jobs/retry", data={"csrf": admin_token})
+        with db.session() as s:
+            assert {(j.state, j.attempts) for j in s.scalars(select(Job))} == {("queued", 0)}
+            assert [e.actor for e in audit.events(s, EventType.JOB_REQUEUED)] == ["root"]
 
         # Monitoring: a decision shows in the table, and the plot is a picture.
         token = csrf(reviewer, "/results/1")
