@@ -92,6 +92,11 @@ class _Batched:
     def manifest(self) -> ModelManifest:
         return self._model.manifest
 
+    @property
+    def device(self) -> object:
+        """Where the network runs (the run's provenance records it)."""
+        return self._model.device
+
     def predict(self, slices: np.ndarray) -> Prediction:
         return self._model.predict(slices, batch_size=self._batch_size)
 

@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import hmac
 from collections.abc import Callable
+from datetime import datetime, timedelta
 from functools import wraps
 from pathlib import Path
 from typing import Any
@@ -29,7 +30,8 @@ from daemon.config import Config
 from daemon.dispatcher import Dispatcher
 from daemon.reviewer import Correction, ReviewError, ReviewService
 from daemon.web_images import SeriesImage, agreement_plot, in_slice_order, render, scale_of
-from db.jobs import read_saliency, requeue_failed_jobs, running_jobs
+from db.jobs import read_saliency, recent_workers, requeue_failed_jobs, running_jobs
+from db.models import utcnow
 from db.outbox import list_items, outbox_counts, requeue_dead
 from db.reports import report_counts, requeue_failed_reports
 from db.reviews import run_provenance, series_images
@@ -141,12 +143,30 @@ def create_app(config: Config, db: Database, healthy: Callable[[], bool] = lambd
         state = request.args.get("state", "pending")
         if state not in ("pending", "in_review", "decided", "all"):
             abort(400)
+        since = None
+        if request.args.get("since"):
+            try:
+                since = datetime.fromisoformat(request.args["since"])
+            except ValueError:
+                abort(400)
         results = reviews.results(
             state=None if state == "all" else state,
             modality=request.args.get("modality") or None,
             model=request.args.get("model") or None,
+            since=since,
         )
-        return render_template("worklist.html", results=results, state=state)
+        # Triage: a present finding first, then the most probable, then the oldest.
+        results.sort(
+            key=lambda r: (not any(f.present for f in r.findings), -r.top_probability,
+                           r.created_at, r.run_id)
+        )  # fmt: skip
+        now = utcnow()
+        rows = [
+            (r, _study_date(config, r.study_instance_uid, r.ai_sr_sop_instance_uid),
+             _age(now - r.created_at))
+            for r in results
+        ]  # fmt: skip
+        return render_template("worklist.html", rows=rows, state=state)
 
     @app.get("/results/<int:run_id>")
     @login_required
@@ -275,10 +295,12 @@ def create_app(config: Config, db: Database, healthy: Callable[[], bool] = lambd
             }
             dead = list_items(s, state="dead", limit=50)
             running = running_jobs(s)
+            workers = recent_workers(s, utcnow() - timedelta(hours=24))
         return render_template(
             "admin.html", counts=counts, users=accounts.users(), dead=dead,
             destinations=config.delivery.destinations, echo=request.args.get("echo"),
             done=request.args.get("done"), running=running, worker=config.worker,
+            workers=workers,
         )  # fmt: skip
 
     @app.post("/admin/jobs/retry")
@@ -357,3 +379,25 @@ def _saliency_plane(config: Config, db: Database, run_id: int, sop_uid: str) -> 
     if sop_uid not in saliency.source_sop_instance_uids:
         return None
     return saliency.frames[saliency.source_sop_instance_uids.index(sop_uid)]
+
+
+def _study_date(config: Config, study_uid: str, sr_uid: str | None) -> str:
+    """The Study Date (YYYY-MM-DD) as the AI SR carries it, or ""."""
+    if sr_uid is None:
+        return ""
+    path = config.storage.state_dir / "outbox" / study_uid / f"{sr_uid}.dcm"
+    try:
+        value = str(dcmread(path, stop_before_pixels=True, specific_tags=["StudyDate"])
+                    .get("StudyDate", ""))  # fmt: skip
+    except (OSError, ValueError):
+        return ""
+    return f"{value[:4]}-{value[4:6]}-{value[6:8]}" if len(value) == 8 else value
+
+
+def _age(delta: timedelta) -> str:
+    minutes = int(delta.total_seconds() // 60)
+    if minutes < 60:
+        return f"{minutes} min"
+    if minutes < 48 * 60:
+        return f"{minutes // 60} h"
+    return f"{minutes // (24 * 60)} days"

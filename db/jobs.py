@@ -681,3 +681,23 @@ def running_jobs(session: Session) -> list[tuple[int, str, str | None]]:
         .where(Job.state == JobState.RUNNING)
     ).all()
     return [(job_id, uid, owner) for job_id, uid, owner in rows]
+
+
+def recent_workers(session: Session, since: datetime) -> list[tuple[str, str, int]]:
+    """(worker, device, runs) of the workers that recorded analyses since `since`."""
+    seen: dict[tuple[str, str], int] = {}
+    for provenance in session.scalars(
+        select(AnalysisRun.provenance).where(AnalysisRun.created_at >= since)
+    ):
+        worker = str((provenance or {}).get("job", {}).get("worker", ""))
+        device = next(
+            (
+                str(step.get("parameters", {}).get("device", ""))
+                for step in (provenance or {}).get("steps", [])
+                if isinstance(step, dict) and step.get("name") == "inference"
+            ),
+            "",
+        )
+        if worker:
+            seen[(worker, device)] = seen.get((worker, device), 0) + 1
+    return [(w, d, n) for (w, d), n in sorted(seen.items())]

@@ -121,7 +121,12 @@ def analyse_series(series: LoadedSeries, model: AnalysisModel) -> AnalysisResult
         *pre.steps,
         {
             "name": "inference",
-            "parameters": {"slices": n, "aggregation": "max over slices"},
+            # The device it ran on (a protocol model may not say): CPU or GPU.
+            "parameters": {
+                "slices": n,
+                "aggregation": "max over slices",
+                "device": str(getattr(model, "device", "unknown")),
+            },
             "seconds": inference_seconds,
         },
     ]

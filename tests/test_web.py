@@ -17,6 +17,7 @@ import numpy as np
 import pytest
 from flask.testing import FlaskClient
 from PIL import Image
+from pydicom import dcmread
 from sqlalchemy import select, update
 
 from daemon.accounts import AccountError, AccountService
@@ -101,7 +102,7 @@ def test_every_page_but_login_and_health_needs_a_session(site) -> None:  # type:
     assert client.get("/healthz").status_code == 200
 
 
-def test_login_review_and_logout(site, caplog: pytest.LogCaptureFixture) -> None:  # type: ignore[no-untyped-def]
+def test_login_review_and_logout(site, caplog: pytest.LogCaptureFixture, tmp_path: Path) -> None:  # type: ignore[no-untyped-def]
     app, db = site
     client = app.test_client()
     caplog.set_level(logging.DEBUG)
@@ -112,6 +113,10 @@ def test_login_review_and_logout(site, caplog: pytest.LogCaptureFixture) -> None
 
     worklist = client.get("/").get_data(as_text=True)
     assert "#1" in worklist and "Nodule present" in worklist
+    date = str(dcmread(next((tmp_path / "ct").glob("*.dcm")), stop_before_pixels=True).StudyDate)
+    assert f"<td>{date[:4]}-{date[4:6]}-{date[6:]}</td>" in worklist and " min</td>" in worklist
+    assert "Nothing to review" in client.get("/?since=2999-01-01").get_data(as_text=True)
+    assert client.get("/?since=not-a-date").status_code == 400
     page = client.get("/results/1").get_data(as_text=True)
     assert PATIENT_NAME in page and PATIENT_ID in page  # for the logged-in reviewer only
     assert "NOT VERIFIED" in page
@@ -311,3 +316,12 @@ def test_operations_and_monitoring_are_for_admins_and_work(tmp_path: Path) -> No
         plot = admin.get("/admin/monitoring.png")
         assert plot.status_code == 200 and plot.data[:8] == b"\x89PNG\r\n\x1a\n"
         db.dispose()
+
+
+def test_healthz_fails_when_the_daemon_is_not_healthy(tmp_path: Path) -> None:
+    config, db = make(tmp_path)
+    dead = create_app(config, db, healthy=lambda: False).test_client()
+    assert dead.get("/healthz").status_code == 503
+    alive = create_app(config, db, healthy=lambda: True).test_client()
+    assert alive.get("/healthz").status_code == 200
+    db.dispose()

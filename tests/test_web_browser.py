@@ -123,6 +123,11 @@ def test_reviewer_confirms_in_the_browser_and_the_pacs_gets_the_verified_sr(
         assert overall[3:6] == ["1", "0", "1"], overall
         page.wait_for_function("document.getElementById('plot').naturalWidth > 0")
         _save(page, tmp_path, "web-monitoring.png")
+        # Operations: the worker that analysed both studies, and on which device.
+        page.goto(f"{site}/admin")
+        workers = page.inner_text("#workers")
+        assert "worker" in workers and ("cpu" in workers or "cuda" in workers), workers
+        assert workers.strip().endswith("2")  # two analyses
     for url in urls:
         assert str(header.PatientName) not in url and str(header.PatientID) not in url
     log = d.log()
