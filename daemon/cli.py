@@ -157,21 +157,13 @@ def _cmd_web(config: Config, _args: argparse.Namespace) -> int:
 def _cmd_status(config: Config, args: argparse.Namespace) -> int:
     from daemon.cleaner import Cleaner
     from daemon.service import open_database
-    from db.outbox import outbox_counts
     from db.pulls import pull_counts
-    from db.reports import report_counts
     from db.retention import files_removed_count
-    from db.studies import job_counts, study_counts
+    from db.studies import pipeline_counts
 
     db = open_database(config, signed=False)
     with db.session() as s:
-        report = {
-            "studies": study_counts(s),
-            "jobs": job_counts(s),
-            "reports": report_counts(s),
-            "outbox": outbox_counts(s),
-            "pull": pull_counts(s),
-        }
+        report: dict[str, dict[str, int]] = {**pipeline_counts(s), "pull": pull_counts(s)}
         removed = files_removed_count(s)
     storage = Cleaner(db, config).storage_state()
     db.dispose()

@@ -21,12 +21,10 @@ from prometheus_client.core import (
 from prometheus_client.registry import Collector, CollectorRegistry
 
 from db.audit import event_counts
-from db.outbox import outbox_counts
-from db.reports import report_counts
 from db.retention import files_removed_count
 from db.session import Database
 from db.stage_times import STAGES, decision_counts, stage_durations
-from db.studies import job_counts, study_counts
+from db.studies import pipeline_counts
 
 log = logging.getLogger(__name__)
 
@@ -42,12 +40,7 @@ class DatabaseCollector(Collector):
         up = GaugeMetricFamily("secondreader_database_up", "1 if the database answered")
         try:
             with self.db.session() as s:
-                counts = {
-                    "studies": study_counts(s),
-                    "jobs": job_counts(s),
-                    "reports": report_counts(s),
-                    "outbox": outbox_counts(s),
-                }
+                counts = pipeline_counts(s)
                 events = event_counts(s)
                 removed = files_removed_count(s)
                 durations = stage_durations(s)

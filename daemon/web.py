@@ -32,11 +32,11 @@ from daemon.reviewer import Correction, ReviewError, ReviewService
 from daemon.web_images import SeriesImage, agreement_plot, in_slice_order, render, scale_of
 from db.jobs import read_saliency, recent_workers, requeue_failed_jobs, running_jobs
 from db.models import utcnow
-from db.outbox import list_items, outbox_counts, requeue_dead
-from db.reports import report_counts, requeue_failed_reports
+from db.outbox import list_items, requeue_dead
+from db.reports import requeue_failed_reports
 from db.reviews import run_provenance, series_images
 from db.session import Database
-from db.studies import job_counts, study_counts
+from db.studies import pipeline_counts
 from dicom_io.scu import echo
 from dicom_io.wording import percent, threshold_percent
 
@@ -171,10 +171,7 @@ def create_app(config: Config, db: Database, healthy: Callable[[], bool] = lambd
     @app.get("/results/<int:run_id>")
     @login_required
     def result(run_id: int) -> Any:
-        try:
-            view, history = reviews.show(run_id)
-        except ReviewError:
-            abort(404)
+        view, history = result_or_404(run_id)
         patient = _patient(config, view.study_instance_uid, view.ai_sr_sop_instance_uid)
         with db.session() as s:
             provenance = run_provenance(s, run_id)
@@ -190,6 +187,13 @@ def create_app(config: Config, db: Database, healthy: Callable[[], bool] = lambd
             message=request.args.get("done"), shown=shown, n_images=len(images),
             overlay=request.args.get("overlay") == "1", provenance=provenance,
         )  # fmt: skip
+
+    def result_or_404(run_id: int) -> tuple[Any, list[dict[str, Any]]]:
+        """The result and its history, or 404."""
+        try:
+            return reviews.show(run_id)
+        except ReviewError:
+            abort(404)
 
     series_cache: dict[int, list[SeriesImage]] = {}
 
@@ -222,10 +226,7 @@ def create_app(config: Config, db: Database, healthy: Callable[[], bool] = lambd
     @app.get("/results/<int:run_id>/image.png")
     @login_required
     def image(run_id: int) -> Any:
-        try:
-            view, _ = reviews.show(run_id)
-        except ReviewError:
-            abort(404)
+        view, _ = result_or_404(run_id)
         images = series(run_id)
         if not images:
             abort(404)
@@ -243,10 +244,7 @@ def create_app(config: Config, db: Database, healthy: Callable[[], bool] = lambd
     @app.post("/results/<int:run_id>/correct")
     @login_required
     def correct(run_id: int) -> Any:
-        try:
-            view, _ = reviews.show(run_id)
-        except ReviewError:
-            abort(404)
+        view, _ = result_or_404(run_id)
         images = series(run_id)
         finding = request.form.get("finding", type=int)
         x, y = request.form.get("click.x", type=float), request.form.get("click.y", type=float)
@@ -287,12 +285,7 @@ def create_app(config: Config, db: Database, healthy: Callable[[], bool] = lambd
     @admin_required
     def admin() -> Any:
         with db.session() as s:
-            counts = {
-                "studies": study_counts(s),
-                "jobs": job_counts(s),
-                "reports": report_counts(s),
-                "outbox": outbox_counts(s),
-            }
+            counts = pipeline_counts(s)
             dead = list_items(s, state="dead", limit=50)
             running = running_jobs(s)
             workers = recent_workers(s, utcnow() - timedelta(hours=24))
@@ -354,14 +347,21 @@ def _set_cookie(response: Any, token: str, secure: bool) -> None:
     response.set_cookie(COOKIE, token, httponly=True, samesite="Strict", secure=secure, path="/")
 
 
-def _patient(config: Config, study_uid: str, sr_uid: str | None) -> dict[str, str]:
-    """Name and ID from the AI SR in the outbox: shown to the logged-in reviewer only."""
+def _ai_sr_header(config: Config, study_uid: str, sr_uid: str | None, tags: list[str]) -> Any:
+    """Some attributes of the AI SR in the outbox, or None (no SR, or its file is gone)."""
     if sr_uid is None:
-        return {}
+        return None
     path = config.storage.state_dir / "outbox" / study_uid / f"{sr_uid}.dcm"
     try:
-        ds = dcmread(path, stop_before_pixels=True, specific_tags=["PatientName", "PatientID"])
+        return dcmread(path, stop_before_pixels=True, specific_tags=tags)
     except (OSError, ValueError):
+        return None
+
+
+def _patient(config: Config, study_uid: str, sr_uid: str | None) -> dict[str, str]:
+    """Name and ID from the AI SR: shown to the logged-in reviewer only."""
+    ds = _ai_sr_header(config, study_uid, sr_uid, ["PatientName", "PatientID"])
+    if ds is None:
         return {}
     return {"name": str(ds.get("PatientName", "")), "id": str(ds.get("PatientID", ""))}
 
@@ -383,14 +383,8 @@ def _saliency_plane(config: Config, db: Database, run_id: int, sop_uid: str) -> 
 
 def _study_date(config: Config, study_uid: str, sr_uid: str | None) -> str:
     """The Study Date (YYYY-MM-DD) as the AI SR carries it, or ""."""
-    if sr_uid is None:
-        return ""
-    path = config.storage.state_dir / "outbox" / study_uid / f"{sr_uid}.dcm"
-    try:
-        value = str(dcmread(path, stop_before_pixels=True, specific_tags=["StudyDate"])
-                    .get("StudyDate", ""))  # fmt: skip
-    except (OSError, ValueError):
-        return ""
+    ds = _ai_sr_header(config, study_uid, sr_uid, ["StudyDate"])
+    value = "" if ds is None else str(ds.get("StudyDate", ""))
     return f"{value[:4]}-{value[4:6]}-{value[6:8]}" if len(value) == 8 else value
 
 

@@ -193,3 +193,16 @@ def study_instances(session: Session, study_instance_uid: str) -> list[Instance]
             .order_by(Instance.id)
         )
     )
+
+
+def pipeline_counts(session: Session) -> dict[str, dict[str, int]]:
+    """Studies, jobs, reports and outbox rows by state: `status`, /metrics and the web page."""
+    from db.outbox import outbox_counts
+    from db.reports import report_counts
+
+    return {
+        "studies": study_counts(session),
+        "jobs": job_counts(session),
+        "reports": report_counts(session),
+        "outbox": outbox_counts(session),
+    }
