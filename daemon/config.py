@@ -82,7 +82,7 @@ class SCPConfig(_Section):
     # completes as soon as every instance it lists has arrived, without the
     # quiet window (completion.stable_seconds, still the rule without MPPS).
     accept_mpps: bool = True
-    # Receiving processes sharing the port (SO_REUSEPORT): concurrent
+    # Receiving processes sharing the listening socket: concurrent
     # associations are received on that many cores. 1: `serve` alone.
     # max_associations applies to each process.
     processes: int = Field(1, ge=1, le=64)
@@ -97,8 +97,10 @@ class SCPConfig(_Section):
     # included), and for any one PDU to arrive whole: past these a peer is cut off.
     request_timeout_seconds: float = Field(10.0, gt=0)
     pdu_timeout_seconds: float = Field(60.0, gt=0)
-    # Connections from one address that may wait for their association at once.
-    max_pending_per_address: int = Field(4, ge=1)
+    # Connections from one address that may wait for their association at once:
+    # above max_associations' default, so that a PACS opening its associations
+    # in one burst is served, yet one address cannot take every pending slot.
+    max_pending_per_address: int = Field(16, ge=1)
     # Empty list: any calling AE is accepted. Otherwise default deny.
     allowed_peers: list[AllowedPeer] = Field(default_factory=list)
     tls: TLSConfig = Field(default_factory=TLSConfig)

@@ -37,8 +37,8 @@ from dicom_io.identify import (
     STATUS_OUT_OF_RESOURCES,
     Identity,
     InvalidDataset,
-    check_complete,
     identify,
+    identify_received,
     read_transfer_syntax,
     valid_uid,
 )
@@ -142,8 +142,7 @@ class Receiver:
         try:
             # The framing first: it refuses hostile nesting and unknown VRs
             # before a recursive parser sees them.
-            check_complete(obj.dataset, obj.transfer_syntax_uid)
-            ident = identify(obj.file_bytes)
+            ident = identify_received(obj.dataset, obj.transfer_syntax_uid, obj.file_bytes)
         except InvalidDataset as exc:
             return self._refuse(obj, exc.status, str(exc))
         if (
@@ -194,7 +193,7 @@ class Receiver:
                 # fsync in turn. So the file is durable before the transaction
                 # starts. (Alone, the two overlap: the lowest latency.)
                 wait([written])
-            with self.db.session() as s:
+            with self.db.write_session() as s:
                 is_new = record_instance(s, item)
                 written.result()  # an OSError here rolls the row back
         except UIDConflict as exc:

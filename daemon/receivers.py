@@ -1,8 +1,9 @@
 """Receive on every core: more receiving processes sharing the SCP's port.
 
 With `scp.processes = N`, `serve` listens itself and starts N-1 receiving
-processes that bind the same port (SO_REUSEPORT); the kernel spreads the
-incoming associations over the N listening sockets. Each process is the
+processes that accept from its listening socket (passed to them, not bound
+again): whichever process is least busy takes the next association
+(dicom_io/guard.py, SharedSocketAssociationServer). Each process is the
 receive stage in full (dicom_io/scp.py, daemon/receiver.py): the same
 spool, fsync before the response, and the same database, so an
 acknowledged instance is as durable as with one process. Only `serve` runs
@@ -15,23 +16,34 @@ dies is started again; on SIGTERM the children drain like `serve`.
 
 from __future__ import annotations
 
+import dataclasses
 import logging
 import multiprocessing
 import os
 import signal
+import socket
 import threading
 from collections.abc import Callable
 from multiprocessing.process import BaseProcess
 from types import FrameType
+from typing import Any
 
 from daemon.config import Config
+from dicom_io.guard import UNAVAILABLE, LoadBoard
 
 log = logging.getLogger(__name__)
 
 _SPAWN = multiprocessing.get_context("spawn")  # no fork of a threaded process
 
 
-def run_receiving_process(config: Config, index: int, wake_fd: int, parent: int) -> None:
+def run_receiving_process(
+    config: Config,
+    index: int,
+    listening: socket.socket,
+    counts: Any,
+    wake_fd: int,
+    parent: int,
+) -> None:
     """A child's whole life: the receive stage alone, until SIGTERM or its parent is gone."""
     # Imported here: the child is spawned and imports only what receiving needs.
     from daemon.dispatcher import Dispatcher
@@ -60,13 +72,16 @@ def run_receiving_process(config: Config, index: int, wake_fd: int, parent: int)
     receiver.on_ready = lambda: os.write(wake_fd, b"c")
     dispatcher = Dispatcher(db, config)
     scp = StorageSCP(
-        scp_settings(config, share_port=True),
+        dataclasses.replace(
+            scp_settings(config), listening_socket=listening, load_board=LoadBoard(counts, index)
+        ),
         receiver.on_store,
         receiver.on_association,
         on_commitment=dispatcher.on_commitment if dispatcher.wants_commitment else None,
         on_mpps=receiver.on_mpps if config.scp.accept_mpps else None,
     )
     scp.start()
+    LoadBoard(counts, index).set(0)  # listening: the others may leave connections to us now
     log.info("receiving process %d (pid %d) listening on port %d", index, os.getpid(), scp.port)
     while not stop.wait(1.0):
         if os.getppid() != parent:  # serve is gone: do not hold the port alone
@@ -87,8 +102,19 @@ class ReceiverPool:
         self._read_fd, self._write_fd = os.pipe()
         self._procs: list[BaseProcess | None] = [None] * self.count
         self._stopping = False
+        self._listening: socket.socket | None = None
+        # Open connections of `serve` (slot 0) and of each child (dicom_io/guard.py).
+        self._counts = _SPAWN.RawArray("q", config.scp.processes)
+        for index in range(1, config.scp.processes):
+            self._counts[index] = UNAVAILABLE  # until that child listens
 
-    def start(self) -> None:
+    def board(self) -> LoadBoard:
+        """`serve`'s own slot, for its SCP."""
+        return LoadBoard(self._counts, 0)
+
+    def start(self, listening: socket.socket) -> None:
+        """Start the children on `serve`'s listening socket (it stays open in `serve`)."""
+        self._listening = listening
         for index in range(self.count):
             self._spawn(index)
         threading.Thread(target=self._wake_loop, name="receiver-wake", daemon=True).start()
@@ -96,7 +122,15 @@ class ReceiverPool:
     def _spawn(self, index: int) -> None:
         proc = _SPAWN.Process(
             target=run_receiving_process,
-            args=(self.config, index + 1, self._write_fd, os.getpid()),
+            # The socket travels as a file descriptor (multiprocessing's reduction).
+            args=(
+                self.config,
+                index + 1,
+                self._listening,
+                self._counts,
+                self._write_fd,
+                os.getpid(),
+            ),
             name=f"secondreader-receive-{index + 1}",
             daemon=False,
         )
@@ -121,6 +155,7 @@ class ReceiverPool:
                 continue
             healthy = False
             code = proc.exitcode if proc is not None else None
+            self._counts[index + 1] = UNAVAILABLE  # leave it no connection until it listens
             log.warning("receiving process %d exited (%s); starting it again", index + 1, code)
             self._spawn(index)
         return healthy

@@ -110,20 +110,23 @@ class Service:
         self.dispatcher = Dispatcher(self.db, config)
         # More receiving processes on the same port (daemon/receivers.py).
         shared = config.scp.processes > 1
+        self.scheduler = Scheduler()
+        self.receivers = (
+            ReceiverPool(config, lambda: self.scheduler.wake("complete-studies"))
+            if shared
+            else None
+        )
+        settings = scp_settings(config, share_port=shared)
+        if self.receivers is not None:
+            settings.load_board = self.receivers.board()
         self.scp = StorageSCP(
-            scp_settings(config, share_port=shared),
+            settings,
             self.receiver.on_store,
             self.receiver.on_association,
             on_commitment=(
                 self.dispatcher.on_commitment if self.dispatcher.wants_commitment else None
             ),
             on_mpps=self.receiver.on_mpps if config.scp.accept_mpps else None,
-        )
-        self.scheduler = Scheduler()
-        self.receivers = (
-            ReceiverPool(config, lambda: self.scheduler.wake("complete-studies"))
-            if shared
-            else None
         )
         self.metrics_server: Any = None
         self.web_server: Any = None
@@ -218,7 +221,7 @@ class Service:
         signal.signal(signal.SIGINT, self._on_signal)
         self.scp.start()
         if self.receivers is not None:
-            self.receivers.start()
+            self.receivers.start(self.scp.listening_socket)
         self.scheduler.start()
         self.listener.start()
         if self.config.metrics.enabled:

@@ -29,7 +29,9 @@ recv(length). A pynetdicom upgrade must re-check them (tests/test_hostile.py).
 from __future__ import annotations
 
 import contextlib
+import copy
 import logging
+import select
 import socket
 import ssl
 import threading
@@ -39,6 +41,7 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
 
+from pynetdicom.presentation import PresentationContext
 from pynetdicom.transport import AssociationSocket, RequestHandler, ThreadedAssociationServer
 
 from dicom_io.text import printable
@@ -62,7 +65,7 @@ class GuardLimits:
     max_request_pdu: int = 256 * 1024
     # After: what we announced as our maximum PDU (P-DATA PDVs), plus headers.
     max_pdu: int = 1024 * 1024
-    max_pending_per_address: int = 4
+    max_pending_per_address: int = 16
     max_pending: int = 64
 
 
@@ -106,6 +109,35 @@ class GuardEvent:
     association_id: str | None = None
 
 
+# A slot nobody should defer to: a receiving process not listening yet, or dead.
+UNAVAILABLE = 1 << 40
+
+
+class LoadBoard:
+    """Open connections of each receiving process, in memory they all share.
+
+    Processes that accept from one listening socket (daemon/receivers.py)
+    would otherwise split a burst of associations by luck: whichever accept
+    comes first takes several, and one core idles. Before accepting, a
+    process that holds more connections than another waits a moment for the
+    other to take the connection (`SharedSocketAssociationServer`).
+    `counts` is a shared integer array (multiprocessing RawArray), one slot
+    per process; a slot is only ever written by its own process, except
+    `UNAVAILABLE`, written by the parent for a child that is not running.
+    """
+
+    def __init__(self, counts: Any, index: int) -> None:
+        self.counts = counts
+        self.index = index
+
+    def set(self, open_connections: int) -> None:
+        self.counts[self.index] = open_connections
+
+    def others_less_busy(self) -> bool:
+        mine = self.counts[self.index]
+        return any(n < mine for i, n in enumerate(self.counts) if i != self.index)
+
+
 class ConnectionGuard:
     """Book-keeping of open connections; thread-safe."""
 
@@ -114,8 +146,10 @@ class ConnectionGuard:
         limits: GuardLimits,
         max_associations: int,
         on_event: Callable[[GuardEvent], None],
+        board: LoadBoard | None = None,
     ) -> None:
         self.limits = limits
+        self.board = board
         self.max_associations = max_associations
         self._on_event = on_event
         self._lock = threading.Lock()
@@ -143,6 +177,8 @@ class ConnectionGuard:
             else:
                 conn = Connection(host, port, time.monotonic(), sock.dup())
                 self._conns[id(conn)] = conn
+                if self.board is not None:
+                    self.board.set(len(self._conns))
                 return conn
         self._event(GuardEvent("rejected", host, "", why))
         log.warning("connection from %s:%d refused: %s", host, port, why)
@@ -164,6 +200,8 @@ class ConnectionGuard:
                 return
             conn.closed = True
             self._conns.pop(id(conn), None)
+            if self.board is not None:
+                self.board.set(len(self._conns))
             silent = not conn.reported and conn.cut_reason is None
         if silent:
             # A malformed or incomplete request that pynetdicom aborted on its own.
@@ -266,6 +304,25 @@ class GuardedSocket(AssociationSocket):
         return data
 
 
+class _ContextList(list):  # type: ignore[type-arg]
+    """The supported presentation contexts, copied cheaply for each association.
+
+    pynetdicom deep-copies the server's contexts for every association. With
+    every storage class and transfer syntax that is 40 ms of one core (each
+    UID re-validated by a regular expression), paid again by each of four
+    concurrent associations. A context holds immutable UIDs, flags and one
+    list, so a shallow copy with its own list is the same isolation.
+    """
+
+    def __deepcopy__(self, memo: dict[int, Any]) -> list[PresentationContext]:
+        copies = []
+        for context in self:
+            new = copy.copy(context)
+            new._transfer_syntax = list(context._transfer_syntax)
+            copies.append(new)
+        return copies
+
+
 class _GuardedRequestHandler(RequestHandler):
     server: GuardedAssociationServer
 
@@ -302,12 +359,31 @@ class GuardedAssociationServer(ThreadedAssociationServer):
         # Accepted sockets awaiting their thread (sockets take no attributes).
         self._accepted: dict[int, Connection] = {}
         super().__init__(*args, **kwargs)
+        # Each association starts from a copy of these; see `_ContextList`.
+        self.contexts = _ContextList(self.contexts)
         # The base class would wrap (handshake) in the accept thread: take the context away.
         self.tls_context, self.ssl_context = self.ssl_context, None
 
+    # How long a process holding more connections than another lets that one
+    # take a new connection before it takes it itself (the other may be stuck).
+    defer_seconds = 0.05
+
     def get_request(self) -> tuple[socket.socket, Any]:
         assert self.socket is not None
-        return self.socket.accept()
+        board = self.guard.board
+        if board is not None and board.others_less_busy():
+            deadline = time.monotonic() + self.defer_seconds
+            while board.others_less_busy() and time.monotonic() < deadline:
+                time.sleep(0.001)
+                readable, _, _ = select.select([self.socket], [], [], 0)
+                if not readable:
+                    raise OSError("connection taken by a less busy receiving process")
+        try:
+            return self.socket.accept()
+        except BlockingIOError as exc:
+            # A shared listening socket is non-blocking (SharedSocketAssociationServer):
+            # another process took the connection. socketserver skips an OSError.
+            raise OSError("connection taken by another receiving process") from exc
 
     def verify_request(self, request: Any, client_address: Any) -> bool:
         conn = self.guard.register(request, client_address)
@@ -347,15 +423,30 @@ class GuardedAssociationServer(ThreadedAssociationServer):
                 self.guard.release(conn)
 
 
-class SharedPortAssociationServer(GuardedAssociationServer):
-    """A guarded server whose port other receiving processes share (SO_REUSEPORT).
+class SharedSocketAssociationServer(GuardedAssociationServer):
+    """A guarded server on a listening socket that other processes accept from too.
 
-    Each process binds its own listening socket to the same address; the
-    kernel spreads the incoming connections over them, so associations are
-    received on every core instead of one interpreter's GIL.
+    The receiving processes of daemon/receivers.py share one listening
+    socket (inherited, not bound again). Every process waits on it; the one
+    that calls accept() first takes the connection, and that is the one whose
+    interpreter is least busy. SO_REUSEPORT would instead hash each peer's
+    port to a process: four associations land 3 + 1 or 4 + 0 more often than
+    2 + 2, and one core idles while the other is saturated.
+
+    `listening` is set on a subclass (`sharing`) before the server is made.
     """
+
+    listening: socket.socket
+
+    @classmethod
+    def sharing(cls, listening: socket.socket) -> type[SharedSocketAssociationServer]:
+        return type(cls.__name__, (cls,), {"listening": listening})
 
     def server_bind(self) -> None:
         assert self.socket is not None
-        self.socket.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEPORT, 1)
-        super().server_bind()
+        self.socket.close()
+        self.socket = self.listening
+        self.server_address = self.socket.getsockname()
+
+    def server_activate(self) -> None:
+        pass  # listening already, with the backlog its owner gave it

@@ -84,12 +84,7 @@ def identify(encoded: bytes) -> Identity:
         raise InvalidDataset(
             f"cannot parse dataset ({type(exc).__name__})", STATUS_CANNOT_UNDERSTAND
         ) from exc
-    for key, value in values.items():
-        if not value:
-            raise InvalidDataset(f"{key} missing", STATUS_DATASET_MISMATCH)
-        if not valid_uid(value):
-            # Never echo the value into logs unchecked: it is attacker-controlled.
-            raise InvalidDataset(f"{key} is not a valid UID", STATUS_DATASET_MISMATCH)
+    _check_uids(values)
     return Identity(modality=modality, **values)
 
 
@@ -137,9 +132,14 @@ class _Walker:
     back short), so the receive path checks the framing itself.
     """
 
-    def __init__(self, data: bytes, implicit: bool, little: bool) -> None:
+    def __init__(
+        self, data: bytes, implicit: bool, little: bool, keep: frozenset[int] = frozenset()
+    ) -> None:
         self.data, self.implicit = data, implicit
         self.order: Literal["little", "big"] = "little" if little else "big"
+        # Top-level elements whose raw values are kept on the way (`kept`).
+        self.keep = keep
+        self.kept: dict[int, bytes] = {}
 
     def _u(self, pos: int, size: int) -> int:
         if pos + size > len(self.data):
@@ -183,6 +183,8 @@ class _Walker:
                     raise _Truncated(f"value of ({tag >> 16:04X},{tag & 0xFFFF:04X}) is cut short")
                 if vr == b"SQ":
                     self.defined_items(pos, pos + length, implicit, depth)
+                elif depth == 0 and tag in self.keep:
+                    self.kept[tag] = self.data[pos : pos + length]
                 pos += length
         return pos
 
@@ -224,15 +226,62 @@ class _Walker:
                     raise _Truncated("item value cut short")
 
 
-def check_complete(dataset: bytes, transfer_syntax_uid: str) -> None:
-    """Refuse a dataset (without file meta) whose framing runs past its end."""
-    if transfer_syntax_uid == "1.2.840.10008.1.2.1.99":
-        return  # deflated: pydicom's inflate reports a cut stream itself
+_DEFLATED = "1.2.840.10008.1.2.1.99"
+# The attributes `Identity` holds, by tag: (0008,0016), (0008,0018),
+# (0020,000D), (0020,000E) and (0008,0060).
+_IDENTITY_TAGS = {
+    0x00080016: "sop_class_uid",
+    0x00080018: "sop_instance_uid",
+    0x0020000D: "study_instance_uid",
+    0x0020000E: "series_instance_uid",
+    0x00080060: "modality",
+}
+
+
+def _walk(dataset: bytes, transfer_syntax_uid: str, keep: frozenset[int]) -> dict[int, bytes]:
     implicit = transfer_syntax_uid == "1.2.840.10008.1.2"
     little = transfer_syntax_uid != "1.2.840.10008.1.2.2"
+    walker = _Walker(dataset, implicit, little, keep)
     try:
-        _Walker(dataset, implicit, little).elements(0, len(dataset), implicit)
+        walker.elements(0, len(dataset), implicit)
     except _Truncated as exc:
         raise InvalidDataset(f"dataset is truncated: {exc}", STATUS_CANNOT_UNDERSTAND) from exc
     except _Malformed as exc:
         raise InvalidDataset(f"dataset is malformed: {exc}", STATUS_CANNOT_UNDERSTAND) from exc
+    return walker.kept
+
+
+def check_complete(dataset: bytes, transfer_syntax_uid: str) -> None:
+    """Refuse a dataset (without file meta) whose framing runs past its end."""
+    if transfer_syntax_uid == _DEFLATED:
+        return  # deflated: pydicom's inflate reports a cut stream itself
+    _walk(dataset, transfer_syntax_uid, frozenset())
+
+
+def identify_received(dataset: bytes, transfer_syntax_uid: str, file_bytes: bytes) -> Identity:
+    """`check_complete` and `identify` in one pass over a received dataset.
+
+    The receive path's hot spot: the framing walk keeps the five values on
+    its way, so the dataset is not parsed a second time by pydicom. A
+    deflated dataset has to be inflated: pydicom reads that one.
+    """
+    if transfer_syntax_uid == _DEFLATED:
+        return identify(file_bytes)
+    kept = _walk(dataset, transfer_syntax_uid, frozenset(_IDENTITY_TAGS))
+    # UI pads with NUL, CS with a space (PS3.5 6.2); values are ASCII.
+    text = {
+        name: kept.get(tag, b"").decode("latin-1").strip("\0 ")
+        for tag, name in _IDENTITY_TAGS.items()
+    }
+    modality = text.pop("modality") or None
+    _check_uids(text)
+    return Identity(modality=modality, **text)
+
+
+def _check_uids(values: dict[str, str]) -> None:
+    for key, value in values.items():
+        if not value:
+            raise InvalidDataset(f"{key} missing", STATUS_DATASET_MISMATCH)
+        if not valid_uid(value):
+            # Never echo the value into logs unchecked: it is attacker-controlled.
+            raise InvalidDataset(f"{key} is not a valid UID", STATUS_DATASET_MISMATCH)

@@ -14,6 +14,7 @@ from __future__ import annotations
 import ipaddress
 import logging
 import queue
+import socket
 import ssl
 import threading
 import time
@@ -37,8 +38,10 @@ from dicom_io.guard import (
     GuardedAssociationServer,
     GuardEvent,
     GuardLimits,
-    SharedPortAssociationServer,
+    LoadBoard,
+    SharedSocketAssociationServer,
 )
+from dicom_io.part10 import part10_file
 from dicom_io.sopclasses import IMAGE_STORAGE_CLASSES, STORAGE_CLASSES, TRANSFER_SYNTAXES
 from dicom_io.text import printable
 
@@ -107,9 +110,14 @@ class SCPSettings:
     refused_sop_classes: Collection[str] = ()
     request_timeout: float = 10.0
     pdu_timeout: float = 60.0
-    max_pending_per_address: int = 4
-    # Other processes listen on the same port (SO_REUSEPORT): daemon/receivers.py.
+    max_pending_per_address: int = 16
+    # Other processes accept from our listening socket (daemon/receivers.py):
+    # it is made non-blocking so that a process that lost the race goes on.
     share_port: bool = False
+    # A receiving process's SCP takes the parent's listening socket instead of binding.
+    listening_socket: socket.socket | None = None
+    # Open connections per receiving process, shared: who accepts next (guard.LoadBoard).
+    load_board: LoadBoard | None = None
     # Seconds the accept loop may go without a turn before is_alive says no.
     liveness_seconds: float = 10.0
 
@@ -150,7 +158,10 @@ class StorageSCP:
         self._draining = threading.Event()
         self._server: GuardedAssociationServer | None = None
         self.guard = ConnectionGuard(
-            settings.guard_limits(), settings.max_associations, self._on_guard_event
+            settings.guard_limits(),
+            settings.max_associations,
+            self._on_guard_event,
+            settings.load_board,
         )
         # Outcomes go to the callback from one thread, through a bounded queue:
         # a flood of refusals must not turn into a flood of blocked threads.
@@ -199,13 +210,19 @@ class StorageSCP:
         s = self.settings
         self._notifier.start()
         self.guard.start()
+        server_class: type[GuardedAssociationServer] = GuardedAssociationServer
+        if s.listening_socket is not None:
+            server_class = SharedSocketAssociationServer.sharing(s.listening_socket)
         server = self._ae.make_server(
             (s.host, s.port),
             evt_handlers=handlers,
             ssl_context=s.ssl_context,
-            server_class=SharedPortAssociationServer if s.share_port else GuardedAssociationServer,
+            server_class=server_class,
         )
         assert isinstance(server, GuardedAssociationServer)
+        if s.share_port or s.listening_socket is not None:
+            assert server.socket is not None
+            server.socket.setblocking(False)  # shared by every receiving process
         server.guard = self.guard
         self._ae._servers.append(server)
         threading.Thread(target=server.serve_forever, name="scp-accept", daemon=True).start()
@@ -217,6 +234,12 @@ class StorageSCP:
             self.port,
             s.ssl_context is not None,
         )
+
+    @property
+    def listening_socket(self) -> socket.socket:
+        """The socket the receiving processes accept from too (daemon/receivers.py)."""
+        assert self._server is not None and self._server.socket is not None
+        return self._server.socket
 
     @property
     def port(self) -> int:
@@ -379,14 +402,18 @@ class StorageSCP:
     def _handle_store(self, event: evt.Event) -> int:
         ae_title, address = self._peer(event)
         req = event.request
+        sop_class_uid = str(req.AffectedSOPClassUID)
+        sop_instance_uid = str(req.AffectedSOPInstanceUID)
+        transfer_syntax_uid = str(event.context.transfer_syntax)
+        dataset = event.encoded_dataset(include_meta=False)
         obj = ReceivedObject(
             calling_ae=ae_title,
             address=address,
-            sop_class_uid=str(req.AffectedSOPClassUID),
-            sop_instance_uid=str(req.AffectedSOPInstanceUID),
-            transfer_syntax_uid=str(event.context.transfer_syntax),
-            dataset=event.encoded_dataset(include_meta=False),
-            file_bytes=event.encoded_dataset(include_meta=True),
+            sop_class_uid=sop_class_uid,
+            sop_instance_uid=sop_instance_uid,
+            transfer_syntax_uid=transfer_syntax_uid,
+            dataset=dataset,
+            file_bytes=part10_file(dataset, sop_class_uid, sop_instance_uid, transfer_syntax_uid),
             association_id=self._id(event),
         )
         try:

@@ -128,13 +128,14 @@ def test_one_address_cannot_take_every_pending_slot(
     hostile: DaemonProcess, hostile_db: DaemonDB
 ) -> None:
     mark = _mark(hostile_db)
-    with sockets(10) as held:
-        for _ in range(10):
+    with sockets(24) as held:
+        for _ in range(24):
             held.append(connect(hostile.port, "127.0.0.30"))
         _assert_served(hostile)
         assert [s.getsockname() for s in held if not closed_by_peer(s, GRACE)] == []
-    # scp.max_pending_per_address = 4: refused at the accept while 4 wait, each
-    # of those cut at its deadline. Every connection is accounted for.
+    # scp.max_pending_per_address = 16 (the default): refused at the accept
+    # while 16 wait, each of those cut at its deadline. Every connection is
+    # accounted for.
     def accounted() -> list[AuditEvent] | None:
         events = [
             e
@@ -142,15 +143,34 @@ def test_one_address_cannot_take_every_pending_slot(
             + _events_after(hostile_db, EventType.ASSOCIATION_ABORTED, mark)
             if e.detail["address"] == "127.0.0.30"
         ]
-        return events if len(events) == 10 else None
+        return events if len(events) == 24 else None
 
     events = hostile.wait_for(accounted, timeout=GRACE)
     reasons = [e.detail["reason"] for e in events]
-    cap = "4 connections from this address await association already"
+    cap = "16 connections from this address await association already"
     refused = [r for r in reasons if r == cap]
-    assert refused and len(refused) <= 6
+    assert refused and len(refused) <= 8
     assert all(r == cap or "no association admitted" in r for r in reasons)
     assert {e.actor for e in events} == {"(unidentified)"}
+
+
+def test_a_burst_of_connections_from_one_pacs_is_served(
+    hostile: DaemonProcess, hostile_db: DaemonDB
+) -> None:
+    """A PACS opens its associations in one burst: 10 still negotiating, one more is served.
+
+    (The per-address cap used to be 4: a fifth association opened at the same
+    moment as four others was refused.)
+    """
+    mark = _mark(hostile_db)
+    with sockets(10) as held:
+        for _ in range(10):
+            held.append(connect(hostile.port, "127.0.0.1"))
+        _assert_served(hostile)
+        # Left silent, each is cut at its deadline; wait for that so that
+        # the next test's trail starts clean.
+        assert [s.getsockname() for s in held if not closed_by_peer(s, GRACE)] == []
+    _wait_events(hostile, hostile_db, EventType.ASSOCIATION_ABORTED, mark, 10, "no association")
 
 
 def test_malformed_requests_closed_at_once_leave_room(
