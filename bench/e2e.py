@@ -219,6 +219,12 @@ def main() -> int:
     parser.add_argument("--slices", type=int, default=300)
     parser.add_argument("--size", type=int, default=512)
     parser.add_argument("--device", default="auto", help="worker.device: auto, cpu or cuda")
+    parser.add_argument(
+        "--only", choices=["window", "mpps"], help="one of the two runs (both by default)"
+    )
+    parser.add_argument(
+        "--keep", type=Path, help="copy each run's serve.log here (for a closer look)"
+    )
     args = parser.parse_args()
     for tool in ("storescu", "Orthanc"):
         if shutil.which(tool) is None:
@@ -233,9 +239,15 @@ def main() -> int:
         print(f"study: {len(files)} CT slices of {args.size}x{args.size}, {mb:.0f} MB", flush=True)
         device = {"SECONDREADER_WORKER__DEVICE": args.device}
         rows: dict[str, dict[str, float]] = {}
-        rows["quiet window (defaults)"] = run("quiet", workdir, files, device, use_mpps=False)
+        if args.only != "mpps":
+            rows["quiet window (defaults)"] = run("quiet", workdir, files, device, use_mpps=False)
         quiet_hour = {**device, "SECONDREADER_COMPLETION__STABLE_SECONDS": "3600"}
-        rows["MPPS (quiet window 1 h)"] = run("mpps", workdir, files, quiet_hour, use_mpps=True)
+        if args.only != "window":
+            rows["MPPS (quiet window 1 h)"] = run("mpps", workdir, files, quiet_hour, use_mpps=True)
+        if args.keep:
+            args.keep.mkdir(parents=True, exist_ok=True)
+            for log in workdir.glob("d-*/serve.log"):
+                shutil.copy(log, args.keep / f"{log.parent.name}.log")
     names = list(next(iter(rows.values())))
     print()
     print(f"{'seconds from the last C-STORE response':<46}" + "".join(f"{k:>26}" for k in rows))

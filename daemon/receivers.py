@@ -17,6 +17,7 @@ dies is started again; on SIGTERM the children drain like `serve`.
 from __future__ import annotations
 
 import dataclasses
+import gc
 import logging
 import multiprocessing
 import os
@@ -81,6 +82,7 @@ def run_receiving_process(
         on_mpps=receiver.on_mpps if config.scp.accept_mpps else None,
     )
     scp.start()
+    gc.freeze()  # start-up's objects: out of every garbage collection (daemon/worker.py)
     LoadBoard(counts, index).set(0)  # listening: the others may leave connections to us now
     log.info("receiving process %d (pid %d) listening on port %d", index, os.getpid(), scp.port)
     while not stop.wait(1.0):

@@ -91,6 +91,29 @@ class Reporter:
         # Called after each pass queues objects: the deliver stage's wake-up.
         self.on_queued: Callable[[], None] | None = None
 
+    @staticmethod
+    def warm_up() -> None:
+        """Load what highdicom reads once per process, before the first study needs it.
+
+        highdicom parses the standard's module tables (JSON, half a second on
+        one core) the first time an SR checks an attribute against its IOD:
+        without this, the first result after a restart reaches the PACS that
+        much later. Only speed is at stake: if highdicom moves these, skip.
+        """
+        try:
+            from highdicom import _standard_utils as standard
+        except ImportError:
+            return
+        for name in (
+            "get_sop_class_iod_map",
+            "get_iod_module_map",
+            "get_module_attribute_map",
+            "get_anatomic_region_map",
+        ):
+            loader = getattr(standard, name, None)
+            if callable(loader):
+                loader()
+
     def run_once(self) -> int:
         """Both passes over every pending run; returns how many runs were reported.
 
@@ -109,9 +132,13 @@ class Reporter:
         return done
 
     def report(self, run_id: int) -> bool:
+        # The SR pass needs the saliency map and every image's header only
+        # for a SEG beside it; otherwise it reads neither (seconds for a
+        # 300-slice series, all before the SR can leave).
+        with_seg = self.config.report.segmentation and "seg" in self._wanted()
         try:
             with self.db.session() as s:
-                run = load_pending_run(s, run_id, state_dir=self.state_dir)
+                run = load_pending_run(s, run_id, state_dir=self.state_dir, saliency=with_seg)
         except (OSError, ValueError) as exc:
             # Its saliency file is missing or unreadable, or its rows are invalid.
             self._fail(run_id, None, f"cannot read the run back: {safe_error(exc)}")
@@ -121,7 +148,7 @@ class Reporter:
         study_uid = run.result.study_instance_uid
         fallback = False
         try:
-            headers = self._headers(run)
+            headers = self._headers(run, light=not with_seg)
             objects = self._build(run, headers)
         except ReportError as exc:
             self._fail(run_id, study_uid, str(exc))
@@ -468,20 +495,41 @@ class Reporter:
             self.spool_dir / run.source_paths[index], location.frame_number
         )
 
-    def _headers(self, run: PendingRun) -> list[Dataset]:
+    def _headers(self, run: PendingRun, *, light: bool = False) -> list[Dataset]:
         """The source headers, repaired (dicom_io/headers.py): real images lack Type 2
-        attributes, even Modality, and carry malformed values."""
+        attributes, even Modality, and carry malformed values.
+
+        `light`: only the first image, the first of each series and the images a
+        finding points at are read; the others are what the SR's library and
+        evidence need of them (UIDs, series attributes), from the database.
+        """
         if not run.source_paths:
             raise ReportError("no images of the study are recorded")
-        raw = []
-        for relative in run.source_paths:
+        full = set(range(len(run.source_paths)))
+        if light and len(run.source_instances) == len(run.source_paths):
+            keys = {
+                f.location.sop_instance_uid for f in run.result.findings if f.location is not None
+            }
+            firsts: dict[str, int] = {}
+            for i, src in enumerate(run.source_instances):
+                firsts.setdefault(src.series_instance_uid, i)
+            full = {0, *firsts.values()} | {
+                i for i, src in enumerate(run.source_instances) if src.sop_instance_uid in keys
+            }
+        read: dict[int, Dataset] = {}
+        for index in sorted(full):
+            relative = run.source_paths[index]
             path = self.spool_dir / relative
             try:
-                raw.append(read_header(path))
+                read[index] = read_header(path)
             except FileNotFoundError as exc:
                 raise ReportError(f"image missing from the spool: {relative}") from exc
             except Exception as exc:
                 raise ReportError(f"image unreadable in the spool: {relative}") from exc
+        raw = [
+            read[i] if i in read else self._light_header(run, i, read)
+            for i in range(len(run.source_paths))
+        ]
         # An image without Modality takes its series' (the first that has one).
         modality = next((str(h.Modality) for h in raw if h.get("Modality") != "OT"), None)
         if modality is not None:
@@ -489,6 +537,31 @@ class Reporter:
                 if h.Modality == UNKNOWN_MODALITY and modality != UNKNOWN_MODALITY:
                     h.Modality = modality
         return raw
+
+    @staticmethod
+    def _light_header(run: PendingRun, index: int, read: dict[int, Dataset]) -> Dataset:
+        """An image's identity for the SR's library and evidence, without reading its file.
+
+        Series attributes come from its series' first image, read in full;
+        what identifies the instance comes from its row.
+        """
+        src = run.source_instances[index]
+        first = next(
+            read[i]
+            for i in sorted(read)
+            if run.source_instances[i].series_instance_uid == src.series_instance_uid
+        )
+        ds = Dataset()
+        ds.StudyInstanceUID = run.result.study_instance_uid
+        ds.SeriesInstanceUID = src.series_instance_uid
+        ds.SOPClassUID = src.sop_class_uid
+        ds.SOPInstanceUID = src.sop_instance_uid
+        ds.Modality = first.Modality
+        if "FrameOfReferenceUID" in first:
+            ds.FrameOfReferenceUID = first.FrameOfReferenceUID
+        if "Rows" in first and src.sop_class_uid == first.SOPClassUID:
+            ds.Rows, ds.Columns = first.Rows, first.Columns  # an image, as its series
+        return ds
 
     def _predecessor(self, run: PendingRun) -> Dataset | None:
         uid = run.predecessor_sr_uid

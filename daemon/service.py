@@ -222,6 +222,8 @@ class Service:
         self.scp.start()
         if self.receivers is not None:
             self.receivers.start(self.scp.listening_socket)
+        # In the background: receiving starts at once, the first report is not slower.
+        threading.Thread(target=Reporter.warm_up, name="report-warm-up", daemon=True).start()
         self.scheduler.start()
         self.listener.start()
         if self.config.metrics.enabled:

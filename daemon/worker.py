@@ -14,6 +14,7 @@ running is abandoned, and its results would be refused (the lease is gone).
 
 from __future__ import annotations
 
+import gc
 import importlib
 import logging
 import os
@@ -207,6 +208,12 @@ class Worker:
             log.exception("cannot build the analyser (models); this worker takes no jobs")
             self.failed = True
             return
+        # What start-up made (modules, the models, the ORM's mappers: some
+        # 200,000 objects) lives as long as the process; frozen, the cyclic
+        # garbage collector stops walking it on every full pass. Those passes
+        # fell in the middle of loading a series (its 300 headers are many
+        # small objects) and doubled its time.
+        gc.freeze()
         log.info("worker %s taking jobs", self.owner)
         while not self._stop.is_set():
             try:

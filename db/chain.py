@@ -28,8 +28,9 @@ import os
 import secrets
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any
 
-from sqlalchemy import func, select, text, update
+from sqlalchemy import Row, func, select, text, update
 from sqlalchemy.orm import Session
 
 from db.models import AuditEvent
@@ -68,7 +69,7 @@ def load_key(path: Path) -> bytes:
     return key
 
 
-def canonical(event: AuditEvent) -> bytes:
+def canonical(event: AuditEvent | Row[Any]) -> bytes:
     """The signed content of a row: every column but the MACs and the sequence number."""
     doc = [
         event.nonce,
@@ -82,7 +83,7 @@ def canonical(event: AuditEvent) -> bytes:
     return json.dumps(doc, sort_keys=True, separators=(",", ":"), ensure_ascii=False).encode()
 
 
-def row_mac(key: bytes, event: AuditEvent) -> str:
+def row_mac(key: bytes, event: AuditEvent | Row[Any]) -> str:
     return hmac.new(key, canonical(event), hashlib.sha256).hexdigest()
 
 
@@ -90,7 +91,7 @@ def chain_mac(key: bytes, seq: int, previous: str, mac: str) -> str:
     return hmac.new(key, f"{seq}:{previous}:{mac}".encode(), hashlib.sha256).hexdigest()
 
 
-def _valid_row(key: bytes, event: AuditEvent) -> bool:
+def _valid_row(key: bytes, event: AuditEvent | Row[Any]) -> bool:
     return event.row_mac is not None and hmac.compare_digest(event.row_mac, row_mac(key, event))
 
 
@@ -117,8 +118,24 @@ def seal(session: Session, key: bytes, *, limit: int = 5000) -> SealResult:
     if session.get_bind().dialect.name == "postgresql":
         session.execute(text("SELECT pg_advisory_xact_lock(:k)"), {"k": _PG_SEALER_LOCK})
     seq, previous = _head(session)
-    rows = session.scalars(
-        select(AuditEvent).where(AuditEvent.seq.is_(None)).order_by(AuditEvent.id).limit(limit)
+    # Columns, not ORM objects: a pass after a 300-image study seals 300
+    # rows, and loading them as objects cost the analysis running beside it
+    # half a second of the interpreter.
+    rows = session.execute(
+        select(
+            AuditEvent.id,
+            AuditEvent.nonce,
+            AuditEvent.at,
+            AuditEvent.event_type,
+            AuditEvent.actor,
+            AuditEvent.study_instance_uid,
+            AuditEvent.sop_instance_uid,
+            AuditEvent.detail,
+            AuditEvent.row_mac,
+        )
+        .where(AuditEvent.seq.is_(None))
+        .order_by(AuditEvent.id)
+        .limit(limit)
     ).all()
     updates = []
     skipped = 0

@@ -425,8 +425,14 @@ def requeue_expired(
     return [r[0] for r in (*failed, *requeued)]
 
 
-def load_run_result(session: Session, run_id: int, *, state_dir: Path) -> AnalysisResult:
-    """An AnalysisRun read back as the AnalysisResult it was recorded from (report stage)."""
+def load_run_result(
+    session: Session, run_id: int, *, state_dir: Path, saliency: bool = True
+) -> AnalysisResult:
+    """An AnalysisRun read back as the AnalysisResult it was recorded from (report stage).
+
+    `saliency=False` leaves the saliency map on disk (None in the result): the
+    SR does not need it, and a whole-series map takes a second to read.
+    """
     run = session.get(AnalysisRun, run_id)
     if run is None:
         raise KeyError(f"no analysis run {run_id}")
@@ -444,7 +450,9 @@ def load_run_result(session: Session, run_id: int, *, state_dir: Path) -> Analys
             parameters={str(k): str(v) for k, v in extra.get("parameters", {}).items()},
         )
     findings = [_finding_from_record(f) for f in sorted(run.findings, key=lambda f: f.id)]
-    saliency = read_saliency(state_dir / run.saliency_path) if run.saliency_path else None
+    saliency_map = (
+        read_saliency(state_dir / run.saliency_path) if run.saliency_path and saliency else None
+    )
     return AnalysisResult(
         study_instance_uid=study_uid,
         series_instance_uid=run.series_instance_uid,
@@ -452,7 +460,7 @@ def load_run_result(session: Session, run_id: int, *, state_dir: Path) -> Analys
         algorithm=algorithm,
         findings=findings,
         reason=run.reason,
-        saliency=saliency,
+        saliency=saliency_map,
         provenance=list(run.provenance.get("steps", [])),
     )
 

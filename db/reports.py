@@ -10,7 +10,7 @@ run's new state, or none of them.
 from __future__ import annotations
 
 from collections.abc import Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from datetime import datetime
 from pathlib import Path
 
@@ -41,6 +41,14 @@ EXTRAS_PENDING = "pending"
 
 
 @dataclass(frozen=True)
+class SourceInstance:
+    path: str
+    sop_class_uid: str
+    sop_instance_uid: str
+    series_instance_uid: str
+
+
+@dataclass(frozen=True)
 class PendingRun:
     run_id: int
     study_id: int
@@ -54,6 +62,8 @@ class PendingRun:
     # SR of the latest earlier run of this study and model, which a new SR
     # supersedes (Predecessor Documents). None for a first run.
     predecessor_sr_uid: str | None = None
+    # What the database knows of each of `source_paths`, in the same order.
+    source_instances: list[SourceInstance] = field(default_factory=list)
 
 
 def pending_run_ids(session: Session, limit: int = 20) -> list[int]:
@@ -81,11 +91,17 @@ def extras_run_ids(session: Session, limit: int = 20) -> list[int]:
 
 
 def load_pending_run(
-    session: Session, run_id: int, *, state_dir: Path, extras: bool = False
+    session: Session,
+    run_id: int,
+    *,
+    state_dir: Path,
+    extras: bool = False,
+    saliency: bool = True,
 ) -> PendingRun | None:
     """The run rebuilt as the infer stage's result; None if it is not pending any more.
 
     `extras`: pending for the second pass (its SR is queued) instead of the first.
+    `saliency=False`: without its saliency map (`load_run_result`).
     Raises OSError or ValueError when its saliency file is missing or unreadable.
     """
     run = session.get(AnalysisRun, run_id)
@@ -98,7 +114,7 @@ def load_pending_run(
     ):
         return None
     # One reading of the rows for both stages: the infer stage's own.
-    result = load_run_result(session, run_id, state_dir=state_dir)
+    result = load_run_result(session, run_id, state_dir=state_dir, saliency=saliency)
     finding_ids = list(
         session.scalars(
             select(FindingRecord.id)
@@ -106,17 +122,30 @@ def load_pending_run(
             .order_by(FindingRecord.id)
         )
     )
-    paths_q = select(Instance.path).join(Series).where(Series.study_id == run.study_id)
+    sources_q = (
+        select(
+            Instance.path,
+            Instance.sop_class_uid,
+            Instance.sop_instance_uid,
+            Series.series_instance_uid,
+        )
+        .join(Series)
+        .where(Series.study_id == run.study_id)
+    )
     if run.series_instance_uid and run.outcome == RunOutcome.ANALYSED:
-        paths_q = paths_q.where(Series.series_instance_uid == run.series_instance_uid)
+        sources_q = sources_q.where(Series.series_instance_uid == run.series_instance_uid)
+    sources = [
+        SourceInstance(*row) for row in session.execute(sources_q.order_by(Instance.id))
+    ]
     return PendingRun(
         run_id=run.id,
         study_id=run.study_id,
         created_at=run.created_at,
         result=result,
-        source_paths=list(session.scalars(paths_q.order_by(Instance.id))),
+        source_paths=[s.path for s in sources],
         finding_ids=finding_ids,
         predecessor_sr_uid=_predecessor_sr_uid(session, run),
+        source_instances=sources,
     )
 
 
