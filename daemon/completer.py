@@ -9,9 +9,15 @@ has arrived (at once, no waiting), or else nothing arrived for
 from __future__ import annotations
 
 import logging
+from datetime import datetime
 
 from db.session import Database
-from db.studies import CompletedStudy, complete_by_mpps, complete_stable_studies
+from db.studies import (
+    CompletedStudy,
+    complete_by_mpps,
+    complete_stable_studies,
+    next_stable_due,
+)
 
 log = logging.getLogger(__name__)
 
@@ -42,3 +48,10 @@ class Completer:
                 c.job_id,
             )
         return [*by_mpps, *done]
+
+    def next_due(self) -> datetime | None:
+        """When a receiving study's quiet window (or time limit) ends next; naive UTC."""
+        with self.db.session() as s:
+            return next_stable_due(
+                s, stable_seconds=self.stable_seconds, max_seconds=self.max_seconds
+            )

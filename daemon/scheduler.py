@@ -80,6 +80,18 @@ class Scheduler:
         with contextlib.suppress(JobLookupError):  # shutting down
             self._sched.modify_job(name, next_run_time=datetime.now(UTC))
 
+    def wake_at(self, name: str, when: datetime) -> None:
+        """Run job `name` at `when` (aware UTC) if that is before its next tick.
+
+        The completer's quiet window ends at a known time: the study completes
+        then, not up to a check interval later.
+        """
+        job = self._sched.get_job(name) if self._sched.running else None
+        if job is None or (job.next_run_time is not None and job.next_run_time <= when):
+            return
+        with contextlib.suppress(JobLookupError):
+            self._sched.modify_job(name, next_run_time=when)
+
     def start(self) -> None:
         self._sched.start()
 

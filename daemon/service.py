@@ -5,6 +5,7 @@ from __future__ import annotations
 import logging
 import signal
 import threading
+from datetime import UTC, datetime, timedelta
 from pathlib import Path
 from types import FrameType
 from typing import Any
@@ -78,6 +79,10 @@ def scp_settings(config: Config, *, share_port: bool = False) -> SCPSettings:
         max_pending_per_address=c.max_pending_per_address,
         share_port=share_port,
     )
+
+
+# After a quiet window's end, so that the study is due when the completer looks.
+_TICK_MARGIN = timedelta(milliseconds=20)
 
 
 class Service:
@@ -193,6 +198,12 @@ class Service:
             self.receiver.refresh_mpps_waiting()
             if self.worker is not None:
                 self.worker.wake()
+        due = self.completer.next_due()
+        now = datetime.now(UTC)
+        if due is not None and (when := due.replace(tzinfo=UTC) + _TICK_MARGIN) > now:
+            # The precise tick; the check interval stays the safety net (and
+            # takes any study already due that this pass could not complete).
+            self.scheduler.wake_at("complete-studies", when)
 
 
     def _on_signal(self, signum: int, _frame: FrameType | None) -> None:

@@ -63,6 +63,27 @@ def complete_stable_studies(
     return done
 
 
+def next_stable_due(
+    session: Session, *, stable_seconds: float, max_seconds: float
+) -> datetime | None:
+    """When the next receiving study falls due (quiet window or time limit); naive UTC.
+
+    None when no study is receiving. An instance arriving meanwhile moves
+    its study's time later: the completer then simply finds nothing yet.
+    """
+    quiet, forced = session.execute(
+        select(func.min(Study.last_received_at), func.min(Study.receiving_since)).where(
+            Study.state == StudyState.RECEIVING
+        )
+    ).one()
+    due = [
+        t + timedelta(seconds=wait)
+        for t, wait in ((quiet, stable_seconds), (forced, max_seconds))
+        if t is not None
+    ]
+    return min(due) if due else None
+
+
 def complete_by_mpps(session: Session, now: datetime | None = None) -> list[CompletedStudy]:
     """Complete each receiving study whose COMPLETED MPPS lists only instances we have.
 

@@ -9,7 +9,7 @@ from db.audit import EventType
 from db.ingest import StoredInstance, record_instance
 from db.models import Job, JobState, Study, StudyState, utcnow
 from db.session import Database
-from db.studies import complete_stable_studies, get_study, study_instances
+from db.studies import complete_stable_studies, get_study, next_stable_due, study_instances
 
 
 def _item(sop: str, study: str = "1.2.3", series: str = "1.2.3.4") -> StoredInstance:
@@ -84,4 +84,31 @@ def test_forced_completion_of_a_study_that_never_goes_quiet(db_url: str) -> None
     with db.session() as s:
         done = complete_stable_studies(s, stable_seconds=10, max_seconds=60, now=now)
         assert len(done) == 1 and done[0].forced
+    db.dispose()
+
+
+def test_next_stable_due_is_the_earliest_end_of_a_quiet_window(db_url: str) -> None:
+    """The completer's precise tick: when the next receiving study falls due."""
+    db = Database(db_url)
+    with db.session() as s:
+        assert next_stable_due(s, stable_seconds=10, max_seconds=1000) is None
+    t0 = utcnow() - timedelta(seconds=100)
+    with db.session() as s:
+        record_instance(s, _item("1.2.3.4.1"), now=t0)
+        record_instance(s, _item("1.2.3.4.2"), now=t0 + timedelta(seconds=5))
+        record_instance(
+            s, _item("1.5.1", study="1.5", series="1.5.0"), now=t0 + timedelta(seconds=7)
+        )
+    with db.session() as s:
+        # Study 1.2.3 last received at t0 + 5 s: due 10 s later; 1.5 two seconds after.
+        assert next_stable_due(s, stable_seconds=10, max_seconds=1000) == t0 + timedelta(seconds=15)
+        # The time limit counts from the first instance, when it comes first.
+        assert next_stable_due(s, stable_seconds=10, max_seconds=3) == t0 + timedelta(seconds=3)
+    with db.session() as s:
+        complete_stable_studies(
+            s, stable_seconds=10, max_seconds=1000, now=t0 + timedelta(seconds=16)
+        )
+    with db.session() as s:
+        # A complete study falls due no more: the other one is next.
+        assert next_stable_due(s, stable_seconds=10, max_seconds=1000) == t0 + timedelta(seconds=17)
     db.dispose()
