@@ -69,11 +69,17 @@ class Receiver:
         max_associations: int = 10,
         *,
         ancillary: Spool | None = None,
+        shared: bool = False,
     ) -> None:
-        """`ancillary` keeps non-image objects; None drops them (answered with success)."""
+        """`ancillary` keeps non-image objects; None drops them (answered with success).
+
+        `shared`: other receiving processes write to the same database
+        (`scp.processes` > 1; see `_record`).
+        """
         self.db = db
         self.spool = spool
         self.ancillary = ancillary
+        self.shared = shared
         # Stores in progress in this process (see `_store`: the file first when > 1).
         self._in_flight = 0
         self._count_lock = threading.Lock()
@@ -169,7 +175,7 @@ class Receiver:
         written = self._io.submit(self.spool.write, relative, obj.file_bytes)
         with self._count_lock:
             self._in_flight += 1
-            alone = self._in_flight == 1
+            alone = self._in_flight == 1 and not self.shared
         try:
             return self._record(obj, ident, item, written, alone)
         finally:
@@ -188,10 +194,11 @@ class Receiver:
         relative = item.path
         try:
             if not alone:
-                # Others store too: the database's write lock must not be held
-                # while this file is fsynced, or every store waits for every
-                # fsync in turn. So the file is durable before the transaction
-                # starts. (Alone, the two overlap: the lowest latency.)
+                # Others store too, in this process or another: the database's
+                # write lock must not be held while this file is fsynced, or
+                # every store waits for every fsync in turn. So the file is
+                # durable before the transaction starts. (Alone, the two
+                # overlap: the lowest latency.)
                 wait([written])
             with self.db.write_session() as s:
                 is_new = record_instance(s, item)

@@ -69,7 +69,7 @@ def run_receiving_process(
         if config.scp.non_image_objects == "store"
         else None
     )
-    receiver = Receiver(db, spool, config.scp.max_associations, ancillary=ancillary)
+    receiver = Receiver(db, spool, config.scp.max_associations, ancillary=ancillary, shared=True)
     receiver.on_ready = lambda: os.write(wake_fd, b"c")
     dispatcher = Dispatcher(db, config)
     scp = StorageSCP(

@@ -105,6 +105,7 @@ class Service:
             self.spool,
             config.scp.max_associations,
             ancillary=ancillary,
+            shared=config.scp.processes > 1,
         )
         self.completer = Completer(
             self.db, config.completion.stable_seconds, config.completion.max_seconds
