@@ -9,8 +9,10 @@ from __future__ import annotations
 import json
 import secrets
 from datetime import datetime
+from types import SimpleNamespace
 from typing import Any
 
+from sqlalchemy import insert as sa_insert
 from sqlalchemy import select
 from sqlalchemy.orm import Session
 
@@ -108,6 +110,34 @@ def record(
         event.row_mac = chain.row_mac(key, event)
     session.add(event)
     return event
+
+
+def insert(
+    session: Session,
+    event_type: str,
+    actor: str,
+    *,
+    study_instance_uid: str | None = None,
+    sop_instance_uid: str | None = None,
+    **detail: Any,
+) -> None:
+    """`record` as one INSERT, for the receive path (an event per instance).
+
+    The same row, signed the same way; no ORM object to flush, which was a
+    tenth of the receive stage's CPU per instance.
+    """
+    row = {
+        "at": utcnow(),
+        "event_type": event_type,
+        "actor": actor,
+        "study_instance_uid": study_instance_uid,
+        "sop_instance_uid": sop_instance_uid,
+        "detail": json.loads(json.dumps(detail, default=str)),
+        "nonce": secrets.token_hex(16),
+    }
+    key = session.info.get(KEY_INFO)
+    row["row_mac"] = chain.row_mac(key, SimpleNamespace(**row)) if key is not None else None
+    session.execute(sa_insert(AuditEvent.__table__).values(**row))
 
 
 def study_story(

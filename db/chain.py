@@ -27,8 +27,9 @@ import json
 import os
 import secrets
 from dataclasses import dataclass, field
+from datetime import datetime
 from pathlib import Path
-from typing import Any
+from typing import Any, Protocol
 
 from sqlalchemy import Row, func, select, text, update
 from sqlalchemy.orm import Session
@@ -69,7 +70,19 @@ def load_key(path: Path) -> bytes:
     return key
 
 
-def canonical(event: AuditEvent | Row[Any]) -> bytes:
+class SignedRow(Protocol):
+    """What a row's MAC covers: an AuditEvent, a selected row, or a row about to be inserted."""
+
+    nonce: str | None
+    at: datetime
+    event_type: str
+    actor: str
+    study_instance_uid: str | None
+    sop_instance_uid: str | None
+    detail: Any
+
+
+def canonical(event: SignedRow | Row[Any]) -> bytes:
     """The signed content of a row: every column but the MACs and the sequence number."""
     doc = [
         event.nonce,
@@ -83,7 +96,7 @@ def canonical(event: AuditEvent | Row[Any]) -> bytes:
     return json.dumps(doc, sort_keys=True, separators=(",", ":"), ensure_ascii=False).encode()
 
 
-def row_mac(key: bytes, event: AuditEvent | Row[Any]) -> str:
+def row_mac(key: bytes, event: SignedRow | Row[Any]) -> str:
     return hmac.new(key, canonical(event), hashlib.sha256).hexdigest()
 
 
