@@ -69,17 +69,17 @@ class Receiver:
         max_associations: int = 10,
         *,
         ancillary: Spool | None = None,
-        shared: bool = False,
+        others_busy: Callable[[], bool] | None = None,
     ) -> None:
         """`ancillary` keeps non-image objects; None drops them (answered with success).
 
-        `shared`: other receiving processes write to the same database
-        (`scp.processes` > 1; see `_record`).
+        `others_busy`: whether another receiving process, writing to the same
+        database, holds a connection now (`scp.processes` > 1; see `_record`).
         """
         self.db = db
         self.spool = spool
         self.ancillary = ancillary
-        self.shared = shared
+        self.others_busy = others_busy
         # Stores in progress in this process (see `_store`: the file first when > 1).
         self._in_flight = 0
         self._count_lock = threading.Lock()
@@ -175,7 +175,9 @@ class Receiver:
         written = self._io.submit(self.spool.write, relative, obj.file_bytes)
         with self._count_lock:
             self._in_flight += 1
-            alone = self._in_flight == 1 and not self.shared
+            alone = self._in_flight == 1
+        if alone and self.others_busy is not None:
+            alone = not self.others_busy()
         try:
             return self._record(obj, ident, item, written, alone)
         finally:

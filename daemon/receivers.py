@@ -69,13 +69,14 @@ def run_receiving_process(
         if config.scp.non_image_objects == "store"
         else None
     )
-    receiver = Receiver(db, spool, config.scp.max_associations, ancillary=ancillary, shared=True)
+    board = LoadBoard(counts, index)
+    receiver = Receiver(
+        db, spool, config.scp.max_associations, ancillary=ancillary, others_busy=board.others_busy
+    )
     receiver.on_ready = lambda: os.write(wake_fd, b"c")
     dispatcher = Dispatcher(db, config)
     scp = StorageSCP(
-        dataclasses.replace(
-            scp_settings(config), listening_socket=listening, load_board=LoadBoard(counts, index)
-        ),
+        dataclasses.replace(scp_settings(config), listening_socket=listening, load_board=board),
         receiver.on_store,
         receiver.on_association,
         on_commitment=dispatcher.on_commitment if dispatcher.wants_commitment else None,
@@ -83,7 +84,7 @@ def run_receiving_process(
     )
     scp.start()
     gc.freeze()  # start-up's objects: out of every garbage collection (daemon/worker.py)
-    LoadBoard(counts, index).set(0)  # listening: the others may leave connections to us now
+    board.set(0)  # listening: the others may leave connections to us now
     log.info("receiving process %d (pid %d) listening on port %d", index, os.getpid(), scp.port)
     while not stop.wait(1.0):
         if os.getppid() != parent:  # serve is gone: do not hold the port alone

@@ -105,7 +105,6 @@ class Service:
             self.spool,
             config.scp.max_associations,
             ancillary=ancillary,
-            shared=config.scp.processes > 1,
         )
         self.completer = Completer(
             self.db, config.completion.stable_seconds, config.completion.max_seconds
@@ -125,6 +124,7 @@ class Service:
         settings = scp_settings(config, share_port=shared)
         if self.receivers is not None:
             settings.load_board = self.receivers.board()
+            self.receiver.others_busy = settings.load_board.others_busy
         self.scp = StorageSCP(
             settings,
             self.receiver.on_store,

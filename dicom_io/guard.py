@@ -133,6 +133,10 @@ class LoadBoard:
     def set(self, open_connections: int) -> None:
         self.counts[self.index] = open_connections
 
+    def others_busy(self) -> bool:
+        """True while another listening process holds a connection."""
+        return any(0 < n < UNAVAILABLE for i, n in enumerate(self.counts) if i != self.index)
+
     def others_less_busy(self) -> bool:
         mine = self.counts[self.index]
         return any(n < mine for i, n in enumerate(self.counts) if i != self.index)

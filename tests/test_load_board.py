@@ -28,3 +28,16 @@ def test_a_process_not_listening_is_never_waited_for() -> None:
     assert not serve.others_less_busy()
     child.set(0)  # it listens now
     assert serve.others_less_busy()
+
+
+def test_others_busy_tells_a_receiving_process_it_is_not_alone() -> None:
+    """A store overlaps its fsync with the database only when no other process receives."""
+    counts = multiprocessing.get_context("spawn").RawArray("q", 3)
+    serve, child, starting = (LoadBoard(counts, i) for i in range(3))
+    counts[2] = UNAVAILABLE  # not listening yet: holds nothing
+    serve.set(1)
+    assert not serve.others_busy()
+    child.set(2)
+    assert serve.others_busy() and child.others_busy()
+    child.set(0)
+    assert not serve.others_busy() and child.others_busy()
