@@ -112,7 +112,10 @@ class Reporter:
         ):
             loader = getattr(standard, name, None)
             if callable(loader):
-                loader()
+                try:
+                    loader()
+                except Exception as exc:  # the first SR then loads it, as before
+                    log.debug("highdicom %s not preloaded: %s", name, exc)
 
     def run_once(self) -> int:
         """Both passes over every pending run; returns how many runs were reported.

@@ -376,11 +376,13 @@ class GuardedAssociationServer(ThreadedAssociationServer):
         assert self.socket is not None
         board = self.guard.board
         if board is not None and board.others_less_busy():
+            # poll, not select: no FD_SETSIZE limit on a busy server's descriptors.
+            pending = select.poll()
+            pending.register(self.socket, select.POLLIN)
             deadline = time.monotonic() + self.defer_seconds
             while board.others_less_busy() and time.monotonic() < deadline:
                 time.sleep(0.001)
-                readable, _, _ = select.select([self.socket], [], [], 0)
-                if not readable:
+                if not pending.poll(0):
                     raise OSError("connection taken by a less busy receiving process")
         try:
             return self.socket.accept()

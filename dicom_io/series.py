@@ -386,7 +386,8 @@ def _native(file: _File, header: Dataset) -> np.ndarray | None:
     implicit = _NATIVE.get(syntax)
     allocated = int(header.get("BitsAllocated", 0) or 0)
     stored_bits = int(header.get("BitsStored", allocated) or allocated)
-    if implicit is None or allocated not in (8, 16) or int(header.get("SamplesPerPixel", 1)) != 1:
+    samples = int(header.get("SamplesPerPixel", 1) or 1)
+    if implicit is None or allocated not in (8, 16) or samples != 1:
         return None
     rows, cols = int(header.get("Rows", 0) or 0), int(header.get("Columns", 0) or 0)
     frames = int(header.get("NumberOfFrames", 1) or 1)

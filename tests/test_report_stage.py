@@ -414,3 +414,64 @@ def test_a_result_sr_that_cannot_be_built_becomes_a_not_run_sr(
     assert not any("Doe" in t for t in texts)
     assert_valid(path)
     db.dispose()
+
+
+def test_sr_without_seg_reads_only_the_headers_it_describes(
+    tmp_path: Path, sqlite_url: str
+) -> None:
+    """Without a SEG the SR pass reads few files; the SR still lists every image.
+
+    The images no finding points at are in the Image Library and the evidence
+    from their database rows; the key image is read and described in full.
+    """
+    config = make_config(
+        tmp_path,
+        sqlite_url,
+        '[[delivery.destinations]]\nname = "viewer"\nae_title = "VIEWER"\n'
+        'host = "127.0.0.1"\nport = 11114\noutputs = ["sr"]\n',
+    )
+    config.delivery.destinations = config.delivery.destinations[2:]
+    db = Database(config.database_url)
+    files = rd.ct_study(tmp_path / "ct", slices=8)
+    study_uid = rd.receive(db, config.storage.spool_dir, files)
+    rd.record_analysis(db, config.storage.state_dir, study_uid, [rd.analysed(files)])
+    reporter = Reporter(db, config)
+    with db.session() as s:
+        (run_id,) = [r.id for r in s.scalars(select(AnalysisRun))]
+    assert reporter.report(run_id)
+
+    (row,) = [r for r in outbox_rows(db) if r.object_kind == "sr"]
+    sr_path = config.storage.state_dir / row.path
+    sr = dcmread(sr_path)
+    sources = {str(dcmread(f, stop_before_pixels=True).SOPInstanceUID) for f in files}
+    (finding,) = read_findings(sr)
+    key = finding["referenced_sop_instance_uid"]
+    (library,) = [
+        item
+        for item in sr.ContentSequence
+        if item.ConceptNameCodeSequence[0].CodeValue == "111028"
+    ]
+    entries = {
+        image.ReferencedSOPSequence[0].ReferencedSOPInstanceUID: len(
+            image.get("ContentSequence", [])
+        )
+        for group in library.ContentSequence
+        for image in group.ContentSequence
+        if image.ValueType == "IMAGE"
+    }
+    assert set(entries) == sources
+    assert entries[key] > 0 and all(n == 0 for uid, n in entries.items() if uid != key)
+    # Every image's group carries the series' frame of reference, read or not.
+    for group in library.ContentSequence:
+        uids = [i.UID for i in group.ContentSequence if i.ValueType == "UIDREF"]
+        assert uids == [str(dcmread(files[0], stop_before_pixels=True).FrameOfReferenceUID)]
+    evidence = {
+        ref.ReferencedSOPInstanceUID
+        for study in sr.CurrentRequestedProcedureEvidenceSequence
+        for series in study.ReferencedSeriesSequence
+        for ref in series.ReferencedSOPSequence
+    }
+    assert evidence == sources
+    assert sr.PatientID == dcmread(files[0], stop_before_pixels=True).PatientID
+    assert_valid(sr_path)
+    db.dispose()
