@@ -16,7 +16,6 @@ dies is started again; on SIGTERM the children drain like `serve`.
 
 from __future__ import annotations
 
-import dataclasses
 import gc
 import logging
 import multiprocessing
@@ -76,7 +75,7 @@ def run_receiving_process(
     receiver.on_ready = lambda: os.write(wake_fd, b"c")
     dispatcher = Dispatcher(db, config)
     scp = StorageSCP(
-        dataclasses.replace(scp_settings(config), listening_socket=listening, load_board=board),
+        scp_settings(config, load_board=board, listening_socket=listening),
         receiver.on_store,
         receiver.on_association,
         on_commitment=dispatcher.on_commitment if dispatcher.wants_commitment else None,

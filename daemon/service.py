@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import logging
 import signal
+import socket
 import threading
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
@@ -29,6 +30,7 @@ from db import migrate
 from db.chain import load_key
 from db.notify import RUNS, Listener
 from db.session import Database
+from dicom_io.guard import LoadBoard
 from dicom_io.scp import PeerRule, SCPSettings, StorageSCP
 from dicom_io.spool import Spool
 from dicom_io.tls import server_context
@@ -54,7 +56,13 @@ def open_database(config: Config, *, signed: bool = True) -> Database:
     )
 
 
-def scp_settings(config: Config, *, share_port: bool = False) -> SCPSettings:
+def scp_settings(
+    config: Config,
+    *,
+    load_board: LoadBoard | None = None,
+    listening_socket: socket.socket | None = None,
+) -> SCPSettings:
+    """The SCP's settings; a receiving process's board and socket (daemon/receivers.py)."""
     c = config.scp
     ssl_context = None
     if c.tls.enabled:
@@ -77,7 +85,8 @@ def scp_settings(config: Config, *, share_port: bool = False) -> SCPSettings:
         request_timeout=c.request_timeout_seconds,
         pdu_timeout=c.pdu_timeout_seconds,
         max_pending_per_address=c.max_pending_per_address,
-        share_port=share_port,
+        load_board=load_board,
+        listening_socket=listening_socket,
     )
 
 
@@ -100,11 +109,20 @@ class Service:
             if config.scp.non_image_objects == "store"
             else None
         )
+        # More receiving processes on the same port (daemon/receivers.py).
+        self.scheduler = Scheduler()
+        self.receivers = (
+            ReceiverPool(config, lambda: self.scheduler.wake("complete-studies"))
+            if config.scp.processes > 1
+            else None
+        )
+        board = self.receivers.board() if self.receivers is not None else None
         self.receiver = Receiver(
             self.db,
             self.spool,
             config.scp.max_associations,
             ancillary=ancillary,
+            others_busy=board.others_busy if board is not None else None,
         )
         self.completer = Completer(
             self.db, config.completion.stable_seconds, config.completion.max_seconds
@@ -113,20 +131,8 @@ class Service:
         # our SCP, on an association the PACS opens: the SCP hands them over.
         self.reporter = Reporter(self.db, config)
         self.dispatcher = Dispatcher(self.db, config)
-        # More receiving processes on the same port (daemon/receivers.py).
-        shared = config.scp.processes > 1
-        self.scheduler = Scheduler()
-        self.receivers = (
-            ReceiverPool(config, lambda: self.scheduler.wake("complete-studies"))
-            if shared
-            else None
-        )
-        settings = scp_settings(config, share_port=shared)
-        if self.receivers is not None:
-            settings.load_board = self.receivers.board()
-            self.receiver.others_busy = settings.load_board.others_busy
         self.scp = StorageSCP(
-            settings,
+            scp_settings(config, load_board=board),
             self.receiver.on_store,
             self.receiver.on_association,
             on_commitment=(

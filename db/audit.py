@@ -96,18 +96,8 @@ def record(
     **detail: Any,
 ) -> AuditEvent:
     event = AuditEvent(
-        at=utcnow(),
-        event_type=event_type,
-        actor=actor,
-        study_instance_uid=study_instance_uid,
-        sop_instance_uid=sop_instance_uid,
-        # As the JSON column gives it back: what is signed is what is read.
-        detail=json.loads(json.dumps(detail, default=str)),
-        nonce=secrets.token_hex(16),
+        **_signed_row(session, event_type, actor, study_instance_uid, sop_instance_uid, detail)
     )
-    key = session.info.get(KEY_INFO)
-    if key is not None:
-        event.row_mac = chain.row_mac(key, event)
     session.add(event)
     return event
 
@@ -126,18 +116,32 @@ def insert(
     The same row, signed the same way; no ORM object to flush, which was a
     tenth of the receive stage's CPU per instance.
     """
-    row = {
+    row = _signed_row(session, event_type, actor, study_instance_uid, sop_instance_uid, detail)
+    session.execute(sa_insert(AuditEvent.__table__).values(**row))
+
+
+def _signed_row(
+    session: Session,
+    event_type: str,
+    actor: str,
+    study_instance_uid: str | None,
+    sop_instance_uid: str | None,
+    detail: dict[str, Any],
+) -> dict[str, Any]:
+    """An audit row's columns, with its row MAC when the trail is signed (db/chain.py)."""
+    row: dict[str, Any] = {
         "at": utcnow(),
         "event_type": event_type,
         "actor": actor,
         "study_instance_uid": study_instance_uid,
         "sop_instance_uid": sop_instance_uid,
+        # As the JSON column gives it back: what is signed is what is read.
         "detail": json.loads(json.dumps(detail, default=str)),
         "nonce": secrets.token_hex(16),
     }
     key = session.info.get(KEY_INFO)
     row["row_mac"] = chain.row_mac(key, SimpleNamespace(**row)) if key is not None else None
-    session.execute(sa_insert(AuditEvent.__table__).values(**row))
+    return row
 
 
 def study_story(

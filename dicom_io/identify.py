@@ -251,19 +251,14 @@ def _walk(dataset: bytes, transfer_syntax_uid: str, keep: frozenset[int]) -> dic
     return walker.kept
 
 
-def check_complete(dataset: bytes, transfer_syntax_uid: str) -> None:
-    """Refuse a dataset (without file meta) whose framing runs past its end."""
-    if transfer_syntax_uid == _DEFLATED:
-        return  # deflated: pydicom's inflate reports a cut stream itself
-    _walk(dataset, transfer_syntax_uid, frozenset())
-
-
 def identify_received(dataset: bytes, transfer_syntax_uid: str, file_bytes: bytes) -> Identity:
-    """`check_complete` and `identify` in one pass over a received dataset.
+    """Refuse a dataset (without file meta) whose framing runs past its end,
+    and read its identity on the same pass.
 
     The receive path's hot spot: the framing walk keeps the five values on
     its way, so the dataset is not parsed a second time by pydicom. A
-    deflated dataset has to be inflated: pydicom reads that one.
+    deflated dataset has to be inflated: pydicom reads that one (its
+    inflate reports a cut stream itself).
     """
     if transfer_syntax_uid == _DEFLATED:
         return identify(file_bytes)

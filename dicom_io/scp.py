@@ -111,13 +111,13 @@ class SCPSettings:
     request_timeout: float = 10.0
     pdu_timeout: float = 60.0
     max_pending_per_address: int = 16
-    # Other processes accept from our listening socket (daemon/receivers.py):
-    # it is made non-blocking so that a process that lost the race goes on.
-    share_port: bool = False
+    # Open connections per receiving process, shared: who accepts next
+    # (guard.LoadBoard). Set when several processes accept from one listening
+    # socket (daemon/receivers.py); it is then non-blocking, so that a
+    # process that lost the race for a connection goes on.
+    load_board: LoadBoard | None = None
     # A receiving process's SCP takes the parent's listening socket instead of binding.
     listening_socket: socket.socket | None = None
-    # Open connections per receiving process, shared: who accepts next (guard.LoadBoard).
-    load_board: LoadBoard | None = None
     # Seconds the accept loop may go without a turn before is_alive says no.
     liveness_seconds: float = 10.0
 
@@ -220,7 +220,7 @@ class StorageSCP:
             server_class=server_class,
         )
         assert isinstance(server, GuardedAssociationServer)
-        if s.share_port or s.listening_socket is not None:
+        if s.load_board is not None:
             assert server.socket is not None
             server.socket.setblocking(False)  # shared by every receiving process
         server.guard = self.guard
