@@ -22,6 +22,7 @@ import logging
 import sys
 from datetime import UTC, datetime
 
+from dicom_io.protocol_log import narrate
 from dicom_io.text import printable, scrub_values
 
 _KNOWN_EXTRA = ("study_uid", "series_uid", "sop_uid", "job_id", "calling_ae")
@@ -91,6 +92,8 @@ def setup_logging(level: str = "INFO", json_format: bool = False) -> None:
     # pynetdicom logs every DIMSE message at INFO; at DEBUG it dumps datasets,
     # patient attributes included. Keep it at WARNING unless debugging.
     logging.getLogger("pynetdicom").setLevel("WARNING" if level != "DEBUG" else "INFO")
+    # Nor let it format, for every message, the lines nobody reads.
+    narrate(level == "DEBUG")
     logging.getLogger("apscheduler").setLevel("WARNING")
     logging.getLogger("alembic").setLevel("WARNING")
     # highdicom narrates every attribute it copies at INFO.

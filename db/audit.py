@@ -102,6 +102,9 @@ def record(
     return event
 
 
+_INSERT = sa_insert(AuditEvent.__table__)
+
+
 def insert(
     session: Session,
     event_type: str,
@@ -117,7 +120,7 @@ def insert(
     tenth of the receive stage's CPU per instance.
     """
     row = _signed_row(session, event_type, actor, study_instance_uid, sop_instance_uid, detail)
-    session.execute(sa_insert(AuditEvent.__table__).values(**row))
+    session.execute(_INSERT, row)  # the row as parameters: see db/ingest.py
 
 
 def _signed_row(

@@ -44,6 +44,7 @@ from typing import TYPE_CHECKING, Any
 from pynetdicom.presentation import PresentationContext
 from pynetdicom.transport import AssociationSocket, RequestHandler, ThreadedAssociationServer
 
+from dicom_io import reactor
 from dicom_io.text import printable
 
 if TYPE_CHECKING:
@@ -283,28 +284,35 @@ class GuardedSocket(AssociationSocket):
         sock = self.socket
         assert sock is not None
         deadline = time.monotonic() + limits.pdu_timeout
-        data = bytearray()
+        # Received in place: the length is capped above, and one buffer
+        # filled by the kernel costs no copy per chunk.
+        data = bytearray(nr_bytes)
+        view = memoryview(data)
+        got = 0
         try:
-            while len(data) < nr_bytes:
+            while got < nr_bytes:
                 remaining = deadline - time.monotonic()
                 if remaining <= 0:
                     raise TimeoutError
                 sock.settimeout(remaining)
-                chunk = sock.recv(min(nr_bytes - len(data), 65536))
-                if not chunk:
+                n = sock.recv_into(view[got:])
+                if not n:
                     break
-                data.extend(chunk)
+                got += n
         except TimeoutError:
             self.guard.cut(
                 conn,
                 f"PDU not received whole within {limits.pdu_timeout:g} s "
-                f"({len(data)} of {nr_bytes} bytes)",
+                f"({got} of {nr_bytes} bytes)",
             )
         except OSError:
             pass  # closed under us (a cut) or reset: the DUL handles the short read
         finally:
+            view.release()
             with contextlib.suppress(OSError):
                 sock.settimeout(limits.pdu_timeout)  # bounds blocked writes too
+        if got < nr_bytes:
+            del data[got:]  # short: the DUL sees the connection closed
         return data
 
 
@@ -345,6 +353,7 @@ class _GuardedRequestHandler(RequestHandler):
         guarded.guard_conn = conn
         guarded.guard = self.server.guard
         conn.assoc = assoc
+        reactor.adopt(assoc)
         return assoc
 
 

@@ -38,7 +38,6 @@ class Spool:
     def write(self, relative: str, data: bytes) -> int:
         """Atomically put `data` at `relative`; returns the size written."""
         target = self.root / relative
-        target.parent.mkdir(parents=True, exist_ok=True)
         tmp = self.incoming / f"{uuid.uuid4().hex}.part"
         try:
             fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o640)
@@ -47,10 +46,18 @@ class Spool:
                 while view:
                     view = view[os.write(fd, view) :]
                 if self.fsync:
-                    os.fsync(fd)
+                    # The data and what reading it back needs (its size, its
+                    # blocks); not the timestamps, which nothing relies on.
+                    os.fdatasync(fd)
             finally:
                 os.close(fd)
-            os.replace(tmp, target)
+            try:
+                os.replace(tmp, target)
+            except FileNotFoundError:
+                # The first object of its series (or retention removed the
+                # folder meanwhile): make the folders only then, not per object.
+                target.parent.mkdir(parents=True, exist_ok=True)
+                os.replace(tmp, target)
         except BaseException:
             tmp.unlink(missing_ok=True)
             raise
