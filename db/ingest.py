@@ -48,7 +48,7 @@ class StoredInstance:
 # compiled form by a cache key it computed the first time, instead of building
 # the statement and its key again for every instance (a third of the database
 # time per instance, inside the write lock; bench/ingest.py).
-_studies, _series, _instances = Study.__table__, Series.__table__, Instance.__table__
+_studies, _series = Study.__table__, Series.__table__
 _TOUCH_RECEIVING_STUDY = (
     update(_studies)
     .where(
