@@ -95,15 +95,11 @@ class ReactiveDUL(DULServiceProvider):
         """Return when the socket is readable, a primitive is queued, or after IDLE_WAIT."""
         if self.to_provider_queue.qsize() or self.event_queue.qsize() or self._kill_thread:
             return
-        sock = self.socket.socket if self.socket is not None else None
+        transport = self.socket
+        sock = transport.socket if transport is not None and transport._is_connected else None
         if isinstance(sock, ssl.SSLSocket) and sock.pending():
             return  # decrypted bytes buffered: poll would not see them
-        fd = -1
-        if sock is not None and self.socket is not None and self.socket._is_connected:
-            try:
-                fd = sock.fileno()
-            except OSError:
-                fd = -1
+        fd = sock.fileno() if sock is not None else -1  # -1 once closed
         if fd >= 0:
             poller.register(fd, select.POLLIN)
         try:

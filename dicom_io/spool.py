@@ -3,7 +3,7 @@
 Layout: <root>/<StudyUID>/<SeriesUID>/<SOPInstanceUID>.dcm. The UIDs are
 validated (digits and dots) before they become path components, so no
 received value can point outside the root. Writes are atomic: a temporary
-file in <root>/.incoming, fsync, rename, fsync of the directory. A crash
+file in <root>/.incoming, fdatasync, rename, fsync of the directory. A crash
 leaves either the old file, the new one, or a stray temporary that
 `sweep_incoming` removes at start-up; never half a file under its real name.
 """
