@@ -410,7 +410,11 @@ class GuardedAssociationServer(ThreadedAssociationServer):
     def service_actions(self) -> None:
         # Called by serve_forever on every loop, busy or idle: the liveness stamp.
         self.last_loop = time.monotonic()
-        super().service_actions()
+        # Not pynetdicom's: it runs a full gc.collect() every 60th turn, which
+        # walks the whole heap with the GIL held (90-250 ms in `serve`) and so
+        # stalls every association of the process. Python's own collector
+        # frees finished associations' cycles; start-up's objects are frozen
+        # out of its passes (daemon/service.py, daemon/receivers.py).
 
     def process_request_thread(self, request: Any, client_address: Any) -> None:
         conn = self._accepted.pop(id(request))

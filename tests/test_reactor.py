@@ -1,7 +1,9 @@
-"""The accepted associations' reactors wait for work (dicom_io/reactor.py)."""
+"""The accepted associations' reactors wait for work (dicom_io/reactor.py), and the
+accept loop never stops them for a full garbage collection (dicom_io/guard.py)."""
 
 from __future__ import annotations
 
+import gc
 import hashlib
 import inspect
 import os
@@ -165,3 +167,41 @@ def test_associations_leave_no_descriptor_behind(
             assoc.release()
     settled()
     assert open_fds() == before
+
+
+def test_the_accept_loop_runs_no_full_garbage_collection(
+    scp: tuple[StorageSCP, list[ReceivedObject]], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """pynetdicom's accept loop calls gc.collect() every 60th turn: a stall of every association.
+
+    Each accepted association is at least one turn of the loop, so 65 of them
+    pass pynetdicom's 60th turn whatever the idle turns in between.
+    """
+    server, _ = scp
+    collections: list[str] = []
+    full_collect = gc.collect
+
+    def counted(*args: Any, **kwargs: Any) -> int:
+        collections.append(threading.current_thread().name)
+        return full_collect(*args, **kwargs)
+
+    monkeypatch.setattr(gc, "collect", counted)
+    for _ in range(65):
+        assoc = _associate(server.port)
+        assert assoc.send_c_echo().Status == 0x0000
+        assoc.release()
+    assert server.is_alive()
+    assert collections == []
+
+
+def test_start_up_objects_are_frozen_out_of_collections() -> None:
+    """serve's warm-up freezes what start-up made, so the collector's full passes stay short."""
+    from daemon.service import _warm_up
+
+    gc.unfreeze()
+    try:
+        assert gc.get_freeze_count() == 0
+        _warm_up()
+        assert gc.get_freeze_count() > 0
+    finally:
+        gc.unfreeze()
