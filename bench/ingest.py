@@ -22,6 +22,12 @@ One run, on loopback:
 storescu invents new SOP Instance UIDs for every image it sends (+II), so each
 repeat stores new instances rather than re-sending known ones.
 
+Every received file stays until the run ends (some 6 GB in the temporary
+folder with the defaults): deleting files slows the creation of new ones on
+this machine's disk for minutes after (`create_cost`), which would weigh on the
+rows that follow a deletion. The time to create an empty file is printed before
+and after; above 100 us, the figures are low and a later run tells more.
+
     .venv/bin/python bench/ingest.py [--slices 200] [--size 512] [--repeats 3]
 """
 
@@ -86,6 +92,33 @@ def wait_log(
     raise RuntimeError(f"{count} x {text!r} not in {log} after {timeout} s")
 
 
+def create_cost(folder: Path, count: int = 200) -> float:
+    """Microseconds to create one empty file in `folder`: the filesystem's state, now.
+
+    On ext4 without a journal (this machine's disk) the inode allocator skips
+    every inode freed in the last five minutes, scanning from the start of the
+    group each time: after thousands of files are deleted, creating a file
+    costs 300-1,000 us of kernel time instead of 25 (perf: recently_deleted,
+    find_get_block_common). Every receiver here creates a file per object, so
+    the figures of such a run are low, and four associations' creations race
+    over the same scan. Hence nothing is deleted before the run ends, and the
+    cost is printed before and after.
+    """
+    folder.mkdir(parents=True, exist_ok=True)
+    start = time.perf_counter()
+    for k in range(count):
+        os.close(os.open(folder / f"{time.time_ns()}-{k}", os.O_WRONLY | os.O_CREAT | os.O_EXCL))
+    return 1e6 * (time.perf_counter() - start) / count
+
+
+def report_create_cost(folder: Path, when: str) -> None:
+    cost = create_cost(folder)
+    note = ""
+    if cost > 100:
+        note = " (slow: files were deleted here in the last minutes; figures will be low)"
+    print(f"file creation {when}: {cost:.0f} us per empty file{note}", flush=True)
+
+
 def make_study(folder: Path, slices: int, size: int) -> list[Path]:
     rng = np.random.default_rng(2024)
     volume = rng.normal(40.0, 300.0, size=(slices, size, size)).astype(np.float32)
@@ -120,7 +153,6 @@ def storescp(workdir: Path) -> Iterator[Receiver]:
     finally:
         proc.terminate()
         proc.wait(timeout=10)
-        shutil.rmtree(out, ignore_errors=True)
 
 
 @contextmanager
@@ -159,7 +191,6 @@ def secondreader(
     finally:
         proc.terminate()
         proc.wait(timeout=60)
-        shutil.rmtree(root / "state", ignore_errors=True)
 
 
 @contextmanager
@@ -200,7 +231,6 @@ def orthanc(workdir: Path) -> Iterator[Receiver]:
     finally:
         proc.terminate()
         proc.wait(timeout=60)
-        shutil.rmtree(root, ignore_errors=True)
 
 
 @contextmanager
@@ -237,7 +267,6 @@ def bare_pynetdicom(workdir: Path) -> Iterator[Receiver]:
         )
     finally:
         server.shutdown()
-        shutil.rmtree(out, ignore_errors=True)
 
 
 # -- senders -----------------------------------------------------------------------
@@ -332,6 +361,7 @@ def main(argv: Sequence[str] | None = None) -> int:
             f"(written in {time.perf_counter() - t:.1f} s); median of {args.repeats}",
             flush=True,
         )
+        report_create_cost(workdir / "create-probe", "before")
         rows: dict[str, dict[int, float]] = {}
         with storescp(workdir) as r:
             rows[r.label] = measure(r, files, args.repeats)
@@ -370,6 +400,8 @@ def main(argv: Sequence[str] | None = None) -> int:
                 },
             ) as r:
                 rows[r.label] = measure(r, files, args.repeats)
+        report_create_cost(workdir / "create-probe", "after")
+        # Only now is anything deleted (see `create_cost`).
 
     base = rows["dcmtk storescp"]
     default = next(row for label, row in rows.items() if label.startswith("secondreader (defaults"))
