@@ -61,7 +61,7 @@ _TOUCH_RECEIVING_STUDY = (
 _SERIES_BY_UID = select(_series.c.id, _series.c.study_id).where(
     _series.c.series_instance_uid == bindparam("uid")
 )
-_INSERT_IGNORE: dict[tuple[str, str], Any] = {}
+_INSERT_IGNORE: dict[tuple[str, str, str], Any] = {}  # (dialect, table, key) -> statement
 
 
 def _insert_ignore(session: Session, table: Any, values: dict[str, Any], key: str) -> bool:
@@ -71,11 +71,12 @@ def _insert_ignore(session: Session, table: Any, values: dict[str, Any], key: st
     backends whether the row went in (rowcount does not, with psycopg).
     """
     dialect = session.get_bind().dialect.name
-    stmt = _INSERT_IGNORE.get((dialect, table.name))
+    cache_key = (dialect, table.name, key)
+    stmt = _INSERT_IGNORE.get(cache_key)
     if stmt is None:
         ins = pg_insert if dialect == "postgresql" else sqlite_insert
         stmt = ins(table).on_conflict_do_nothing(index_elements=[key]).returning(table.c.id)
-        _INSERT_IGNORE[(dialect, table.name)] = stmt
+        _INSERT_IGNORE[cache_key] = stmt
     # The values go as parameters: the statement names no columns, so each
     # call inserts exactly the columns it is given.
     return session.execute(stmt, values).first() is not None
