@@ -417,7 +417,7 @@ def _cmd_review_decide(config: Config, args: argparse.Namespace) -> int:
         uid = service.decide(
             args.result,
             args.decision,
-            service.reviewer(args.reviewer),
+            service.account_reviewer(args.reviewer),
             finding=args.finding,
             comment=args.comment,
             correction=_correction(args) if args.decision == "correct" else None,
@@ -434,7 +434,7 @@ def _cmd_review_amend(config: Config, args: argparse.Namespace) -> int:
             args.result,
             args.finding,
             args.decision,
-            service.reviewer(args.reviewer),
+            service.account_reviewer(args.reviewer),
             reason=args.reason,
             comment=args.comment,
             correction=_correction(args),
@@ -757,7 +757,10 @@ def build_parser() -> argparse.ArgumentParser:
             "--finding", type=int, required=decision == "correct",
             help="finding number (default: every undecided finding)",
         )  # fmt: skip
-        q.add_argument("--reviewer", required=True, help='name, as "Family^Given"')
+        q.add_argument(
+            "--reviewer", required=True,
+            help="your user name (an enabled account; its full name signs the SR)",
+        )  # fmt: skip
         q.add_argument("--comment")
         if decision == "correct":
             location_args(q)
@@ -767,7 +770,7 @@ def build_parser() -> argparse.ArgumentParser:
     q.add_argument("--finding", type=int, required=True)
     q.add_argument("--decision", choices=["confirm", "reject", "correct"], required=True)
     q.add_argument("--reason", required=True)
-    q.add_argument("--reviewer", required=True)
+    q.add_argument("--reviewer", required=True, help="your user name (an enabled account)")
     q.add_argument("--comment")
     location_args(q)
     q.set_defaults(func=_cmd_review_amend)

@@ -262,6 +262,9 @@ class ReviewConfig(_Section):
     organization: str = Field("secondreader site", min_length=1, max_length=64)
     series_number: int = Field(9903, ge=1)
     series_description: str = Field("AI RESULT - PHYSICIAN REVIEWED", max_length=64)
+    # A decision signed on the web page waits this long before its verified
+    # SR is built and queued: the reviewer can undo it meanwhile. 0: at once.
+    undo_seconds: float = Field(10.0, ge=0, le=600)
 
 
 class DeliveryConfig(_Section):

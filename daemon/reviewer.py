@@ -13,6 +13,11 @@ web page call it and hold no review logic of their own.
   are released or withheld.
 * A decided result is never decided again silently: `amend` is a new round,
   with a reason, whose verified SR supersedes the previous one.
+* A decision signed on the web page is held for `review.undo_seconds`
+  (`hold=True`): until then `undo` withdraws it and nothing reaches the
+  PACS; after it, `finalize_pending` (scheduled in `serve`) builds the SR.
+* Only an existing, enabled account signs: `account_reviewer` turns a
+  user name into the name the verified SR carries.
 
 Decisions are committed first, the verified SR is built outside any
 transaction, then its rows go in one transaction. A crash in between
@@ -27,6 +32,7 @@ from __future__ import annotations
 import io
 import logging
 from dataclasses import dataclass
+from datetime import datetime, timedelta
 from typing import Any
 
 from pydicom import dcmread
@@ -35,8 +41,8 @@ from pydicom.uid import generate_uid
 from sqlalchemy.exc import IntegrityError
 
 from daemon.config import Config
-from db import reviews
-from db.models import Decision
+from db import accounts, reviews
+from db.models import Decision, utcnow
 from db.outbox import NewOutboxItem, queue_items
 from db.reviews import Agreement, FindingView, ResultView
 from db.session import Database
@@ -51,6 +57,15 @@ OUTBOX_DIR = "outbox"  # the report stage's folder; verified SRs go next to the 
 
 class ReviewError(Exception):
     """What the reviewer asked for cannot be done; the message says why."""
+
+
+def triage_key(r: ResultView) -> tuple[bool, float, Any, int]:
+    """A present finding first, then the most probable, then the oldest.
+
+    A reader clears the cases the AI flags before the ones it calls clear,
+    the most confident flag first; among equals, the longest waiting.
+    """
+    return (not any(f.present for f in r.findings), -r.top_probability, r.created_at, r.run_id)
 
 
 @dataclass(frozen=True)
@@ -84,12 +99,26 @@ class ReviewService:
             raise ReviewError("say who reviews: --reviewer NAME")
         return Reviewer(name.strip(), self.config.review.organization)
 
+    def account_reviewer(self, username: str) -> Reviewer:
+        """The reviewer behind an account: only an existing, enabled one signs."""
+        with self.db.session() as s:
+            user = accounts.get_user(s, username.strip())
+            if user is None:
+                raise ReviewError(
+                    f"no account {username!r}: --reviewer is a user name "
+                    "(`secondreader user list`; `user add` creates one)"
+                )
+            if user.disabled:
+                raise ReviewError(f"account {username!r} is disabled: it cannot sign")
+            name = user.full_name
+        return self.reviewer(name)
+
     # -- reading -------------------------------------------------------------
     def results(self, **filters: Any) -> list[ResultView]:
-        """Results, most probable present finding first, then the oldest (triage order)."""
+        """Results in triage order (`triage_key`), as the CLI and the web page list them."""
         with self.db.session() as s:
             results = reviews.list_results(s, **filters)
-        return sorted(results, key=lambda r: (-r.top_probability, r.created_at, r.run_id))
+        return sorted(results, key=triage_key)
 
     def show(self, run_id: int) -> tuple[ResultView, list[dict[str, Any]]]:
         with self.db.session() as s:
@@ -114,8 +143,12 @@ class ReviewService:
         finding: int | None = None,
         comment: str | None = None,
         correction: Correction | None = None,
+        hold: bool = False,
     ) -> str | None:
-        """Decide one finding (or every undecided one); the verified SR's UID once complete."""
+        """Decide one finding (or every undecided one); the verified SR's UID once complete.
+
+        With `hold` the SR waits for the undo window (`finalize_pending` builds it).
+        """
         if decision not in Decision.ALL:
             raise ReviewError(f"unknown decision {decision!r}")
         if decision == Decision.CORRECT and (finding is None or correction is None):
@@ -124,7 +157,8 @@ class ReviewService:
             result = self._result(s, run_id)
             if result.verifications:
                 raise ReviewError(
-                    f"result {run_id} is decided already (verified SR "
+                    f"result {run_id} is decided already, verified by "
+                    f"{result.verifications[-1].reviewer} (verified SR "
                     f"{result.verifications[-1].sr_sop_instance_uid}): an amendment, with a "
                     "reason, is the way to change it"
                 )
@@ -149,7 +183,33 @@ class ReviewService:
             ", ".join(str(f.number) for f in targets),
             reviewer.name,
         )
+        if hold and self.config.review.undo_seconds > 0:
+            return None
         return self.finalize(run_id)
+
+    def undo(self, run_id: int, reviewer: Reviewer, now: datetime | None = None) -> list[int]:
+        """Withdraw `reviewer`'s decisions still inside the undo window; the finding numbers.
+
+        Refused once the round's verified SR is built: then it is an amendment.
+        """
+        since = (now or utcnow()) - timedelta(seconds=self.config.review.undo_seconds)
+        with self.db.session() as s:
+            reviews.lock_run(s, run_id)
+            result = self._result(s, run_id)
+            mine = [d for d in result.decisions if d.round == result.round]
+            if not mine and result.verifications:
+                raise ReviewError(
+                    f"too late to undo: the verified SR of result {run_id} is built and queued "
+                    "for the PACS; amend it instead, with a reason"
+                )
+            numbers = reviews.withdraw_decisions(s, result, reviewer=reviewer.name, since=since)
+        if not numbers:
+            raise ReviewError(
+                f"nothing of yours to undo on result {run_id}: the undo window "
+                f"({self.config.review.undo_seconds:g} s) is over or the decision is another's"
+            )
+        log.info("result %d: decision(s) on finding(s) %s undone", run_id, numbers)
+        return numbers
 
     def amend(
         self,
@@ -239,8 +299,15 @@ class ReviewService:
         sr.save_as(buf, enforce_file_format=True)
         self.outbox.write(relative, buf.getvalue())
         predecessor = str((supersedes or ai_sr).SOPInstanceUID)
+        signed = {f: d.decided_at for f, d in decisions.items()}
         try:
             with self.db.session() as s:
+                reviews.lock_run(s, run_id)
+                now = self._result(s, run_id)
+                if {d.finding_id: d.decided_at for d in now.decisions if d.round == round_} != (
+                    signed
+                ) or now.round != round_:
+                    return None  # undone (or decided anew) while the SR was built
                 reviews.record_verification(
                     s,
                     result,
@@ -288,14 +355,27 @@ class ReviewService:
         )
         return str(sr.SOPInstanceUID)
 
-    def finalize_pending(self) -> int:
-        """Complete rounds whose verified SR a crash left unbuilt (scheduled in serve)."""
+    def finalize_pending(self, now: datetime | None = None) -> int:
+        """Complete rounds past their undo window, or whose verified SR a crash left
+        unbuilt (scheduled in serve)."""
         done = 0
-        for result in self.results(state="in_review"):
-            decided = {d.finding_id for d in result.decisions if d.round == result.round}
-            if len(decided) == len(result.findings):
+        for result, due in self._complete_rounds():
+            if due <= (now or utcnow()):
                 done += self.finalize(result.run_id) is not None
         return done
+
+    def next_release(self) -> datetime | None:
+        """When the next held round's undo window ends (naive UTC), or None."""
+        return min((due for _, due in self._complete_rounds()), default=None)
+
+    def _complete_rounds(self) -> list[tuple[ResultView, datetime]]:
+        window = timedelta(seconds=self.config.review.undo_seconds)
+        rounds = []
+        for result in self.results(state="in_review"):
+            mine = [d for d in result.decisions if d.round == result.round]
+            if len(mine) == len(result.findings):
+                rounds.append((result, max(d.decided_at for d in mine) + window))
+        return rounds
 
     def _build(
         self,
@@ -370,7 +450,12 @@ class ReviewService:
             return targets
         f = self._finding(result, number)
         if f.finding_id in decided:
-            raise ReviewError(f"finding {number} of result {result.run_id} is decided already")
+            d = next(d for d in result.decisions
+                     if d.finding_id == f.finding_id and d.round == result.round)  # fmt: skip
+            raise ReviewError(
+                f"finding {number} of result {result.run_id} is decided already: "
+                f"{d.decision} by {d.reviewer} at {d.decided_at:%Y-%m-%d %H:%M} UTC"
+            )
         return [f]
 
     @staticmethod

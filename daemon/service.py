@@ -25,7 +25,7 @@ from daemon.reporter import Reporter
 from daemon.reviewer import ReviewService
 from daemon.scheduler import Scheduler
 from daemon.systemd import Notifier
-from daemon.web_server import serve_web
+from daemon.web.server import serve_web
 from daemon.worker import Worker, requeue_expired_jobs, retry_policy
 from db import migrate
 from db.chain import load_key
@@ -212,6 +212,13 @@ class Service:
     def finalize(self) -> None:
         if self.reviewer.finalize_pending():
             self.scheduler.wake("deliver")
+        self.release_at(self.reviewer.next_release())
+
+    def release_at(self, due: datetime | None) -> None:
+        """Build a held verified SR when its undo window ends, not a tick later."""
+        if due is not None:
+            when = max(due.replace(tzinfo=UTC) + _TICK_MARGIN, datetime.now(UTC))
+            self.scheduler.wake_at("finalize-reviews", when)
 
     def complete_studies(self) -> None:
         if self.completer.run_once():
@@ -265,7 +272,7 @@ class Service:
                 storage=self.cleaner.storage_state,
             )
         if self.config.web.enabled:
-            self.web_server = serve_web(self.config, self.db, self.healthy)
+            self.web_server = serve_web(self.config, self.db, self.healthy, self.release_at)
         if self.worker is not None:
             # The models load in the worker's thread: receiving does not wait for them.
             self.worker.start()

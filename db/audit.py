@@ -64,6 +64,9 @@ class EventType:
     # Physician review (db/reviews.py, daemon/reviewer.py).
     REVIEW_DECIDED = "review.decided"  # one finding confirmed, rejected or corrected
     REVIEW_AMENDED = "review.amended"  # a decided finding decided again, with a reason
+    # Signed decisions withdrawn by their reviewer inside the undo window,
+    # before their verified SR was built (nothing reached the PACS).
+    REVIEW_UNDONE = "review.undone"
     VERIFIED_SR_CREATED = "review.verified_sr_created"
     RELEASE_HELD = "release.held"  # AI object held for review (release = after_review)
     RELEASE_RELEASED = "release.released"  # held object sent after the review

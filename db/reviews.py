@@ -12,7 +12,7 @@ from dataclasses import dataclass, field
 from datetime import datetime
 from typing import Any
 
-from sqlalchemy import func, select, update
+from sqlalchemy import delete, func, select, update
 from sqlalchemy.orm import Session
 
 from db import audit
@@ -284,6 +284,51 @@ def record_decision(
         has_comment=bool(comment),
         location=location,
     )
+
+
+def lock_run(session: Session, run_id: int) -> None:
+    """Hold the run's row until the transaction ends.
+
+    Signing, finalising and undoing one result take this lock first, so an
+    undo and the verified SR it races with are ordered (PostgreSQL; SQLite
+    has one writer anyway).
+    """
+    session.execute(select(AnalysisRun.id).where(AnalysisRun.id == run_id).with_for_update())
+
+
+def withdraw_decisions(
+    session: Session, result: ResultView, *, reviewer: str, since: datetime
+) -> list[int]:
+    """The current round's decisions by `reviewer` made at or after `since`, removed.
+
+    Only an unverified round's: its verified SR was never built. The audit
+    trail keeps both the decision and its withdrawal. Returns the finding numbers.
+    """
+    mine = [
+        d
+        for d in result.decisions
+        if d.round == result.round and d.reviewer == reviewer and d.decided_at >= since
+    ]
+    if not mine:
+        return []
+    session.execute(
+        delete(FindingDecision).where(
+            FindingDecision.run_id == result.run_id,
+            FindingDecision.round == result.round,
+            FindingDecision.finding_id.in_([d.finding_id for d in mine]),
+        )
+    )
+    numbers = [f.number for f in result.findings if f.finding_id in {d.finding_id for d in mine}]
+    audit.record(
+        session,
+        EventType.REVIEW_UNDONE,
+        reviewer,
+        study_instance_uid=result.study_instance_uid,
+        run_id=result.run_id,
+        round=result.round,
+        findings=numbers,
+    )
+    return numbers
 
 
 def record_verification(

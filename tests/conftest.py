@@ -74,6 +74,9 @@ def storescu(
     )
 
 
+USER_PASSWORD = "correct horse battery"  # accounts that tests add
+
+
 class DaemonProcess:
     """`secondreader serve` as a real subprocess with its own state folder."""
 
@@ -102,7 +105,7 @@ check_interval_seconds = 0.5
         self.proc: subprocess.Popen[bytes] | None = None
 
     def cli(
-        self, *args: str, check: bool = True, timeout: float = 120
+        self, *args: str, check: bool = True, timeout: float = 120, input: str | None = None
     ) -> subprocess.CompletedProcess[str]:
         return subprocess.run(
             [sys.executable, "-m", "daemon.cli", *args],
@@ -112,7 +115,13 @@ check_interval_seconds = 0.5
             text=True,
             check=check,
             timeout=timeout,
+            input=input,
         )
+
+    def add_user(self, username: str, full_name: str, role: str = "reviewer") -> None:
+        """An account, as an administrator adds one (the database must be migrated)."""
+        self.cli("user", "add", username, "--full-name", full_name, "--role", role,
+                 "--password-stdin", input=USER_PASSWORD + "\n")  # fmt: skip
 
     def start(self, timeout: float = 60) -> DaemonProcess:
         self.cli("db", "upgrade")

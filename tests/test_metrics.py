@@ -86,7 +86,8 @@ outputs = ["sr"]
         assert after[("secondreader_stage_analysis_seconds_sum", ())] > 0
         run = d.cli("review", "list", "--json").stdout
         run_id = str(json.loads(run)[0]["run_id"])
-        d.cli("review", "confirm", run_id, "--reviewer", "Smith^Jane")
+        d.add_user("smith", "Smith^Jane")
+        d.cli("review", "confirm", run_id, "--reviewer", "smith")
         reviewed = _scrape(port)
         confirmed = [
             v for (name, labels), v in reviewed.items()

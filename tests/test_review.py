@@ -19,7 +19,7 @@ from sqlalchemy import select
 
 from daemon.config import DEFAULT_OUTPUTS, Config, load_config
 from daemon.reporter import Reporter
-from daemon.reviewer import Correction, ReviewError, ReviewService
+from daemon.reviewer import Correction, Reviewer, ReviewError, ReviewService
 from db import audit, chain, migrate
 from db.audit import EventType
 from db.models import AnalysisRun, DeliveryState, FindingDecision, OutboxItem
@@ -335,4 +335,23 @@ def test_stats_match_a_hand_count(tmp_path: Path, sqlite_url: str) -> None:
     assert (late.confirmed, late.rejected, late.corrected) == (1, 3, 1)
     assert {r.model for r in rows.values()} == {f"{rd.ALGORITHM.name} {rd.ALGORITHM.version}"}
     assert service.stats(model="no-such-model") == []
+    db.dispose()
+
+
+def test_only_an_existing_enabled_account_signs(tmp_path: Path, sqlite_url: str) -> None:
+    from daemon.accounts import AccountService
+    from daemon.config import WebConfig
+
+    config = make_config(tmp_path, sqlite_url)
+    db = Database(config.database_url, audit_key=KEY)
+    service = ReviewService(db, config)
+    accounts = AccountService(db, WebConfig())
+    accounts.add("smith", "correct horse battery", "reviewer", "test", full_name="Smith^Jane")
+    # The account's full name signs, never the text typed after --reviewer.
+    assert service.account_reviewer("smith") == Reviewer("Smith^Jane", config.review.organization)
+    with pytest.raises(ReviewError, match="no account 'Mickey Mouse'"):
+        service.account_reviewer("Mickey Mouse")
+    accounts.disable("smith", "test")
+    with pytest.raises(ReviewError, match="disabled"):
+        service.account_reviewer("smith")
     db.dispose()

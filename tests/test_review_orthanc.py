@@ -88,6 +88,8 @@ def test_confirm_reject_correct_and_amend_through_orthanc(
 ) -> None:  # type: ignore[no-untyped-def]
     orthanc = orthanc_factory().start()
     d = daemon_factory(delivery(orthanc)).start()
+    d.add_user("smith", "Smith^Jane")
+    d.add_user("doe", "Doe^John")
     studies = {}
     for name, seed in (("confirm", 3), ("reject", 4), ("correct", 5)):
         files = demo_ct(tmp_path / name, seed)
@@ -106,7 +108,7 @@ def test_confirm_reject_correct_and_amend_through_orthanc(
             args += ["--box", "40", "50", "60", "70"]
         else:
             args = [name, run]
-        out = d.cli("review", *args, "--reviewer", "Smith^Jane", "--comment", f"{name}ed on CT")
+        out = d.cli("review", *args, "--reviewer", "smith", "--comment", f"{name}ed on CT")
         assert "verified SR" in out.stdout, out.stdout + out.stderr
         uid = out.stdout.split("verified SR ")[1].split()[0]
         verified[name] = uid
@@ -131,11 +133,11 @@ def test_confirm_reject_correct_and_amend_through_orthanc(
     # An amendment: a new verified SR in Orthanc, linked to the one it supersedes.
     files, study_uid = studies["confirm"]
     run = str(result_of(d, study_uid, "verified")["run_id"])
-    refused = d.cli("review", "reject", run, "--reviewer", "Doe^John", check=False)
+    refused = d.cli("review", "reject", run, "--reviewer", "doe", check=False)
     assert refused.returncode == 1 and "amendment" in refused.stderr
     out = d.cli(
         "review", "amend", run, "--finding", "1", "--decision", "reject",
-        "--reason", "vessel seen end-on", "--reviewer", "Doe^John",
+        "--reason", "vessel seen end-on", "--reviewer", "doe",
     )  # fmt: skip
     amended = out.stdout.split("verified SR ")[1].split()[0]
     srs_in_orthanc(orthanc, study_uid, 3, d)
@@ -169,6 +171,7 @@ def test_after_review_the_pacs_gets_only_the_verified_result(
 ) -> None:  # type: ignore[no-untyped-def]
     orthanc = orthanc_factory().start()
     d = daemon_factory(delivery(orthanc, "after_review"), env=NO_WORKER).start()
+    d.add_user("smith", "Smith^Jane")
     files = rd.ct_study(tmp_path / "ct")
     assert storescu(d.port, files).returncode == 0
     db = open_db(d)
@@ -179,7 +182,7 @@ def test_after_review_the_pacs_gets_only_the_verified_result(
     assert orthanc.find_study(study_uid) is None
 
     run = str(result_of(d, study_uid)["run_id"])
-    out = d.cli("review", "confirm", run, "--reviewer", "Smith^Jane")
+    out = d.cli("review", "confirm", run, "--reviewer", "smith")
     uid = out.stdout.split("verified SR ")[1].split()[0]
     (entry,) = srs_in_orthanc(orthanc, study_uid, 1, d)
     d.wait_for(lambda: {i.state for i in outbox(db)} == {"withheld", "done"}, timeout=60)

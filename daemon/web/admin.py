@@ -1,0 +1,90 @@
+"""Admin pages: operations (pipeline counts, retries, C-ECHO) and model monitoring."""
+
+from __future__ import annotations
+
+from datetime import timedelta
+from typing import Any
+
+from flask import Blueprint, abort, current_app, g, redirect, render_template, request, url_for
+
+from daemon.dispatcher import Dispatcher
+from daemon.web import admin_required
+from daemon.web.images import agreement_plot
+from daemon.web.site import site
+from db.jobs import recent_workers, requeue_failed_jobs, running_jobs
+from db.models import utcnow
+from db.outbox import list_items, requeue_dead
+from db.reports import requeue_failed_reports
+from db.studies import pipeline_counts
+from dicom_io.scu import echo
+
+bp = Blueprint("admin", __name__, url_prefix="/admin")
+
+
+@bp.get("")
+@admin_required
+def admin() -> Any:
+    here = site()
+    with here.db.session() as s:
+        counts = pipeline_counts(s)
+        dead = list_items(s, state="dead", limit=50)
+        running = running_jobs(s)
+        workers = recent_workers(s, utcnow() - timedelta(hours=24))
+    return render_template(
+        "admin.html", counts=counts, users=here.accounts.users(), dead=dead,
+        destinations=here.config.delivery.destinations, echo=request.args.get("echo"),
+        done=request.args.get("done"), running=running, worker=here.config.worker,
+        workers=workers,
+    )  # fmt: skip
+
+
+@bp.post("/jobs/retry")
+@admin_required
+def retry_jobs() -> Any:
+    with site().db.session() as s:
+        n = requeue_failed_jobs(s, actor=g.user.username)
+    return redirect(url_for("admin.admin", done=f"{n} failed job(s) queued again"))
+
+
+@bp.post("/reports/retry")
+@admin_required
+def retry_reports() -> Any:
+    with site().db.session() as s:
+        runs = requeue_failed_reports(s, actor=g.user.username)
+    return redirect(url_for("admin.admin", done=f"{len(runs)} failed report(s) queued again"))
+
+
+@bp.post("/deliveries/retry")
+@admin_required
+def retry_deliveries() -> Any:
+    with site().db.session() as s:
+        n = requeue_dead(s, actor=g.user.username)
+    return redirect(url_for("admin.admin", done=f"{n} dead letter(s) queued again"))
+
+
+@bp.post("/echo/<name>")
+@admin_required
+def echo_destination(name: str) -> Any:
+    here = site()
+    dest = next((d for d in here.config.delivery.destinations if d.name == name), None)
+    if dest is None:
+        abort(404, f"No PACS destination named {name!r}.")
+    try:
+        status = echo(Dispatcher(here.db, here.config).remote(dest))
+        text = f"{name}: C-ECHO status 0x{status:04X}" + (" (success)" if status == 0 else "")
+    except Exception as exc:
+        text = f"{name}: no answer ({type(exc).__name__})"
+    return redirect(url_for("admin.admin", echo=text))
+
+
+@bp.get("/monitoring")
+@admin_required
+def monitoring() -> Any:
+    return render_template("monitoring.html", rows=site().reviews.stats())
+
+
+@bp.get("/monitoring.png")
+@admin_required
+def monitoring_plot() -> Any:
+    png = agreement_plot(site().reviews.stats())
+    return current_app.response_class(png, mimetype="image/png")
