@@ -398,7 +398,7 @@ class RetentionConfig(_Section):
 
 
 class WebConfig(_Section):
-    """The review web page (daemon/web.py), served inside `serve` or by `secondreader web`."""
+    """The review web page (daemon/web/), served inside `serve` or by `secondreader web`."""
 
     enabled: bool = False
     host: str = "127.0.0.1"

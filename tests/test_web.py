@@ -135,7 +135,8 @@ def test_login_review_and_logout(site, caplog: pytest.LogCaptureFixture, tmp_pat
     worklist = client.get("/").get_data(as_text=True)
     assert "#1" in worklist and "Nodule present" in worklist
     date = str(dcmread(next((tmp_path / "ct").glob("*.dcm")), stop_before_pixels=True).StudyDate)
-    assert f"<td>{date[:4]}-{date[4:6]}-{date[6:]}</td>" in worklist and " min</td>" in worklist
+    assert f'<td class="date">{date[:4]}-{date[4:6]}-{date[6:]}</td>' in worklist
+    assert " min</td>" in worklist
     assert "Nothing to review" in client.get("/?since=2999-01-01").get_data(as_text=True)
     assert client.get("/?since=not-a-date").status_code == 400
     page = client.get("/results/1").get_data(as_text=True)

@@ -13,6 +13,7 @@ from typing import Any
 
 from db.audit import EventType
 from db.reviews import ResultView
+from dicom_io.wording import threshold_percent
 
 _OBJECTS = {
     "sr": "AI result (SR)", "verified-sr": "verified SR", "pmap": "saliency map",
@@ -83,7 +84,8 @@ def provenance_lines(view: ResultView, provenance: dict[str, Any]) -> list[tuple
         lines.append(("Manufacturer", str(algo["manufacturer"])))
     params = algo.get("parameters", {})
     if "threshold" in params:
-        lines.append(("Threshold", f"{float(params['threshold']):.0%}: at or above it, present"))
+        threshold = threshold_percent(float(params["threshold"]))
+        lines.append(("Threshold", f"{threshold}: at or above it, present"))
     for step in provenance.get("steps", []):
         name = str(step.get("name") or step.get("step") or "")
         p = step.get("parameters") or {k: v for k, v in step.items() if k not in ("name", "step")}
@@ -102,6 +104,8 @@ def _step_words(name: str, p: dict[str, Any]) -> str:
     if name == "orientation":
         if not p.get("applied", True):
             return f"kept as acquired ({p.get('reason', 'no change needed')})"
+        if p.get("source") == p.get("target"):
+            return f"already {p.get('source')}"
         return f"turned from {p.get('source', '?')} to {p.get('target', '?')}"
     if name == "contrast" or name == "window":
         if p.get("method", "window") == "window" and "center" in p:

@@ -39,7 +39,14 @@
     box: true, overlay: false, slices: [], saliency: [], loaded: 0, markers: new Map(),
   };
   const stats = { changes: [] };  // ms per slice change drawn from memory
-  window.secondreaderViewer = { state, stats, show: (k) => show(k) };
+  // For the browser tests: the state, the timings, and the rendered grey of each pixel.
+  window.secondreaderViewer = {
+    state, stats, show: (k) => show(k),
+    rendered: () => {
+      const rgba = offctx.getImageData(0, 0, off.width, off.height).data;
+      return Array.from({ length: rgba.length / 4 }, (_, i) => rgba[4 * i]);
+    },
+  };
 
   const HOT = [];  // "inferno"-like ramp for the saliency overlay
   for (let i = 0; i < 256; i++) {
@@ -70,7 +77,7 @@
       b.title = `${p.name} (${i + 1})`;
       b.dataset.key = p.key;
       b.id = `preset-${p.key}`;
-      b.addEventListener("click", () => { choosePreset(p.key); host.focus(); });
+      b.addEventListener("click", () => { choosePreset(p.key); host.focus({ preventScroll: true }); });
       box.appendChild(b);
     });
   }
@@ -151,11 +158,14 @@
   // -- drawing ----------------------------------------------------------------
   function resize() {
     const ratio = window.devicePixelRatio || 1;
-    canvas.width = Math.round(host.clientWidth * ratio);
-    canvas.height = Math.round(host.clientHeight * ratio);
+    const w = Math.round(host.clientWidth * ratio), h = Math.round(host.clientHeight * ratio);
+    if (w === canvas.width && h === canvas.height) return;
+    canvas.width = w;
+    canvas.height = h;
     draw();
   }
-  window.addEventListener("resize", resize);
+  // The pane changes size with the window, and when a scroll bar comes or goes.
+  new ResizeObserver(() => resize()).observe(host);
 
   function geometry(px) {
     const fit = Math.min(canvas.width / px.cols, canvas.height / px.rows);
@@ -230,7 +240,7 @@
     }
     for (const [set, m] of state.markers) {
       if (m.k !== state.k) continue;
-      cross(g, m.col, m.row, "#00e5ff", `marker ${set.dataset.number}`);
+      cross(g, m.col, m.row, "#00e5ff", `correction ${set.closest("[data-number]").dataset.number}`);
     }
   }
 
@@ -335,7 +345,7 @@
   // Drag: window/level; shift-drag: pan; a click (no drag): the marker.
   let drag = null;
   canvas.addEventListener("pointerdown", (e) => {
-    host.focus();
+    host.focus({ preventScroll: true });
     canvas.setPointerCapture(e.pointerId);
     drag = { x: e.clientX, y: e.clientY, moved: false, center: state.center, width: state.width,
              panX: state.panX, panY: state.panY, marker: markerAt(e), shift: e.shiftKey };
@@ -383,9 +393,8 @@
     if (!px) return null;
     const g = geometry(px);
     const rect = canvas.getBoundingClientRect();
-    const ratio = canvas.width / rect.width;
-    const col = ((e.clientX - rect.left) * ratio - g.x) / g.s - 0.5;
-    const row = ((e.clientY - rect.top) * ratio - g.y) / g.s - 0.5;
+    const col = ((e.clientX - rect.left) * (canvas.width / rect.width) - g.x) / g.s - 0.5;
+    const row = ((e.clientY - rect.top) * (canvas.height / rect.height) - g.y) / g.s - 0.5;
     if (col < 0 || row < 0 || col > px.cols - 1 || row > px.rows - 1) return null;
     return { col: Math.round(col * 10) / 10, row: Math.round(row * 10) / 10 };
   }
