@@ -11,9 +11,10 @@ never is, nor anything of a patient.
 from __future__ import annotations
 
 import hashlib
+import logging
 import secrets
 from dataclasses import dataclass
-from datetime import timedelta
+from datetime import datetime, timedelta
 
 from argon2 import PasswordHasher
 from argon2.exceptions import InvalidHashError, VerificationError
@@ -28,6 +29,9 @@ from db.session import Database
 ROLES = ("reviewer", "admin")
 # Verified against when the user does not exist: the same time either way.
 _DUMMY_HASH = PasswordHasher().hash("no such user")
+
+
+log = logging.getLogger(__name__)
 
 
 class AccountError(ValueError):
@@ -84,6 +88,27 @@ class AccountService:
             accounts.close_user_sessions(s, user.id)
             audit.record(s, EventType.USER_DISABLED, actor, user=username)
 
+    def enable(self, username: str, actor: str) -> None:
+        with self.db.session() as s:
+            user = self._user(s, username)
+            accounts.set_disabled(s, user.id, False)
+            audit.record(s, EventType.USER_ENABLED, actor, user=username)
+
+    def unlock(self, username: str, actor: str) -> None:
+        """End a lockout now (`passwd` does too: a new password unlocks)."""
+        with self.db.session() as s:
+            user = self._user(s, username)
+            user.locked_until, user.failed_logins = None, 0
+            audit.record(s, EventType.USER_UNLOCKED, actor, user=username)
+
+    def locked_until(self, username: str) -> datetime | None:
+        """When the account's lockout ends, if it is locked now (what the login page says)."""
+        with self.db.session() as s:
+            user = accounts.get_user(s, username)
+            if user is None or user.locked_until is None or user.locked_until <= utcnow():
+                return None
+            return user.locked_until
+
     def users(self) -> list[UserView]:
         with self.db.session() as s:
             return accounts.list_users(s)
@@ -118,6 +143,12 @@ class AccountService:
                     s, EventType.LOGIN_LOCKED if locked else EventType.LOGIN_FAILED, username,
                     address=address, reason="wrong password",
                 )  # fmt: skip
+                if locked:
+                    log.warning(
+                        "account %s locked for %g min after %d wrong passwords "
+                        "(`secondreader user unlock %s` ends it)", username,
+                        self.config.lockout_minutes, self.config.lockout_attempts, username,
+                    )  # fmt: skip
                 return None
             user.failed_logins = 0
             return self._open(s, user.id, username, address, now)

@@ -5,10 +5,12 @@ from __future__ import annotations
 import argparse
 import json
 import logging
+import signal
 import sys
 from collections.abc import Sequence
 from datetime import datetime
 from pathlib import Path
+from typing import Any
 
 from daemon.config import Config, ConfigError, load_config
 from daemon.logs import setup_logging
@@ -19,14 +21,9 @@ EXIT_CONFIG = 2
 
 
 def _cmd_serve(config: Config, _args: argparse.Namespace) -> int:
-    from daemon.service import NotMigrated, Service
+    from daemon.service import Service
 
-    try:
-        service = Service(config)
-    except NotMigrated as exc:
-        print(f"secondreader: {exc}", file=sys.stderr)
-        return 1
-    return service.run()
+    return Service(config).run()
 
 
 def _cmd_worker(config: Config, _args: argparse.Namespace) -> int:
@@ -36,18 +33,43 @@ def _cmd_worker(config: Config, _args: argparse.Namespace) -> int:
 
 
 def _cmd_db_upgrade(config: Config, _args: argparse.Namespace) -> int:
+    from daemon.errors import UserError
     from daemon.service import open_database
-    from db import chain, migrate
+    from db import chain, installation, migrate
 
     config.storage.state_dir.mkdir(parents=True, exist_ok=True)
     migrate.upgrade(config.database_url)
     print(f"database at revision {migrate.current(config.database_url)}")
     key_path = config.audit_key_path
-    if chain.create_key(key_path):
+    if not key_path.exists():
+        # A database whose rows are signed needs its own key back: a new one
+        # would make every row fail `audit verify` (a false tamper alarm).
+        db = open_database(config, signed=False)
+        with db.session() as s:
+            rows, recorded = installation.signed_rows(s), installation.recorded_fingerprint(s)
+        db.dispose()
+        if rows or recorded:
+            raise UserError(
+                f"the audit key {key_path} is missing, and this database holds {rows} audit "
+                f"row(s) signed with its key (fingerprint {recorded or 'not recorded'}): copy "
+                "audit.key from the host or folder where `secondreader db upgrade` first ran "
+                "to that path, or point audit.key_file at it; no new key was made"
+            )
+        chain.create_key(key_path)
         print(f"created the audit key {key_path} (mode 0600): keep it outside the database")
-    db = open_database(config)
+    key = chain.load_key(key_path)
+    db = open_database(config)  # a key other than the database's recorded one stops here
     with db.session() as s:
-        signed = chain.sign_unsigned(s, chain.load_key(key_path))
+        if installation.recorded_fingerprint(s) is None:
+            if not chain.key_signed(s, key):
+                raise UserError(
+                    f"the audit key {key_path} did not sign this database's audit rows: copy "
+                    "the key they were signed with, or point audit.key_file at it"
+                )
+            installation.record_fingerprint(s, key)
+            print(f"recorded the audit key's fingerprint {installation.fingerprint(key)}: "
+                  "every process checks its key against it")  # fmt: skip
+        signed = chain.sign_unsigned(s, key)
     db.dispose()
     if signed:
         print(f"signed {signed} audit row(s) written before the trail was signed")
@@ -88,6 +110,11 @@ def _cmd_audit_export(config: Config, args: argparse.Namespace) -> int:
     db = open_database(config, signed=False)
     text = export_audit_trail(db, study_instance_uid=args.study, since=args.since, fmt=args.format)
     db.dispose()
+    rows = [line for line in text.splitlines()[(1 if args.format == "csv" else 0):] if line]
+    if args.study and not rows:
+        print(f"secondreader: no audit events for study {args.study}"
+              + (f" since {args.since}" if args.since else ""), file=sys.stderr)  # fmt: skip
+        return 1
     sys.stdout.write(text)
     return 0
 
@@ -95,6 +122,11 @@ def _cmd_audit_export(config: Config, args: argparse.Namespace) -> int:
 def _password(args: argparse.Namespace) -> str:
     if args.password_stdin:
         return sys.stdin.readline().rstrip("\n")
+    if not sys.stdin.isatty():
+        from daemon.errors import UserError
+
+        raise UserError("no terminal to ask for the password: give it on standard input "
+                        "with --password-stdin")  # fmt: skip
     import getpass
 
     first = getpass.getpass("Password: ")
@@ -108,6 +140,7 @@ def _cmd_user(config: Config, args: argparse.Namespace) -> int:
 
     from daemon.accounts import AccountError, AccountService
     from daemon.service import open_database
+    from db.models import utcnow
 
     db = open_database(config)
     service = AccountService(db, config.web)
@@ -122,9 +155,20 @@ def _cmd_user(config: Config, args: argparse.Namespace) -> int:
         elif args.user_command == "disable":
             service.disable(args.name, actor)
             print(f"user {args.name} disabled; their sessions are closed")
+        elif args.user_command == "enable":
+            service.enable(args.name, actor)
+            print(f"user {args.name} enabled")
+        elif args.user_command == "unlock":
+            service.unlock(args.name, actor)
+            print(f"user {args.name} unlocked: the wrong-password count starts again")
         else:
+            now = utcnow()
+            print(f"{'USER':<24} {'FULL NAME':<28} {'ROLE':<9} STATE")
             for u in service.users():
-                print(f"{u.username:<32} {u.role:<9} {'disabled' if u.disabled else ''}")
+                state = "disabled" if u.disabled else (
+                    f"locked until {u.locked_until:%Y-%m-%d %H:%M} UTC"
+                    if u.locked_until is not None and u.locked_until > now else "active")
+                print(f"{u.username:<24} {u.full_name:<28} {u.role:<9} {state}")
     except AccountError as exc:
         print(f"secondreader: {exc}", file=sys.stderr)
         return 1
@@ -137,41 +181,67 @@ def _cmd_web(config: Config, _args: argparse.Namespace) -> int:
     """The web page alone, in the foreground (serve runs it too with web.enabled)."""
     from waitress import serve
 
+    from daemon.errors import check_port_free
+    from daemon.liveness import worker_alert
     from daemon.service import open_database
     from daemon.web import create_app
 
     db = open_database(config)
+    check_port_free("web page", "web.port", config.web.host, config.web.port)
 
     def healthy() -> bool:
         try:
             with db.session() as s:
                 s.connection()
-            return True
         except Exception:
             return False
+        return worker_alert(db, config) is None
 
     serve(create_app(config, db, healthy), host=config.web.host, port=config.web.port, threads=4)
     return 0
 
 
 def _cmd_status(config: Config, args: argparse.Namespace) -> int:
+    from datetime import timedelta
+
     from daemon.cleaner import Cleaner
-    from daemon.service import open_database
+    from daemon.service import open_database, worker_alert
+    from db.liveness import processes
+    from db.models import utcnow
     from db.pulls import pull_counts
     from db.retention import files_removed_count
     from db.studies import pipeline_counts
 
     db = open_database(config, signed=False)
+    now, limit = utcnow(), timedelta(seconds=3 * config.worker.liveness_seconds)
     with db.session() as s:
-        report: dict[str, dict[str, int]] = {**pipeline_counts(s), "pull": pull_counts(s)}
+        report: dict[str, Any] = {**pipeline_counts(s), "pull": pull_counts(s)}
         removed = files_removed_count(s)
+        running = processes(s, now - timedelta(days=1))
     storage = Cleaner(db, config).storage_state()
+    alert = worker_alert(db, config)
     db.dispose()
     report["dead_letters"] = report["outbox"].get("dead", 0)
     report["storage"] = {**storage, "studies_files_removed": removed}
+    report["processes"] = [
+        {"name": p.name, "kind": p.kind, "alive": p.alive(now, limit),
+         "last_beat": p.beat_at.isoformat(), "stopped": p.stopped_at is not None}
+        for p in running
+    ]  # fmt: skip
+    report["warnings"] = [alert] if alert else []
     if args.json:
         print(json.dumps(report, indent=2, sort_keys=True))
         return 0
+    print("processes (the last day's):")
+    for p in running:
+        ago = int((now - p.beat_at).total_seconds())
+        state = ("stopped" if p.stopped_at is not None
+                 else "running" if p.alive(now, limit) else "NOT ANSWERING")  # fmt: skip
+        print(f"  {p.kind:<9}{state:<15}last beat {ago} s ago  {p.name}")
+    if not running:
+        print("  none: `secondreader serve` is not running")
+    if alert:
+        print(f"WARNING: {alert}")
     print("studies:")
     for state in ("receiving", "complete"):
         print(f"  {state:<16}{report['studies'].get(state, 0)}")
@@ -385,8 +455,13 @@ def _cmd_review_show(config: Config, args: argparse.Namespace) -> int:
             why = f" ({v.reason})" if v.reason else ""
             print(f"verified SR {v.sr_sop_instance_uid}, round {v.round}, by {v.reviewer}{why}")
         print("history:")
+        stored = [e for e in events if e["event"] == "instance.stored"]
+        if stored:
+            print(f"  {stored[0]['at']:%Y-%m-%d %H:%M:%S} {len(stored)} instance(s) received, "
+                  f"the last at {stored[-1]['at']:%H:%M:%S}")  # fmt: skip
         for e in events:
-            print(f"  {e['at']:%Y-%m-%d %H:%M:%S} {e['event']:<28} {e['actor']}")
+            if e["event"] != "instance.stored":
+                print(f"  {e['at']:%Y-%m-%d %H:%M:%S} {e['event']:<28} {e['actor']}")
         return 0
 
     return _review_call(config, run)
@@ -652,12 +727,44 @@ def _add_remote_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--tls-key", type=Path)
 
 
+def _common(config: Any, debug: Any) -> argparse.ArgumentParser:
+    """--config and --debug, new for each parser (parents share their action objects)."""
+    common = argparse.ArgumentParser(add_help=False)
+    common.add_argument("-c", "--config", type=Path, default=config,
+                        help="TOML config file (or $SECONDREADER_CONFIG)")  # fmt: skip
+    common.add_argument("--debug", action="store_true", default=debug,
+                        help="log at DEBUG, and show the traceback of any error")  # fmt: skip
+    return common
+
+
+class _Subparsers:
+    """add_subparsers whose every parser, nested ones too, takes --config and --debug.
+
+    Their defaults are SUPPRESS: given after the command they count, and
+    otherwise the value before the command (or its default) stays.
+    """
+
+    def __init__(self, action: Any) -> None:
+        self.action = action
+
+    def add_parser(self, name: str, **kwargs: Any) -> Any:
+        common = _common(argparse.SUPPRESS, argparse.SUPPRESS)
+        parser = self.action.add_parser(name, parents=[common], **kwargs)
+        original = parser.add_subparsers
+
+        def add_subparsers(**kw: Any) -> _Subparsers:
+            return _Subparsers(original(**kw))
+
+        parser.add_subparsers = add_subparsers
+        return parser
+
+
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="secondreader", description=__doc__)
-    parser.add_argument(
-        "-c", "--config", type=Path, help="TOML config file (or $SECONDREADER_CONFIG)"
-    )
-    sub = parser.add_subparsers(dest="command", required=True)
+    # --config and --debug go before or after the command: every parser knows them
+    # (SUPPRESS: a subcommand's parser leaves the main one's value alone).
+    parser = argparse.ArgumentParser(prog="secondreader", description=__doc__,
+                                     parents=[_common(None, False)])  # fmt: skip
+    sub = _Subparsers(parser.add_subparsers(dest="command", required=True))
 
     p = sub.add_parser("serve", help="run the daemon in the foreground")
     p.set_defaults(func=_cmd_serve)
@@ -677,7 +784,8 @@ def build_parser() -> argparse.ArgumentParser:
     q = asub.add_parser("export", help="the trail, or one study's story, in time order")
     q.add_argument("--study", help="Study Instance UID")
     q.add_argument("--since", type=datetime.fromisoformat, help="UTC, ISO 8601")
-    q.add_argument("--format", choices=["jsonl", "csv"], default="jsonl")
+    q.add_argument("--format", choices=["jsonl", "csv"], default="jsonl",
+                   help="jsonl, one JSON object per line (the default), or csv")  # fmt: skip
     q.set_defaults(func=_cmd_audit_export)
 
     p = sub.add_parser("user", help="accounts of the web page (reviewer, admin)")
@@ -690,10 +798,17 @@ def build_parser() -> argparse.ArgumentParser:
             q.add_argument("--full-name", help='as in their verified SRs, e.g. "Smith^Jane"')
         q.add_argument("--password-stdin", action="store_true", help="read it from stdin")
         q.set_defaults(func=_cmd_user)
-    q = usub.add_parser("disable", help="disable an account (its sessions end)")
-    q.add_argument("name")
-    q.set_defaults(func=_cmd_user)
-    usub.add_parser("list", help="the accounts").set_defaults(func=_cmd_user)
+    for name, text in (
+        ("disable", "disable an account (its sessions end)"),
+        ("enable", "enable a disabled account again"),
+        ("unlock", "end a lockout after wrong passwords (`passwd` unlocks too)"),
+    ):
+        q = usub.add_parser(name, help=text)
+        q.add_argument("name")
+        q.set_defaults(func=_cmd_user)
+    usub.add_parser(
+        "list", help="the accounts: full name, role, disabled or locked"
+    ).set_defaults(func=_cmd_user)
 
     p = sub.add_parser("web", help="the review web page alone, in the foreground")
     p.set_defaults(func=_cmd_web)
@@ -808,10 +923,12 @@ def build_parser() -> argparse.ArgumentParser:
     q.set_defaults(func=_cmd_model_evaluate)
 
     p = sub.add_parser("demo", help="write a synthetic chest CT study to try the pipeline")
-    p.add_argument("output", type=Path)
-    p.add_argument("--lesion", action=argparse.BooleanOptionalAction, default=True)
-    p.add_argument("--slices", type=int, default=40)
-    p.add_argument("--seed", type=int, default=15)
+    p.add_argument("output", type=Path, help="folder to write the DICOM files to")
+    p.add_argument("--lesion", action=argparse.BooleanOptionalAction, default=True,
+                   help="with a lung nodule (default), or --no-lesion without")  # fmt: skip
+    p.add_argument("--slices", type=int, default=40, help="number of axial slices (default 40)")
+    p.add_argument("--seed", type=int, default=15,
+                   help="phantom seed: another seed, another anatomy (default 15)")  # fmt: skip
     p.set_defaults(func=_cmd_demo)
 
     p = sub.add_parser("find", help="C-FIND studies on a PACS (study root)")
@@ -839,14 +956,36 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: Sequence[str] | None = None) -> int:
+    if argv is None:
+        # A program in a pipe: `secondreader status | head` ends quietly when head does.
+        signal.signal(signal.SIGPIPE, signal.SIG_DFL)
     args = build_parser().parse_args(argv)
     try:
         config = load_config(args.config)
     except ConfigError as exc:
         print(f"secondreader: {exc}", file=sys.stderr)
         return EXIT_CONFIG
-    setup_logging(config.logging.level, config.logging.json_format)
-    return int(args.func(config, args))
+    setup_logging("DEBUG" if args.debug else config.logging.level, config.logging.json_format)
+    try:
+        return int(args.func(config, args))
+    except Exception as exc:
+        message = _one_line(exc)
+        if message is None or args.debug:
+            raise
+        print(f"secondreader: {message}", file=sys.stderr)
+        return EXIT_CONFIG
+
+
+def _one_line(exc: Exception) -> str | None:
+    """An anticipated error in one line (what is wrong, what to do); None: a real bug."""
+    from daemon.errors import UserError
+    from db.chain import AuditKeyMissing
+    from db.errors import describe
+    from db.installation import AuditKeyMismatch
+
+    if isinstance(exc, UserError | AuditKeyMismatch | AuditKeyMissing):
+        return str(exc)
+    return describe(exc)
 
 
 if __name__ == "__main__":

@@ -8,6 +8,7 @@ environment variable `SECONDREADER_<SECTION>__<KEY>` overrides one key, e.g.
 
 from __future__ import annotations
 
+import difflib
 import json
 import os
 import tomllib
@@ -311,6 +312,12 @@ class WorkerConfig(_Section):
     poll_seconds: float = Field(2.0, gt=0)
     # On SIGTERM, let the current job finish this long, then give it back to the queue.
     stop_seconds: float = Field(30.0, ge=0)
+    # Every process (serve, receiving processes, workers) records a beat this
+    # often (db/liveness.py); three missed beats and it counts as gone.
+    liveness_seconds: float = Field(10.0, gt=0)
+    # A job queued this long while no worker is alive: a warning in `status`,
+    # the Operations page and the log, a metric, and 503 from /healthz.
+    no_worker_alert_seconds: float = Field(120.0, gt=0)
     # "module:callable" building another analyser from the Config, instead of the
     # models. An extension point used by the tests (tests/analysers.py); keep empty.
     analyser: str = ""
@@ -447,9 +454,19 @@ class Config(_Section):
 
     @property
     def database_url(self) -> str:
-        if self.database.url:
-            return self.database.url
-        return f"sqlite:///{self.storage.state_dir / 'secondreader.db'}"
+        """database.url with `postgres://` and `postgresql://` meaning our driver, psycopg 3."""
+        url = self.database.url
+        if not url:
+            return f"sqlite:///{self.storage.state_dir / 'secondreader.db'}"
+        for prefix in ("postgres://", "postgresql://"):
+            if url.startswith(prefix):
+                return "postgresql+psycopg://" + url[len(prefix) :]
+        return url
+
+    @property
+    def source(self) -> Path | None:
+        """The file this configuration was read from; None: defaults and environment only."""
+        return self._source
 
 
 def _env_overrides(environ: Mapping[str, str]) -> dict[str, Any]:
@@ -493,15 +510,46 @@ def load_config(path: Path | None = None, environ: Mapping[str, str] | None = No
             raise ConfigError(f"config file not found: {path}") from exc
         except tomllib.TOMLDecodeError as exc:
             raise ConfigError(f"{path}: not valid TOML: {exc}") from exc
-    data = _merge(data, _env_overrides(environ))
+    overrides = _env_overrides(environ)
+    data = _merge(data, overrides)
     try:
         config = Config.model_validate(data)
     except ValidationError as exc:
-        problems = []
-        for err in exc.errors():
-            key = ".".join(str(p) for p in err["loc"]) or "(top level)"
-            problems.append(f"{key}: {err['msg']}")
-        where = f" in {path}" if path else ""
-        raise ConfigError(f"invalid configuration{where}:\n  " + "\n  ".join(problems)) from exc
+        problems = [_problem(err, overrides, path) for err in exc.errors()]
+        raise ConfigError("invalid configuration:\n  " + "\n  ".join(problems)) from exc
     config._source = path.absolute() if path is not None else None
     return config
+
+
+def _problem(err: Any, overrides: dict[str, Any], path: Path | None) -> str:
+    """One problem, named where the administrator set it: the variable or the file."""
+    loc = [str(p) for p in err["loc"]]
+    key = ".".join(loc) or "(top level)"
+    node: Any = overrides
+    for part in loc:
+        node = node.get(part) if isinstance(node, dict) else None
+    if node is not None and not isinstance(node, dict):
+        where = f"environment variable {ENV_PREFIX}{'__'.join(p.upper() for p in loc)}"
+    else:
+        where = str(path) if path else "no file"
+    message = str(err["msg"])
+    if err["type"] == "extra_forbidden":
+        message = "unknown key" + _closest(loc)
+    return f"{key}: {message} (set in {where})"
+
+
+def _closest(loc: list[str]) -> str:
+    """", did you mean X?" for a misspelt key, from the keys its section has."""
+    section: Any = Config
+    for part in loc[:-1]:
+        if part.isdigit():
+            continue  # an item of a list of sections: [[delivery.destinations]]
+        annotation = getattr(section.model_fields.get(part), "annotation", None)
+        args = getattr(annotation, "__args__", None)
+        if args and isinstance(args[0], type) and issubclass(args[0], BaseModel):
+            annotation = args[0]
+        if not (isinstance(annotation, type) and issubclass(annotation, BaseModel)):
+            return ""
+        section = annotation
+    close = difflib.get_close_matches(loc[-1], list(section.model_fields), n=1, cutoff=0.6)
+    return f", did you mean {'.'.join([*loc[:-1], close[0]])}?" if close else ""

@@ -9,10 +9,14 @@ processes as well as `serve`.
 from __future__ import annotations
 
 import logging
+import threading
 from collections.abc import Callable, Iterator
+from datetime import timedelta
+from socketserver import ThreadingMixIn
 from typing import Any
+from wsgiref.simple_server import WSGIRequestHandler, WSGIServer, make_server
 
-from prometheus_client import start_http_server
+from prometheus_client import make_wsgi_app
 from prometheus_client.core import (
     CounterMetricFamily,
     GaugeMetricFamily,
@@ -20,7 +24,10 @@ from prometheus_client.core import (
 )
 from prometheus_client.registry import Collector, CollectorRegistry
 
+from daemon.config import Config
 from db.audit import event_counts
+from db.liveness import no_worker_alert, processes
+from db.models import utcnow
 from db.retention import files_removed_count
 from db.session import Database
 from db.stage_times import STAGES, decision_counts, stage_durations
@@ -31,10 +38,14 @@ log = logging.getLogger(__name__)
 
 class DatabaseCollector(Collector):
     def __init__(
-        self, db: Database, storage: Callable[[], dict[str, float | bool]] | None = None
+        self,
+        db: Database,
+        storage: Callable[[], dict[str, float | bool]] | None = None,
+        config: Config | None = None,
     ) -> None:
         self.db = db
         self.storage = storage  # daemon/cleaner.Cleaner.storage_state
+        self.config = config
 
     def collect(self) -> Iterator[Any]:
         up = GaugeMetricFamily("secondreader_database_up", "1 if the database answered")
@@ -45,6 +56,7 @@ class DatabaseCollector(Collector):
                 removed = files_removed_count(s)
                 durations = stage_durations(s)
                 decisions = decision_counts(s)
+                liveness = self._liveness(s)
         except Exception:
             log.exception("metrics: database query failed")
             up.add_metric([], 0)
@@ -85,6 +97,7 @@ class DatabaseCollector(Collector):
         for (model, version, decision), n in sorted(decisions.items()):
             review.add_metric([model, version, decision], n)
         yield review
+        yield from liveness
         yield GaugeMetricFamily(
             "secondreader_studies_files_removed",
             "Studies whose files retention removed (their rows stay)",
@@ -104,6 +117,25 @@ class DatabaseCollector(Collector):
             )
 
 
+    def _liveness(self, s: Any) -> list[Any]:
+        """Each process's liveness (the last day's), and the no-live-worker alert."""
+        seconds = self.config.worker.liveness_seconds if self.config else 10.0
+        alert_after = self.config.worker.no_worker_alert_seconds if self.config else 120.0
+        limit, now = timedelta(seconds=3 * seconds), utcnow()
+        up = GaugeMetricFamily("secondreader_process_up",
+                               "1 while a process (serve, receiver, worker) beats",
+                               labels=["kind", "name"])  # fmt: skip
+        for p in processes(s, now - timedelta(days=1)):
+            up.add_metric([p.kind, p.name], 1.0 if p.alive(now, limit) else 0.0)
+        alert = no_worker_alert(s, limit=limit, alert_after=timedelta(seconds=alert_after))
+        missing = GaugeMetricFamily(
+            "secondreader_worker_missing",
+            "1 when jobs wait past worker.no_worker_alert_seconds and no worker is alive",
+            value=0.0 if alert is None else 1.0,
+        )
+        return [up, missing]
+
+
 # Seconds: from a fast hand-off to a slow study, a quiet window to an hour.
 BUCKETS = (0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0, 60.0, 120.0, 300.0, 900.0, 3600.0)
 
@@ -120,10 +152,40 @@ def serve_metrics(
     host: str,
     port: int,
     storage: Callable[[], dict[str, float | bool]] | None = None,
+    healthy: Callable[[], bool] = lambda: True,
+    config: Config | None = None,
 ) -> Any:
-    """Start the /metrics HTTP endpoint in a thread; returns the server (call .shutdown())."""
+    """Start /metrics and /healthz in a thread; returns the server (call .shutdown()).
+
+    /healthz means what the web page's does (200 or 503), so a load balancer
+    can watch this port; any other path is 404.
+    """
     registry = CollectorRegistry()
-    registry.register(DatabaseCollector(db, storage))
-    server, _thread = start_http_server(port, addr=host, registry=registry)
-    log.info("metrics on http://%s:%d/metrics", host, server.server_port)
+    registry.register(DatabaseCollector(db, storage, config))
+    metrics = make_wsgi_app(registry)
+
+    def app(environ: dict[str, Any], start_response: Callable[..., Any]) -> Any:
+        path = environ.get("PATH_INFO", "")
+        if path == "/metrics":
+            return metrics(environ, start_response)
+        if path == "/healthz":
+            ok = healthy()
+            start_response("200 OK" if ok else "503 Service Unavailable",
+                           [("Content-Type", "text/plain")])  # fmt: skip
+            return [b"ok\n" if ok else b"unhealthy\n"]
+        start_response("404 Not Found", [("Content-Type", "text/plain")])
+        return [b"not found: this port serves /metrics and /healthz\n"]
+
+    server = make_server(host, port, app, _Server, handler_class=_Quiet)
+    threading.Thread(target=server.serve_forever, name="metrics", daemon=True).start()
+    log.info("metrics on http://%s:%d/metrics (and /healthz)", host, server.server_port)
     return server
+
+
+class _Server(ThreadingMixIn, WSGIServer):
+    daemon_threads = True
+
+
+class _Quiet(WSGIRequestHandler):
+    def log_message(self, format: str, *args: Any) -> None:  # noqa: A002 (the base's name)
+        pass  # no request lines in the log

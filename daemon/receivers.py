@@ -47,6 +47,7 @@ def run_receiving_process(
     """A child's whole life: the receive stage alone, until SIGTERM or its parent is gone."""
     # Imported here: the child is spawned and imports only what receiving needs.
     from daemon.dispatcher import Dispatcher
+    from daemon.liveness import Heartbeat
     from daemon.logs import setup_logging
     from daemon.receiver import Receiver
     from daemon.service import open_database, scp_settings
@@ -82,6 +83,7 @@ def run_receiving_process(
         on_mpps=receiver.on_mpps if config.scp.accept_mpps else None,
     )
     scp.start()
+    heartbeat = Heartbeat(db, "receiver", config.worker.liveness_seconds).start()
     gc.freeze()  # start-up's objects: out of every garbage collection (daemon/worker.py)
     board.set(0)  # listening: the others may leave connections to us now
     log.info("receiving process %d (pid %d) listening on port %d", index, os.getpid(), scp.port)
@@ -90,6 +92,7 @@ def run_receiving_process(
             break
     scp.drain(config.scp.drain_seconds)
     scp.shutdown()
+    heartbeat.stop()
     receiver.close()
     db.dispose()
 

@@ -17,6 +17,8 @@ from daemon.cleaner import Cleaner
 from daemon.completer import Completer
 from daemon.config import Config
 from daemon.dispatcher import Dispatcher
+from daemon.errors import NotMigrated, check_port_free
+from daemon.liveness import Heartbeat, worker_alert
 from daemon.metrics import serve_metrics
 from daemon.puller import Puller
 from daemon.receiver import Receiver
@@ -29,8 +31,9 @@ from daemon.web.server import serve_web
 from daemon.worker import Worker, requeue_expired_jobs, retry_policy
 from db import migrate
 from db.chain import load_key
+from db.installation import check_key
 from db.notify import RUNS, Listener
-from db.session import Database
+from db.session import Database, sqlite_file
 from dicom_io.guard import LoadBoard
 from dicom_io.scp import PeerRule, SCPSettings, StorageSCP
 from dicom_io.spool import Spool
@@ -38,23 +41,42 @@ from dicom_io.tls import server_context
 
 log = logging.getLogger(__name__)
 
-
-class NotMigrated(RuntimeError):
-    pass
+__all__ = ["NotMigrated", "Service", "open_database", "scp_settings", "worker_alert"]
 
 
 def open_database(config: Config, *, signed: bool = True) -> Database:
     """The database, with the audit key that signs every audit row written through it.
 
     `signed=False` for commands that only read (status, listings, export):
-    they work without the key.
+    they work without the key. Nothing is created here: no database, or no
+    schema, raises NotMigrated (`db upgrade` creates both); a key other than
+    the one the database records raises AuditKeyMismatch.
     """
-    config.storage.state_dir.mkdir(parents=True, exist_ok=True)
-    return Database(
-        config.database_url,
-        sqlite_synchronous=config.database.sqlite_synchronous,
-        audit_key=load_key(config.audit_key_path) if signed else None,
-    )
+    url = config.database_url
+    path = sqlite_file(url)
+    if path is not None and not path.exists():
+        raise NotMigrated(_no_database(config, path))
+    if migrate.current(url) is None:
+        raise NotMigrated("the database has no schema: run `secondreader db upgrade` first")
+    key = load_key(config.audit_key_path) if signed else None
+    db = Database(url, sqlite_synchronous=config.database.sqlite_synchronous, audit_key=key)
+    if key is not None:
+        try:
+            with db.session() as s:
+                check_key(s, key, str(config.audit_key_path))
+        except Exception:
+            db.dispose()
+            raise
+    return db
+
+
+def _no_database(config: Config, path: Path) -> str:
+    where = (
+        f"the config file {config.source}" if config.source is not None
+        else "no config file (--config FILE or SECONDREADER_CONFIG): the defaults keep "
+             f"the state in {config.storage.state_dir.absolute()}"
+    )  # fmt: skip
+    return f"no database at {path} ({where}): run `secondreader db upgrade` first"
 
 
 def scp_settings(
@@ -113,9 +135,6 @@ class Service:
         self.stop_event = threading.Event()
         self.notifier = Notifier()
         self.db = open_database(config)
-        head = migrate.current(config.database_url)
-        if head is None:
-            raise NotMigrated("the database has no schema: run `secondreader db upgrade` first")
         self.spool = Spool(config.storage.spool_dir, fsync=config.storage.fsync)
         ancillary = (
             Spool(config.storage.ancillary_dir, fsync=config.storage.fsync)
@@ -154,6 +173,7 @@ class Service:
             on_mpps=self.receiver.on_mpps if config.scp.accept_mpps else None,
         )
         self.metrics_server: Any = None
+        self.heartbeats: list[Heartbeat] = []
         self.web_server: Any = None
         # Each stage's job; a stage that hands work on wakes the next one
         # (daemon/scheduler.py), the intervals are the safety net.
@@ -189,6 +209,10 @@ class Service:
         self.scheduler.every(
             "finalize-reviews", config.report.check_interval_seconds, self.finalize
         )
+        # Jobs waiting with no live worker: said in the log when it starts and ends.
+        self._alerting = False
+        self.scheduler.every("watch-workers", 3 * config.worker.liveness_seconds,
+                             self.watch_workers)  # fmt: skip
         # The audit trail's single chain writer (db/chain.py).
         self.scheduler.every("seal-audit", config.audit.seal_interval_seconds, self.seal_audit)
         # Scheduled pull: new studies from the PACS, each asked for once.
@@ -203,8 +227,22 @@ class Service:
             )
 
     def healthy(self) -> bool:
-        """What /healthz reports: the SCP's accept loop and the scheduler turn."""
-        return self.scheduler.running and self.scp.is_alive()
+        """What /healthz reports: the SCP's accept loop and the scheduler turn, and no
+        job waits past `worker.no_worker_alert_seconds` without a live worker."""
+        return self.scheduler.running and self.scp.is_alive() and self.worker_alert() is None
+
+    def worker_alert(self) -> str | None:
+        """The no-live-worker alert in words, or None (also None when the database is away:
+        that is the metrics' `database_up`, not a missing worker)."""
+        return worker_alert(self.db, self.config)
+
+    def watch_workers(self) -> None:
+        alert = self.worker_alert()
+        if alert and not self._alerting:
+            log.warning("%s", alert)
+        elif self._alerting and not alert:
+            log.info("a worker is running again: the queue is served")
+        self._alerting = alert is not None
 
     def seal_audit(self) -> None:
         seal_audit_trail(self.db)
@@ -255,8 +293,21 @@ class Service:
         self.reporter.outbox.sweep_incoming()
         # A removal a crash interrupted, finished before anything is received.
         self.cleaner.sweep()
+        # Every port this process will listen on, before anything listens: a port in
+        # use stops the start with one line naming the part (daemon/errors.py).
+        cfg = self.config
+        check_port_free("DICOM receiver (SCP)", "scp.port", cfg.scp.host, cfg.scp.port)
+        if cfg.web.enabled:
+            check_port_free("web page", "web.port", cfg.web.host, cfg.web.port)
+        if cfg.metrics.enabled:
+            check_port_free("metrics endpoint", "metrics.port", cfg.metrics.host,
+                            cfg.metrics.port)  # fmt: skip
         signal.signal(signal.SIGTERM, self._on_signal)
         signal.signal(signal.SIGINT, self._on_signal)
+        self.heartbeats = [Heartbeat(self.db, "serve", cfg.worker.liveness_seconds).start()]
+        if self.worker is not None:
+            self.heartbeats.append(
+                Heartbeat(self.db, "worker", cfg.worker.liveness_seconds).start())
         self.scp.start()
         if self.receivers is not None:
             self.receivers.start(self.scp.listening_socket)
@@ -270,6 +321,8 @@ class Service:
                 self.config.metrics.host,
                 self.config.metrics.port,
                 storage=self.cleaner.storage_state,
+                healthy=self.healthy,
+                config=self.config,
             )
         if self.config.web.enabled:
             self.web_server = serve_web(self.config, self.db, self.healthy, self.release_at)
@@ -311,6 +364,8 @@ class Service:
             self.web_server.close()
         if self.worker is not None:
             self.worker.stop(self.config.worker.stop_seconds)
+        for heartbeat in self.heartbeats:
+            heartbeat.stop()
         self.seal_audit()  # the last events of this run, chained before exit
         self.db.dispose()
         self._running_marker.unlink(missing_ok=True)

@@ -29,7 +29,7 @@ from types import FrameType
 
 from daemon.analyser import Analyser
 from daemon.config import Config, WorkerConfig
-from db import jobs, migrate
+from db import jobs
 from db.jobs import ClaimedJob, LeaseLost, RetryPolicy
 from db.notify import JOBS, Listener
 from db.session import Database
@@ -308,17 +308,12 @@ class Worker:
 
 def run_worker(config: Config) -> int:
     """`secondreader worker`: one worker process until SIGTERM/SIGINT. Returns the exit code."""
-    config.storage.state_dir.mkdir(parents=True, exist_ok=True)
-    if migrate.current(config.database_url) is None:
-        log.error("the database has no schema: run `secondreader db upgrade` first")
-        return 1
+    from daemon.liveness import Heartbeat
     from daemon.service import open_database
 
-    try:
-        db = open_database(config)  # with the audit key: its events are signed
-    except FileNotFoundError as exc:
-        log.error("%s", exc)
-        return 1
+    # With the audit key (its events are signed), checked against the database's;
+    # no schema or another key: one line and exit 2 (daemon/cli.py).
+    db = open_database(config)
     worker = Worker.from_config(config, db)
     stop = threading.Event()
 
@@ -335,6 +330,7 @@ def run_worker(config: Config) -> int:
         db.dispose()
         return 1
     worker.start()
+    heartbeat = Heartbeat(db, "worker", config.worker.liveness_seconds).start()
     # PostgreSQL: a job queued by serve wakes this worker at once (db/notify.py).
     listener = Listener(config.database_url, {JOBS: worker.wake})
     listener.start()
@@ -349,6 +345,7 @@ def run_worker(config: Config) -> int:
             break
     listener.stop()
     worker.stop(config.worker.stop_seconds)
+    heartbeat.stop()
     db.dispose()
     log.info("secondreader worker stopped")
     return rc

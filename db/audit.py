@@ -81,6 +81,8 @@ class EventType:
     USER_CREATED = "user.created"
     USER_PASSWORD_CHANGED = "user.password_changed"
     USER_DISABLED = "user.disabled"
+    USER_ENABLED = "user.enabled"
+    USER_UNLOCKED = "user.unlocked"
     LOGIN_SUCCEEDED = "login.succeeded"
     LOGIN_FAILED = "login.failed"
     LOGIN_LOCKED = "login.locked"  # too many wrong passwords: locked for a while

@@ -108,6 +108,14 @@ def _valid_row(key: bytes, event: AuditEvent | Row[Any]) -> bool:
     return event.row_mac is not None and hmac.compare_digest(event.row_mac, row_mac(key, event))
 
 
+def key_signed(session: Session, key: bytes) -> bool:
+    """True when `key` signed the newest signed audit row (or no row is signed yet)."""
+    row = session.scalars(
+        select(AuditEvent).where(AuditEvent.row_mac.is_not(None)).order_by(AuditEvent.id.desc())
+    ).first()
+    return row is None or _valid_row(key, row)
+
+
 def _head(session: Session) -> tuple[int, str]:
     row = session.execute(
         select(AuditEvent.seq, AuditEvent.chain_mac)

@@ -387,3 +387,32 @@ class OutboxItem(Base):
     # Storage commitment: none / requested / committed / failed.
     commitment_state: Mapped[str] = mapped_column(String(16), default="none")
     commitment_transaction_uid: Mapped[str | None] = mapped_column(UID)
+
+
+class InstallationSetting(Base):
+    """One fact about this installation, e.g. the audit key's fingerprint (never the key)."""
+
+    __tablename__ = "installation_settings"
+
+    name: Mapped[str] = mapped_column(String(64), primary_key=True)
+    value: Mapped[str] = mapped_column(Text)
+    updated_at: Mapped[datetime] = mapped_column(DateTime)
+
+
+class ProcessHeartbeat(Base):
+    """A running process's last sign of life: serve, a receiving process, a worker.
+
+    Each beats every few seconds (db/liveness.py); a row whose beat is old
+    and that never said it stopped is a process that died.
+    """
+
+    __tablename__ = "process_heartbeats"
+
+    id: Mapped[int] = mapped_column(Integer, primary_key=True)
+    name: Mapped[str] = mapped_column(String(255), unique=True)  # kind@host:pid
+    kind: Mapped[str] = mapped_column(String(16))  # "serve", "receiver", "worker"
+    host: Mapped[str] = mapped_column(String(255))
+    pid: Mapped[int] = mapped_column(Integer)
+    started_at: Mapped[datetime] = mapped_column(DateTime)
+    beat_at: Mapped[datetime] = mapped_column(DateTime, index=True)
+    stopped_at: Mapped[datetime | None] = mapped_column(DateTime)

@@ -11,10 +11,12 @@ from sqlalchemy.orm import Session
 from db import audit
 from db.audit import EventType
 from db.models import (
+    DeliveryState,
     Instance,
     Job,
     JobState,
     PerformedProcedureStep,
+    ReportState,
     Series,
     Study,
     StudyState,
@@ -221,9 +223,25 @@ def pipeline_counts(session: Session) -> dict[str, dict[str, int]]:
     from db.outbox import outbox_counts
     from db.reports import report_counts
 
-    return {
+    counts = {
         "studies": study_counts(session),
         "jobs": job_counts(session),
         "reports": report_counts(session),
         "outbox": outbox_counts(session),
     }
+    # Every state, zero included: a dashboard shows 0, not "no data".
+    for name, states in ALL_STATES.items():
+        counts[name] = {**dict.fromkeys(states, 0), **counts[name]}
+    return counts
+
+
+def _states(cls: type) -> tuple[str, ...]:
+    return tuple(v for k, v in vars(cls).items() if k.isupper() and isinstance(v, str))
+
+
+ALL_STATES = {
+    "studies": _states(StudyState),
+    "jobs": _states(JobState),
+    "reports": _states(ReportState),
+    "outbox": _states(DeliveryState),
+}

@@ -134,7 +134,10 @@ def test_send_to_our_daemon_then_status(daemon: DaemonProcess, tmp_path: Path) -
     rc, out, _ = _cli(daemon, "status", "--json")
     assert rc == 0
     status = json.loads(out)
-    assert status["studies"] == {"complete": 1} and status["jobs"] == {"queued": 1}
+    # Every state is counted, zero included (a dashboard shows 0, not "no data").
+    assert status["studies"] == {"complete": 1, "receiving": 0}
+    assert status["jobs"] == {"queued": 1, "running": 0, "done": 0, "failed": 0,
+                              "not_applicable": 0}  # fmt: skip
     rc, out, _ = _cli(daemon, "status")
     assert rc == 0
     lines = [" ".join(line.split()) for line in out.splitlines()]

@@ -72,7 +72,37 @@ def test_invalid_file_exits_2_naming_the_key(case: str, tmp_path: Path) -> None:
     assert "invalid configuration" in r.stderr and str(bad) in r.stderr
     assert "Traceback" not in r.stderr
     if case.startswith("unknown"):
-        assert "Extra inputs are not permitted" in r.stderr
+        assert "unknown key" in r.stderr
+    if case == "unknown key":  # the closest key it may have meant
+        assert "did you mean scp.port?" in r.stderr
+
+
+def test_an_invalid_environment_variable_is_named_as_the_variable(tmp_path: Path) -> None:
+    r = _secondreader("status", env=_clean_env(SECONDREADER_SCP__PORT="-1"))
+    assert r.returncode == EXIT_CONFIG
+    assert "scp.port: " in r.stderr and "environment variable SECONDREADER_SCP__PORT" in r.stderr
+    assert "Traceback" not in r.stderr
+
+
+def test_config_and_debug_go_before_or_after_the_command(tmp_path: Path) -> None:
+    state = tmp_path / "state"
+    config = tmp_path / "c.toml"
+    config.write_text(f'[storage]\nstate_dir = "{state}"\n')
+    # No database yet: one line naming where it would be, and nothing created.
+    before = _secondreader("--config", str(config), "status")
+    after = _secondreader("status", "--config", str(config))
+    for r in (before, after):
+        assert r.returncode == EXIT_CONFIG
+        assert r.stderr.count("\n") == 1 and "Traceback" not in r.stderr
+        assert f"no database at {state / 'secondreader.db'}" in r.stderr
+        assert "secondreader db upgrade" in r.stderr
+    assert not state.exists()  # a read-only command creates nothing
+    # Without a config file: it says where the defaults would keep the state.
+    bare = _secondreader("review", "list", cwd=tmp_path)
+    assert bare.returncode == EXIT_CONFIG and "no config file" in bare.stderr
+    assert str(tmp_path / "state") in bare.stderr and not (tmp_path / "state").exists()
+    debug = _secondreader("status", "--config", str(config), "--debug")
+    assert debug.returncode != 0 and "Traceback" in debug.stderr  # --debug shows it
 
 
 def test_serve_refuses_an_invalid_file_before_starting(tmp_path: Path) -> None:
@@ -165,7 +195,7 @@ def test_runs_with_no_file(tmp_path: Path) -> None:
     r = _secondreader("status", "--json", cwd=tmp_path)
     assert r.returncode == 0, r.stderr
     status = json.loads(r.stdout)
-    assert (status["studies"], status["jobs"]) == ({}, {})
+    assert not any(status["studies"].values()) and not any(status["jobs"].values())
 
     systemd_state = tmp_path / "var-lib-secondreader"
     env = _clean_env(STATE_DIRECTORY=str(systemd_state))

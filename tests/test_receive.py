@@ -305,8 +305,8 @@ def test_sigkill_mid_association_then_resend(daemon_factory, tmp_path: Path) -> 
     assert len(spooled) == len(files)
     assert part_files(d.state) == []
     status = json.loads(d.cli("status", "--json").stdout)
-    assert status["studies"] == {"complete": 1}
-    assert status["jobs"] == {"queued": 1}
+    assert {k: n for k, n in status["studies"].items() if n} == {"complete": 1}
+    assert {k: n for k, n in status["jobs"].items() if n} == {"queued": 1}
     assert d.stop() == 0
     db.close()
 

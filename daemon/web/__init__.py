@@ -30,6 +30,7 @@ from daemon.accounts import AccountService
 from daemon.config import Config
 from daemon.reviewer import ReviewService
 from daemon.web.site import Site
+from db.models import utcnow
 from db.session import Database
 from dicom_io.wording import percent, threshold_percent
 
@@ -111,7 +112,12 @@ def create_app(
                 response = redirect(url_for("worklist.worklist"))
                 _set_cookie(response, token, web.secure_cookies)
                 return response
-            error = "Wrong user name or password, or the account is locked."
+            error = "Wrong user name or password."
+            until = accounts.locked_until(request.form.get("username", ""))
+            if until is not None:
+                minutes = max(1, round((until - utcnow()).total_seconds() / 60))
+                error = (f"This account is locked after too many wrong passwords: try again in "
+                         f"{minutes} minute(s), or ask an administrator to unlock it.")  # fmt: skip
         return render_template("login.html", error=error), 401 if error else 200
 
     @app.post("/logout")

@@ -8,10 +8,12 @@ from typing import Any
 from flask import Blueprint, abort, current_app, g, redirect, render_template, request, url_for
 
 from daemon.dispatcher import Dispatcher
+from daemon.liveness import worker_alert
 from daemon.web import admin_required
 from daemon.web.images import agreement_plot
 from daemon.web.site import site
 from db.jobs import recent_workers, requeue_failed_jobs, running_jobs
+from db.liveness import processes
 from db.models import utcnow
 from db.outbox import list_items, requeue_dead
 from db.reports import requeue_failed_reports
@@ -30,11 +32,15 @@ def admin() -> Any:
         dead = list_items(s, state="dead", limit=50)
         running = running_jobs(s)
         workers = recent_workers(s, utcnow() - timedelta(hours=24))
+        beats = processes(s, utcnow() - timedelta(days=1))
+    now, limit = utcnow(), timedelta(seconds=3 * here.config.worker.liveness_seconds)
     return render_template(
         "admin.html", counts=counts, users=here.accounts.users(), dead=dead,
         destinations=here.config.delivery.destinations, echo=request.args.get("echo"),
         done=request.args.get("done"), running=running, worker=here.config.worker,
-        workers=workers,
+        workers=workers, alert=worker_alert(here.db, here.config), now=now,
+        processes=[(p, p.alive(now, limit), int((now - p.beat_at).total_seconds()))
+                   for p in beats],
     )  # fmt: skip
 
 

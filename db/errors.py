@@ -1,0 +1,24 @@
+"""Database errors in words an administrator can act on (the CLI prints them in one line)."""
+
+from __future__ import annotations
+
+from sqlalchemy.exc import ArgumentError, DBAPIError, NoSuchModuleError, OperationalError
+
+
+def describe(exc: BaseException) -> str | None:
+    """One line for an anticipated database error; None for anything else."""
+    if isinstance(exc, NoSuchModuleError | ArgumentError):
+        return (f"database.url is not a database URL we can use ({_first_line(exc)}): "
+                "write sqlite:///PATH or postgresql://USER:PASSWORD@HOST:PORT/NAME")  # fmt: skip
+    if isinstance(exc, OperationalError):
+        # psycopg's and sqlite3's reasons name the host and port, or the file.
+        return (f"cannot reach the database: {_first_line(exc.orig or exc)}; "
+                "check database.url, that the server runs and that it accepts us")  # fmt: skip
+    if isinstance(exc, DBAPIError) and exc.connection_invalidated:
+        return f"the database connection was lost: {_first_line(exc.orig or exc)}"
+    return None
+
+
+def _first_line(exc: BaseException) -> str:
+    text = str(exc).strip().splitlines()
+    return text[0] if text else type(exc).__name__
