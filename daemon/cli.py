@@ -76,6 +76,23 @@ def _cmd_db_upgrade(config: Config, _args: argparse.Namespace) -> int:
     return 0
 
 
+def _cmd_db_copy(config: Config, args: argparse.Namespace) -> int:
+    from daemon.config import normalise_database_url
+    from daemon.errors import UserError
+    from db.copy import CopyError, copy_database
+
+    source, target = normalise_database_url(args.source), normalise_database_url(args.target)
+    try:
+        counts = copy_database(source, target,
+                               lambda table, n: print(f"  {table:<28}{n:>9} row(s)"))  # fmt: skip
+    except CopyError as exc:
+        raise UserError(str(exc)) from None
+    print(f"copied {sum(counts.values())} row(s) in {len(counts)} table(s)")
+    print("next: set database.url to the target for every process, keep the same audit key "
+          "(audit.key_file) and state folder, and run `secondreader audit verify` there")
+    return 0
+
+
 def _cmd_audit_verify(config: Config, args: argparse.Namespace) -> int:
     from daemon.bookkeeper import seal_audit_trail, verify_audit_trail
     from daemon.service import open_database
@@ -524,27 +541,21 @@ def _cmd_review_stats(config: Config, args: argparse.Namespace) -> int:
     def run(service) -> int:  # type: ignore[no-untyped-def]
         rows = service.stats(args.model)
         if args.json:
-            out = [
-                {
-                    **vars(a),
-                    "decided": a.decided,
-                    "ppv": a.ppv,
-                    "agreement": a.agreement,
-                }
-                for a in rows
-            ]
-            print(json.dumps(out, indent=2))
+            print(json.dumps([a.as_dict() for a in rows], indent=2))
             return 0
 
         def pct(v: float | None) -> str:
             return "-" if v is None else f"{v:.0%}"
 
-        head = ("conf", "rej", "corr", "PPV", "agree")
-        print(f"{'model':<40} {'period':<9} " + " ".join(f"{h:>5}" for h in head))
+        # AI present: confirmed, corrected, rejected (PPV from these); AI absent: confirmed,
+        # rejected; agreement: all confirmed over all decided.
+        head = ("P+conf", "P+corr", "P+rej", "PPV", "A-conf", "A-rej", "agree")
+        print(f"{'model':<40} {'period':<9} " + " ".join(f"{h:>6}" for h in head))
         for a in rows:
             print(
-                f"{a.model:<40} {a.period:<9} {a.confirmed:>5} {a.rejected:>5} {a.corrected:>5} "
-                f"{pct(a.ppv):>5} {pct(a.agreement):>5}"
+                f"{a.model:<40} {a.period:<9} {a.present_confirmed:>6} {a.present_corrected:>6} "
+                f"{a.present_rejected:>6} {pct(a.ppv):>6} {a.absent_confirmed:>6} "
+                f"{a.absent_rejected + a.absent_corrected:>6} {pct(a.agreement):>6}"
             )
         if not rows:
             print("no review decisions yet")
@@ -775,6 +786,12 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("db", help="database maintenance")
     dbsub = p.add_subparsers(dest="db_command", required=True)
     dbsub.add_parser("upgrade", help="apply migrations").set_defaults(func=_cmd_db_upgrade)
+    q = dbsub.add_parser("copy", help="copy every row to a new, empty database (e.g. SQLite to "
+                                      "PostgreSQL); ids and the audit trail are kept")  # fmt: skip
+    q.add_argument("--from", dest="source", required=True, help="source URL (sqlite:///PATH)")
+    q.add_argument("--to", dest="target", required=True,
+                   help="target URL, e.g. postgresql://USER:PASSWORD@HOST/NAME")  # fmt: skip
+    q.set_defaults(func=_cmd_db_copy)
 
     p = sub.add_parser("audit", help="the tamper-evident audit trail")
     asub = p.add_subparsers(dest="audit_command", required=True)

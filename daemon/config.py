@@ -455,18 +455,22 @@ class Config(_Section):
     @property
     def database_url(self) -> str:
         """database.url with `postgres://` and `postgresql://` meaning our driver, psycopg 3."""
-        url = self.database.url
-        if not url:
+        if not self.database.url:
             return f"sqlite:///{self.storage.state_dir / 'secondreader.db'}"
-        for prefix in ("postgres://", "postgresql://"):
-            if url.startswith(prefix):
-                return "postgresql+psycopg://" + url[len(prefix) :]
-        return url
+        return normalise_database_url(self.database.url)
 
     @property
     def source(self) -> Path | None:
         """The file this configuration was read from; None: defaults and environment only."""
         return self._source
+
+
+def normalise_database_url(url: str) -> str:
+    """`postgres://` and `postgresql://` mean our PostgreSQL driver, psycopg 3."""
+    for prefix in ("postgres://", "postgresql://"):
+        if url.startswith(prefix):
+            return "postgresql+psycopg://" + url[len(prefix) :]
+    return url
 
 
 def _env_overrides(environ: Mapping[str, str]) -> dict[str, Any]:

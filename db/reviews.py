@@ -419,15 +419,42 @@ def history(session: Session, result: ResultView) -> list[AuditEvent]:
 
 @dataclass
 class Agreement:
-    """Decisions on one model version's findings (the latest round of each finding)."""
+    """Decisions on one model version's findings (the latest round of each finding).
+
+    Split by what the AI said, so that the table's columns add up to its
+    figures: PPV = (present confirmed + present corrected) / present decided.
+    """
 
     model: str
     period: str  # ISO week "2026-W49", or "overall"
-    confirmed: int = 0
-    rejected: int = 0
-    corrected: int = 0
-    present_decided: int = 0  # findings the AI called present, decided
-    present_upheld: int = 0  # ... confirmed or corrected: the physician agrees it is there
+    present_confirmed: int = 0
+    present_corrected: int = 0  # there, at another location: upheld
+    present_rejected: int = 0
+    absent_confirmed: int = 0  # the physician agrees nothing is there
+    absent_rejected: int = 0  # the physician says it is there
+    absent_corrected: int = 0
+
+    @property
+    def confirmed(self) -> int:
+        return self.present_confirmed + self.absent_confirmed
+
+    @property
+    def rejected(self) -> int:
+        return self.present_rejected + self.absent_rejected
+
+    @property
+    def corrected(self) -> int:
+        return self.present_corrected + self.absent_corrected
+
+    @property
+    def present_decided(self) -> int:
+        """Findings the AI called present, decided."""
+        return self.present_confirmed + self.present_corrected + self.present_rejected
+
+    @property
+    def present_upheld(self) -> int:
+        """... confirmed or corrected: the physician agrees it is there."""
+        return self.present_confirmed + self.present_corrected
 
     @property
     def decided(self) -> int:
@@ -442,6 +469,15 @@ class Agreement:
     def agreement(self) -> float | None:
         """Share of decisions that confirmed the AI as it stood (location included)."""
         return self.confirmed / self.decided if self.decided else None
+
+    def as_dict(self) -> dict[str, Any]:
+        names = ("confirmed", "rejected", "corrected", "present_decided", "present_upheld",
+                 "decided", "ppv", "agreement")  # fmt: skip
+        return {**vars(self), **{n: getattr(self, n) for n in names}}
+
+
+_PAST = {Decision.CONFIRM: "confirmed", Decision.REJECT: "rejected",
+         Decision.CORRECT: "corrected"}  # fmt: skip
 
 
 def agreement_stats(session: Session, *, model: str | None = None) -> list[Agreement]:
@@ -475,15 +511,8 @@ def agreement_stats(session: Session, *, model: str | None = None) -> list[Agree
         year, week, _ = decided_at.isocalendar()
         for period in (f"{year}-W{week:02d}", "overall"):
             row = table.setdefault((label, period), Agreement(label, period))
-            if decision == Decision.CONFIRM:
-                row.confirmed += 1
-            elif decision == Decision.REJECT:
-                row.rejected += 1
-            else:
-                row.corrected += 1
-            if present:
-                row.present_decided += 1
-                row.present_upheld += decision != Decision.REJECT
+            field = f"{'present' if present else 'absent'}_{_PAST[decision]}"
+            setattr(row, field, getattr(row, field) + 1)
     # Weeks in order, "overall" last, per model.
     return sorted(table.values(), key=lambda a: (a.model, a.period == "overall", a.period))
 

@@ -7,6 +7,7 @@ association, with exactly the presentation contexts the files need.
 from __future__ import annotations
 
 import logging
+import socket
 import ssl
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
@@ -61,6 +62,8 @@ def associate(ae: AE, remote: RemoteAE):  # type: ignore[no-untyped-def]
     assoc = ae.associate(remote.host, remote.port, ae_title=remote.ae_title, tls_args=tls)
     if not assoc.is_established:
         why = "rejected" if assoc.is_rejected else "aborted" if assoc.is_aborted else "no answer"
+        if assoc.is_aborted:
+            why = _unreachable(remote) or "aborted by the peer"
         refused = sorted({_class_name(cx.abstract_syntax) for cx in assoc.rejected_contexts})
         if refused and not assoc.accepted_contexts:
             # pynetdicom aborts when the peer accepts no context: say which were refused.
@@ -69,6 +72,23 @@ def associate(ae: AE, remote: RemoteAE):  # type: ignore[no-untyped-def]
             f"association to {remote.ae_title}@{remote.host}:{remote.port} {why}"
         )
     return assoc
+
+
+def _unreachable(remote: RemoteAE) -> str | None:
+    """Why no association could even start, or None when the port answers TCP.
+
+    pynetdicom reports a refused or unanswered connection as an abort; an
+    administrator needs to know the PACS never heard us.
+    """
+    try:
+        with socket.create_connection((remote.host, remote.port), timeout=min(remote.timeout, 5)):
+            return None
+    except ConnectionRefusedError:
+        return "refused the connection: nothing listens there (is the PACS up, is the port right?)"
+    except TimeoutError:
+        return "did not answer the connection (wrong host, or a firewall?)"
+    except OSError as exc:
+        return f"could not be reached ({exc.strerror or type(exc).__name__})"
 
 
 def _class_name(uid: str | None) -> str:

@@ -267,7 +267,8 @@ def test_unreachable_pacs_backs_off_dead_letters_and_retry_requeues(
 
     cfg = tmp_path / "secondreader.toml"
     status = json.loads(cli(cfg, "status", "--json").stdout)
-    assert status["dead_letters"] == 2 and {k: n for k, n in status["outbox"].items() if n} == {"dead": 2}
+    assert status["dead_letters"] == 2
+    assert {k: n for k, n in status["outbox"].items() if n} == {"dead": 2}
     assert "dead letters: 2" in cli(cfg, "status").stdout
     listing = cli(cfg, "deliveries", "list", "--state", "dead").stdout
     assert listing.count("dead") >= 2 and "last error: AssociationFailed" in listing

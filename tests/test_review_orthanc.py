@@ -182,6 +182,9 @@ def test_after_review_the_pacs_gets_only_the_verified_result(
     assert orthanc.find_study(study_uid) is None
 
     run = str(result_of(d, study_uid)["run_id"])
+    shown = d.cli("review", "show", run).stdout
+    # The received instances in one history line, not one per slice.
+    assert shown.count("instance.stored") == 0 and shown.count("instance(s) received") == 1
     out = d.cli("review", "confirm", run, "--reviewer", "smith")
     uid = out.stdout.split("verified SR ")[1].split()[0]
     (entry,) = srs_in_orthanc(orthanc, study_uid, 1, d)

@@ -217,6 +217,27 @@ def test_five_wrong_passwords_lock_the_account(site) -> None:  # type: ignore[no
     assert login(app.test_client(), "root").status_code == 302
 
 
+def test_a_locked_user_is_told_to_wait_and_an_admin_unlocks(site, caplog) -> None:  # type: ignore[no-untyped-def]
+    app, _db = site
+    accounts = app.extensions["secondreader"].accounts
+    client = app.test_client()
+    caplog.set_level(logging.WARNING)
+    for _ in range(5):
+        login(client, password="wrong password!")
+    page = login(client).get_data(as_text=True)
+    assert "locked after too many wrong passwords: try again in 15 minute(s)" in page
+    assert any("account smith locked for 15 min" in r.getMessage() for r in caplog.records)
+    assert accounts.locked_until("smith") is not None
+    accounts.unlock("smith", "test")
+    assert login(client).status_code == 302
+    # Disabled, then enabled again: the same account, not a new one.
+    accounts.disable("smith", "test")
+    assert login(app.test_client()).status_code == 401
+    accounts.enable("smith", "test")
+    assert login(app.test_client()).status_code == 302
+    assert [u.disabled for u in accounts.users() if u.username == "smith"] == [False]
+
+
 def test_an_idle_session_expires(site) -> None:  # type: ignore[no-untyped-def]
     app, db = site
     client = app.test_client()
@@ -473,7 +494,9 @@ def test_operations_and_monitoring_are_for_admins_and_work(tmp_path: Path) -> No
         decide(reviewer, 1, **{"decision-1": "reject"})
         table = admin.get("/admin/monitoring").get_data(as_text=True)
         assert "secondreader-test" in table or "overall" in table
-        assert re.search(r"<td>overall</td><td>0</td><td>1</td><td>0</td>", table), table
+        # AI present: confirmed 0, corrected 0, rejected 1; PPV 0 of 1; the columns add up.
+        assert re.search(r"<td>overall</td>\s*<td>0</td><td>0</td><td>1</td>\s*<td>0.00 \(0/1\)",
+                         table), table  # fmt: skip
         plot = admin.get("/admin/monitoring.png")
         assert plot.status_code == 200 and plot.data[:8] == b"\x89PNG\r\n\x1a\n"
         db.dispose()

@@ -268,7 +268,8 @@ def test_a_radiologist_reads_signs_undoes_amends_and_corrects(
         _login(page, site, "root")
         page.goto(f"{site}/admin/monitoring")
         overall = page.locator("#agreement tr", has_text="overall").inner_text().split()
-        assert overall[3:6] == ["0", "1", "1"], overall  # confirmed, rejected, corrected
+        # AI present: confirmed 0, corrected 1 (b), rejected 1 (a, amended); PPV 1 of 2.
+        assert overall[3:8] == ["0", "1", "1", "0.50", "(1/2)"], overall
         page.wait_for_function("() => document.getElementById('plot').naturalWidth > 0")
         _save(page, tmp_path, "web-monitoring.png")
         page.goto(f"{site}/admin")
@@ -278,6 +279,7 @@ def test_a_radiologist_reads_signs_undoes_amends_and_corrects(
         for url in urls:
             assert str(h.PatientName) not in url and str(h.PatientID) not in url
     log = d.log()
+    assert f"web page on http://127.0.0.1:{web_port}/" in log and "Logging error" not in log
     for h in headers.values():
         assert str(h.PatientName) not in log and str(h.PatientID) not in log
     assert d.stop() == 0

@@ -79,7 +79,7 @@ def echo_destination(name: str) -> Any:
         status = echo(Dispatcher(here.db, here.config).remote(dest))
         text = f"{name}: C-ECHO status 0x{status:04X}" + (" (success)" if status == 0 else "")
     except Exception as exc:
-        text = f"{name}: no answer ({type(exc).__name__})"
+        text = f"{name}: {exc}"
     return redirect(url_for("admin.admin", echo=text))
 
 
