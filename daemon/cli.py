@@ -5,7 +5,8 @@ from __future__ import annotations
 import argparse
 import json
 import logging
-import signal
+import os
+import select
 import sys
 from collections.abc import Sequence
 from datetime import datetime
@@ -973,9 +974,6 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    if argv is None:
-        # A program in a pipe: `secondreader status | head` ends quietly when head does.
-        signal.signal(signal.SIGPIPE, signal.SIG_DFL)
     args = build_parser().parse_args(argv)
     try:
         config = load_config(args.config)
@@ -984,13 +982,29 @@ def main(argv: Sequence[str] | None = None) -> int:
         return EXIT_CONFIG
     setup_logging("DEBUG" if args.debug else config.logging.level, config.logging.json_format)
     try:
-        return int(args.func(config, args))
+        rc = int(args.func(config, args))
+        sys.stdout.flush()  # here, where a closed pipe is caught, not at exit
+        return rc
+    except BrokenPipeError:
+        if not _stdout_gone():
+            raise  # a socket's, not ours to hide
+        # `secondreader status | head`: the reader has what it wanted. (SIGPIPE stays
+        # ignored, as Python sets it: a peer's closed socket must raise, not kill us.)
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+        return 0
     except Exception as exc:
         message = _one_line(exc)
         if message is None or args.debug:
             raise
         print(f"secondreader: {message}", file=sys.stderr)
         return EXIT_CONFIG
+
+
+def _stdout_gone() -> bool:
+    """True when nobody reads our standard output any more (a closed pipe)."""
+    poller = select.poll()
+    poller.register(sys.stdout.fileno(), select.POLLOUT)
+    return any(ev & (select.POLLERR | select.POLLHUP) for _fd, ev in poller.poll(0))
 
 
 def _one_line(exc: Exception) -> str | None:
