@@ -9,22 +9,22 @@ reaches, with a Real World Value Mapping that states what the numbers are
 `build_saliency_map`).
 
 OHIF's adapter (@cornerstonejs/adapters `ParametricMap.generateToolState`)
-lays each frame out at the index of its source image in the series volume,
+copies each frame to the index of its source image in the series volume,
 in a buffer only as long as the map: a map of 8 frames on slices 20-27 of
 40 fails ("Invalid typed array length"). So the map has a frame for every
 image of the series, zero where the model saw nothing, and is written with
 the Deflated transfer syntax (`DEFLATED`), in which those zero frames cost
 next to nothing on the wire and in the PACS.
 
-The frames ascend along the slice normal (row x column direction), frame 1
-the lowest, with the position's Dimension Index Value equal to the frame
-number. OHIF 3.13.2 needs that order: its loader works out from each frame's
-source image where the frame belongs, then fills the overlay volume with the
-frames in file order all the same (`ParametricMap_generateToolState` returns
-`pixelData` as read and drops what `insertPixelDataPlanar` placed), and the
-CT volume it overlays is sorted ascending along that normal
-(`sortImageIdsAndGetSpacing`). highdicom writes the frames the other way,
-top down, which put the colour on the mirror-image slices (`_ascending`).
+That copy is then dropped: the adapter returns the frames as read, in file
+order (`insertPixelDataPlanar`'s result is not used), and OHIF fills the
+overlay volume with them in that order, over a CT volume sorted ascending
+along the slice normal, row x column (`sortImageIdsAndGetSpacing`). So the
+frames ascend along that normal, frame 1 the lowest, with the position's
+Dimension Index Value equal to the frame number: frame order, position and
+index agree, and OHIF puts every frame on its own slice. highdicom writes
+them the other way, top down, which put the colour on the mirror-image
+slices (`_ascending` turns them round).
 """
 
 from __future__ import annotations
