@@ -20,9 +20,9 @@ run: install
 	$(VENV)/bin/secondreader serve
 
 # Install the real peers if missing (dcmtk, Orthanc with DICOMweb, dicom3tools,
-# PostgreSQL, Chromium, tesseract), fetch the OHIF viewer the viewer tests
-# open (npm package @ohif/app, checked against its published SHA-1), lint,
-# then run the whole suite.
+# PostgreSQL, Chromium, tesseract, PixelMed with a Java runtime), fetch the
+# OHIF viewer the viewer tests open (npm package @ohif/app, checked against its
+# published SHA-1), lint, then run the whole suite.
 test: install
 	deploy/install-system-packages.sh
 	$(VENV)/bin/python tests/fetch_ohif.py

@@ -15,6 +15,10 @@ command -v systemd-analyze >/dev/null || need+=(systemd)
 [ -x /usr/bin/chromium ] || need+=(chromium)
 command -v tesseract >/dev/null || need+=(tesseract-ocr)
 [ -n "$(ls /usr/share/tesseract-ocr/*/tessdata/eng.traineddata 2>/dev/null)" ] || need+=(tesseract-ocr-eng)
+# PixelMed's DicomSRValidator checks our SRs against the DICOM templates
+# (TID 1500), which dciodvfy does not look at; it runs on a Java runtime.
+[ -e /usr/share/java/pixelmed.jar ] || need+=(libpixelmed-java)
+command -v java >/dev/null || need+=(default-jre-headless)
 [ ${#need[@]} -eq 0 ] && exit 0
 sudo=""
 [ "$(id -u)" -eq 0 ] || sudo="sudo"

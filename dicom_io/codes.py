@@ -61,14 +61,21 @@ OUTCOME_FAILED_QC = hd.sr.CodedConcept(
     "FAILED-QC", PRIVATE_SCHEME, "Images failed the AI input quality checks"
 )
 
-# Procedure Reported (TID 1500, CID 100 is extensible). Plain modality-level
-# procedures: the daemon knows the modality, not the ordered procedure.
+# Procedure Reported (TID 1500 row 4 takes its value from CID 100, "Quantitative
+# Diagnostic Imaging Procedure"). The daemon knows the modality, not the
+# ordered procedure, so the modality-level entries of CID 100; a modality
+# CID 100 has none for gets its generic "Imaging procedure". (The SNOMED CT
+# "Computed Tomography" we wrote before is not in CID 100: PixelMed's
+# DicomSRValidator reported it as an error.)
+_XR = hd.sr.CodedConcept("43468-8", "LN", "XR unspecified body region")
 _PROCEDURE_BY_MODALITY: dict[str, hd.sr.CodedConcept] = {
-    "CT": hd.sr.CodedConcept("77477000", "SCT", "Computed Tomography"),
-    "MR": hd.sr.CodedConcept("113091000", "SCT", "Magnetic resonance imaging"),
-    "CR": hd.sr.CodedConcept("168537006", "SCT", "Plain radiography"),
-    "DX": hd.sr.CodedConcept("168537006", "SCT", "Plain radiography"),
-    "MG": hd.sr.CodedConcept("71651007", "SCT", "Mammography"),
+    "CT": hd.sr.CodedConcept("25045-6", "LN", "CT unspecified body region"),
+    "MR": hd.sr.CodedConcept("25056-3", "LN", "MRI unspecified body region"),
+    "CR": _XR,
+    "DX": _XR,
+    "MG": _XR,
+    "PT": hd.sr.CodedConcept("44136-0", "LN", "PET unspecified body region"),
+    "NM": hd.sr.CodedConcept("49118-3", "LN", "NM unspecified body region"),
 }
 IMAGING_PROCEDURE = hd.sr.CodedConcept("363679005", "SCT", "Imaging procedure")
 

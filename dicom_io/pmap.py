@@ -9,12 +9,22 @@ reaches, with a Real World Value Mapping that states what the numbers are
 `build_saliency_map`).
 
 OHIF's adapter (@cornerstonejs/adapters `ParametricMap.generateToolState`)
-lays each frame out at the index of its source image in the series volume,
+copies each frame to the index of its source image in the series volume,
 in a buffer only as long as the map: a map of 8 frames on slices 20-27 of
 40 fails ("Invalid typed array length"). So the map has a frame for every
 image of the series, zero where the model saw nothing, and is written with
 the Deflated transfer syntax (`DEFLATED`), in which those zero frames cost
 next to nothing on the wire and in the PACS.
+
+That copy is then dropped: the adapter returns the frames as read, in file
+order (`insertPixelDataPlanar`'s result is not used), and OHIF fills the
+overlay volume with them in that order, over a CT volume sorted ascending
+along the slice normal, row x column (`sortImageIdsAndGetSpacing`). So the
+frames ascend along that normal, frame 1 the lowest, with the position's
+Dimension Index Value equal to the frame number: frame order, position and
+index agree, and OHIF puts every frame on its own slice. highdicom writes
+them the other way, top down, which put the colour on the mirror-image
+slices (`_ascending` turns them round).
 """
 
 from __future__ import annotations
@@ -25,6 +35,7 @@ from collections.abc import Sequence
 import highdicom as hd
 import numpy as np
 from pydicom.dataset import Dataset
+from pydicom.tag import Tag
 from pydicom.uid import DeflatedExplicitVRLittleEndian, generate_uid
 
 from dicom_io import codes as pm_codes
@@ -98,6 +109,7 @@ def build_saliency_map(
         content_description=f"AI saliency map for {finding.label}, not verified"[:64],
         contributing_equipment=[algorithm_equipment(algorithm)],
     )
+    _ascending(pm)
     # highdicom writes Explicit VR Little Endian; Deflated is that, zipped on save.
     pm.file_meta.TransferSyntaxUID = DEFLATED
     pm.SeriesDescription = series_description
@@ -122,3 +134,32 @@ def _whole_series(
         if header.SOPInstanceUID in frames:
             full[k] = frames[header.SOPInstanceUID]
     return series, full
+
+
+def _ascending(pm: hd.pm.ParametricMap) -> None:
+    """Put the frames in ascending order along the slice normal (module docstring).
+
+    The per-frame functional groups and the pixel data move together, and the
+    position's Dimension Index Value is renumbered to the new frame number, so
+    that frame order, position and dimension index all say the same.
+    """
+    orientation = pm.SharedFunctionalGroupsSequence[0].PlaneOrientationSequence[0]
+    row, col = np.reshape(np.asarray(orientation.ImageOrientationPatient, float), (2, 3))
+    normal = np.cross(row, col)
+    frames = list(pm.PerFrameFunctionalGroupsSequence)
+    heights = [
+        float(np.dot(normal, np.asarray(f.PlanePositionSequence[0].ImagePositionPatient, float)))
+        for f in frames
+    ]
+    order = np.argsort(heights, kind="stable")
+    pixels = np.frombuffer(pm.FloatPixelData, dtype="<f4").reshape(len(frames), -1)
+    pm.FloatPixelData = np.ascontiguousarray(pixels[order]).tobytes()
+    pointers = [item.DimensionIndexPointer for item in pm.DimensionIndexSequence]
+    position = pointers.index(Tag("ImagePositionPatient"))
+    reordered = [frames[k] for k in order]
+    for number, frame in enumerate(reordered, start=1):
+        content = frame.FrameContentSequence[0]
+        values = [int(v) for v in np.atleast_1d(content.DimensionIndexValues)]
+        values[position] = number
+        content.DimensionIndexValues = values if len(values) > 1 else values[0]
+    pm.PerFrameFunctionalGroupsSequence = reordered

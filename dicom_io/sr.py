@@ -27,7 +27,7 @@ from pydicom.sr.codedict import codes
 from pydicom.uid import generate_uid
 
 from dicom_io import codes as sr_codes
-from dicom_io.wording import finding_label
+from dicom_io.wording import finding_label, reviewed_label
 from model.results import (
     AlgorithmInfo,
     AnalysisResult,
@@ -121,7 +121,7 @@ def build_ai_result_sr(
     """The AI result of one analysed series as a TID 1500 Measurement Report.
 
     `source_headers` are the analysed images (pixel data not needed): they
-    form the Image Library (full descriptors for key images only) and the
+    form the Image Library (full descriptors for the findings' key images only) and the
     evidence. `predecessor` is an earlier SR of
     this study that the new one supersedes (a re-run). `segmentation` is the
     saliency SEG made for this result, recorded as evidence (see below).
@@ -133,9 +133,9 @@ def build_ai_result_sr(
     if not result.findings:
         raise ValueError("an analysed result needs at least one finding")
     headers = _check_same_study(source_headers, result.study_instance_uid)
-    known = {h.SOPInstanceUID for h in headers}
+    by_uid = {h.SOPInstanceUID: h for h in headers}
     for finding in result.findings:
-        if finding.location and finding.location.sop_instance_uid not in known:
+        if finding.location and finding.location.sop_instance_uid not in by_uid:
             raise ValueError(f"finding {finding.label!r} points at an image not in source_headers")
     for name, extra in (("predecessor", predecessor), ("segmentation", segmentation)):
         if extra is not None and extra.StudyInstanceUID != result.study_instance_uid:
@@ -147,10 +147,11 @@ def build_ai_result_sr(
         observation_context=_device_observation_context(algorithm),
         procedure_reported=sr_codes.procedure_for_modality(modality),
         imaging_measurements=[
-            _measurement_group(result.study_instance_uid, algorithm, f) for f in result.findings
+            _measurement_group(result.study_instance_uid, algorithm, f, _region_of(f, by_uid))
+            for f in result.findings
         ],
     )
-    key_images = {f.location.sop_instance_uid for f in result.findings if f.present and f.location}
+    key_images = {f.location.sop_instance_uid for f in result.findings if f.location}
     # TID 1500 order: the library comes right before Imaging Measurements.
     root_items = report[0].ContentSequence
     root_items.insert(len(root_items) - 1, _image_library(headers, key_images))
@@ -462,12 +463,40 @@ def _device_observation_context(algorithm: AlgorithmInfo) -> hd.sr.ObservationCo
     )
 
 
+def _region_of(finding: Finding, headers: dict[str, Dataset]) -> ImageLocation | None:
+    """The region a finding's group draws: its box or point; if absent, its whole key image.
+
+    OHIF 3.13.2 needs an image region in every measurement group of a TID
+    1500 report: a group without one stops its SR viewport with
+    "Cannot read properties of undefined (reading 'ReferencedSOPSequence')"
+    (`_checkIfCanAddMeasurementsToDisplaySet` reads `coords[0]`), and a
+    report with no group at all stops it in `_getViewportReferencedDisplaySetData`.
+    A box around the spot of an absent finding would be a cue to look for
+    something the AI says is not there; the whole key image (the slice whose
+    probability the group reports) points at no spot. A finding without a
+    location (a model that gives no saliency) gets no region.
+    """
+    location = finding.location
+    if location is None or finding.present:
+        return location
+    image = headers[location.sop_instance_uid]
+    whole = (0.0, 0.0, float(image.Columns), float(image.Rows))
+    centre = (whole[2] / 2, whole[3] / 2)
+    return ImageLocation(
+        location.sop_instance_uid, location.sop_class_uid, centre, whole, location.frame_number
+    )
+
+
 def _measurement_group(
-    study_instance_uid: str, algorithm: AlgorithmInfo, finding: Finding
+    study_instance_uid: str,
+    algorithm: AlgorithmInfo,
+    finding: Finding,
+    location: ImageLocation | None,
 ) -> (
     hd.sr.PlanarROIMeasurementsAndQualitativeEvaluations
     | hd.sr.MeasurementsAndQualitativeEvaluations
 ):
+    """One finding's group: TID 1410 with `location` as its region, TID 1501 without one."""
     algorithm_id = hd.sr.AlgorithmIdentification(
         name=algorithm.name,
         version=algorithm.version,
@@ -492,8 +521,7 @@ def _measurement_group(
             )
         ],
     }
-    location = finding.location
-    located = finding.present and location is not None
+    located = location is not None
     probability = hd.sr.Measurement(
         name=sr_codes.PROBABILITY,
         value=100.0 * float(finding.probability),
@@ -503,11 +531,10 @@ def _measurement_group(
         # ("ContentSequence array contains no SCOORD ... skipping").
         algorithm_id=algorithm_id if located else None,
     )
-    # Only a present finding gets an image region: a mark drawn for an absent
-    # finding is a cue to look for something the AI says is not there. Such a
-    # group (TID 1501) still carries type, site, probability and "Absent".
+    # A finding without a location: a TID 1501 group that still carries type,
+    # site, probability and Present/Absent (OHIF cannot show it: `_region_of`).
     group: hd.sr.Template
-    if not located or location is None:
+    if location is None:
         group = hd.sr.MeasurementsAndQualitativeEvaluations(measurements=[probability], **common)
     else:
         # The region twice: as the group's Image Region (TID 1410), and as
@@ -702,8 +729,7 @@ def _with_review_comment(items: list[Dataset], verdict: str, comment: str | None
     kept = [i for i in items if not (i.ValueType == "TEXT" and _concept(i) == _COMMENT)]
     text = verdict
     if ai_label:
-        # "AI: Nodule present, 97 % ..., NOT VERIFIED - model 1.0" -> the AI's words, reviewed.
-        text += f" ({ai_label.replace(', NOT VERIFIED', '')})"
+        text += f" ({reviewed_label(ai_label)})"
     if comment:
         text += f" {comment.strip()}"
     kept.append(hd.sr.TextContentItem(sr_codes.COMMENT, text, relationship_type="CONTAINS"))

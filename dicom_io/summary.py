@@ -193,6 +193,12 @@ def build_summary_image(
         contributing_equipment=[algorithm_equipment(algorithm)] if algorithm else None,
     )
     sc.SeriesDescription = series_description
+    # The modality of the images the picture comes from (General Series:
+    # what "originally acquired the data used to create the images"), not
+    # highdicom's OT: OHIF 3.13.2 opens its cine player over any OT or US
+    # series (`autoCineModalities`), on top of the banner. Our loop guard
+    # knows the image by its SOP class and UID, not by its modality.
+    sc.Modality = str(reference.get("Modality") or "OT")
     sc.BurnedInAnnotation = "YES"  # our words only; no patient identifiers (module docstring)
     sc.ImageType = ["DERIVED", "SECONDARY"]
     sc.ConversionType = "WSD"  # workstation: rendered here, not digitised

@@ -60,12 +60,30 @@ def model_name(algorithm: AlgorithmInfo) -> str:
     return f"{algorithm.name} {algorithm.version}"
 
 
+# How every AI label starts. OHIF 3.13.2 cuts a measurement's label in its
+# panel after two lines (the rest only in a tooltip), and once the measurement
+# is tracked it draws no label on the image: what must never be lost comes first.
+AI_LABEL_PREFIX = f"AI, {NOT_VERIFIED}: "
+
+
 def finding_label(finding: Finding, algorithm: AlgorithmInfo) -> str:
     """The one-line label of an AI finding, as the SR Comment and the GSPS carry it.
 
-    "AI: Nodule present, 97 % (threshold 95 %), NOT VERIFIED - demo-model 1.0.0".
+    "AI, NOT VERIFIED: Nodule present, 97 % (threshold 95 %) - demo-model 1.0.0".
     """
-    return f"AI: {finding_phrase(finding)}, {NOT_VERIFIED} - {model_name(algorithm)}"
+    return f"{AI_LABEL_PREFIX}{finding_phrase(finding)} - {model_name(algorithm)}"
+
+
+def reviewed_label(label: str) -> str:
+    """An AI label once a physician has decided on it: the AI's words, NOT VERIFIED dropped.
+
+    "AI, NOT VERIFIED: Nodule present, 97 % ... - model 1.0" gives "AI: Nodule
+    present, 97 % ... - model 1.0"; so does the older form "AI: Nodule present,
+    97 % ..., NOT VERIFIED - model 1.0" of SRs written before the prefix.
+    """
+    if label.startswith(AI_LABEL_PREFIX):
+        return "AI: " + label.removeprefix(AI_LABEL_PREFIX)
+    return label.replace(f", {NOT_VERIFIED}", "")
 
 
 def negative_headline(finding: Finding) -> str:

@@ -75,3 +75,39 @@ def dsrdump(path: Path) -> subprocess.CompletedProcess[str]:
         timeout=120,
         check=False,
     )
+
+
+# PixelMed's jar and the two libraries it needs, as Debian installs them
+# (libpixelmed-java, deploy/install-system-packages.sh).
+_PIXELMED_JARS = ("pixelmed.jar", "commons-codec.jar", "commons-compress.jar")
+_PIXELMED_CLASSPATH = ":".join(f"/usr/share/java/{jar}" for jar in _PIXELMED_JARS)
+# Java 17's XPath limits stop PixelMed's template stylesheets half way: lifted.
+_XPATH_LIMITS = ("xpathExprOpLimit", "xpathExprGrpLimit", "xpathTotalOpLimit")
+_JAVA_XPATH_UNLIMITED = [f"-Djdk.xml.{limit}=0" for limit in _XPATH_LIMITS]
+
+
+def pixelmed_sr_report(path: Path) -> list[str]:
+    """The Error: and Warning: lines of PixelMed's DicomSRValidator for an SR file.
+
+    dciodvfy checks the SR's attributes; PixelMed also walks the content tree
+    against the templates (TID 1500 and those it includes) and their context
+    groups. A run that never reached the root template is a failure of its own.
+    """
+    java = _tool("java")
+    if not Path("/usr/share/java/pixelmed.jar").exists():
+        raise FileNotFoundError("pixelmed.jar not found (Debian package libpixelmed-java)")
+    run = subprocess.run(
+        [java, *_JAVA_XPATH_UNLIMITED, "-cp", _PIXELMED_CLASSPATH,
+         "com.pixelmed.validate.DicomSRValidator", str(path)],
+        capture_output=True, text=True, timeout=300, check=False,
+    )  # fmt: skip
+    output = (run.stdout + run.stderr).splitlines()
+    if not any(line.startswith("Found Root Template") for line in output):
+        tail = "\n".join(output[-20:])
+        raise RuntimeError(f"PixelMed found no root template in {path}:\n{tail}")
+    return [line for line in output if line.startswith(("Error:", "Warning:"))]
+
+
+def pixelmed_sr_errors(path: Path) -> list[str]:
+    """PixelMed's Error: lines for an SR file (warnings left out)."""
+    return [line for line in pixelmed_sr_report(path) if line.startswith("Error:")]

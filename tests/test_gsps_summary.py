@@ -108,6 +108,8 @@ def test_positive_summary_shows_the_box_and_legend_and_no_patient(tmp_path: Path
     assert dciodvfy_errors(path) == []
     ds = pydicom.dcmread(path)
     assert ds.SOPClassUID == "1.2.840.10008.5.1.4.1.1.7" and ds.BurnedInAnnotation == "YES"
+    # The key slice's modality, not OT (over which OHIF opens its cine player).
+    assert ds.Modality == key.Modality == "CT"
     assert ds.PatientID == PATIENT_ID and ds.StudyInstanceUID == key.StudyInstanceUID
     np.testing.assert_array_equal(ds.pixel_array, picture)
 

@@ -219,9 +219,15 @@ def test_rerun_of_the_same_model_supersedes_the_earlier_sr(tmp_path: Path, sqlit
     refs = [r for s in predecessor.ReferencedSeriesSequence for r in s.ReferencedSOPSequence]
     assert [r.ReferencedSOPInstanceUID for r in refs] == [first_sr_uid]
     (finding,) = read_findings(sr)
-    # Absent: probability kept, no region drawn, and so no saliency SEG either.
+    # Absent: probability kept, the whole key image as region (no spot marked),
+    # and so no saliency SEG either.
     assert finding["present"] is False and finding["probability"] == pytest.approx(0.2)
-    assert finding["graphic_type"] is None
+    key = dcmread(files[len(files) // 2], stop_before_pixels=True)
+    columns, rows = float(key.Columns), float(key.Rows)
+    assert finding["referenced_sop_instance_uid"] == key.SOPInstanceUID
+    assert finding["graphic_data"] == [
+        (0.0, 0.0), (columns, 0.0), (columns, rows), (0.0, rows), (0.0, 0.0),
+    ]  # fmt: skip
     # Same model, same study, same label: the same tracking UID as the first report.
     first_findings = read_findings(
         dcmread(config.storage.state_dir / f"outbox/{study_uid}/{first_sr_uid}.dcm")

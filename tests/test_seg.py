@@ -217,12 +217,24 @@ def test_ct_parametric_map_holds_the_float_saliency(tmp_path: Path) -> None:
     assert not any(
         by_source[h.SOPInstanceUID].any() for h in headers if h.SOPInstanceUID not in uids
     )
-    # In slice order along the normal, as the series is.
+    # Frames ascend along the normal (row x column: +z for this axial series),
+    # frame k on the k-th image from the bottom, with dimension index k: the
+    # order OHIF 3.13.2 uses frames in, whatever their positions say.
     z = [
         float(g.PlanePositionSequence[0].ImagePositionPatient[2])
         for g in pm.PerFrameFunctionalGroupsSequence
     ]
-    assert z == sorted(z) or z == sorted(z, reverse=True)
+    assert z == sorted(z) and len(set(z)) == n
+    bottom_up = sorted(headers, key=lambda h: float(h.ImagePositionPatient[2]))
+    for number, (group, header) in enumerate(
+        zip(pm.PerFrameFunctionalGroupsSequence, bottom_up, strict=True), start=1
+    ):
+        source = group.DerivationImageSequence[0].SourceImageSequence[0]
+        assert source.ReferencedSOPInstanceUID == header.SOPInstanceUID
+        assert list(group.PlanePositionSequence[0].ImagePositionPatient) == list(
+            header.ImagePositionPatient
+        )
+        assert int(group.FrameContentSequence[0].DimensionIndexValues) == number
     equipment = [e.get("DeviceUID") for e in pm.ContributingEquipmentSequence]
     assert ALGORITHM.device_uid in equipment
 

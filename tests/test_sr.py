@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from dataclasses import replace
 from pathlib import Path
 
 import highdicom as hd
@@ -30,7 +31,7 @@ from model.results import (
     ImageLocation,
     Outcome,
 )
-from tests.dicom_validate import dciodvfy_errors, dciodvfy_output, dsrdump
+from tests.dicom_validate import dciodvfy_errors, dciodvfy_output, dsrdump, pixelmed_sr_errors
 
 NODULE = CodedConcept("27925004", "SCT", "Nodule")
 LUNG = CodedConcept("39607008", "SCT", "Lung")
@@ -149,14 +150,13 @@ def test_positive_ct_sr_content_tree(ct_headers: list[Dataset], tmp_path: Path) 
     device_uid = [i for i in sr.ContentSequence if _concept(i) == ("121012", "DCM")]
     assert [str(i.UID) for i in device_uid] == [ALGORITHM.device_uid]
     (procedure,) = _children(sr, "121058")
-    assert procedure.ConceptCodeSequence[0].CodeValue == "77477000"
+    assert procedure.ConceptCodeSequence[0].CodeValue == "25045-6"  # CID 100
     library = _library(sr)
     assert set(library) == {h.SOPInstanceUID for h in ct_headers}
-    # Full descriptors (position, spacing, ...) for the key image only.
-    assert {uid for uid, n in library.items() if n} == {
-        result.findings[0].location.sop_instance_uid
-    }
-    assert library[result.findings[0].location.sop_instance_uid] >= 10
+    # Full descriptors (position, spacing, ...) for the findings' key images only.
+    key_images = {f.location.sop_instance_uid for f in result.findings}
+    assert {uid for uid, n in library.items() if n} == key_images
+    assert all(library[uid] >= 10 for uid in key_images)
 
     groups = _groups(sr)
     assert len(groups) == len(result.findings)
@@ -186,37 +186,40 @@ def test_positive_ct_sr_content_tree(ct_headers: list[Dataset], tmp_path: Path) 
         # The group names the algorithm; a located finding's NUM too (TID 300).
         (group_algorithm,) = _children(group, "111001")
         assert group_algorithm.TextValue == ALGORITHM.name
-        if finding.present:
-            (algorithm_name,) = _children(probability, "111001")
-            assert algorithm_name.TextValue == ALGORITHM.name
-        else:  # nothing inside the NUM for OHIF to search for a region in vain
-            assert "ContentSequence" not in probability
+        (algorithm_name,) = _children(probability, "111001")
+        assert algorithm_name.TextValue == ALGORITHM.name
         # The label OHIF shows: the group's Comment, in words, marked NOT VERIFIED.
         (comment,) = _children(group, "121106")
         state = "present" if finding.present else "absent"
-        assert comment.TextValue.startswith(f"AI: {finding.finding_type.meaning} {state}, ")
+        assert comment.TextValue.startswith(
+            f"AI, NOT VERIFIED: {finding.finding_type.meaning} {state}, "
+        )
         assert "NOT VERIFIED" in comment.TextValue
         assert f"{ALGORITHM.name} {ALGORITHM.version}" in comment.TextValue
-        regions = _children(group, "111030")
-        if finding.present:
-            (region,) = regions
-            ref = region.ContentSequence[0].ReferencedSOPSequence[0]
-            assert ref.ReferencedSOPInstanceUID == finding.location.sop_instance_uid
-            assert region.GraphicType == "POLYLINE"
-            assert list(region.GraphicData) == [10, 8, 19, 8, 19, 17, 10, 17, 10, 8]
-            # What the cornerstone adapters (OHIF) hydrate: the first NUM's
-            # content holds the SCOORD, INFERRED FROM, with its SELECTED FROM image.
-            (inferred,) = [i for i in probability.ContentSequence if i.ValueType == "SCOORD"]
-            assert inferred.RelationshipType == "INFERRED FROM"
-            assert list(inferred.GraphicData) == list(region.GraphicData)
-            (source,) = inferred.ContentSequence
-            assert (source.ValueType, source.RelationshipType) == ("IMAGE", "SELECTED FROM")
-            assert (
-                source.ReferencedSOPSequence[0].ReferencedSOPInstanceUID
-                == finding.location.sop_instance_uid
-            )
-        else:  # no mark drawn for an absent finding
-            assert regions == []
+        # Every group has an image region (OHIF 3.13.2 needs one in each):
+        # the present finding's box; for the absent one, its whole key image
+        # (32 x 32 here), which points at no spot.
+        (region,) = _children(group, "111030")
+        ref = region.ContentSequence[0].ReferencedSOPSequence[0]
+        assert ref.ReferencedSOPInstanceUID == finding.location.sop_instance_uid
+        assert region.GraphicType == "POLYLINE"
+        assert list(region.GraphicData) == (
+            [10, 8, 19, 8, 19, 17, 10, 17, 10, 8]
+            if finding.present
+            else [0, 0, 32, 0, 32, 32, 0, 32, 0, 0]
+        )
+        assert group.ContentTemplateSequence[0].TemplateIdentifier == "1410"
+        # What the cornerstone adapters (OHIF) hydrate: the first NUM's
+        # content holds the SCOORD, INFERRED FROM, with its SELECTED FROM image.
+        (inferred,) = [i for i in probability.ContentSequence if i.ValueType == "SCOORD"]
+        assert inferred.RelationshipType == "INFERRED FROM"
+        assert list(inferred.GraphicData) == list(region.GraphicData)
+        (source,) = inferred.ContentSequence
+        assert (source.ValueType, source.RelationshipType) == ("IMAGE", "SELECTED FROM")
+        assert (
+            source.ReferencedSOPSequence[0].ReferencedSOPInstanceUID
+            == finding.location.sop_instance_uid
+        )
 
     # IHE AIR: the algorithm in Contributing Equipment, with its Device UID.
     (equipment,) = [
@@ -232,6 +235,8 @@ def test_positive_ct_sr_content_tree(ct_headers: list[Dataset], tmp_path: Path) 
     assert equipment.ManufacturerModelName == ALGORITHM.name
     assert equipment.SoftwareVersions == ALGORITHM.version
     assert equipment.DeviceUID == ALGORITHM.device_uid
+    # PixelMed walks the tree against TID 1500 and its context groups.
+    assert pixelmed_sr_errors(tmp_path / "sr.dcm") == []
 
 
 def test_negative_study_reports_every_finding_absent(
@@ -242,8 +247,30 @@ def test_negative_study_reports_every_finding_absent(
     found = read_findings(sr)
     assert [f["present"] for f in found] == [False, False]
     assert [f["probability"] for f in found] == pytest.approx([0.03, 0.2])
-    assert all(f["graphic_data"] is None for f in found)
+    # Each absent finding is drawn as its whole key image, never as a spot.
+    whole = [(0.0, 0.0), (32.0, 0.0), (32.0, 32.0), (0.0, 32.0), (0.0, 0.0)]
+    assert [f["graphic_data"] for f in found] == [whole, whole]
+    assert [f["referenced_sop_instance_uid"] for f in found] == [
+        f.location.sop_instance_uid for f in result.findings
+    ]
     assert all(len(_children(g, "112040")) == 1 for g in _groups(sr))
+    # TID 1500 as PixelMed reads it: no error (its warnings are about the
+    # qualitative evaluation and the Comment, which its TID 1410 lacks).
+    assert pixelmed_sr_errors(tmp_path / "n.dcm") == []
+
+
+def test_findings_without_location_keep_groups_without_region(
+    ct_headers: list[Dataset], tmp_path: Path
+) -> None:
+    # A model that gives no saliency (TorchScript) locates nothing.
+    result = _ct_result(ct_headers, nodule_p=0.8, effusion_p=0.1)
+    result.findings = [replace(f, location=None) for f in result.findings]
+    sr = _save_valid(build_ai_result_sr(result, ct_headers, series_number=901), tmp_path / "l.dcm")
+    for group in _groups(sr):
+        assert _children(group, "111030") == []
+        assert group.ContentTemplateSequence[0].TemplateIdentifier == "1501"
+    assert [f["present"] for f in read_findings(sr)] == [True, False]
+    assert pixelmed_sr_errors(tmp_path / "l.dcm") == []
 
 
 def test_cr_sr_with_point(cr_header: Dataset, tmp_path: Path) -> None:
@@ -257,7 +284,11 @@ def test_cr_sr_with_point(cr_header: Dataset, tmp_path: Path) -> None:
     )
     sr = _save_valid(build_ai_result_sr(result, [cr_header], series_number=77), tmp_path / "cr.dcm")
     (procedure,) = _children(sr, "121058")
-    assert procedure.ConceptCodeSequence[0].CodeValue == "168537006"
+    assert procedure.ConceptCodeSequence[0].CodeValue == "43468-8"  # CID 100
+    # PixelMed's copy of CID 100 (version 20190121) predates "XR unspecified
+    # body region"; apart from that it finds nothing wrong.
+    outdated = "Code (43468-8,LN,\"XR unspecified body region\") not found in context group 100"
+    assert [e for e in pixelmed_sr_errors(tmp_path / "cr.dcm") if outdated not in e] == []
     assert _library_uids(sr) == {cr_header.SOPInstanceUID}
     (found,) = read_findings(sr)
     assert found["graphic_type"] == "POINT"
@@ -380,6 +411,8 @@ def test_verified_sr(ct_headers: list[Dataset], tmp_path: Path) -> None:
     assert rejected["graphic_data"] is None  # no mark for a rejected finding
     assert rejected["probability"] == pytest.approx(0.9)  # the AI's number, kept
     assert "Vessel in cross-section." in rejected["comment"]
+    # The physician's decision replaces the AI's NOT VERIFIED.
+    assert "NOT VERIFIED" not in rejected["comment"] + confirmed["comment"]
     assert confirmed["tracking_uid"] == effusion_uid
     assert confirmed["present"] is True
     assert confirmed["graphic_data"] == [result.findings[1].location.point]

@@ -4,7 +4,13 @@ from __future__ import annotations
 
 import pytest
 
-from dicom_io.wording import finding_label, negative_headline, percent, threshold_percent
+from dicom_io.wording import (
+    finding_label,
+    negative_headline,
+    percent,
+    reviewed_label,
+    threshold_percent,
+)
 from model.results import AlgorithmInfo, CodedConcept, Finding
 
 
@@ -49,7 +55,11 @@ def test_label_has_words_not_codes_and_says_not_verified() -> None:
         threshold=0.95,
         location=None,
     )
-    assert finding_label(finding, algorithm) == (
-        "AI: Nodule present, 97 % (threshold 95 %), NOT VERIFIED - demo-nodule 1.0.0"
-    )
+    label = finding_label(finding, algorithm)
+    # "AI, NOT VERIFIED" first: the part OHIF's two-line panel never cuts off.
+    assert label == "AI, NOT VERIFIED: Nodule present, 97 % (threshold 95 %) - demo-nodule 1.0.0"
+    assert reviewed_label(label) == "AI: Nodule present, 97 % (threshold 95 %) - demo-nodule 1.0.0"
+    # SRs written before the prefix read the same once reviewed.
+    older = "AI: Nodule present, 97 % (threshold 95 %), NOT VERIFIED - demo-nodule 1.0.0"
+    assert reviewed_label(older) == reviewed_label(label)
     assert negative_headline(finding) == "No nodule found"

@@ -9,10 +9,15 @@ As a radiologist's browser would see it (shared notes, "Viewers"):
   proxy splits it into repeated parameters, as the notes describe.
 * `browser()` starts Debian's Chromium through Playwright, with SwiftShader
   for WebGL, and records every console message of the page.
+* `view()`, `show_slice()`, `canvas_pixels()` and `colour_through_volume()`
+  read where OHIF really draws: the active viewport's plane, its own
+  canvas-to-patient mapping and its rendered pixels, in millimetres.
 """
 
 from __future__ import annotations
 
+import base64
+import io
 import json
 import shutil
 import threading
@@ -25,7 +30,10 @@ from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
 from typing import Any
 
+import numpy as np
 import pytest
+from PIL import Image
+from playwright.sync_api import Error as PlaywrightError
 
 from tests.fetch_ohif import DIST, VERSION
 
@@ -223,3 +231,173 @@ def _with_console(page: Any) -> Any:
     page.on("pageerror", lambda e: messages.append(f"pageerror: {e}"))
     page.console = messages
     return page
+
+
+# -- Where OHIF draws: its own screen-to-patient mapping, not its labels ------
+#
+# OHIF's "I:" slice label is not a position (in the parametric map's view it
+# counts from the other end), so positions are read the way OHIF renders
+# them: the active viewport's camera (the plane shown, along its normal) and
+# its canvasToWorld mapping (window.cornerstone, which OHIF exposes).
+
+_ACTIVE_VIEWPORT = """() => {
+  const id = window.services.viewportGridService.getState().activeViewportId;
+  const enabled = window.cornerstone.getEnabledElements().find(e => e.viewport.id === id);
+  if (!enabled) {
+    throw new Error('no cornerstone viewport is active');
+  }
+  return enabled.viewport;
+}"""
+
+_VIEW = f"""() => {{
+  const vp = ({_ACTIVE_VIEWPORT})();
+  const box = vp.canvas.getBoundingClientRect();
+  const cam = vp.getCamera();
+  const n = cam.viewPlaneNormal;
+  const f = cam.focalPoint;
+  if (!window.__renders) {{
+    window.__renders = {{}};
+  }}
+  if (!(vp.id in window.__renders)) {{
+    window.__renders[vp.id] = 0;
+    vp.element.addEventListener('CORNERSTONE_IMAGE_RENDERED', () => window.__renders[vp.id]++);
+  }}
+  return {{
+    box: [box.x, box.y, box.width, box.height],
+    origin: Array.from(vp.canvasToWorld([0, 0])),
+    right: Array.from(vp.canvasToWorld([1, 0])),
+    down: Array.from(vp.canvasToWorld([0, 1])),
+    normal: Array.from(n),
+    plane: f[0] * n[0] + f[1] * n[1] + f[2] * n[2],
+    renders: window.__renders[vp.id],
+    voi: vp.getProperties ? (vp.getProperties().voiRange || null) : null,
+    actors: vp.getActors().length,
+    slice: vp.getSliceIndex(),
+    slices: vp.getNumberOfSlices(),
+    modality: vp.modality || null,
+  }};
+}}"""
+
+
+class View:
+    """What the active viewport shows: its canvas on the page and OHIF's own geometry.
+
+    `plane` is the shown plane's position along its normal, in mm; `to_world`
+    maps canvas pixels to patient coordinates (mm) as OHIF does; `voi` is
+    the window (lower and upper value) OHIF applies.
+    """
+
+    def __init__(self, raw: dict[str, Any]) -> None:
+        self.box = tuple(float(v) for v in raw["box"])
+        self.origin = np.asarray(raw["origin"], dtype=float)
+        self.step_right = np.asarray(raw["right"], dtype=float) - self.origin
+        self.step_down = np.asarray(raw["down"], dtype=float) - self.origin
+        self.normal = np.asarray(raw["normal"], dtype=float)
+        self.plane = float(raw["plane"])
+        self.renders = int(raw["renders"])
+        self.voi = raw["voi"]
+        self.actors = int(raw["actors"])  # images drawn together: 2 for CT and map
+        # Which of how many planes, only to know where the stack ends.
+        self.slice, self.slices = int(raw["slice"]), int(raw["slices"])
+        self.modality = raw["modality"]
+
+    def to_world(self, columns: np.ndarray, rows: np.ndarray) -> np.ndarray:
+        """Patient coordinates (n, 3) of the centres of canvas pixels (column, row)."""
+        c = np.asarray(columns, dtype=float)[:, None] + 0.5
+        r = np.asarray(rows, dtype=float)[:, None] + 0.5
+        return self.origin + c * self.step_right + r * self.step_down
+
+
+# OHIF's English for the display-set message codes we meet (its en-US "Messages").
+DISPLAY_SET_MESSAGES = {
+    2: "Display set has missing position information.",
+    3: "Display set is not a reconstructable 3D volume.",
+    14: "SOP Class UID {{ sopClassUid }} is not supported.",
+}
+
+
+def display_set_messages(page: Any, series_description: str) -> list[str]:
+    """The warnings OHIF keeps for a series (the sign on its thumbnail), in its English."""
+    found = page.evaluate(
+        """(description) => window.services.displaySetService.getActiveDisplaySets()
+          .filter(d => (d.SeriesDescription || '').includes(description))
+          .flatMap(d => (d.messages ? d.messages.messages : []).map(m => [m.id, m.args || {}]))""",
+        series_description,
+    )
+    messages = []
+    for code, args in found:
+        text = DISPLAY_SET_MESSAGES.get(int(code), f"message {code}")
+        for key, value in args.items():
+            text = text.replace("{{ " + key + " }}", str(value))
+        messages.append(text)
+    return messages
+
+
+def view(page: Any) -> View:
+    return View(page.evaluate(_VIEW))
+
+
+def view_when_shown(page: Any) -> View | None:
+    """The active viewport's view, or None while OHIF has none (it is swapping display sets)."""
+    try:
+        return view(page)
+    except PlaywrightError:
+        return None
+
+
+def canvas_pixels(page: Any) -> np.ndarray:
+    """The active viewport's canvas as OHIF rendered it, RGB (rows, columns, 3).
+
+    Read from the canvas itself: the image and its overlays, without the
+    viewport's icons, labels and annotations drawn over it in HTML and SVG.
+    """
+    data = page.evaluate(
+        f"""() => {{
+          const canvas = ({_ACTIVE_VIEWPORT})().canvas;
+          return canvas.toDataURL('image/png');
+        }}"""
+    )
+    png = base64.b64decode(data.split(",", 1)[1])
+    return np.asarray(Image.open(io.BytesIO(png)).convert("RGB"), dtype=np.int16)
+
+
+def show_slice(page: Any, index: int, timeout_ms: float = 30_000) -> View:
+    """Move the active viewport to plane `index` of its stack; return the view once drawn.
+
+    Through cornerstone's own jumpToSlice (what OHIF's scroll tools call), then
+    waits for that plane to be shown and for a render after the move.
+    """
+    before = view(page)
+    if before.slice == index:
+        return before
+    page.evaluate(
+        f"""async () => {{
+          const vp = ({_ACTIVE_VIEWPORT})();
+          await window.cornerstone.utilities.jumpToSlice(vp.element, {{imageIndex: {index}}});
+        }}"""
+    )
+    drawn = f"""() => {{
+      const v = ({_VIEW})();
+      return v.slice === {index} && v.renders > {before.renders};
+    }}"""
+    page.wait_for_function(drawn, timeout=timeout_ms)
+    return view(page)
+
+
+def coloured(rgb: np.ndarray, spread: int = 80) -> np.ndarray:
+    """Pixels far from grey (max - min channel above `spread`): colour over a grayscale image."""
+    return (rgb.max(axis=2) - rgb.min(axis=2)) > spread
+
+
+def colour_through_volume(page: Any) -> list[tuple[float, np.ndarray]]:
+    """Every plane of the active viewport: (its position in mm, its coloured pixels in mm).
+
+    The second array holds the patient coordinates (n, 3) of the coloured
+    pixels of that plane's rendered canvas.
+    """
+    planes = []
+    for index in range(view(page).slices):
+        shown = show_slice(page, index)
+        rows, columns = np.nonzero(coloured(canvas_pixels(page)))
+        planes.append((shown.plane, shown.to_world(columns, rows)))
+    return planes
