@@ -258,7 +258,7 @@ def test_unreachable_pacs_backs_off_dead_letters_and_retry_requeues(
     assert all(r.attempts == len(delays) + 1 for r in dead.values())
     # Connection refused: pynetdicom reports an abort; we say what really happened.
     expected = (f"AssociationFailed: association to PACS@127.0.0.1:{port} refused the "
-                "connection: nothing listens there (is the PACS up, is the port right?)")  # fmt: skip
+                "connection: nothing listens there (is the PACS up, is the port right?)")
     assert {r.last_error for r in dead.values()} == {expected}
     assert {r.last_status for r in dead.values()} == {None}
     warnings = [
