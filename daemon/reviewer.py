@@ -303,10 +303,10 @@ class ReviewService:
         try:
             with self.db.session() as s:
                 reviews.lock_run(s, run_id)
-                now = self._result(s, run_id)
-                if {d.finding_id: d.decided_at for d in now.decisions if d.round == round_} != (
-                    signed
-                ) or now.round != round_:
+                current = self._result(s, run_id)
+                still = {d.finding_id: d.decided_at for d in current.decisions
+                         if d.round == round_}  # fmt: skip
+                if still != signed or current.round != round_:
                     return None  # undone (or decided anew) while the SR was built
                 reviews.record_verification(
                     s,
