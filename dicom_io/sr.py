@@ -55,6 +55,8 @@ _FINDING = ("121071", "DCM")
 _FINDING_SITE = ("363698007", "SCT")
 _IMAGE_REGION = ("111030", "DCM")
 _COMMENT = ("121106", "DCM")
+_PIXEL_ROWS = hd.sr.CodedConcept.from_code(codes.DCM.PixelDataRows)
+_PIXEL_COLUMNS = hd.sr.CodedConcept.from_code(codes.DCM.PixelDataColumns)
 _SOURCE = hd.sr.CodedConcept("260753009", "SCT", "Source")  # an Image Library entry
 _PRESENT = (sr_codes.PRESENT.value, sr_codes.PRESENT.scheme_designator)
 _ABSENT = (sr_codes.ABSENT.value, sr_codes.ABSENT.scheme_designator)
@@ -304,9 +306,12 @@ def build_verified_sr(
     Every finding of `ai_sr` needs a decision (a verified document must not
     attest findings nobody looked at). A confirmed finding is copied as is; a
     rejected one gets the opposite qualitative evaluation, "REJECTED" in its
-    tracking identifier and, if it had one, loses its image region, so that no
-    viewer draws a mark the physician rejected. Each group gets a Comment text
-    with the decision. Tracking UIDs are kept: they name the same findings.
+    tracking identifier and, if it had one, its whole key image as its region
+    instead of the AI's spot, so that no viewer draws a mark the physician
+    rejected, and OHIF, which needs a region in every group, still opens it
+    (as for the AI SR's absent findings: `_region_of`). Each group gets a
+    Comment text with the decision. Tracking UIDs are kept: they name the
+    same findings.
     """
     by_uid = {str(d[0]): ReviewDecision(str(d[0]), bool(d[1]), *d[2:]) for d in decisions}
     root = _root_item(ai_sr)
@@ -339,8 +344,9 @@ def build_verified_sr(
     )
     for offset, item in enumerate(person):
         root.ContentSequence.insert(first_context + offset, item)
+    sizes = _image_sizes(root)
     for group, uid in zip(groups, uids, strict=True):
-        _apply_decision(group, by_uid[uid])
+        _apply_decision(group, by_uid[uid], sizes)
 
     sr = hd.sr.Comprehensive3DSR(
         evidence=_evidence_stand_ins(ai_sr),
@@ -678,7 +684,9 @@ def _library_view(header: Dataset) -> Dataset:
     return view
 
 
-def _apply_decision(group: Dataset, decision: ReviewDecision) -> None:
+def _apply_decision(
+    group: Dataset, decision: ReviewDecision, sizes: dict[str, tuple[int, int]]
+) -> None:
     """Rewrite one copied measurement group with the reviewer's decision."""
     items = list(group.ContentSequence)
     if decision.corrected_location is not None:
@@ -691,13 +699,63 @@ def _apply_decision(group: Dataset, decision: ReviewDecision) -> None:
             elif item.ValueType == "CODE" and _code_value(item) in (_PRESENT, _ABSENT):
                 flipped = sr_codes.ABSENT if _code_value(item) == _PRESENT else sr_codes.PRESENT
                 item.ConceptCodeSequence = [hd.sr.CodedConcept.from_code(flipped)]
+        whole = _whole_key_image(items, sizes)
         items = _without_regions(items)
-        # Without its region the group is a TID 1501 group, and says so.
-        if "ContentTemplateSequence" in group:
+        if whole is not None:
+            items = _with_region(items, whole)
+        elif "ContentTemplateSequence" in group:
+            # Without a region the group is a TID 1501 group, and says so.
             group.ContentTemplateSequence[0].TemplateIdentifier = "1501"
     verdict = "confirmed" if decision.confirmed else "rejected"
     items = _with_review_comment(items, f"Reviewer {verdict} the AI finding.", decision.comment)
     group.ContentSequence = items
+
+
+def _with_region(items: list[Dataset], location: ImageLocation) -> list[Dataset]:
+    """The group's items with `location` as its Image Region, which the probability NUM
+    also points at, so that OHIF tracks it (see _measurement_group)."""
+    region = _region(location)
+    for item in items:
+        if item.ValueType == "NUM" and _concept(item) == _key(sr_codes.PROBABILITY):
+            item.ContentSequence = [*item.get("ContentSequence", []), _inferred_from(region)]
+    return [*items, region]
+
+
+def _whole_key_image(
+    items: list[Dataset], sizes: dict[str, tuple[int, int]]
+) -> ImageLocation | None:
+    """The whole image the group's region is on, or None (no region, or its size unknown)."""
+    for item in items:
+        if item.ValueType == "SCOORD" and _concept(item) == _IMAGE_REGION:
+            ref = item.ContentSequence[0].ReferencedSOPSequence[0]
+            uid = str(ref.ReferencedSOPInstanceUID)
+            if uid not in sizes:
+                return None
+            columns, rows = sizes[uid]
+            frames = ref.get("ReferencedFrameNumber")
+            return ImageLocation(
+                uid, str(ref.ReferencedSOPClassUID), (columns / 2, rows / 2),
+                (0.0, 0.0, float(columns), float(rows)), int(frames) if frames else None,
+            )  # fmt: skip
+    return None
+
+
+def _image_sizes(root: Dataset) -> dict[str, tuple[int, int]]:
+    """(columns, rows) of each image the Image Library describes (the findings' key images)."""
+    sizes: dict[str, tuple[int, int]] = {}
+    stack = list(root.ContentSequence)
+    while stack:
+        item = stack.pop()
+        children = list(item.get("ContentSequence", []))
+        if item.ValueType == "IMAGE" and children:
+            values = {_concept(c): c.MeasuredValueSequence[0].NumericValue
+                      for c in children if c.ValueType == "NUM"}  # fmt: skip
+            rows, columns = values.get(_key(_PIXEL_ROWS)), values.get(_key(_PIXEL_COLUMNS))
+            if rows is not None and columns is not None:
+                uid = str(item.ReferencedSOPSequence[0].ReferencedSOPInstanceUID)
+                sizes[uid] = (int(columns), int(rows))
+        stack.extend(children)
+    return sizes
 
 
 def _without_regions(items: list[Dataset]) -> list[Dataset]:
@@ -744,14 +802,7 @@ def _apply_correction(group: Dataset, items: list[Dataset], decision: ReviewDeci
             item.TextValue = f"{item.TextValue} - LOCATION CORRECTED BY REVIEWER"
         elif item.ValueType == "CODE" and _code_value(item) == _ABSENT:
             item.ConceptCodeSequence = [hd.sr.CodedConcept.from_code(sr_codes.PRESENT)]
-    items = _without_regions(items)
-    region = _region(decision.corrected_location)
-    items.append(region)
-    # The reviewer's region is also what the probability NUM points at, so
-    # that OHIF tracks the corrected location (see _measurement_group).
-    for item in items:
-        if item.ValueType == "NUM" and _concept(item) == _key(sr_codes.PROBABILITY):
-            item.ContentSequence = [*item.get("ContentSequence", []), _inferred_from(region)]
+    items = _with_region(_without_regions(items), decision.corrected_location)
     if "ContentTemplateSequence" in group:
         group.ContentTemplateSequence[0].TemplateIdentifier = "1410"
     items = _with_review_comment(

@@ -160,7 +160,10 @@ def test_a_decided_result_is_changed_only_by_an_amendment(tmp_path: Path, sqlite
     ref = sr.PredecessorDocumentsSequence[0].ReferencedSeriesSequence[0].ReferencedSOPSequence[0]
     assert ref.ReferencedSOPInstanceUID == first  # supersedes the first verified SR
     (finding,) = read_findings(sr)
-    assert finding["present"] is False and finding["graphic_data"] is None
+    # Rejected: stated absent, the whole key image as region (no spot; OHIF needs one).
+    assert finding["present"] is False
+    assert finding["graphic_data"] == [(0.0, 0.0), (64.0, 0.0), (64.0, 64.0), (0.0, 64.0),
+                                       (0.0, 0.0)]  # fmt: skip
     assert str(sr.VerifyingObserverSequence[0].VerifyingObserverName) == "Doe^John"
     assert dciodvfy_errors(verified_file(config, study_uid, second)) == []
     (amended,) = service.results(state="amended")

@@ -124,7 +124,9 @@ def test_confirm_reject_correct_and_amend_through_orthanc(
         if name == "confirm":
             assert finding["present"] is True and finding["graphic_data"]
         elif name == "reject":
-            assert finding["present"] is False and finding["graphic_data"] is None
+            # Stated absent, framed whole: no spot on the key image (256 x 256).
+            assert finding["present"] is False
+            assert finding["graphic_data"] == [(0, 0), (256, 0), (256, 256), (0, 256), (0, 0)]
         else:
             assert finding["present"] is True
             assert finding["referenced_sop_instance_uid"] == target

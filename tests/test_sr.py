@@ -408,7 +408,13 @@ def test_verified_sr(ct_headers: list[Dataset], tmp_path: Path) -> None:
     assert rejected["tracking_uid"] == nodule_uid
     assert rejected["present"] is False
     assert "REJECTED" in rejected["tracking_identifier"]
-    assert rejected["graphic_data"] is None  # no mark for a rejected finding
+    # No spot for a rejected finding: its whole key image, as the AI SR frames an absent one
+    # (OHIF needs a region in every group, or its SR viewport stops).
+    key = next(h for h in ct_headers if h.SOPInstanceUID == rejected["referenced_sop_instance_uid"])
+    columns, rows = float(key.Columns), float(key.Rows)
+    assert rejected["graphic_data"] == [(0.0, 0.0), (columns, 0.0), (columns, rows), (0.0, rows),
+                                        (0.0, 0.0)]  # fmt: skip
+    assert rejected["referenced_sop_instance_uid"] == result.findings[0].location.sop_instance_uid
     assert rejected["probability"] == pytest.approx(0.9)  # the AI's number, kept
     assert "Vessel in cross-section." in rejected["comment"]
     # The physician's decision replaces the AI's NOT VERIFIED.
@@ -417,11 +423,12 @@ def test_verified_sr(ct_headers: list[Dataset], tmp_path: Path) -> None:
     assert confirmed["present"] is True
     assert confirmed["graphic_data"] == [result.findings[1].location.point]
     assert "confirmed" in confirmed["comment"]
-    # highdicom sees the rejected finding as a group without image region.
+    # highdicom reads both as planar groups (TID 1410), each with its region.
     parsed = hd.sr.srread(tmp_path / "v.dcm").content
     planar = parsed.get_planar_roi_measurement_groups()
-    assert [str(g.tracking_uid) for g in planar] == [effusion_uid]
-    assert {str(g.tracking_uid) for g in parsed.get_image_measurement_groups()} == {nodule_uid}
+    assert [str(g.tracking_uid) for g in planar] == [nodule_uid, effusion_uid]
+    assert parsed.get_image_measurement_groups() == []
+    assert pixelmed_sr_errors(tmp_path / "v.dcm") == []
     # The AI SR itself is untouched.
     assert [f["present"] for f in read_findings(ai_sr)] == [True, True]
 

@@ -27,6 +27,7 @@ Screenshots go to the test's folder, and to $SECONDREADER_SCREENSHOTS if set.
 
 from __future__ import annotations
 
+import json
 import os
 import re
 import shutil
@@ -89,6 +90,9 @@ SPACING = (2.5, 1.4, 1.4)  # its slice, row and column spacing, mm
 # cell(s) holding the evidence: within half a cell's diagonal of the lesion.
 CELL_MM = 256 * SPACING[2] / 16
 HALF_CELL_DIAGONAL_MM = CELL_MM * np.sqrt(2) / 2
+
+
+REVIEWED = "AI RESULT - PHYSICIAN REVIEWED"
 
 
 def _study_count(orthanc: Orthanc, study_uid: str) -> int:
@@ -416,5 +420,30 @@ def test_ohif_hydrates_the_sr_overlays_the_map_and_shows_the_summary(
         assert "No nodule found" in text, text
         assert f"Nodule absent, {neg_percent}" in text, text
         assert "NOT VERIFIED" in text, text
+        assert _known_errors(page.console) == []
+
+        # -- The physician rejects the positive finding: the verified SR frames its
+        # whole key image (no spot), and OHIF opens it like the negative AI SR.
+        d.add_user("smith", "Smith^Jane")
+        runs = json.loads(d.cli("review", "list", "--json").stdout)
+        run = next(str(r["run_id"]) for r in runs if r["study_instance_uid"] == pos_uid)
+        d.cli("review", "reject", run, "--reviewer", "smith", "--comment", "vessel")
+        def reviewed_srs() -> list[dict[str, Any]]:
+            srs = by_class(orthanc.study_instances(pos_uid), SR_CLASS)
+            return [i for i in srs if i["SeriesDescription"] == REVIEWED]
+
+        reviewed = d.wait_for(reviewed_srs, timeout=120)
+        verified, verified_path = fetch(orthanc, reviewed[0], from_orthanc)
+        (rejected,) = read_findings(verified)
+        assert rejected["present"] is False and len(rejected["graphic_data"]) == 5
+        assert pixelmed_sr_errors(verified_path) == [] and dciodvfy_errors(verified_path) == []
+        page.close()
+        page = new_page(page)
+        _open_study(page, viewer, pos_uid, first=False)
+        _open_series(page, REVIEWED)
+        pane = page.locator('[data-cy="viewport-pane"]').first
+        drawn = _until(lambda: "Probability:" in pane.inner_text() and pane.inner_text())
+        assert drawn, pane.inner_text()
+        _save(page, tmp_path, "ohif-verified-rejected.png")
         assert _known_errors(page.console) == []
     assert d.stop() == 0
