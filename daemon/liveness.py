@@ -10,6 +10,7 @@ import logging
 import os
 import socket
 import threading
+from collections.abc import Callable
 from datetime import timedelta
 
 from daemon.config import Config
@@ -22,8 +23,13 @@ log = logging.getLogger(__name__)
 
 
 class Heartbeat:
-    def __init__(self, db: Database, kind: str, seconds: float) -> None:
+    def __init__(
+        self, db: Database, kind: str, seconds: float, alive: Callable[[], bool] = lambda: True
+    ) -> None:
+        """`alive` says whether the part this beat stands for still works: no beat while it
+        does not (a worker thread whose models failed to load is not a live worker)."""
         self.db = db
+        self.alive = alive
         self.kind = kind
         self.seconds = seconds
         self.host = socket.gethostname()
@@ -34,6 +40,8 @@ class Heartbeat:
         self._failing = False
 
     def beat(self) -> None:
+        if not self.alive():
+            return
         try:
             with self.db.session() as s:
                 liveness.beat(s, name=self.name, kind=self.kind, host=self.host,

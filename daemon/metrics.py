@@ -9,6 +9,7 @@ processes as well as `serve`.
 from __future__ import annotations
 
 import logging
+import socket
 import threading
 from collections.abc import Callable, Iterator
 from datetime import timedelta
@@ -176,7 +177,8 @@ def serve_metrics(
         start_response("404 Not Found", [("Content-Type", "text/plain")])
         return [b"not found: this port serves /metrics and /healthz\n"]
 
-    server = make_server(host, port, app, _Server, handler_class=_Quiet)
+    server_class = _Server6 if ":" in host else _Server  # an IPv6 address, e.g. "::"
+    server = make_server(host, port, app, server_class, handler_class=_Quiet)
     threading.Thread(target=server.serve_forever, name="metrics", daemon=True).start()
     log.info("metrics on http://%s:%d/metrics (and /healthz)", host, server.server_port)
     return server
@@ -184,6 +186,10 @@ def serve_metrics(
 
 class _Server(ThreadingMixIn, WSGIServer):
     daemon_threads = True
+
+
+class _Server6(_Server):
+    address_family = socket.AF_INET6
 
 
 class _Quiet(WSGIRequestHandler):

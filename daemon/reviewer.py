@@ -153,7 +153,37 @@ class ReviewService:
             raise ReviewError(f"unknown decision {decision!r}")
         if decision == Decision.CORRECT and (finding is None or correction is None):
             raise ReviewError("a correction names its finding and the new location")
+        try:
+            targets = self._record_decisions(
+                run_id, decision, reviewer, finding, comment, correction
+            )
+        except IntegrityError as exc:  # the unique (finding, round): another reader was first
+            raise ReviewError(
+                f"a finding of result {run_id} was decided meanwhile by another reader: "
+                "open the result again"
+            ) from exc
+        log.info(
+            "result %d: %s finding(s) %s by %s",
+            run_id,
+            decision,
+            ", ".join(str(f.number) for f in targets),
+            reviewer.name,
+        )
+        if hold and self.config.review.undo_seconds > 0:
+            return None
+        return self.finalize(run_id)
+
+    def _record_decisions(
+        self,
+        run_id: int,
+        decision: str,
+        reviewer: Reviewer,
+        finding: int | None,
+        comment: str | None,
+        correction: Correction | None,
+    ) -> list[FindingView]:
         with self.db.session() as s:
+            reviews.lock_run(s, run_id)
             result = self._result(s, run_id)
             if result.verifications:
                 raise ReviewError(
@@ -176,16 +206,7 @@ class ReviewService:
                     comment=comment,
                     location=self._location(result, f, correction) if correction else None,
                 )
-        log.info(
-            "result %d: %s finding(s) %s by %s",
-            run_id,
-            decision,
-            ", ".join(str(f.number) for f in targets),
-            reviewer.name,
-        )
-        if hold and self.config.review.undo_seconds > 0:
-            return None
-        return self.finalize(run_id)
+        return targets
 
     def undo(self, run_id: int, reviewer: Reviewer, now: datetime | None = None) -> list[int]:
         """Withdraw `reviewer`'s decisions still inside the undo window; the finding numbers.
@@ -229,43 +250,49 @@ class ReviewService:
             raise ReviewError(f"unknown decision {decision!r}")
         if decision == Decision.CORRECT and correction is None:
             raise ReviewError("a correction names the new location")
-        with self.db.session() as s:
-            result = self._result(s, run_id)
-            if not result.verifications:
-                raise ReviewError(
-                    f"result {run_id} has not been decided yet: confirm, reject or correct it"
-                )
-            previous = result.verifications[-1].round
-            last = {d.finding_id: d for d in result.decisions if d.round == previous}
-            target = self._finding(result, finding)
-            for f in result.findings:
-                old = last[f.finding_id]
-                if f.finding_id == target.finding_id:
-                    values: dict[str, Any] = {
-                        "decision": decision,
-                        "comment": comment,
-                        "location": (
-                            self._location(result, f, correction) if correction else None
-                        ),
-                        "reviewer": reviewer.name,
-                        "organization": reviewer.organization,
-                    }
-                else:  # carried over: the new round states every finding
-                    values = {
-                        "decision": old.decision,
-                        "comment": old.comment,
-                        "location": old.location,
-                        "reviewer": old.reviewer,
-                        "organization": old.organization,
-                    }
-                reviews.record_decision(
-                    s,
-                    result,
-                    f,
-                    round=previous + 1,
-                    amendment=f.finding_id == target.finding_id,
-                    **values,
-                )
+        try:
+            with self.db.session() as s:
+                reviews.lock_run(s, run_id)
+                result = self._result(s, run_id)
+                if not result.verifications:
+                    raise ReviewError(
+                        f"result {run_id} has not been decided yet: confirm, reject or correct it"
+                    )
+                previous = result.verifications[-1].round
+                last = {d.finding_id: d for d in result.decisions if d.round == previous}
+                target = self._finding(result, finding)
+                for f in result.findings:
+                    old = last[f.finding_id]
+                    if f.finding_id == target.finding_id:
+                        values: dict[str, Any] = {
+                            "decision": decision,
+                            "comment": comment,
+                            "location": (
+                                self._location(result, f, correction) if correction else None
+                            ),
+                            "reviewer": reviewer.name,
+                            "organization": reviewer.organization,
+                        }
+                    else:  # carried over: the new round states every finding
+                        values = {
+                            "decision": old.decision,
+                            "comment": old.comment,
+                            "location": old.location,
+                            "reviewer": old.reviewer,
+                            "organization": old.organization,
+                        }
+                    reviews.record_decision(
+                        s,
+                        result,
+                        f,
+                        round=previous + 1,
+                        amendment=f.finding_id == target.finding_id,
+                        **values,
+                    )
+        except IntegrityError as exc:  # another amendment of the same round was first
+            raise ReviewError(
+                f"result {run_id} was amended meanwhile by another reader: open it again"
+            ) from exc
         log.info("result %d: finding %d amended by %s", run_id, finding, reviewer.name)
         return self.finalize(run_id, reason=reason.strip(), by=reviewer)
 
@@ -297,7 +324,6 @@ class ReviewService:
         relative = f"{result.study_instance_uid}/{sr.SOPInstanceUID}.dcm"
         buf = io.BytesIO()
         sr.save_as(buf, enforce_file_format=True)
-        self.outbox.write(relative, buf.getvalue())
         predecessor = str((supersedes or ai_sr).SOPInstanceUID)
         signed = {f: d.decided_at for f, d in decisions.items()}
         try:
@@ -308,6 +334,9 @@ class ReviewService:
                          if d.round == round_}  # fmt: skip
                 if still != signed or current.round != round_:
                     return None  # undone (or decided anew) while the SR was built
+                # Written under the run's lock, once the round is known to stand: a
+                # stale pass never overwrites the file of the SR another one queued.
+                self.outbox.write(relative, buf.getvalue())
                 reviews.record_verification(
                     s,
                     result,
@@ -360,8 +389,14 @@ class ReviewService:
         unbuilt (scheduled in serve)."""
         done = 0
         for result, due in self._complete_rounds():
-            if due <= (now or utcnow()):
+            if due > (now or utcnow()):
+                continue
+            try:
                 done += self.finalize(result.run_id) is not None
+            except Exception as exc:
+                # One result that cannot be finalized (its AI SR gone from the outbox, a
+                # write error) must not hold back every other signed result.
+                log.error("result %d: verified SR not built: %s", result.run_id, exc)
         return done
 
     def next_release(self) -> datetime | None:

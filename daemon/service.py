@@ -56,8 +56,14 @@ def open_database(config: Config, *, signed: bool = True) -> Database:
     path = sqlite_file(url)
     if path is not None and not path.exists():
         raise NotMigrated(_no_database(config, path))
-    if migrate.current(url) is None:
+    current = migrate.current(url)
+    if current is None:
         raise NotMigrated("the database has no schema: run `secondreader db upgrade` first")
+    if current != migrate.head():
+        raise NotMigrated(
+            f"the database's schema is at revision {current}, this version of secondreader "
+            f"needs {migrate.head()}: run `secondreader db upgrade` (after each update)"
+        )
     key = load_key(config.audit_key_path) if signed else None
     db = Database(url, sqlite_synchronous=config.database.sqlite_synchronous, audit_key=key)
     if key is not None:
@@ -306,8 +312,12 @@ class Service:
         signal.signal(signal.SIGINT, self._on_signal)
         self.heartbeats = [Heartbeat(self.db, "serve", cfg.worker.liveness_seconds).start()]
         if self.worker is not None:
-            self.heartbeats.append(
-                Heartbeat(self.db, "worker", cfg.worker.liveness_seconds).start())
+            worker = self.worker
+            # Beats only while the worker thread runs and its models loaded.
+            self.heartbeats.append(Heartbeat(
+                self.db, "worker", cfg.worker.liveness_seconds,
+                alive=lambda: worker.live,
+            ).start())  # fmt: skip
         self.scp.start()
         if self.receivers is not None:
             self.receivers.start(self.scp.listening_socket)

@@ -171,6 +171,11 @@ class Worker:
     def healthy(self) -> bool:
         return self.is_alive() and not self.failed
 
+    @property
+    def live(self) -> bool:
+        """Healthy, or not started yet: what the worker's heartbeat stands for."""
+        return self._thread is None or self.healthy
+
     def request_stop(self) -> None:
         """Take no new job; the current one goes on (see `stop`)."""
         self._stop.set()

@@ -290,10 +290,16 @@ def lock_run(session: Session, run_id: int) -> None:
     """Hold the run's row until the transaction ends.
 
     Signing, finalising and undoing one result take this lock first, so an
-    undo and the verified SR it races with are ordered (PostgreSQL; SQLite
-    has one writer anyway).
+    undo and the verified SR it races with are ordered. A no-op UPDATE, not
+    SELECT ... FOR UPDATE: on PostgreSQL it locks the row, and on SQLite
+    (where FOR UPDATE means nothing) it starts the write transaction before
+    the reads that follow, so they see what the other writer committed.
     """
-    session.execute(select(AnalysisRun.id).where(AnalysisRun.id == run_id).with_for_update())
+    session.execute(
+        update(AnalysisRun).where(AnalysisRun.id == run_id)
+        .values(report_state=AnalysisRun.report_state)
+        .execution_options(synchronize_session=False)
+    )  # fmt: skip
 
 
 def withdraw_decisions(

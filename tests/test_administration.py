@@ -230,3 +230,32 @@ def test_db_copy_to_postgresql_keeps_every_row_and_the_trail(
                             "--to", target.replace("postgresql+psycopg://", "postgres://")],
                            cwd=REPO, env=_clean_env(), capture_output=True, text=True)  # fmt: skip
     assert _one_line(again) and "already holds rows" in again.stderr
+
+
+def test_a_database_behind_the_code_says_db_upgrade(daemon_factory) -> None:  # type: ignore[no-untyped-def]
+    d = daemon_factory()
+    d.state.mkdir(parents=True)
+    migrate.upgrade(f"sqlite:///{d.state / 'secondreader.db'}", "0009")  # an older install
+    line = _one_line(_run(d, "status"))
+    assert "revision 0009" in line and "secondreader db upgrade" in line
+    assert d.cli("db", "upgrade").returncode == 0
+    assert d.cli("status").returncode == 0
+
+
+def test_a_heartbeat_stands_for_its_part_only_while_that_works(tmp_path: Path) -> None:
+    from daemon.liveness import Heartbeat
+    from db.liveness import processes
+
+    url = f"sqlite:///{tmp_path / 'db.sqlite'}"
+    migrate.upgrade(url)
+    db = Database(url)
+    working = {"models loaded": False}
+    beat = Heartbeat(db, "worker", 60, alive=lambda: working["models loaded"])
+    beat.beat()  # a worker whose models failed to load: no beat, so no live worker
+    with db.session() as s:
+        assert processes(s) == []
+    working["models loaded"] = True
+    beat.beat()
+    with db.session() as s:
+        assert [p.kind for p in processes(s)] == ["worker"]
+    db.dispose()

@@ -10,6 +10,7 @@ tests/test_review_orthanc.py.
 from __future__ import annotations
 
 import json
+import logging
 from datetime import timedelta
 from pathlib import Path
 
@@ -357,4 +358,29 @@ def test_only_an_existing_enabled_account_signs(tmp_path: Path, sqlite_url: str)
     accounts.disable("smith", "test")
     with pytest.raises(ReviewError, match="disabled"):
         service.account_reviewer("smith")
+    db.dispose()
+
+
+def test_one_result_that_cannot_be_finalized_holds_back_no_other(
+    tmp_path: Path, sqlite_url: str, caplog: pytest.LogCaptureFixture
+) -> None:
+    config = make_config(tmp_path, sqlite_url, PACS)
+    db = Database(config.database_url, audit_key=KEY)
+    _, broken_uid = reported_result(db, config, tmp_path / "a")
+    reported_result(db, config, tmp_path / "b")
+    service = ReviewService(db, config)
+    first, second = service.results()
+    for result in (first, second):  # signed on the web page: held for the undo window
+        assert service.decide(result.run_id, "confirm", service.reviewer("Smith^Jane"),
+                              hold=True) is None  # fmt: skip
+    assert service.finalize_pending() == 0  # still inside the window
+    due = service.next_release()
+    assert due is not None
+    broken = first if first.study_instance_uid == broken_uid else second
+    sr = verified_file(config, broken.study_instance_uid, broken.ai_sr_sop_instance_uid or "")
+    sr.unlink()  # its AI SR gone from the outbox: this one cannot be built
+    caplog.set_level(logging.ERROR)
+    assert service.finalize_pending(due + timedelta(seconds=1)) == 1  # the other one is
+    assert f"result {broken.run_id}: verified SR not built" in caplog.text
+    assert [r.state for r in service.results(state="decided")] == ["verified"]
     db.dispose()

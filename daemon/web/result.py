@@ -220,7 +220,9 @@ def _sign_line(view: ResultView, c: Choice) -> str:
                                               else ""))  # fmt: skip
     elif c.decision == Decision.REJECT:
         flipped = "absent" if f.present else "present"
-        what = f"REJECTED: stated {flipped}, no region"
+        what = f"REJECTED: stated {flipped}" + (
+            ", framed as its whole key image (the AI's spot removed)" if f.sop_instance_uid
+            else "")  # fmt: skip
     else:
         images = [i.sop_instance_uid for i in site().series(view.run_id)]
         k = images.index(c.slice_uid) + 1
@@ -246,6 +248,7 @@ def sign(run_id: int) -> Any:
     if not choices or not hmac.compare_digest(sent, _digest(run_id, mode, reason, choices)):
         abort(400, "These decisions were not reviewed on the sign page: review them again.")
     reviewer = here.reviews.reviewer(g.user.full_name)
+    signed: list[int] = []
     try:
         if mode == "amend":
             (c,) = choices
@@ -256,8 +259,13 @@ def sign(run_id: int) -> Any:
                 here.reviews.decide(run_id, c.decision, reviewer, finding=c.finding,
                                     comment=c.comment or None, correction=_correction(c),
                                     hold=True)  # fmt: skip
+                signed.append(c.finding)
     except ReviewError as exc:
-        abort(409, str(exc))
+        # Each finding is its own decision: say which went through before this one failed.
+        extra = (f" Finding(s) {', '.join(map(str, signed))} were signed before this: Undo on "
+                 "the result page takes them back within the undo window." if signed else "")
+        here.on_signed(here.reviews.next_release())
+        abort(409, f"{exc}.{extra}")
     here.on_signed(here.reviews.next_release())
     if request.form.get("after") == "next":
         return redirect(url_for("worklist.next_case", after=run_id, signed=run_id))
