@@ -223,7 +223,8 @@ def _cmd_status(config: Config, args: argparse.Namespace) -> int:
     from datetime import timedelta
 
     from daemon.cleaner import Cleaner
-    from daemon.service import open_database, worker_alert
+    from daemon.liveness import gone_after, worker_alert
+    from daemon.service import open_database
     from db.liveness import processes
     from db.models import utcnow
     from db.pulls import pull_counts
@@ -231,7 +232,7 @@ def _cmd_status(config: Config, args: argparse.Namespace) -> int:
     from db.studies import pipeline_counts
 
     db = open_database(config, signed=False)
-    now, limit = utcnow(), timedelta(seconds=3 * config.worker.liveness_seconds)
+    now, limit = utcnow(), gone_after(config)
     with db.session() as s:
         report: dict[str, Any] = {**pipeline_counts(s), "pull": pull_counts(s)}
         removed = files_removed_count(s)

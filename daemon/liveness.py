@@ -77,9 +77,14 @@ class Heartbeat:
             log.warning("%s: stop not recorded (%s)", self.name, type(exc).__name__)
 
 
+def gone_after(config: Config) -> timedelta:
+    """A process that missed three beats counts as gone."""
+    return timedelta(seconds=3 * config.worker.liveness_seconds)
+
+
 def worker_alert(db: Database, config: Config) -> str | None:
     """Jobs queued past `worker.no_worker_alert_seconds` with no live worker, in words."""
-    limit = timedelta(seconds=3 * config.worker.liveness_seconds)
+    limit = gone_after(config)
     try:
         with db.session() as s:
             alert = no_worker_alert(

@@ -26,6 +26,7 @@ from prometheus_client.core import (
 from prometheus_client.registry import Collector, CollectorRegistry
 
 from daemon.config import Config
+from daemon.liveness import gone_after
 from db.audit import event_counts
 from db.liveness import no_worker_alert, processes
 from db.models import utcnow
@@ -120,9 +121,9 @@ class DatabaseCollector(Collector):
 
     def _liveness(self, s: Any) -> list[Any]:
         """Each process's liveness (the last day's), and the no-live-worker alert."""
-        seconds = self.config.worker.liveness_seconds if self.config else 10.0
-        alert_after = self.config.worker.no_worker_alert_seconds if self.config else 120.0
-        limit, now = timedelta(seconds=3 * seconds), utcnow()
+        config = self.config or Config()  # the defaults, where none was given
+        alert_after = config.worker.no_worker_alert_seconds
+        limit, now = gone_after(config), utcnow()
         up = GaugeMetricFamily("secondreader_process_up",
                                "1 while a process (serve, receiver, worker) beats",
                                labels=["kind", "name"])  # fmt: skip

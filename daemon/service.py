@@ -18,7 +18,7 @@ from daemon.completer import Completer
 from daemon.config import Config
 from daemon.dispatcher import Dispatcher
 from daemon.errors import NotMigrated, check_port_free
-from daemon.liveness import Heartbeat, worker_alert
+from daemon.liveness import Heartbeat, gone_after, worker_alert
 from daemon.metrics import serve_metrics
 from daemon.puller import Puller
 from daemon.receiver import Receiver
@@ -217,7 +217,7 @@ class Service:
         )
         # Jobs waiting with no live worker: said in the log when it starts and ends.
         self._alerting = False
-        self.scheduler.every("watch-workers", 3 * config.worker.liveness_seconds,
+        self.scheduler.every("watch-workers", gone_after(config).total_seconds(),
                              self.watch_workers)  # fmt: skip
         # The audit trail's single chain writer (db/chain.py).
         self.scheduler.every("seal-audit", config.audit.seal_interval_seconds, self.seal_audit)

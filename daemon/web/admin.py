@@ -8,7 +8,7 @@ from typing import Any
 from flask import Blueprint, abort, current_app, g, redirect, render_template, request, url_for
 
 from daemon.dispatcher import Dispatcher
-from daemon.liveness import worker_alert
+from daemon.liveness import gone_after, worker_alert
 from daemon.web import admin_required
 from daemon.web.images import agreement_plot
 from daemon.web.site import site
@@ -33,7 +33,7 @@ def admin() -> Any:
         running = running_jobs(s)
         workers = recent_workers(s, utcnow() - timedelta(hours=24))
         beats = processes(s, utcnow() - timedelta(days=1))
-    now, limit = utcnow(), timedelta(seconds=3 * here.config.worker.liveness_seconds)
+    now, limit = utcnow(), gone_after(here.config)
     return render_template(
         "admin.html", counts=counts, users=here.accounts.users(), dead=dead,
         destinations=here.config.delivery.destinations, echo=request.args.get("echo"),

@@ -69,8 +69,8 @@ class Site:
         return ordered
 
     def ai_sr_path(self, study_uid: str, sr_uid: str) -> Path:
-        # The report stage's layout: <state>/outbox/<study>/<SOP Instance UID>.dcm.
-        return self.config.storage.state_dir / "outbox" / study_uid / f"{sr_uid}.dcm"
+        # The report stage's layout, as the review service reads it: <outbox>/<study>/<UID>.dcm.
+        return self.reviews.outbox.root / study_uid / f"{sr_uid}.dcm"
 
     def study(self, study_uid: str, sr_uid: str | None) -> StudyInfo:
         """Patient, accession, description and date as the AI SR carries them."""
