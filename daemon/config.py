@@ -102,9 +102,10 @@ class SCPConfig(_Section):
     # above max_associations' default, so that a PACS opening its associations
     # in one burst is served, yet one address cannot take every pending slot.
     max_pending_per_address: int = Field(16, ge=1)
-    # New connections from one address: a burst of this many, then this many a
-    # second. A modality opening one association per image stays far below;
-    # a port scan or a flood is refused in the accept loop, costing no thread.
+    # New connections from one address that never become an association: a
+    # burst of this many, then this many a second; past them a port scan or a
+    # flood is refused in the accept loop, costing no thread. A connection that
+    # becomes an association gives its place back (dicom_io/guard.py).
     connection_rate_per_address: float = Field(20.0, gt=0)
     connection_burst_per_address: int = Field(100, ge=1)
     # An association admitted and then silent (no PDU) this long is released:

@@ -44,12 +44,22 @@ class DatabaseCollector(Collector):
         db: Database,
         storage: Callable[[], dict[str, float | bool]] | None = None,
         config: Config | None = None,
+        audit_waiting: Callable[[], int] | None = None,
     ) -> None:
         self.db = db
         self.storage = storage  # daemon/cleaner.Cleaner.storage_state
         self.config = config
+        # daemon/audit_backlog.AuditBacklog.waiting: held in this process, so
+        # it is reported when the database is not (that is when it grows).
+        self.audit_waiting = audit_waiting
 
     def collect(self) -> Iterator[Any]:
+        if self.audit_waiting is not None:
+            yield GaugeMetricFamily(
+                "secondreader_audit_waiting",
+                "Audit rows of the receive path waiting for the database (written when it is back)",
+                value=self.audit_waiting(),
+            )
         up = GaugeMetricFamily("secondreader_database_up", "1 if the database answered")
         try:
             with self.db.session() as s:
@@ -156,6 +166,7 @@ def serve_metrics(
     storage: Callable[[], dict[str, float | bool]] | None = None,
     healthy: Callable[[], bool] = lambda: True,
     config: Config | None = None,
+    audit_waiting: Callable[[], int] | None = None,
 ) -> Any:
     """Start /metrics and /healthz in a thread; returns the server (call .shutdown()).
 
@@ -163,7 +174,7 @@ def serve_metrics(
     can watch this port; any other path is 404.
     """
     registry = CollectorRegistry()
-    registry.register(DatabaseCollector(db, storage, config))
+    registry.register(DatabaseCollector(db, storage, config, audit_waiting))
     metrics = make_wsgi_app(registry)
 
     def app(environ: dict[str, Any], start_response: Callable[..., Any]) -> Any:

@@ -338,6 +338,7 @@ class Service:
                 storage=self.cleaner.storage_state,
                 healthy=self.healthy,
                 config=self.config,
+                audit_waiting=lambda: self.receiver.backlog.waiting,
             )
         if self.config.web.enabled:
             self.web_server = serve_web(self.config, self.db, self.healthy, self.release_at)

@@ -81,7 +81,8 @@ class GuardLimits:
     max_pending_per_address: int = 16
     max_pending: int = 64
     # New connections per source address: a bucket of `connection_burst`
-    # refilled at `connection_rate` per second.
+    # refilled at `connection_rate` per second; an admitted association gives
+    # its token back (`admit`).
     connection_rate: float = 20.0
     connection_burst: int = 100
     # An admitted association that has sent no PDU this long is released.
@@ -289,8 +290,10 @@ class ConnectionGuard:
         """A new TCP connection; None (and an event) if its address has too many pending."""
         host, port = str(address[0]), int(address[1])
         now = time.monotonic()
+        victim: Connection | None = None
         with self._lock:
-            pending = [c for c in self._conns.values() if not c.admitted]
+            # Cut ones are on their way out: they hold no place.
+            pending = [c for c in self._conns.values() if not c.admitted and c.cut_reason is None]
             from_host = sum(c.address == host for c in pending)
             if not self._take_token(host, now):
                 why = (
@@ -299,16 +302,30 @@ class ConnectionGuard:
                 )
             elif from_host >= self.limits.max_pending_per_address:
                 why = f"{from_host} connections from this address await association already"
-            elif len(pending) >= self.limits.max_pending:
+            elif (
+                len(pending) >= self.limits.max_pending
+                and (victim := _most_pending(pending, from_host)) is None
+            ):
                 why = f"{len(pending)} connections await association already"
             else:
                 conn = Connection(host, port, now, sock.dup())
                 self._conns[id(conn)] = conn
                 if self.board is not None:
                     self.board.set(len(self._conns))
-                return conn
-        self._junk(GuardEvent("rejected", host, "", why))
-        return None
+                if victim is None:
+                    return conn
+        if victim is None:
+            self._junk(GuardEvent("rejected", host, "", why))
+            return None
+        # Every pending place is taken, most by one address: its oldest
+        # connection makes room. Many hosts each sending junk below their
+        # own cap could otherwise keep every newcomer out.
+        self.cut(
+            victim,
+            f"evicted for a connection from another address: {len(pending)} connections "
+            "awaited association, most of them from this one",
+        )
+        return conn
 
     def admit(self, conn: Connection, calling_ae: str) -> str | None:
         """Count the association as admitted; returns why not, if the limit is reached."""
@@ -333,6 +350,12 @@ class ConnectionGuard:
                 )
             conn.admitted = True
             conn.admitted_at = time.monotonic()
+            # A connection that became an association gives its token back:
+            # only the ones that never do (scans, junk) spend the address's rate,
+            # and a modality opening one association per image is never slowed.
+            bucket = self._buckets.get(conn.address)
+            if bucket is not None:
+                bucket.tokens = min(float(limits.connection_burst), bucket.tokens + 1)
             return None
 
     def release(self, conn: Connection) -> None:
@@ -470,6 +493,17 @@ class ConnectionGuard:
             self._on_event(event)
         except Exception:
             log.exception("guard event callback failed")
+
+
+def _most_pending(pending: list[Connection], from_host: int) -> Connection | None:
+    """The oldest connection of the address with the most pending, if it has more than us."""
+    by_address: dict[str, list[Connection]] = {}
+    for c in pending:
+        by_address.setdefault(c.address, []).append(c)
+    conns = max(by_address.values(), key=len)
+    if len(conns) <= from_host + 1:
+        return None  # no address holds clearly more than the newcomer's
+    return min(conns, key=lambda c: c.accepted_at)
 
 
 # Seconds a connection we cut may take to close after our A-ABORT.

@@ -15,7 +15,9 @@ import socket
 import sqlite3
 import struct
 import subprocess
+import threading
 import time
+import urllib.request
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -35,7 +37,7 @@ from tests.attacks import (
     read_pdu,
     rss_kib,
 )
-from tests.conftest import DaemonProcess, dcmtk_env, require_tool, storescu
+from tests.conftest import DaemonProcess, dcmtk_env, free_port, require_tool, storescu
 from tests.dicomgen import RECEIVE_ONLY, DaemonDB, ct_study
 
 IDLE = 3  # scp.idle_association_seconds here
@@ -47,9 +49,9 @@ ATTACKERS = [f"127.0.0.{i}" for i in range(2, 10)]  # eight "hosts"
 SOME_DATASET = b"\x08\x00\x60\x00\x02\x00\x00\x00CT"
 
 
-def _daemon(root: Path, settings: str) -> DaemonProcess:
+def _daemon(root: Path, settings: str, more: str = "") -> DaemonProcess:
     root.mkdir(parents=True, exist_ok=True)
-    d = DaemonProcess(root, RECEIVE_ONLY)
+    d = DaemonProcess(root, RECEIVE_ONLY + more)
     d.config_path.write_text(d.config_path.read_text().replace("[scp]\n", f"[scp]\n{settings}"))
     return d.start()
 
@@ -165,17 +167,28 @@ def test_throw_away_connections_hold_nothing(
     mark = _mark(target_db)
     log_offset = len(target.log())
     peak_threads, peak_rss = base_threads, base_rss
+
+    def attack() -> None:
+        for burst in range(10):
+            t0 = time.monotonic()
+            throw_away(target.port, 100, start=burst * 100)
+            time.sleep(max(0.0, 6 - (time.monotonic() - t0)))
+
+    attacker = threading.Thread(target=attack, name="attacker")
     started = time.monotonic()
-    for burst in range(10):
-        t0 = time.monotonic()
-        throw_away(target.port, 100, start=burst * 100)
+    attacker.start()
+    served = 0
+    # The honest peer, on its own address, all the while the bursts go on.
+    while attacker.is_alive():
+        r = echo(target.port)
+        assert r.returncode == 0, f"C-ECHO refused after {served} served\n{r.stderr}"
+        r = storescu(target.port, [files[1 + served % 10]])
+        assert r.returncode == 0, f"C-STORE refused after {served} served\n{r.stderr}"
+        served += 1
         peak_threads = max(peak_threads, threads(pid))
         peak_rss = max(peak_rss, rss_kib(pid))
-        r = echo(target.port)
-        assert r.returncode == 0, f"burst {burst}: C-ECHO refused\n{r.stderr}"
-        r = storescu(target.port, [files[burst + 1]])
-        assert r.returncode == 0, f"burst {burst}: C-STORE refused\n{r.stderr}"
-        time.sleep(max(0.0, 6 - (time.monotonic() - t0)))
+    attacker.join()
+    assert served >= 3
     elapsed = time.monotonic() - started
     # Never a thread per connection: 100 connections at once used to make 100 more.
     assert peak_threads < base_threads + 40
@@ -189,7 +202,8 @@ def test_throw_away_connections_hold_nothing(
 
     settled_rss = target.wait_for(rss_back, timeout=GRACE)
     print(
-        f"\nthrow-away connections: 1000 in {elapsed:.0f} s; threads {base_threads} -> "
+        f"\nthrow-away connections: 1000 in {elapsed:.0f} s, {served} honest C-ECHO and "
+        f"C-STORE pairs served meanwhile; threads {base_threads} -> "
         f"peak {peak_threads} -> {settled_threads}; RSS {base_rss // 1024} MB -> "
         f"peak {peak_rss // 1024} MB -> {settled_rss // 1024} MB"
     )
@@ -253,6 +267,33 @@ def test_new_connections_are_rate_limited_per_address(tmp_path: Path) -> None:
         db.close()
     finally:
         d.kill()
+
+
+def test_many_hosts_holding_every_pending_place_do_not_lock_others_out(
+    target: DaemonProcess, target_db: DaemonDB
+) -> None:
+    """Eight hosts, ten silent connections each: 80 over the 64 pending places.
+
+    Each host stays under its own cap (16), so only the total was hit, and
+    the honest peer was refused until the request deadline (10 s) cut them.
+    """
+    mark = _mark(target_db)
+    held = [connect(target.port, source, timeout=10) for source in ATTACKERS for _ in range(10)]
+    try:
+        r = echo(target.port)  # at once: no retry
+        assert r.returncode == 0, r.stderr
+    finally:
+        for s in held:
+            s.close()
+    evicted = target.wait_for(
+        lambda: [
+            e
+            for e in _after(target_db, mark, *JUNK_EVENTS)
+            if e.detail["reason"].startswith("evicted for a connection from another address")
+        ],
+        timeout=GRACE + JUNK_INTERVAL,
+    )
+    assert {e.detail["address"] for e in evicted} <= set(ATTACKERS)
 
 
 # -- idle associations -------------------------------------------------------------
@@ -383,7 +424,12 @@ def test_a_garbage_command_set_gets_an_abort_and_one_line(
         assert pdu_type == 0x07  # A-ABORT
         assert closed_by_peer(s, GRACE)
     aborted = target.wait_for(
-        lambda: _after(target_db, mark, EventType.ASSOCIATION_ABORTED), timeout=GRACE
+        lambda: [
+            e
+            for e in _after(target_db, mark, EventType.ASSOCIATION_ABORTED)
+            if e.detail["address"] == "127.0.0.95"
+        ],
+        timeout=GRACE,
     )
     assert [e.detail["reason"] for e in aborted] == [
         "undecodable DIMSE command set (AttributeError)"
@@ -407,6 +453,15 @@ def test_the_honest_peer_still_sends_after_the_attacks(
 # -- a locked database ----------------------------------------------------------------
 
 DEADLINE = 3  # scp.store_deadline_seconds here
+
+
+def _audit_waiting(port: int) -> float:
+    with urllib.request.urlopen(f"http://127.0.0.1:{port}/metrics", timeout=30) as r:
+        text = r.read().decode()
+    (value,) = re.findall(r"^secondreader_audit_waiting ([0-9.e+]+)$", text, re.M)
+    return float(value)
+
+
 LOCKED_FOR = 60
 
 
@@ -417,7 +472,12 @@ def test_a_locked_database_gets_out_of_resources_in_time(tmp_path: Path) -> None
     refusals never audited. After the unlock the refusals are in the trail,
     and every instance acknowledged before or after is in the database.
     """
-    d = _daemon(tmp_path / "d", f"store_deadline_seconds = {DEADLINE}\n")
+    metrics_port = free_port()
+    d = _daemon(
+        tmp_path / "d",
+        f"store_deadline_seconds = {DEADLINE}\n",
+        f"\n[metrics]\nenabled = true\nport = {metrics_port}\n",
+    )
     try:
         files = ct_study(tmp_path / "src", 40, size=64)
         before, during = files[:3], files[3:]
@@ -438,6 +498,8 @@ def test_a_locked_database_gets_out_of_resources_in_time(tmp_path: Path) -> None
                 out = r.stdout + r.stderr
                 assert r.returncode != 0 and "Refused: OutOfResources" in out, out
                 refused.append(f)
+                if len(refused) == 3:
+                    waiting_during = _audit_waiting(metrics_port)
         finally:
             lock.execute("ROLLBACK")
             lock.close()
@@ -457,6 +519,9 @@ def test_a_locked_database_gets_out_of_resources_in_time(tmp_path: Path) -> None
 
         events = d.wait_for(audited, timeout=GRACE)
         assert all("not written within 3 s" in e.detail["reason"] for e in events)
+        # The administrator saw the backlog grow while the database was locked.
+        assert waiting_during >= 3
+        assert d.wait_for(lambda: _audit_waiting(metrics_port) == 0, timeout=GRACE)
         # The associations of the refused stores, audited once the database was back.
         accepted = d.wait_for(
             lambda: _at_least(1 + len(refused), db.events(EventType.ASSOCIATION_ACCEPTED)),
