@@ -27,7 +27,7 @@ from typing import Any
 from db import audit
 from db.audit import EventType
 from db.models import utcnow
-from db.session import Database
+from db.session import Database, database_unavailable
 
 log = logging.getLogger(__name__)
 
@@ -150,14 +150,7 @@ class AuditBacklog:
         try:
             with self.db.session() as s:
                 for e in batch:
-                    audit.record(
-                        s,
-                        e.event_type,
-                        e.actor,
-                        sop_instance_uid=e.sop_instance_uid,
-                        occurred_at=e.occurred_at.isoformat(),
-                        **e.detail,
-                    )
+                    self._record(s, e)
                 if dropped:
                     audit.record(
                         s,
@@ -169,6 +162,10 @@ class AuditBacklog:
         except Exception as exc:
             with self._lock:
                 self._dropped += dropped
+            if not database_unavailable(exc):
+                # Not the database but a row (a value it refuses): write the
+                # others one by one, so that one bad row holds back none.
+                return self._one_by_one(batch, exc)
             if failures == 0:
                 # One line per outage, not one per try.
                 log.warning(
@@ -181,4 +178,34 @@ class AuditBacklog:
             log.warning("audit written after the database came back: %d event(s)", len(batch))
         if dropped:
             log.error("%d audit event(s) could not be queued and are lost (counted)", dropped)
+        return True
+
+    @staticmethod
+    def _record(s: Any, e: PendingEvent) -> None:
+        # Its own time: the trail stays in the order things happened (study_story).
+        audit.record(
+            s, e.event_type, e.actor, sop_instance_uid=e.sop_instance_uid, at=e.occurred_at,
+            **e.detail,
+        )  # fmt: skip
+
+    def _one_by_one(self, batch: list[PendingEvent], first: Exception) -> bool:
+        """Write `batch` row by row, dropping the rows refused; `batch` keeps what is left."""
+        lost = 0
+        while batch:
+            try:
+                with self.db.session() as s:
+                    self._record(s, batch[0])
+            except Exception as exc:
+                if database_unavailable(exc):
+                    return False  # the database went: what is left waits
+                lost += 1
+            batch.pop(0)
+            with self._lock:
+                self._waiting -= 1
+        if lost:
+            log.error(
+                "%d audit event(s) refused by the database and dropped (%s)",
+                lost,
+                type(first).__name__,
+            )
         return True

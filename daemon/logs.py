@@ -94,9 +94,12 @@ class _Repeats(logging.Filter):
         if not record.name.startswith("apscheduler") or record.levelno < logging.WARNING:
             return True
         first = record.args[0] if isinstance(record.args, tuple) and record.args else ""
-        key = (str(record.msg), str(first))
+        # A job's text ends in its next run time, new at every tick: the name is the key.
+        key = (str(record.msg), str(first).split(" (trigger:", 1)[0])
         now = time.monotonic()
         with self._lock:
+            if len(self._seen) > 1000:  # forget the old ones, keep memory bounded
+                self._seen = {k: v for k, v in self._seen.items() if now - v[0] < self.interval}
             last, suppressed = self._seen.get(key, (-self.interval, 0))
             if now - last < self.interval:
                 self._seen[key] = (last, suppressed + 1)

@@ -159,8 +159,12 @@ class Receiver:
         return status
 
     def on_refused(self, obj: ReceivedObject, status: int, why: str) -> None:
-        """A C-STORE-RQ the SCP refused before `on_store` (dicom_io/scp.py): audited."""
-        self._refuse(obj, status, why)
+        """A C-STORE-RQ the SCP refused before `on_store` (dicom_io/scp.py): audited.
+
+        Called from a network thread (the DUL's): the row is queued, never
+        waited for (a deadline already past).
+        """
+        self._refuse(obj, status, why, deadline=0.0)
 
     def on_store(self, obj: ReceivedObject) -> int:
         """The C-STORE status for one object; never raises (every refusal is audited)."""

@@ -20,6 +20,7 @@ from apscheduler.jobstores.base import JobLookupError
 from apscheduler.schedulers.background import BackgroundScheduler
 
 from db.session import database_unavailable
+from dicom_io.text import allow_job_name
 
 log = logging.getLogger(__name__)
 
@@ -100,6 +101,7 @@ class Scheduler:
     def every(self, name: str, seconds: float, fn: Callable[[], object]) -> None:
         job = _Job(name, fn)
         self._jobs[name] = job
+        allow_job_name(name)  # readable in APScheduler's own log lines
         self._sched.add_job(job, "interval", seconds=seconds, id=name, name=name)
 
     def wake(self, name: str) -> None:

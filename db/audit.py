@@ -103,10 +103,12 @@ def record(
     *,
     study_instance_uid: str | None = None,
     sop_instance_uid: str | None = None,
+    at: datetime | None = None,
     **detail: Any,
 ) -> AuditEvent:
+    """Add one signed row; `at` is when it happened (default now), for rows written late."""
     event = AuditEvent(
-        **_signed_row(session, event_type, actor, study_instance_uid, sop_instance_uid, detail)
+        **_signed_row(session, event_type, actor, study_instance_uid, sop_instance_uid, detail, at)
     )
     session.add(event)
     return event
@@ -140,10 +142,11 @@ def _signed_row(
     study_instance_uid: str | None,
     sop_instance_uid: str | None,
     detail: dict[str, Any],
+    at: datetime | None = None,
 ) -> dict[str, Any]:
     """An audit row's columns, with its row MAC when the trail is signed (db/chain.py)."""
     row: dict[str, Any] = {
-        "at": utcnow(),
+        "at": at if at is not None else utcnow(),
         "event_type": event_type,
         "actor": actor,
         "study_instance_uid": study_instance_uid,

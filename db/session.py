@@ -90,7 +90,7 @@ class _WriteLock:
         if deadline is None:
             fcntl.flock(fd, fcntl.LOCK_EX)
             return
-        # flock has no timeout: try, then poll, the pause growing to 5 ms.
+        # flock has no timeout: try, then poll, the pause growing to 1 ms.
         pause = 0.0002
         while True:
             try:
@@ -100,7 +100,7 @@ class _WriteLock:
                 if time.monotonic() + pause > deadline:
                     raise DeadlineExceeded("the database write lock was not free in time") from None
                 time.sleep(pause)
-                pause = min(pause * 2, 0.005)
+                pause = min(pause * 2, 0.001)  # short: a writer must not keep losing
 
 
 class DeadlineExceeded(TimeoutError):

@@ -106,8 +106,15 @@ class Connection:
     control: socket.socket
     admitted: bool = False
     admitted_at: float = 0.0
-    # The peer sent a PDU after its association was admitted.
-    active: bool = False
+    # Whether an allowed_peers rule ties its calling AE title to its address
+    # (see `admit`: an impostor of that title does not take its share).
+    bound: bool = False
+    # After the association: a PDU's header read and its body not yet; when
+    # the last whole PDU arrived; how many whole DIMSE messages
+    # (reactor.ScreenedDIMSE). What tells an idle association from a busy one.
+    in_pdu: bool = False
+    last_pdu_at: float = 0.0
+    messages: int = 0
     closed: bool = False
     assoc: Association | None = None
     # Set once the association's thread was started: before that, a thread
@@ -115,8 +122,9 @@ class Connection:
     started: bool = False
     cut_reason: str | None = None
     cut_at: float = 0.0
-    # Asked to release: it sent nothing since it was admitted.
+    # Asked to release: idle (see `_idle`).
     idle_released: bool = False
+    release_asked_at: float = 0.0
     # What pynetdicom said of a connection that never became an association.
     protocol_note: str = ""
     calling_ae: str = ""
@@ -165,7 +173,9 @@ class JunkLedger:
     def first(self, event: GuardEvent) -> bool:
         """Count `event`; True if it is to be reported now (the address's first)."""
         with self._lock:
-            if event.address not in self._seen:
+            # Many addresses at once (a botnet, an IPv6 prefix): a bounded
+            # number of lines at once, the rest in the summaries.
+            if event.address not in self._seen and len(self._seen) < _IMMEDIATE:
                 self._seen.add(event.address)
                 return True
             key = (event.kind, event.address, _DIGITS.sub("N", event.reason))
@@ -196,6 +206,8 @@ class JunkLedger:
 
 
 _DIGITS = re.compile(r"\d+")
+# Addresses whose first junk connection of an interval is reported at once.
+_IMMEDIATE = 32
 
 
 class _Bucket:
@@ -323,40 +335,57 @@ class ConnectionGuard:
         self.cut(
             victim,
             f"evicted for a connection from another address: {len(pending)} connections "
-            "awaited association, most of them from this one",
+            "awaited association (scp.max_pending_per_address)",
         )
         return conn
 
-    def admit(self, conn: Connection, calling_ae: str) -> str | None:
-        """Count the association as admitted; returns why not, if the limit is reached."""
+    def admit(self, conn: Connection, calling_ae: str, bound: bool = False) -> str | None:
+        """Count the association as admitted; returns why not, if the limit is reached.
+
+        `bound`: an allowed_peers rule ties `calling_ae` to this address. The
+        share of a calling AE title counts bound and unbound associations
+        apart, so that anybody calling with a modality's title (AE titles are
+        not authenticated) cannot take the share of the modality itself.
+        """
         limits = self.limits
+        idle: Connection | None = None
         with self._lock:
             conn.calling_ae = calling_ae
+            conn.bound = bound
             # One we asked to release (idle) holds its slot no more.
             admitted = [c for c in self._conns.values() if c.admitted and not c.idle_released]
             if len(admitted) >= self.max_associations:
-                return f"{len(admitted)} associations in progress (scp.max_associations)"
-            from_host = sum(c.address == conn.address for c in admitted)
-            if from_host >= limits.max_associations_per_address:
-                return (
-                    f"{from_host} associations in progress from this address "
-                    "(scp.max_associations_per_address)"
-                )
-            same_ae = sum(c.calling_ae == calling_ae for c in admitted)
-            if same_ae >= limits.max_associations_per_calling_ae:
-                return (
-                    f"{same_ae} associations in progress from this calling AE title "
-                    "(scp.max_associations_per_calling_ae)"
-                )
-            conn.admitted = True
-            conn.admitted_at = time.monotonic()
-            # A connection that became an association gives its token back:
-            # only the ones that never do (scans, junk) spend the address's rate,
-            # and a modality opening one association per image is never slowed.
-            bucket = self._buckets.get(conn.address)
-            if bucket is not None:
-                bucket.tokens = min(float(limits.connection_burst), bucket.tokens + 1)
-            return None
+                why = f"{len(admitted)} associations in progress (scp.max_associations)"
+                # Full: the association idle longest makes room, if one is
+                # idle (the peer retries this request in a moment).
+                idle = self._longest_idle(admitted, time.monotonic())
+            else:
+                from_host = sum(c.address == conn.address for c in admitted)
+                same_ae = sum(c.calling_ae == calling_ae and c.bound == bound for c in admitted)
+                if from_host >= limits.max_associations_per_address:
+                    why = (
+                        f"{from_host} associations in progress from this address "
+                        "(scp.max_associations_per_address)"
+                    )
+                elif same_ae >= limits.max_associations_per_calling_ae:
+                    why = (
+                        f"{same_ae} associations in progress from this calling AE title "
+                        "(scp.max_associations_per_calling_ae)"
+                    )
+                else:
+                    conn.admitted = True
+                    conn.admitted_at = time.monotonic()
+                    # A connection that became an association gives its token
+                    # back: only those that never do (scans, junk) spend the
+                    # address's rate; one association per image is never slowed.
+                    bucket = self._buckets.get(conn.address)
+                    if bucket is not None:
+                        bucket.tokens = min(float(limits.connection_burst), bucket.tokens + 1)
+                    return None
+        if idle is not None:
+            self._release_idle(idle, pressed=True)
+            why += ": an idle one is being released, retry"
+        return why
 
     def release(self, conn: Connection) -> None:
         with self._lock:
@@ -440,31 +469,66 @@ class ConnectionGuard:
                         f"no association admitted within {limits.request_timeout:g} s "
                         "of the connection",
                     )
-                elif (
-                    conn.admitted
-                    and not conn.active
-                    and not conn.idle_released
-                    and now - conn.admitted_at > limits.idle_association
-                ):
+                elif conn.admitted and conn.messages == 0 and self._idle(conn, now):
                     self._release_idle(conn)
             for event in self.junk.flush(now):
                 self._report(event)
             self._trim()
             self._forget_buckets(now)
 
-    def _release_idle(self, conn: Connection) -> None:
+    def _idle(self, conn: Connection, now: float) -> bool:
+        """Nothing arriving, nothing being served, for `idle_association`.
+
+        A large first C-STORE arriving PDU by PDU is not idle; a PDU begun
+        and not finished is the PDU deadline's business (`pdu_timeout`).
+        """
+        assoc = conn.assoc
+        return (
+            not conn.idle_released
+            and not conn.in_pdu
+            and not getattr(assoc, "serving", False)
+            and now - max(conn.admitted_at, conn.last_pdu_at) > self.limits.idle_association
+        )
+
+    def _longest_idle(self, admitted: list[Connection], now: float) -> Connection | None:
+        idle = [c for c in admitted if self._idle(c, now)]
+        return min(idle, key=lambda c: max(c.admitted_at, c.last_pdu_at)) if idle else None
+
+    def _release_idle(self, conn: Connection, pressed: bool = False) -> None:
+        """Release an idle association (see `reactor.ReactiveAssociation._release_for`).
+
+        Never used: no DIMSE message within `idle_association` of the
+        association (always). Used, then idle that long: only when every
+        slot is taken and another peer asks for one (`pressed`); a modality
+        may pause between series, and the network timeout is its limit.
+        """
         assoc = conn.assoc
         if assoc is None or not hasattr(assoc, "release_reason"):
             return
-        conn.idle_released = True
+        with self._lock:
+            if conn.idle_released:
+                return
+            conn.idle_released = True
+            conn.release_asked_at = time.monotonic()
+        seconds = f"{self.limits.idle_association:g} s"
         why = (
-            f"no DIMSE message within {self.limits.idle_association:g} s of the association "
-            "(scp.idle_association_seconds): released"
+            f"idle for {seconds} while every association was in use: released"
+            if pressed
+            else f"no DIMSE message within {seconds} of the association: released"
         )
+        why += " (scp.idle_association_seconds)"
         log.warning("association from %s %s", conn.peer, why)
         self._event(GuardEvent("released", conn.address, conn.calling_ae, why, conn.id))
         assoc.release_reason = why
         assoc.activity.set()
+
+    def keep(self, conn: Connection) -> bool:
+        """The reactor's last look before it releases: False if the peer woke up meanwhile."""
+        with self._lock:
+            woke = conn.in_pdu or conn.last_pdu_at > conn.release_asked_at
+            if woke:
+                conn.idle_released = False
+            return not woke
 
     def _forget_buckets(self, now: float) -> None:
         """Drop the buckets that are full again: they would be made the same."""
@@ -482,7 +546,9 @@ class ConnectionGuard:
         malloc_trim returns the free pages of every arena.
         """
         with self._lock:
-            if self._conns or self._closed_since_trim < _TRIM_AFTER:
+            # Associations may stay open for hours: none waiting is enough.
+            pending = any(not c.admitted for c in self._conns.values())
+            if pending or self._closed_since_trim < _TRIM_AFTER:
                 return
             self._closed_since_trim = 0
         if _malloc_trim is not None:
@@ -496,16 +562,25 @@ class ConnectionGuard:
 
 
 def _most_pending(pending: list[Connection], from_host: int) -> Connection | None:
-    """The oldest connection of the address with the most pending, if it has more than us."""
+    """Who makes room in a full pending table, if anybody.
+
+    The oldest connection of the address holding the most, if it holds more
+    than the newcomer's; otherwise (many hosts, one or two each) the oldest
+    of all, once it has waited `_STALE_PENDING`: an honest peer sends its
+    request as soon as it has connected.
+    """
     by_address: dict[str, list[Connection]] = {}
     for c in pending:
         by_address.setdefault(c.address, []).append(c)
     conns = max(by_address.values(), key=len)
-    if len(conns) <= from_host + 1:
-        return None  # no address holds clearly more than the newcomer's
-    return min(conns, key=lambda c: c.accepted_at)
+    if len(conns) > from_host + 1:
+        return min(conns, key=lambda c: c.accepted_at)
+    oldest = min(pending, key=lambda c: c.accepted_at)
+    return oldest if time.monotonic() - oldest.accepted_at > _STALE_PENDING else None
 
 
+# Seconds after which a pending connection may make room for a newcomer.
+_STALE_PENDING = 1.0
 # Seconds a connection we cut may take to close after our A-ABORT.
 _CLOSE_GRACE = 2.0
 # Connections closed before the heap is trimmed, once none is open.
@@ -584,6 +659,7 @@ class GuardedSocket(AssociationSocket):
                 return bytearray()  # the DUL sees a short PDU: connection closed
         sock = self.socket
         assert sock is not None
+        header = nr_bytes == _PDU_HEADER
         deadline = time.monotonic() + limits.pdu_timeout
         # Received in place: the length is capped above, and one buffer
         # filled by the kernel costs no copy per chunk.
@@ -615,7 +691,10 @@ class GuardedSocket(AssociationSocket):
         if got < nr_bytes:
             del data[got:]  # short: the DUL sees the connection closed
         elif conn.admitted:
-            conn.active = True  # a PDU since the association: not idle
+            # The DUL reads each PDU as its header, then its body.
+            conn.in_pdu = header
+            if not header:
+                conn.last_pdu_at = time.monotonic()
         return data
 
 

@@ -254,6 +254,8 @@ class ReactiveAssociation(Association):
     # `release_timeout`.
     release_reason: str | None
     release_timeout: float
+    # A request is being served (a handler runs): not idle, whatever the clock says.
+    serving: bool
 
     def kill(self) -> None:
         self.activity.set()
@@ -318,6 +320,14 @@ class ReactiveAssociation(Association):
         if self._server and sock is not None and sock.socket:
             self._server.shutdown_request(sock.socket)
 
+    def _still_idle(self) -> bool:
+        """The guard's last word before the release (it may have woken up since)."""
+        sock = self.dul.socket
+        conn, guard = getattr(self, "guard_conn", None), getattr(sock, "guard", None)
+        if self.dimse.message is not None:
+            return False  # a message half received
+        return guard is None or conn is None or bool(guard.keep(conn))
+
     def _release_for(self, reason: str) -> None:
         """Release (or, unanswered, abort) the association from the reactor thread."""
         ASSOC_LOGGER.info("Releasing Association: %s", reason)
@@ -341,11 +351,17 @@ class ReactiveAssociation(Association):
 
             context_id, msg = self.dimse.get_msg(block=False)
             if msg:
-                self._serve_request(msg, cast(int, context_id))
+                self.serving = True
+                try:
+                    self._serve_request(msg, cast(int, context_id))
+                finally:
+                    self.serving = False
                 self.activity.set()  # another message may be queued already
             elif self.release_reason is not None and self.is_established:
-                self._release_for(self.release_reason)
-                return
+                if self._still_idle():
+                    self._release_for(self.release_reason)
+                    return
+                self.release_reason = None  # the peer woke up meanwhile
 
             if self.is_established and self.acse.is_release_requested():
                 self.acse.send_release(is_response=True)
@@ -399,6 +415,8 @@ class ScreenedDIMSE(DIMSEServiceProvider):
     """
 
     refuse_store: RefuseStore | None
+    # Requests refused on this association: past `_MAX_REFUSED`, it is aborted.
+    refused: int
 
     def receive_primitive(self, primitive: P_DATA) -> None:
         if self.message is None:
@@ -413,6 +431,9 @@ class ScreenedDIMSE(DIMSEServiceProvider):
             return
         evt.trigger(self.assoc, evt.EVT_DIMSE_RECV, {"message": self.message})
         message, self.message = self.message, None
+        conn = getattr(self.assoc, "guard_conn", None)
+        if conn is not None:
+            conn.messages += 1  # a whole DIMSE message: not an idle association
         context_id = cast(int, message.context_id)
         try:
             d_primitive = message.message_to_primitive()
@@ -457,6 +478,11 @@ class ScreenedDIMSE(DIMSEServiceProvider):
         self.dul.event_queue.put("Evt19")
 
     def _refuse_store(self, command: Dataset, context_id: int, why: str) -> None:
+        self.refused += 1
+        if self.refused > _MAX_REFUSED:
+            # A sender of nothing but broken requests: each costs an audit row.
+            self._protocol_error(f"more than {_MAX_REFUSED} invalid C-STORE requests")
+            return
         message_id = command.get("MessageID")
         if not isinstance(message_id, int):
             self._protocol_error("C-STORE-RQ without a Message ID")
@@ -479,6 +505,10 @@ class ScreenedDIMSE(DIMSEServiceProvider):
             rsp.AffectedSOPInstanceUID = sop_instance
         rsp.Status = status
         self.send_msg(rsp, context_id)
+
+
+# Invalid C-STORE requests answered on one association before it is aborted.
+_MAX_REFUSED = 10
 
 
 def _raw_text(command: Dataset, keyword: str) -> str:
@@ -507,6 +537,7 @@ def adopt(
     reactive.activity = threading.Event()
     reactive.release_reason = None
     reactive.release_timeout = release_timeout
+    reactive.serving = False
     # Thread.__init__ bound the original run_reactor as the target.
     reactive._target = make_target(reactive.run_reactor)
     dul = assoc.dul
@@ -514,4 +545,6 @@ def adopt(
     cast(ReactiveDUL, dul)._adopt()
     dimse = assoc.dimse
     dimse.__class__ = ScreenedDIMSE
-    cast(ScreenedDIMSE, dimse).refuse_store = refuse_store
+    screened = cast(ScreenedDIMSE, dimse)
+    screened.refuse_store = refuse_store
+    screened.refused = 0

@@ -356,9 +356,11 @@ class StorageSCP:
         if rules and not any(rule.allows(ae_title, address) for rule in rules):
             self._reject(event, 0x01, 0x03, 0x01, "calling AE title not allowed from this address")
             return
+        # Tied to its address by a rule: its share is its own (ConnectionGuard.admit).
+        bound = any(rule.addresses and rule.allows(ae_title, address) for rule in rules)
         conn = self._conn(event)
         if conn is not None:
-            full = self.guard.admit(conn, ae_title)
+            full = self.guard.admit(conn, ae_title, bound)
             if full is not None:
                 # Transient, local limit exceeded: the sender retries later.
                 self._reject(event, 0x03, 0x02, 0x02, full)
@@ -390,8 +392,8 @@ class StorageSCP:
     def _handle_aborted(self, event: evt.Event) -> None:
         ae_title, address = self._peer(event)
         conn = self._conn(event)
-        if conn is not None and conn.cut_reason is not None:
-            return  # we cut it: reported by the guard already
+        if conn is not None and (conn.cut_reason is not None or conn.idle_released):
+            return  # we cut or released it: reported by the guard already
         why = "A-ABORT (by the peer, or after a protocol error)"
         log.warning("association from %s@%s aborted: %s", ae_title, address, why)
         self._notify(AssociationOutcome("aborted", ae_title, address, why, self._id(event)))

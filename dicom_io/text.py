@@ -8,20 +8,41 @@ choked on, which may be a patient's name, ID or birth date.
 from __future__ import annotations
 
 import re
+import sys
+from pathlib import Path
 
 _ESCAPES = {"\n": "\\n", "\r": "\\r", "\t": "\\t"}
 
 # A quoted run of text, as Python's repr and the libraries' messages write it.
 _QUOTED = re.compile(r"""'([^'\\]{0,2000}(?:\\.[^'\\]*)*)'|"([^"\\]{0,2000}(?:\\.[^"\\]*)*)\"""")
-# Quoted things that are safe to keep: UIDs and numbers, VR codes, tags;
-# absolute file paths of word characters (a traceback's "File ..." lines: our
-# spool paths are UIDs, and a caret, as in a DICOM person name, is not a word
-# character); APScheduler's job names ("seal (trigger: interval[...], ...)").
-_SAFE = re.compile(
-    r"^(?:[0-9.]{1,64}|[A-Z]{2}|\([0-9A-Fa-f]{4}, ?[0-9A-Fa-f]{4}\)|"
-    r"/[\w.+-]+(?:/[\w.+-]+)*/?|"
-    r"[a-z][\w.-]{0,63} \(trigger: [\w\[\]:., +-]{0,160}\)|)$"
+# Quoted things that are safe to keep: UIDs and numbers, VR codes, tags.
+_SAFE = re.compile(r"^(?:[0-9.]{1,64}|[A-Z]{2}|\([0-9A-Fa-f]{4}, ?[0-9A-Fa-f]{4}\)|)$")
+# Also kept: Python source files under the interpreter's or our own folders
+# (a traceback's "File ..." lines; any other path may name a patient's
+# folder), and the job names our scheduler registered (`allow_job_name`), as
+# APScheduler quotes them: 'seal-audit (trigger: interval[0:00:05], ...)'.
+_CODE_ROOTS = tuple(
+    {str(Path(p).resolve()) + "/" for p in (sys.prefix, sys.base_prefix, Path(__file__).parents[1])}
 )
+_CODE_PATH = re.compile(r"^/[\w./+-]+\.py$")
+_JOB = re.compile(r"^([\w.-]{1,64}) \(trigger: [\w\[\]:., +-]{0,160}\)$")
+_JOB_NAMES: set[str] = set()
+
+
+def allow_job_name(name: str) -> None:
+    """A scheduled job's name, ours: kept readable when a library quotes it."""
+    _JOB_NAMES.add(name)
+
+
+def _safe(inner: str) -> bool:
+    if _SAFE.match(inner):
+        return True
+    if _CODE_PATH.match(inner):
+        return inner.startswith(_CODE_ROOTS)
+    job = _JOB.match(inner)
+    return job is not None and job.group(1) in _JOB_NAMES
+
+
 REDACTED = "<value>"
 
 
@@ -51,7 +72,7 @@ def scrub_values(text: str) -> str:
 
     def keep_or_redact(m: re.Match[str]) -> str:
         inner = m.group(1) if m.group(1) is not None else m.group(2)
-        return m.group(0) if _SAFE.match(inner) else f"'{REDACTED}'"
+        return m.group(0) if _safe(inner) else f"'{REDACTED}'"
 
     return _QUOTED.sub(keep_or_redact, text)
 

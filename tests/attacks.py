@@ -159,6 +159,21 @@ def c_store_rq(
     return _pdv(context_id, group_length + elements, True) + _pdv(context_id, dataset, False)
 
 
+def c_echo_rq(context_id: int = 1, message_id: int = 1) -> bytes:
+    """A C-ECHO-RQ as one P-DATA PDU (Verification is context 1 of `associate_rq`)."""
+    cs = Dataset()
+    cs.AffectedSOPClassUID = Verification
+    cs.CommandField = 0x0030
+    cs.MessageID = message_id
+    cs.CommandDataSetType = 0x0101
+    body = DicomBytesIO()
+    body.is_little_endian, body.is_implicit_VR = True, True
+    write_dataset(body, cs)
+    elements = body.getvalue()
+    group_length = struct.pack("<HHLL", 0x0000, 0x0000, 4, len(elements))
+    return _pdv(context_id, group_length + elements, True)
+
+
 def garbage_command(context_id: int = 1, size: int = 64) -> bytes:
     """A P-DATA PDU whose command fragment is random bytes."""
     return _pdv(context_id, os.urandom(size), True)

@@ -14,7 +14,8 @@ from collections.abc import Callable, Iterator
 import pytest
 
 from daemon.logs import setup_logging
-from dicom_io.text import scrub_values
+from dicom_io import text
+from dicom_io.text import allow_job_name, scrub_values
 
 
 @pytest.fixture
@@ -34,11 +35,15 @@ def log_lines() -> Iterator[Callable[[], list[str]]]:
 
 
 def test_paths_job_names_and_refused_titles_stay_readable() -> None:
-    assert scrub_values('File "/opt/secondreader/daemon/receiver.py", line 3') == (
-        'File "/opt/secondreader/daemon/receiver.py", line 3'
-    )
+    for code in (text.__file__, logging.__file__):  # ours, and the interpreter's
+        line = f'File "{code}", line 3'
+        assert scrub_values(line) == line
+    allow_job_name("seal-audit")  # as the daemon's scheduler registers its jobs
     job = 'job "seal-audit (trigger: interval[0:00:05], next run at: 2026-12-05 07:34:49 UTC)"'
     assert scrub_values(f"Execution of {job} skipped") == f"Execution of {job} skipped"
+    # A name that is not a job of ours, shaped like one, is a value like any other.
+    other = "Doe John (trigger: interval[0:00:05])"
+    assert scrub_values(f"'{other}'") == "'<value>'"
     assert scrub_values("called AE title [SOMEONEELSE] is not ours") == (
         "called AE title [SOMEONEELSE] is not ours"
     )
@@ -46,7 +51,17 @@ def test_paths_job_names_and_refused_titles_stay_readable() -> None:
 
 @pytest.mark.parametrize(
     "patient_value",
-    ["1923-04-19", "DOE^JOHN", "/import/DOE^JOHN/1.dcm", "Doe John", "PID-004711"],
+    [
+        "1923-04-19",
+        "DOE^JOHN",
+        "/import/DOE^JOHN/1.dcm",
+        "/import/DOE_JOHN/1.dcm",
+        "/19230419",
+        "/Müller",
+        "/home/doe_john/notes.py",
+        "Doe John",
+        "PID-004711",
+    ],
 )
 def test_patient_values_are_still_hidden(patient_value: str) -> None:
     scrubbed = scrub_values(f"Unable to convert '{patient_value}' to 'DA'")
@@ -78,11 +93,14 @@ def test_no_empty_error_line(log_lines: Callable[[], list[str]]) -> None:
 
 
 def test_apscheduler_repeats_fold(log_lines: Callable[[], list[str]]) -> None:
+    allow_job_name("complete-studies")
     scheduler = logging.getLogger("apscheduler.scheduler")
-    for _ in range(50):
+    for tick in range(50):
+        # As APScheduler writes its job: with the next run time, new at each tick.
         scheduler.warning(
             'Execution of job "%s" skipped: maximum number of running instances reached (%d)',
-            "complete-studies (trigger: interval[0:00:00.500000], next run at: 2026-12-05)",
+            "complete-studies (trigger: interval[0:00:00.500000], "
+            f"next run at: 2026-12-05 07:34:{tick:02d} UTC)",
             1,
         )
     lines = log_lines()
