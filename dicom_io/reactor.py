@@ -192,15 +192,7 @@ class ReactiveDUL(DULServiceProvider):
             except Exception as exc:
                 DUL_LOGGER.error("Exception in DUL.run(), aborting association")
                 DUL_LOGGER.exception(exc)
-                abort_pdu = A_ABORT_RQ()
-                abort_pdu.source = 0x02
-                abort_pdu.reason_diagnostic = 0x00
-                assert self.socket is not None
-                self.socket.send(abort_pdu.encode())
-                self.assoc.is_aborted = True
-                self.assoc.is_established = False
-                self.assoc._kill = True
-                self._kill_thread = True
+                self._send_abort()
                 return
             try:
                 event = self.event_queue.get(block=False)
@@ -232,10 +224,14 @@ class ReactiveDUL(DULServiceProvider):
             guard.cut(conn, why, shutdown=False)
         else:
             log.warning("association aborted: %s", why)
+        self._send_abort()
+
+    def _send_abort(self) -> None:
+        """A-ABORT from the service provider (pynetdicom's own error path), then stop."""
         abort_pdu = A_ABORT_RQ()
         abort_pdu.source = 0x02
         abort_pdu.reason_diagnostic = 0x00
-        with contextlib.suppress(Exception):
+        with contextlib.suppress(Exception):  # the connection may be gone already
             assert self.socket is not None
             self.socket.send(abort_pdu.encode())
         self.assoc.is_aborted = True

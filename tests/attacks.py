@@ -121,12 +121,17 @@ def sockets(n: int) -> Iterator[list[socket.socket]]:
             s.close()
 
 
-def rss_kib(pid: int) -> int:
+def proc_status(pid: int, key: str) -> int:
+    """One number of /proc/PID/status: VmRSS (KiB), Threads."""
     with open(f"/proc/{pid}/status") as fh:
         for line in fh:
-            if line.startswith("VmRSS:"):
+            if line.startswith(f"{key}:"):
                 return int(line.split()[1])
-    raise RuntimeError("no VmRSS")
+    raise RuntimeError(f"no {key} in /proc/{pid}/status")
+
+
+def rss_kib(pid: int) -> int:
+    return proc_status(pid, "VmRSS")
 
 
 def _pdv(context_id: int, data: bytes, command: bool) -> bytes:

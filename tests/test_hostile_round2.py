@@ -35,6 +35,7 @@ from tests.attacks import (
     dimse_status,
     established,
     garbage_command,
+    proc_status,
     read_pdu,
     rss_kib,
 )
@@ -76,11 +77,16 @@ def target_db(target: DaemonProcess) -> Iterator[DaemonDB]:
 
 
 def threads(pid: int) -> int:
-    with open(f"/proc/{pid}/status") as fh:
-        for line in fh:
-            if line.startswith("Threads:"):
-                return int(line.split()[1])
-    raise RuntimeError("no Threads line")
+    return proc_status(pid, "Threads")
+
+
+def served_after(d: DaemonProcess, limit: float) -> float:
+    """Seconds until the honest peer's C-ECHO is accepted, retried every 0.5 s."""
+    started = time.monotonic()
+    while (r := echo(d.port)).returncode != 0:
+        assert time.monotonic() - started < limit, r.stderr
+        time.sleep(0.5)
+    return time.monotonic() - started
 
 
 def echo(port: int, source_ae: str = "HONEST") -> subprocess.CompletedProcess[str]:
@@ -315,11 +321,8 @@ def test_idle_associations_are_released(target: DaemonProcess, target_db: Daemon
     mark = _mark(target_db)
     held = [established(target.port, f"127.0.0.{20 + i}", f"IDLE{i}") for i in range(10)]
     try:
-        started = time.monotonic()
-        while (r := echo(target.port)).returncode != 0:
-            assert time.monotonic() - started < IDLE + GRACE, r.stderr
-            time.sleep(0.5)
-        print(f"\nhonest peer served {time.monotonic() - started:.1f} s after 10 idle associations")
+        took = served_after(target, IDLE + GRACE)
+        print(f"\nhonest peer served {took:.1f} s after 10 idle associations")
         assert all(_released(s) for s in held)
     finally:
         for s in held:
@@ -392,11 +395,7 @@ def test_a_used_association_left_idle_makes_room_when_all_are_taken(
         held.append(s)
     try:
         time.sleep(IDLE + 1)  # every one of them idle now
-        started = time.monotonic()
-        while (r := echo(target.port)).returncode != 0:
-            assert time.monotonic() - started < GRACE, r.stderr
-            time.sleep(0.5)
-        print(f"\nhonest peer served {time.monotonic() - started:.1f} s after asking")
+        print(f"\nhonest peer served {served_after(target, GRACE):.1f} s after asking")
     finally:
         for s in held:
             s.close()
