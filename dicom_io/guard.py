@@ -383,7 +383,7 @@ class ConnectionGuard:
                         bucket.tokens = min(float(limits.connection_burst), bucket.tokens + 1)
                     return None
         if idle is not None:
-            self._release_idle(idle, pressed=True)
+            self._release_idle(idle)
             why += ": an idle one is being released, retry"
         return why
 
@@ -494,12 +494,12 @@ class ConnectionGuard:
         idle = [c for c in admitted if self._idle(c, now)]
         return min(idle, key=lambda c: max(c.admitted_at, c.last_pdu_at)) if idle else None
 
-    def _release_idle(self, conn: Connection, pressed: bool = False) -> None:
+    def _release_idle(self, conn: Connection) -> None:
         """Release an idle association (see `reactor.ReactiveAssociation._release_for`).
 
         Never used: no DIMSE message within `idle_association` of the
         association (always). Used, then idle that long: only when every
-        slot is taken and another peer asks for one (`pressed`); a modality
+        slot is taken and another peer asks for one (`admit`); a modality
         may pause between series, and the network timeout is its limit.
         """
         assoc = conn.assoc
@@ -512,9 +512,9 @@ class ConnectionGuard:
             conn.release_asked_at = time.monotonic()
         seconds = f"{self.limits.idle_association:g} s"
         why = (
-            f"idle for {seconds} while every association was in use: released"
-            if pressed
-            else f"no DIMSE message within {seconds} of the association: released"
+            f"no DIMSE message within {seconds} of the association: released"
+            if conn.messages == 0
+            else f"idle for {seconds} while every association was in use: released"
         )
         why += " (scp.idle_association_seconds)"
         log.warning("association from %s %s", conn.peer, why)

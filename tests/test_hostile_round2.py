@@ -323,7 +323,8 @@ def test_idle_associations_are_released(target: DaemonProcess, target_db: Daemon
     try:
         took = served_after(target, IDLE + GRACE)
         print(f"\nhonest peer served {took:.1f} s after 10 idle associations")
-        assert all(_released(s) for s in held)
+        outcomes = [_released(s) for s in held]
+        assert all(outcomes), outcomes
     finally:
         for s in held:
             s.close()
