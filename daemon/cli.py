@@ -28,14 +28,14 @@ def _cmd_serve(config: Config, _args: argparse.Namespace) -> int:
 
 
 def _cmd_worker(config: Config, _args: argparse.Namespace) -> int:
-    from daemon.worker import run_worker
+    from daemon.stages.analyse.worker import run_worker
 
     return run_worker(config)
 
 
 def _cmd_db_upgrade(config: Config, _args: argparse.Namespace) -> int:
     from daemon.errors import UserError
-    from daemon.service import open_database
+    from daemon.factories import open_database
     from db import chain, installation, migrate
 
     config.storage.state_dir.mkdir(parents=True, exist_ok=True)
@@ -95,8 +95,8 @@ def _cmd_db_copy(config: Config, args: argparse.Namespace) -> int:
 
 
 def _cmd_audit_verify(config: Config, args: argparse.Namespace) -> int:
-    from daemon.bookkeeper import seal_audit_trail, verify_audit_trail
-    from daemon.service import open_database
+    from daemon.factories import open_database
+    from daemon.stages.seal import seal_audit_trail, verify_audit_trail
 
     db = open_database(config)
     if args.seal:
@@ -122,8 +122,8 @@ def _cmd_audit_verify(config: Config, args: argparse.Namespace) -> int:
 
 
 def _cmd_audit_export(config: Config, args: argparse.Namespace) -> int:
-    from daemon.bookkeeper import export_audit_trail
-    from daemon.service import open_database
+    from daemon.factories import open_database
+    from daemon.stages.seal import export_audit_trail
 
     db = open_database(config, signed=False)
     text = export_audit_trail(db, study_instance_uid=args.study, since=args.since, fmt=args.format)
@@ -157,7 +157,7 @@ def _cmd_user(config: Config, args: argparse.Namespace) -> int:
     import getpass
 
     from daemon.accounts import AccountError, AccountService
-    from daemon.service import open_database
+    from daemon.factories import open_database
     from db.models import utcnow
 
     db = open_database(config)
@@ -200,8 +200,8 @@ def _cmd_web(config: Config, _args: argparse.Namespace) -> int:
     from waitress import serve
 
     from daemon.errors import check_port_free
+    from daemon.factories import open_database
     from daemon.liveness import worker_alert
-    from daemon.service import open_database
     from daemon.web import create_app
 
     db = open_database(config)
@@ -222,9 +222,9 @@ def _cmd_web(config: Config, _args: argparse.Namespace) -> int:
 def _cmd_status(config: Config, args: argparse.Namespace) -> int:
     from datetime import timedelta
 
-    from daemon.cleaner import Cleaner
+    from daemon.factories import open_database
     from daemon.liveness import gone_after, worker_alert
-    from daemon.service import open_database
+    from daemon.stages.retain import Cleaner
     from db.liveness import processes
     from db.models import utcnow
     from db.pulls import pull_counts
@@ -297,8 +297,8 @@ def _cmd_status(config: Config, args: argparse.Namespace) -> int:
 
 
 def _cmd_cleanup(config: Config, args: argparse.Namespace) -> int:
-    from daemon.cleaner import Cleaner
-    from daemon.service import open_database
+    from daemon.factories import open_database
+    from daemon.stages.retain import Cleaner
 
     db = open_database(config, signed=not args.dry_run)
     report = Cleaner(db, config).run_once(dry_run=args.dry_run)
@@ -328,7 +328,7 @@ def _cmd_cleanup(config: Config, args: argparse.Namespace) -> int:
 
 
 def _cmd_deliveries_list(config: Config, args: argparse.Namespace) -> int:
-    from daemon.service import open_database
+    from daemon.factories import open_database
     from db.outbox import list_items
 
     db = open_database(config, signed=False)
@@ -356,7 +356,7 @@ def _cmd_deliveries_list(config: Config, args: argparse.Namespace) -> int:
 
 
 def _cmd_deliveries_retry(config: Config, args: argparse.Namespace) -> int:
-    from daemon.service import open_database
+    from daemon.factories import open_database
     from db.outbox import requeue_dead
 
     db = open_database(config)
@@ -369,7 +369,7 @@ def _cmd_deliveries_retry(config: Config, args: argparse.Namespace) -> int:
 
 
 def _cmd_reports_retry(config: Config, args: argparse.Namespace) -> int:
-    from daemon.service import open_database
+    from daemon.factories import open_database
     from db.reports import requeue_failed_reports
 
     db = open_database(config)
@@ -382,14 +382,14 @@ def _cmd_reports_retry(config: Config, args: argparse.Namespace) -> int:
 
 
 def _review_service(config: Config):  # type: ignore[no-untyped-def]
-    from daemon.reviewer import ReviewService
-    from daemon.service import open_database
+    from daemon.factories import open_database
+    from daemon.stages.review import ReviewService
 
     return ReviewService(open_database(config), config)
 
 
 def _review_call(config: Config, call) -> int:  # type: ignore[no-untyped-def]
-    from daemon.reviewer import ReviewError
+    from daemon.stages.review import ReviewError
 
     service = _review_service(config)
     try:
@@ -487,7 +487,7 @@ def _cmd_review_show(config: Config, args: argparse.Namespace) -> int:
 
 
 def _correction(args: argparse.Namespace):  # type: ignore[no-untyped-def]
-    from daemon.reviewer import Correction
+    from daemon.stages.review import Correction
 
     if not args.slice:
         return None

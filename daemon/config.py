@@ -167,7 +167,7 @@ OUTPUT_KINDS: tuple[str, ...] = ("sr", "pmap", "seg", "binary-seg", "gsps", "sum
 # summary). The FRACTIONAL SEG stays off: OHIF 3.13 hangs on "Loading SEG...".
 DEFAULT_OUTPUTS: tuple[str, ...] = ("sr", "pmap", "gsps", "summary")
 # What the report stage's second pass builds; the SR, and the SEG it cites,
-# come first (daemon/reporter.py).
+# come first (daemon/stages/report.py).
 EXTRA_KINDS = frozenset({"pmap", "binary-seg", "gsps", "summary"})
 
 
@@ -343,7 +343,7 @@ class MetricsConfig(_Section):
 
 
 class PullConfig(_Section):
-    """Scheduled pull (daemon/puller.py): C-FIND the PACS for new studies, C-MOVE them to us.
+    """Scheduled pull (daemon/stages/pull.py): C-FIND the PACS for new studies, C-MOVE them to us.
 
     The PACS must know our AE title, host and port (its modality table). A
     study is pulled once: `pulled_studies` remembers it across restarts.
@@ -372,7 +372,7 @@ class PullConfig(_Section):
 
 
 class RetentionConfig(_Section):
-    """What `secondreader cleanup` and the daemon's retention job remove (daemon/cleaner.py).
+    """What `secondreader cleanup` and the daemon's retention job remove (daemon/stages/retain.py).
 
     Only finished studies lose their files (db/retention.py): never one that
     is receiving, queued, running, unreported, undelivered or, with

@@ -61,7 +61,7 @@ class EventType:
     DELIVERY_DEAD = "delivery.dead"  # gave up: `secondreader deliveries retry` re-queues
     DELIVERY_REQUEUED = "delivery.requeued"
     COMMITMENT_REQUESTED = "delivery.commitment_requested"
-    # Physician review (db/reviews.py, daemon/reviewer.py).
+    # Physician review (db/reviews.py, daemon/stages/review.py).
     REVIEW_DECIDED = "review.decided"  # one finding confirmed, rejected or corrected
     REVIEW_AMENDED = "review.amended"  # a decided finding decided again, with a reason
     # Signed decisions withdrawn by their reviewer inside the undo window,
@@ -71,9 +71,9 @@ class EventType:
     RELEASE_HELD = "release.held"  # AI object held for review (release = after_review)
     RELEASE_RELEASED = "release.released"  # held object sent after the review
     RELEASE_WITHHELD = "release.withheld"  # held object never sent: the site sends the verified SR
-    # Retention (daemon/cleaner.py): a finished study's files removed; its rows stay.
+    # Retention (daemon/stages/retain.py): a finished study's files removed; its rows stay.
     STUDY_FILES_REMOVED = "study.files_removed"
-    # Scheduled pull (daemon/puller.py): one per poll, one per C-MOVE.
+    # Scheduled pull (daemon/stages/pull.py): one per poll, one per C-MOVE.
     PULL_POLLED = "pull.polled"
     PULL_MOVED = "pull.moved"
     PULL_FAILED = "pull.failed"

@@ -57,7 +57,7 @@ class Study(Base):
     last_received_at: Mapped[datetime] = mapped_column(DateTime)
     completed_at: Mapped[datetime | None] = mapped_column(DateTime)
     completion_count: Mapped[int] = mapped_column(Integer, default=0)
-    # Retention (daemon/cleaner.py) removed the files of every instance
+    # Retention (daemon/stages/retain.py) removed the files of every instance
     # received up to this moment; the rows stay. Instances received later
     # (the study re-opened) have their files.
     files_removed_at: Mapped[datetime | None] = mapped_column(DateTime)
@@ -201,7 +201,7 @@ class AnalysisRun(Base):
     report_error: Mapped[str | None] = mapped_column(Text)
     sr_sop_instance_uid: Mapped[str | None] = mapped_column(UID)
     # "pending": the SR is queued, the other objects (map, GSPS, summary) are
-    # still to build (daemon/reporter.py, second pass); None: none or done.
+    # still to build (daemon/stages/report.py, second pass); None: none or done.
     extras_state: Mapped[str | None] = mapped_column(String(16))
 
     findings: Mapped[list[FindingRecord]] = relationship(back_populates="run")
@@ -302,7 +302,7 @@ class PerformedProcedureStep(Base):
 
 
 class PulledStudy(Base):
-    """A study the scheduled pull found on the PACS (daemon/puller.py): pulled once."""
+    """A study the scheduled pull found on the PACS (daemon/stages/pull.py): pulled once."""
 
     __tablename__ = "pulled_studies"
 

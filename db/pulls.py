@@ -1,4 +1,4 @@
-"""What the scheduled pull found and asked for (daemon/puller.py), so nothing is pulled twice."""
+"""What the scheduled pull found and asked for (daemon/stages/pull.py): nothing pulled twice."""
 
 from __future__ import annotations
 

@@ -11,7 +11,7 @@ A study is finished when nothing of the pipeline can still need its files:
 
 Its finish time is the latest of completion, run, delivery and verification.
 The SRs in the outbox (the AI SR and the verified SRs) are never removed:
-they are small, and an amendment builds on them (daemon/reviewer.py).
+they are small, and an amendment builds on them (daemon/stages/review.py).
 """
 
 from __future__ import annotations

@@ -3,7 +3,7 @@
 A "result" is an analysed AnalysisRun whose report was built (its AI SR
 exists): each of its findings gets a decision, round by round. Round 1 is
 the first review; an amendment is the next round. The service layer
-(daemon/reviewer.py) decides what is allowed; this module reads and writes.
+(daemon/stages/review.py) decides what is allowed; this module reads and writes.
 """
 
 from __future__ import annotations

@@ -21,8 +21,8 @@ from sqlalchemy import create_engine, func, select
 
 from daemon.accounts import AccountService
 from daemon.config import WebConfig, load_config
-from daemon.reporter import Reporter
-from daemon.reviewer import ReviewService
+from daemon.stages.report import Reporter
+from daemon.stages.review import ReviewService
 from db import chain, migrate
 from db.copy import copy_database
 from db.models import Base

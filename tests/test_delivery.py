@@ -21,8 +21,8 @@ from pydicom import dcmread
 from sqlalchemy import select
 
 from daemon.config import Config, load_config
-from daemon.dispatcher import Dispatcher
-from daemon.reporter import Reporter
+from daemon.stages.deliver import Dispatcher
+from daemon.stages.report import Reporter
 from db import audit, migrate
 from db.audit import EventType
 from db.chain import create_key

@@ -27,9 +27,9 @@ from pynetdicom.sop_class import (
 from sqlalchemy import select
 
 from daemon.config import OUTPUT_KINDS, Config, load_config
-from daemon.dispatcher import Dispatcher
-from daemon.reporter import Reporter
-from daemon.service import scp_settings
+from daemon.factories import scp_settings
+from daemon.stages.deliver import Dispatcher
+from daemon.stages.report import Reporter
 from db import migrate
 from db.audit import EventType
 from db.models import (

@@ -19,7 +19,7 @@ from pydicom.uid import Comprehensive3DSRStorage, SegmentationStorage
 from sqlalchemy import select
 
 from daemon.config import Config, load_config
-from daemon.reporter import Reporter
+from daemon.stages.report import Reporter
 from db import audit, migrate
 from db.audit import EventType
 from db.chain import create_key
@@ -402,7 +402,7 @@ def test_a_result_sr_that_cannot_be_built_becomes_a_not_run_sr(
         # As highdicom words it: the value it refused is quoted (here, a name).
         raise ValueError("Value 'Doe^Jane' is not valid for attribute 'PersonName'")
 
-    monkeypatch.setattr("daemon.reporter.build_ai_result_sr", broken)
+    monkeypatch.setattr("daemon.stages.report.build_ai_result_sr", broken)
     assert Reporter(db, config).run_once() == 1
 
     (run,) = runs(db)

@@ -1,4 +1,4 @@
-"""Retention (daemon/cleaner.py): finished studies lose their files, nothing else does.
+"""Retention (daemon/stages/retain.py): finished studies lose their files, nothing else does.
 
 Every test builds its studies through the stages' own calls (tests/reportdata.py,
 the reporter, the outbox), then tries hard to make retention remove what it
@@ -20,10 +20,10 @@ import pytest
 from pydicom import dcmread
 from sqlalchemy import select
 
-from daemon import cleaner as cleaner_module
-from daemon.cleaner import Cleaner
 from daemon.config import Config, load_config
-from daemon.reporter import Reporter
+from daemon.stages import retain as cleaner_module
+from daemon.stages.report import Reporter
+from daemon.stages.retain import Cleaner
 from db import audit, migrate
 from db.audit import EventType
 from db.jobs import study_series_files

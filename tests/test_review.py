@@ -19,8 +19,8 @@ from pydicom import dcmread
 from sqlalchemy import select
 
 from daemon.config import DEFAULT_OUTPUTS, Config, load_config
-from daemon.reporter import Reporter
-from daemon.reviewer import Correction, Reviewer, ReviewError, ReviewService
+from daemon.stages.report import Reporter
+from daemon.stages.review import Correction, Reviewer, ReviewError, ReviewService
 from db import audit, chain, migrate
 from db.audit import EventType
 from db.models import AnalysisRun, DeliveryState, FindingDecision, OutboxItem

@@ -23,7 +23,7 @@ from sqlalchemy import select, update
 
 from daemon.accounts import AccountError, AccountService
 from daemon.config import Config, load_config
-from daemon.reporter import Reporter
+from daemon.stages.report import Reporter
 from daemon.web import COOKIE, create_app
 from db import audit, migrate
 from db.audit import EventType

@@ -13,9 +13,9 @@ import pytest
 from pydicom import dcmread
 from pydicom.data import get_testdata_file
 
-from daemon.analyser import Analyser
 from daemon.config import ConfigError, WorkerConfig, load_config
-from daemon.worker import Worker
+from daemon.stages.analyse.analyser import Analyser
+from daemon.stages.analyse.worker import Worker
 from db import audit, jobs, migrate
 from db.audit import EventType
 from db.models import AnalysisRun, Job, JobState, Study

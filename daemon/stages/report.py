@@ -8,7 +8,7 @@ finding the saliency as a Parametric Map, FRACTIONAL SEG or BINARY SEG and
 the GSPS on the key image. Write them under <state_dir>/outbox/<study>/<uid>.dcm
 and, in one transaction, queue one outbox row per object per destination that
 takes its kind, and mark the run reported. The deliver stage
-(daemon/dispatcher.py) takes it from there.
+(daemon/stages/deliver.py) takes it from there.
 
 A re-run of the same model on the same study supersedes the earlier SR:
 the new one lists it in its Predecessor Documents Sequence.

@@ -27,8 +27,8 @@ from collections.abc import Callable
 from pathlib import Path
 from types import FrameType
 
-from daemon.analyser import Analyser
 from daemon.config import Config, WorkerConfig
+from daemon.stages.analyse.analyser import Analyser
 from db import jobs
 from db.jobs import ClaimedJob, LeaseLost, RetryPolicy
 from db.notify import JOBS, Listener
@@ -55,7 +55,7 @@ def analyser_factory(config: Config) -> AnalyserFactory:
     if not spec:
 
         def models() -> Analyser:
-            from daemon.analyser import ModelAnalyser
+            from daemon.stages.analyse.analyser import ModelAnalyser
 
             return ModelAnalyser.from_config(config)
 
@@ -313,8 +313,8 @@ class Worker:
 
 def run_worker(config: Config) -> int:
     """`secondreader worker`: one worker process until SIGTERM/SIGINT. Returns the exit code."""
+    from daemon.factories import open_database
     from daemon.liveness import Heartbeat
-    from daemon.service import open_database
 
     # With the audit key (its events are signed), checked against the database's;
     # no schema or another key: one line and exit 2 (daemon/cli.py).

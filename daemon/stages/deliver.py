@@ -23,6 +23,7 @@ from dataclasses import dataclass, field
 from datetime import datetime, timedelta
 
 from daemon.config import Config, Destination
+from daemon.factories import destination_remote
 from db.models import utcnow
 from db.outbox import (
     Commitment,
@@ -43,7 +44,6 @@ from dicom_io.commitment import (
     request_commitment,
 )
 from dicom_io.scu import AssociationFailed, RemoteAE, SendResult, send
-from dicom_io.tls import client_context
 
 log = logging.getLogger(__name__)
 
@@ -108,17 +108,7 @@ class Dispatcher:
         return any(d.storage_commitment for d in self.destinations.values())
 
     def remote(self, dest: Destination) -> RemoteAE:
-        ctx = None
-        if dest.tls.enabled:
-            ctx = client_context(dest.tls.ca_file, dest.tls.cert_file, dest.tls.key_file)
-        return RemoteAE(
-            ae_title=dest.ae_title,
-            host=dest.host,
-            port=dest.port,
-            calling_ae_title=self.config.scp.ae_title,
-            ssl_context=ctx,
-            timeout=dest.timeout_seconds,
-        )
+        return destination_remote(self.config, dest)
 
     # -- one tick ------------------------------------------------------------
     def run_once(self) -> TickSummary:
