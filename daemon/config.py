@@ -26,6 +26,8 @@ from pydantic import (
     model_validator,
 )
 
+from db.layout import AUDIT_KEY_FILE, StateLayout
+
 ENV_PREFIX = "SECONDREADER_"
 CONFIG_ENV = "SECONDREADER_CONFIG"
 
@@ -120,13 +122,18 @@ class StorageConfig(_Section):
     fsync: bool = True
 
     @property
+    def layout(self) -> StateLayout:
+        """The state folder's folders and files (db/layout.py)."""
+        return StateLayout(self.state_dir)
+
+    @property
     def spool_dir(self) -> Path:
-        return self.state_dir / "spool"
+        return self.layout.spool
 
     @property
     def ancillary_dir(self) -> Path:
         """Non-image objects and our own objects sent back: kept, never analysed."""
-        return self.state_dir / "ancillary"
+        return self.layout.ancillary
 
 
 class DatabaseConfig(_Section):
@@ -450,13 +457,13 @@ class Config(_Section):
         if self.audit.key_file is not None:
             return self.audit.key_file
         folder = self._source.parent if self._source is not None else self.storage.state_dir
-        return folder / "audit.key"
+        return folder / AUDIT_KEY_FILE
 
     @property
     def database_url(self) -> str:
         """database.url with `postgres://` and `postgresql://` meaning our driver, psycopg 3."""
         if not self.database.url:
-            return f"sqlite:///{self.storage.state_dir / 'secondreader.db'}"
+            return f"sqlite:///{self.storage.layout.database}"
         return normalise_database_url(self.database.url)
 
     @property

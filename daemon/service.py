@@ -203,7 +203,7 @@ class Service:
 
     @property
     def _running_marker(self) -> Path:
-        return self.config.storage.state_dir / "serve.running"
+        return self.config.storage.layout.running_marker
 
     def run(self) -> int:
         swept = self.spool.sweep_incoming()

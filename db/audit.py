@@ -41,7 +41,7 @@ class EventType:
     MPPS_UPDATED = "mpps.updated"
     STUDY_COMPLETED = "study.completed"
     JOB_QUEUED = "job.queued"
-    # The infer stage (db/jobs.py): one event per transition of a job's lease.
+    # The infer stage (db/queue.py): one event per transition of a job's lease.
     JOB_CLAIMED = "job.claimed"
     JOB_FINISHED = "job.finished"
     JOB_ATTEMPT_FAILED = "job.attempt_failed"  # will be retried after a backoff

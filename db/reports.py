@@ -19,7 +19,6 @@ from sqlalchemy.orm import Session
 
 from db import audit
 from db.audit import EventType
-from db.jobs import load_run_result
 from db.models import (
     AnalysisRun,
     DeliveryState,
@@ -33,6 +32,7 @@ from db.models import (
     utcnow,
 )
 from db.outbox import NewOutboxItem, queue_items
+from db.results import load_run_result
 from model.results import AnalysisResult
 
 ACTOR = "reporter"

@@ -26,9 +26,9 @@ from daemon.stages.report import Reporter
 from daemon.stages.retain import Cleaner
 from db import audit, migrate
 from db.audit import EventType
-from db.jobs import study_series_files
 from db.models import AnalysisRun, Instance, OutboxItem, Series, Study, utcnow
 from db.outbox import due_items, mark_done
+from db.queue import study_series_files
 from db.session import Database
 from db.studies import complete_stable_studies, get_study
 from tests import reportdata as rd

@@ -28,6 +28,7 @@ from pydicom.dataset import Dataset
 from pydicom.uid import generate_uid
 
 from daemon.config import DEFAULT_OUTPUTS, EXTRA_KINDS, Config
+from db.layout import OUTBOX_DIR
 from db.models import DeliveryState
 from db.outbox import NewOutboxItem
 from db.reports import (
@@ -66,7 +67,6 @@ from model.results import Finding, ImageLocation, Outcome
 
 log = logging.getLogger(__name__)
 
-OUTBOX_DIR = "outbox"
 
 
 class ReportError(Exception):
@@ -87,7 +87,7 @@ class Reporter:
         self.spool_dir = config.storage.spool_dir
         # The spool's atomic write (temporary file, fsync, rename), rooted at
         # the outbox: a crash never leaves half an SR under its real name.
-        self.outbox = Spool(self.state_dir / OUTBOX_DIR, fsync=config.storage.fsync)
+        self.outbox = Spool(config.storage.layout.outbox, fsync=config.storage.fsync)
         # Called after each pass queues objects: the deliver stage's wake-up.
         self.on_queued: Callable[[], None] | None = None
 

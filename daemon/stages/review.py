@@ -42,6 +42,7 @@ from sqlalchemy.exc import IntegrityError
 
 from daemon.config import Config
 from db import accounts, reviews
+from db.layout import OUTBOX_DIR
 from db.models import Decision, utcnow
 from db.outbox import NewOutboxItem, queue_items
 from db.reviews import Agreement, FindingView, ResultView
@@ -52,7 +53,6 @@ from model.results import ImageLocation
 
 log = logging.getLogger(__name__)
 
-OUTBOX_DIR = "outbox"  # the report stage's folder; verified SRs go next to the AI SR
 
 
 class ReviewError(Exception):
@@ -92,7 +92,8 @@ class ReviewService:
     def __init__(self, db: Database, config: Config) -> None:
         self.db = db
         self.config = config
-        self.outbox = Spool(config.storage.state_dir / OUTBOX_DIR, fsync=config.storage.fsync)
+        # The report stage's folder: verified SRs go next to the AI SR.
+        self.outbox = Spool(config.storage.layout.outbox, fsync=config.storage.fsync)
 
     def reviewer(self, name: str) -> Reviewer:
         if not name.strip():

@@ -12,11 +12,12 @@ from daemon.liveness import gone_after, worker_alert
 from daemon.web import admin_required
 from daemon.web.images import agreement_plot
 from daemon.web.site import site
-from db.jobs import recent_workers, requeue_failed_jobs, running_jobs
 from db.liveness import processes
 from db.models import utcnow
 from db.outbox import list_items, requeue_dead
+from db.queue import requeue_failed_jobs, running_jobs
 from db.reports import requeue_failed_reports
+from db.results import recent_workers
 from db.studies import pipeline_counts
 from dicom_io.scu import echo
 
