@@ -54,7 +54,6 @@ from dicom_io.sr import (
     build_ai_result_sr,
     build_not_run_sr,
     finding_tracking_uid,
-    read_findings,
 )
 from dicom_io.summary import (
     build_summary_image,
@@ -172,7 +171,9 @@ class Reporter:
                 return False
         # An AI result with findings waits for the physician at destinations
         # that take reviewed results only; "AI not run" has nothing to review.
-        reviewable = any(o.kind == "sr" and read_findings(o.dataset) for o in objects)
+        # The AI result SR always has findings (its builder refuses a result
+        # without); the not-run SR (fallback included) has none.
+        reviewable = run.result.outcome == Outcome.ANALYSED and not fallback
         queued = self._queue(run, objects, reviewable)
         sr = next(o.dataset for o in objects if o.kind == "sr")
         tracking = {}

@@ -4,21 +4,15 @@ from __future__ import annotations
 
 from typing import TypedDict
 
-import numpy as np
+import highdicom as hd
+from highdicom.sr.utils import find_content_items
 from pydicom.dataset import Dataset
 
 from dicom_io import codes as sr_codes
 from dicom_io.sr.content import (
     ABSENT_KEY,
-    COMMENT,
-    FINDING,
-    FINDING_SITE,
     IMAGE_REGION,
     PRESENT_KEY,
-    TRACKING_IDENTIFIER,
-    TRACKING_UID,
-    code_value,
-    coded,
     concept_key,
     concept_name,
     measurement_groups,
@@ -45,58 +39,67 @@ class SRFinding(TypedDict):
 
 
 def read_findings(sr: Dataset) -> list[SRFinding]:
-    """The measurement groups of a TID 1500 SR, one record per finding.
+    """The measurement groups of a TID 1500 SR, one record per finding, in document order.
 
-    Works on what we write and on what comes back from a PACS (plain pydicom
-    datasets, no highdicom parsing). An SR without an Imaging Measurements
+    Works on what we write and on what comes back from a PACS: each group is
+    read through highdicom's TID 1410 class (a group with an Image Region) or
+    TID 1501 class (one without). An SR without an Imaging Measurements
     container (e.g. the not-run SR) gives [].
     """
     findings = []
     for group in measurement_groups(sr):
+        located = any(
+            item.ValueType == "SCOORD" and concept_name(item) == IMAGE_REGION
+            for item in group.ContentSequence
+        )
+        template: type[hd.sr.MeasurementsAndQualitativeEvaluations] | type[
+            hd.sr.PlanarROIMeasurementsAndQualitativeEvaluations
+        ] = (
+            hd.sr.PlanarROIMeasurementsAndQualitativeEvaluations
+            if located
+            else hd.sr.MeasurementsAndQualitativeEvaluations
+        )
+        read = template.from_sequence([group])
+        finding_type = read.finding_type
+        sites = read.finding_sites
+        evaluations = [
+            e.value for e in read.get_qualitative_evaluations()
+            if concept_key(e.value) in (PRESENT_KEY, ABSENT_KEY)
+        ]  # fmt: skip
+        probability = read.get_measurements(name=sr_codes.PROBABILITY)
+        comments = find_content_items(read[0], name=sr_codes.COMMENT, value_type="TEXT")
         found = SRFinding(
-            tracking_identifier=None,
-            tracking_uid=None,
-            finding_type=None,
-            finding_site=None,
-            present=None,
-            probability=None,
+            tracking_identifier=read.tracking_identifier,
+            tracking_uid=None if read.tracking_uid is None else str(read.tracking_uid),
+            finding_type=None if finding_type is None else _plain(finding_type),
+            finding_site=_plain(sites[0].value) if sites else None,
+            present=concept_key(evaluations[0]) == PRESENT_KEY if evaluations else None,
+            probability=_probability(probability[0]) if probability else None,
             referenced_sop_instance_uid=None,
             referenced_frame_numbers=None,
             graphic_type=None,
             graphic_data=None,
-            comment=None,
+            comment=str(comments[0].value) if comments else None,
         )
-        for item in group.ContentSequence:
-            name = concept_name(item)
-            if name == TRACKING_IDENTIFIER:
-                found["tracking_identifier"] = str(item.TextValue)
-            elif name == TRACKING_UID:
-                found["tracking_uid"] = str(item.UID)
-            elif name == FINDING:
-                found["finding_type"] = coded(item.ConceptCodeSequence[0])
-            elif name == FINDING_SITE:
-                found["finding_site"] = coded(item.ConceptCodeSequence[0])
-            elif item.ValueType == "CODE" and code_value(item) in (PRESENT_KEY, ABSENT_KEY):
-                found["present"] = code_value(item) == PRESENT_KEY
-            elif item.ValueType == "NUM" and name == concept_key(sr_codes.PROBABILITY):
-                found["probability"] = _probability(item.MeasuredValueSequence[0])
-            elif item.ValueType == "SCOORD" and name == IMAGE_REGION:
-                data = [float(v) for v in item.GraphicData]
-                found["graphic_type"] = str(item.GraphicType)
-                found["graphic_data"] = list(zip(data[0::2], data[1::2], strict=True))
-                ref = item.ContentSequence[0].ReferencedSOPSequence[0]
-                found["referenced_sop_instance_uid"] = str(ref.ReferencedSOPInstanceUID)
-                frames = ref.get("ReferencedFrameNumber")
-                if frames is not None:
-                    found["referenced_frame_numbers"] = [int(f) for f in np.atleast_1d(frames)]
-            elif item.ValueType == "TEXT" and name == COMMENT:
-                found["comment"] = str(item.TextValue)
+        planar = isinstance(read, hd.sr.PlanarROIMeasurementsAndQualitativeEvaluations)
+        region = read.roi if planar else None
+        if isinstance(region, hd.sr.ImageRegion):
+            found["graphic_type"] = region.graphic_type.value
+            found["graphic_data"] = [(float(c), float(r)) for c, r in region.value]
+            source = region.ContentSequence[0]
+            found["referenced_sop_instance_uid"] = str(source.referenced_sop_instance_uid)
+            frames = source.referenced_frame_numbers
+            if frames is not None:
+                found["referenced_frame_numbers"] = [int(f) for f in frames]
         findings.append(found)
     return findings
 
 
-def _probability(value: Dataset) -> float:
+def _probability(measurement: hd.sr.Measurement) -> float:
     """A probability NUM as a fraction: ours are in percent, older ones unitless."""
-    number = float(value.NumericValue)
-    unit = value.MeasurementUnitsCodeSequence[0]
-    return number / 100.0 if str(unit.CodeValue) == sr_codes.PERCENT.value else number
+    number = float(measurement.value)
+    return number / 100.0 if measurement.unit.value == sr_codes.PERCENT.value else number
+
+
+def _plain(code: hd.sr.CodedConcept) -> CodedConcept:
+    return CodedConcept(str(code.value), str(code.scheme_designator), str(code.meaning))
