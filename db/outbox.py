@@ -11,6 +11,7 @@ from __future__ import annotations
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
 from datetime import datetime, timedelta
+from enum import StrEnum
 
 from sqlalchemy import Select, func, select, update
 from sqlalchemy.dialects.postgresql import insert as pg_insert
@@ -24,7 +25,7 @@ from db.models import DeliveryState, OutboxItem, Study, utcnow
 ACTOR = "dispatcher"
 
 
-class Commitment:
+class Commitment(StrEnum):
     """Values of OutboxItem.commitment_state."""
 
     NONE = "none"  # not asked for (or not yet stored)

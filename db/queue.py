@@ -38,7 +38,6 @@ from db.models import (
     Job,
     JobState,
     ReportState,
-    RunOutcome,
     Series,
     Study,
     utcnow,
@@ -294,7 +293,7 @@ def _record_failed_run(
     run = AnalysisRun(
         job_id=job_id,
         study_id=study_id,
-        outcome=RunOutcome.FAILED,
+        outcome=Outcome.FAILED,
         reason=f"the AI analysis failed after {attempts} attempt(s): {error}",
         provenance={},
         created_at=now,
@@ -309,7 +308,7 @@ def _record_failed_run(
         study_instance_uid=study_uid,
         job_id=job_id,
         run_id=run.id,
-        outcome=RunOutcome.FAILED,
+        outcome=Outcome.FAILED,
         reason=run.reason,
     )
 

@@ -25,7 +25,6 @@ from db.models import (
     FindingRecord,
     Instance,
     ReportState,
-    RunOutcome,
     Series,
     Study,
     Verification,
@@ -33,7 +32,7 @@ from db.models import (
 )
 from db.outbox import NewOutboxItem, queue_items
 from db.results import load_run_result
-from model.results import AnalysisResult
+from model.results import AnalysisResult, Outcome
 
 ACTOR = "reporter"
 # analysis_runs.extras_state: the second pass has the run's other objects to build.
@@ -132,7 +131,7 @@ def load_pending_run(
         .join(Series)
         .where(Series.study_id == run.study_id)
     )
-    if run.series_instance_uid and run.outcome == RunOutcome.ANALYSED:
+    if run.series_instance_uid and run.outcome == Outcome.ANALYSED:
         sources_q = sources_q.where(Series.series_instance_uid == run.series_instance_uid)
     sources = [
         SourceInstance(*row) for row in session.execute(sources_q.order_by(Instance.id))

@@ -33,13 +33,13 @@ from db.models import (
     JobState,
     OutboxItem,
     ReportState,
-    RunOutcome,
     Series,
     Study,
     StudyState,
     Verification,
     utcnow,
 )
+from model.results import Outcome
 
 # Outbox objects kept for good: the reviewer's amendments read them.
 KEPT_OUTBOX_KINDS = ("sr", "verified-sr")
@@ -96,7 +96,7 @@ def finished_studies(
     if wait_for_review:
         unreviewed = exists().where(
             AnalysisRun.study_id == Study.id,
-            AnalysisRun.outcome == RunOutcome.ANALYSED,
+            AnalysisRun.outcome == Outcome.ANALYSED,
             ~exists().where(Verification.run_id == AnalysisRun.id),
         )
         query = query.where(~unreviewed)

@@ -27,12 +27,12 @@ from db.models import (
     Instance,
     OutboxItem,
     ReportState,
-    RunOutcome,
     Series,
     Study,
     Verification,
     utcnow,
 )
+from model.results import Outcome
 
 
 @dataclass(frozen=True)
@@ -110,7 +110,7 @@ class ResultView:
 
 def _reviewable(stmt: Any) -> Any:
     return stmt.where(
-        AnalysisRun.outcome == RunOutcome.ANALYSED,
+        AnalysisRun.outcome == Outcome.ANALYSED,
         AnalysisRun.report_state == ReportState.REPORTED,
         AnalysisRun.sr_sop_instance_uid.is_not(None),
     )
@@ -251,7 +251,7 @@ def record_decision(
     amendment: bool = False,
     now: datetime | None = None,
 ) -> None:
-    if decision not in Decision.ALL:
+    if decision not in tuple(Decision):
         raise ValueError(f"unknown decision {decision!r}")
     now = now or utcnow()
     session.add(

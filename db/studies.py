@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 from datetime import datetime, timedelta
+from enum import StrEnum
 
 from sqlalchemy import func, or_, select, update
 from sqlalchemy.orm import Session
@@ -235,8 +236,8 @@ def pipeline_counts(session: Session) -> dict[str, dict[str, int]]:
     return counts
 
 
-def _states(cls: type) -> tuple[str, ...]:
-    return tuple(v for k, v in vars(cls).items() if k.isupper() and isinstance(v, str))
+def _states(cls: type[StrEnum]) -> tuple[str, ...]:
+    return tuple(str(state) for state in cls)
 
 
 ALL_STATES = {

@@ -40,12 +40,12 @@ from db.models import (
     FindingRecord,
     Job,
     OutboxItem,
-    RunOutcome,
     Study,
 )
 from db.session import Database
 from dicom_io.scp import StorageSCP
 from dicom_io.sr import read_findings
+from model.results import Outcome
 from tests import reportdata as rd
 from tests.conftest import DaemonProcess, free_port, storescu
 from tests.dicom_validate import dciodvfy_errors
@@ -304,7 +304,7 @@ def test_storescu_to_daemon_to_orthanc_without_shortcuts(
     assert dciodvfy_errors(sr_path) == []
     with db.session() as s:
         findings = list(s.scalars(select(FindingRecord).order_by(FindingRecord.id)))
-    if run.outcome == RunOutcome.ANALYSED:
+    if run.outcome == Outcome.ANALYSED:
         read = read_findings(sr)
         # A DS holds at most 16 characters: the SR keeps ~12 significant digits.
         assert [f["probability"] for f in read] == pytest.approx(

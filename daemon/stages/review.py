@@ -150,7 +150,7 @@ class ReviewService:
 
         With `hold` the SR waits for the undo window (`finalize_pending` builds it).
         """
-        if decision not in Decision.ALL:
+        if decision not in tuple(Decision):
             raise ReviewError(f"unknown decision {decision!r}")
         if decision == Decision.CORRECT and (finding is None or correction is None):
             raise ReviewError("a correction names its finding and the new location")
@@ -247,7 +247,7 @@ class ReviewService:
         """Decide a verified result's finding again: a new round and a superseding SR."""
         if not reason.strip():
             raise ReviewError("an amendment says why: --reason TEXT")
-        if decision not in Decision.ALL:
+        if decision not in tuple(Decision):
             raise ReviewError(f"unknown decision {decision!r}")
         if decision == Decision.CORRECT and correction is None:
             raise ReviewError("a correction names the new location")

@@ -122,7 +122,7 @@ def _choices(form: Any, view: ResultView, prefix: str) -> list[Choice]:
         decision = form.get(f"{prefix}decision-{f.number}", "")
         if not decision:
             continue
-        if decision not in Decision.ALL:
+        if decision not in tuple(Decision):
             abort(400, f"Unknown decision {decision!r}.")
         choice = Choice(
             f.number, decision, (form.get(f"{prefix}comment-{f.number}") or "").strip()[:1000],
