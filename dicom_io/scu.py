@@ -18,6 +18,8 @@ from pydicom.uid import UID
 from pynetdicom import AE, _config
 from pynetdicom.sop_class import Verification
 
+from dicom_io.status import COERCION_OF_DATA_ELEMENTS, STORAGE_WARNING_LAST, SUCCESS
+
 log = logging.getLogger(__name__)
 
 # Stream datasets from disk instead of decoding them (see shared notes).
@@ -51,8 +53,11 @@ class SendResult:
 
     @property
     def ok(self) -> bool:
-        # 0xB000-0xB007 are warnings: stored, with coercion. Still stored.
-        return self.status is not None and (self.status == 0 or 0xB000 <= self.status <= 0xB007)
+        # B000-B007 are warnings: stored, with coercion. Still stored.
+        return self.status is not None and (
+            self.status == SUCCESS
+            or COERCION_OF_DATA_ELEMENTS <= self.status <= STORAGE_WARNING_LAST
+        )
 
 
 def associate(ae: AE, remote: RemoteAE):  # type: ignore[no-untyped-def]

@@ -44,20 +44,9 @@ from dicom_io.commitment import (
     request_commitment,
 )
 from dicom_io.scu import AssociationFailed, RemoteAE, SendResult, send
+from dicom_io.status import status_words
 
 log = logging.getLogger(__name__)
-
-# C-STORE failure statuses (PS3.4 B.2.3, PS3.7 C) by their leading digits or
-# in full, so that a dead letter says why in words.
-_STATUS_TEXT = {
-    0x0122: "SOP class not supported",
-    0x0124: "not authorized",
-    0x0210: "duplicate invocation",
-    0x0211: "unrecognized operation",
-    0x0212: "mistyped argument",
-    0x0213: "resource limitation",
-}
-_STATUS_PREFIX_TEXT = {0xA7: "out of resources", 0xA9: "data set does not match SOP class"}
 
 
 def status_text(status: int | None) -> str:
@@ -67,9 +56,8 @@ def status_text(status: int | None) -> str:
             "not stored, no C-STORE response: the peer refused the SOP class or "
             "transfer syntax, or the association was lost"
         )
-    words = _STATUS_TEXT.get(status) or _STATUS_PREFIX_TEXT.get(status >> 8)
-    if words is None and status & 0xF000 == 0xC000:
-        words = "cannot understand"
+    # In pynetdicom's words (its status tables), so that a dead letter says why.
+    words = status_words(status)
     return f"C-STORE status 0x{status:04X}" + (f" ({words})" if words else "")
 
 
