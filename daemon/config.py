@@ -172,7 +172,7 @@ OutputKind = Literal["sr", "pmap", "seg", "binary-seg", "gsps", "summary"]
 OUTPUT_KINDS: tuple[str, ...] = ("sr", "pmap", "seg", "binary-seg", "gsps", "summary")
 # What OHIF 3.13 shows (SR, parametric map) and what any PACS shows (GSPS,
 # summary). The FRACTIONAL SEG stays off: OHIF 3.13 hangs on "Loading SEG...".
-DEFAULT_OUTPUTS: tuple[str, ...] = ("sr", "pmap", "gsps", "summary")
+DEFAULT_OUTPUTS: tuple[OutputKind, ...] = ("sr", "pmap", "gsps", "summary")
 # What the report stage's second pass builds; the SR, and the SEG it cites,
 # come first (daemon/stages/report.py).
 EXTRA_KINDS = frozenset({"pmap", "binary-seg", "gsps", "summary"})

@@ -10,10 +10,10 @@ import json
 import secrets
 from datetime import datetime
 from types import SimpleNamespace
-from typing import Any
+from typing import Any, cast
 
+from sqlalchemy import Table, select
 from sqlalchemy import insert as sa_insert
-from sqlalchemy import select
 from sqlalchemy.orm import Session
 
 from db import chain
@@ -107,7 +107,7 @@ def record(
     return event
 
 
-_INSERT = sa_insert(AuditEvent.__table__)
+_INSERT = sa_insert(cast(Table, AuditEvent.__table__))
 
 
 def insert(

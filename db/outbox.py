@@ -12,8 +12,9 @@ from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
 from datetime import datetime, timedelta
 from enum import StrEnum
+from typing import Any, cast
 
-from sqlalchemy import Select, func, select, update
+from sqlalchemy import Select, Table, func, select, update
 from sqlalchemy.dialects.postgresql import insert as pg_insert
 from sqlalchemy.dialects.sqlite import insert as sqlite_insert
 from sqlalchemy.orm import Session
@@ -21,6 +22,7 @@ from sqlalchemy.orm import Session
 from db import audit
 from db.audit import EventType
 from db.models import DeliveryState, OutboxItem, Study, utcnow
+from db.session import changed_rows
 
 ACTOR = "dispatcher"
 
@@ -90,7 +92,7 @@ class FailureOutcome:
     next_attempt_at: datetime
 
 
-def _views(session: Session, stmt: Select[tuple[OutboxItem]]) -> list[OutboxView]:
+def _views(session: Session, stmt: Select[Any]) -> list[OutboxView]:
     rows = session.execute(
         stmt.add_columns(Study.study_instance_uid).join(Study, Study.id == OutboxItem.study_id)
     ).all()
@@ -128,7 +130,7 @@ def queue_items(
     queued = 0
     for item in items:
         stmt = (
-            ins(OutboxItem.__table__)
+            ins(cast(Table, OutboxItem.__table__))
             .values(
                 study_id=item.study_id,
                 run_id=item.run_id,
@@ -169,7 +171,8 @@ def due_items(session: Session, now: datetime | None = None, limit: int = 200) -
 
 def mark_done(session: Session, item: OutboxView, *, status: int, now: datetime) -> bool:
     """Stored at the destination (and committed when asked): never sent again."""
-    changed = session.execute(
+    changed = changed_rows(
+        session,
         update(OutboxItem)
         .where(OutboxItem.id == item.id, OutboxItem.state == DeliveryState.PENDING)
         .values(
@@ -179,7 +182,7 @@ def mark_done(session: Session, item: OutboxView, *, status: int, now: datetime)
             last_error=None,
             delivered_at=now,
         )
-    ).rowcount
+    )
     if changed:
         audit.record(
             session,
@@ -310,7 +313,8 @@ def items_in_transaction(session: Session, transaction_uid: str) -> list[OutboxV
 
 def mark_committed(session: Session, item: OutboxView, now: datetime) -> bool:
     """The destination took responsibility for the object: delivery is done."""
-    changed = session.execute(
+    changed = changed_rows(
+        session,
         update(OutboxItem)
         .where(
             OutboxItem.id == item.id,
@@ -322,7 +326,7 @@ def mark_committed(session: Session, item: OutboxView, now: datetime) -> bool:
             commitment_state=Commitment.COMMITTED,
             delivered_at=now,
         )
-    ).rowcount
+    )
     if changed:
         audit.record(
             session,

@@ -44,6 +44,7 @@ from db.models import (
 )
 from db.notify import RUNS, notify
 from db.results import record_run
+from db.session import changed_rows
 from model.results import (
     AnalysisResult,
     Outcome,
@@ -144,11 +145,12 @@ def renew_lease(
 ) -> bool:
     """Heartbeat: extend the lease; False when it is no longer ours."""
     now = now or utcnow()
-    changed = session.execute(
+    changed = changed_rows(
+        session,
         _ours(job)
         .values(lease_expires_at=now + timedelta(seconds=lease_seconds))
         .execution_options(synchronize_session=False)
-    ).rowcount
+    )
     return bool(changed)
 
 
@@ -319,7 +321,8 @@ def release_job(session: Session, job: ClaimedJob, *, now: datetime | None = Non
     False when the job was no longer ours, e.g. it finished meanwhile.
     """
     now = now or utcnow()
-    changed = session.execute(
+    changed = changed_rows(
+        session,
         _ours(job)
         .values(
             state=JobState.QUEUED,
@@ -329,7 +332,7 @@ def release_job(session: Session, job: ClaimedJob, *, now: datetime | None = Non
             not_before=now,
         )
         .execution_options(synchronize_session=False)
-    ).rowcount
+    )
     if changed:
         audit.record(
             session,
@@ -420,9 +423,10 @@ def _ours(job: ClaimedJob) -> Any:
 
 def _fence(session: Session, job: ClaimedJob) -> None:
     """A no-op write that proves the lease is still ours and locks the row (SQLite: the file)."""
-    changed = session.execute(
+    changed = changed_rows(
+        session,
         _ours(job).values(lease_owner=job.owner).execution_options(synchronize_session=False)
-    ).rowcount
+    )
     if not changed:
         raise LeaseLost(f"job {job.job_id} is no longer leased to {job.owner}")
 

@@ -32,6 +32,7 @@ from db.models import (
 )
 from db.outbox import NewOutboxItem, queue_items
 from db.results import load_run_result
+from db.session import changed_rows
 from model.results import AnalysisResult, Outcome
 
 ACTOR = "reporter"
@@ -184,7 +185,8 @@ def record_report(
     `extras_pending`: its other objects are built by the second pass (`record_extras`).
     """
     now = now or utcnow()
-    changed = session.execute(
+    changed = changed_rows(
+        session,
         update(AnalysisRun)
         .where(AnalysisRun.id == run.run_id, AnalysisRun.report_state == ReportState.PENDING)
         .values(
@@ -193,7 +195,7 @@ def record_report(
             sr_sop_instance_uid=sr_sop_instance_uid,
             extras_state=EXTRAS_PENDING if extras_pending else None,
         )
-    ).rowcount
+    )
     if not changed:
         return False
     for finding_id, uid in tracking_uids.items():
@@ -221,11 +223,12 @@ def record_extras(
 ) -> bool:
     """Queue the run's other objects and mark them built; False if done already."""
     now = now or utcnow()
-    changed = session.execute(
+    changed = changed_rows(
+        session,
         update(AnalysisRun)
         .where(AnalysisRun.id == run.run_id, AnalysisRun.extras_state == EXTRAS_PENDING)
         .values(extras_state=None)
-    ).rowcount
+    )
     if not changed:
         return False
     queued = _queue(session, run, objects, now)
@@ -278,11 +281,12 @@ def record_report_failure(
     session: Session, run_id: int, study_instance_uid: str | None, error: str
 ) -> None:
     """The run's report cannot be built (its images are gone, its rows are invalid)."""
-    changed = session.execute(
+    changed = changed_rows(
+        session,
         update(AnalysisRun)
         .where(AnalysisRun.id == run_id, AnalysisRun.report_state == ReportState.PENDING)
         .values(report_state=ReportState.FAILED, report_error=error)
-    ).rowcount
+    )
     if changed:
         audit.record(
             session,

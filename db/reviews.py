@@ -482,7 +482,7 @@ class Agreement:
         return {**vars(self), **{n: getattr(self, n) for n in names}}
 
 
-_PAST = {Decision.CONFIRM: "confirmed", Decision.REJECT: "rejected",
+_PAST: dict[str, str] = {Decision.CONFIRM: "confirmed", Decision.REJECT: "rejected",
          Decision.CORRECT: "corrected"}  # fmt: skip
 
 

@@ -9,6 +9,7 @@ import os
 import re
 import tempfile
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 
@@ -49,7 +50,7 @@ def write_saliency(state_dir: Path, study_uid: str, run_id: int, result: Analysi
     relative = f"{SALIENCY_DIR}/{study_uid}/run-{run_id}.npz"
     target = state_dir / relative
     target.parent.mkdir(parents=True, exist_ok=True)
-    arrays: dict[str, np.ndarray] = {
+    arrays: dict[str, Any] = {
         "frames": frames,
         "series_instance_uid": np.array(sal.series_instance_uid),
         "source_sop_instance_uids": np.array(sal.source_sop_instance_uids, dtype=str),

@@ -24,6 +24,7 @@ from db.models import (
     utcnow,
 )
 from db.notify import JOBS, notify
+from db.session import changed_rows
 from dicom_io import mpps
 
 
@@ -142,7 +143,8 @@ def _complete(
 ) -> CompletedStudy | None:
     """Mark one study complete and queue its job; None if an instance arrived meanwhile."""
     # Conditional on what we read: an instance that arrived meanwhile wins.
-    changed = session.execute(
+    changed = changed_rows(
+        session,
         update(Study)
         .where(
             Study.id == study_id,
@@ -154,7 +156,7 @@ def _complete(
             completed_at=now,
             completion_count=Study.completion_count + 1,
         )
-    ).rowcount
+    )
     if not changed:
         return None
     n_instances = session.execute(

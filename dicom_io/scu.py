@@ -16,6 +16,7 @@ from pathlib import Path
 from pydicom import dcmread
 from pydicom.uid import UID
 from pynetdicom import AE, _config
+from pynetdicom.association import Association
 from pynetdicom.sop_class import Verification
 
 from dicom_io.status import COERCION_OF_DATA_ELEMENTS, STORAGE_WARNING_LAST, SUCCESS
@@ -60,7 +61,7 @@ class SendResult:
         )
 
 
-def associate(ae: AE, remote: RemoteAE):  # type: ignore[no-untyped-def]
+def associate(ae: AE, remote: RemoteAE) -> Association:
     tls = None
     if remote.ssl_context is not None:
         tls = (remote.ssl_context, remote.tls_server_name or remote.host)

@@ -5,12 +5,16 @@ from __future__ import annotations
 import argparse
 import sys
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 from daemon.cli.parsing import Subparsers
 from daemon.config import Config
 
+if TYPE_CHECKING:
+    from dicom_io.scu import RemoteAE
 
-def _remote(config: Config, args: argparse.Namespace):  # type: ignore[no-untyped-def]
+
+def _remote(config: Config, args: argparse.Namespace) -> RemoteAE:
     from dicom_io.scu import RemoteAE
     from dicom_io.tls import client_context
 

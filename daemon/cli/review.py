@@ -5,21 +5,27 @@ from __future__ import annotations
 import argparse
 import json
 import sys
+from collections.abc import Callable
 from datetime import datetime
+from typing import TYPE_CHECKING, Any
 
 from daemon.cli.parsing import Subparsers
 from daemon.config import Config
 from dicom_io.wording import percent, threshold_percent
 
+if TYPE_CHECKING:  # imported where the command runs: the CLI starts fast
+    from daemon.stages.review import Correction, ReviewService
+    from db.reviews import FindingView, ResultView
 
-def _review_service(config: Config):  # type: ignore[no-untyped-def]
+
+def _review_service(config: Config) -> ReviewService:
     from daemon.factories import open_database
     from daemon.stages.review import ReviewService
 
     return ReviewService(open_database(config), config)
 
 
-def _review_call(config: Config, call) -> int:  # type: ignore[no-untyped-def]
+def _review_call(config: Config, call: Callable[[ReviewService], int | None]) -> int:
     from daemon.stages.review import ReviewError
 
     service = _review_service(config)
@@ -32,7 +38,7 @@ def _review_call(config: Config, call) -> int:  # type: ignore[no-untyped-def]
         service.db.dispose()
 
 
-def _finding_line(f) -> str:  # type: ignore[no-untyped-def]
+def _finding_line(f: FindingView) -> str:
     where = ""
     if f.sop_instance_uid:
         point = f.point or {}
@@ -46,7 +52,7 @@ def _finding_line(f) -> str:  # type: ignore[no-untyped-def]
 
 
 def _cmd_review_list(config: Config, args: argparse.Namespace) -> int:
-    def run(service) -> int:  # type: ignore[no-untyped-def]
+    def run(service: ReviewService) -> int:
         results = service.results(
             state=None if args.state == "all" else args.state,
             modality=args.modality,
@@ -71,7 +77,7 @@ def _cmd_review_list(config: Config, args: argparse.Namespace) -> int:
     return _review_call(config, run)
 
 
-def _result_json(r) -> dict:  # type: ignore[no-untyped-def,type-arg]
+def _result_json(r: ResultView) -> dict[str, Any]:
     return {
         "run_id": r.run_id,
         "state": r.state,
@@ -87,7 +93,7 @@ def _result_json(r) -> dict:  # type: ignore[no-untyped-def,type-arg]
 
 
 def _cmd_review_show(config: Config, args: argparse.Namespace) -> int:
-    def run(service) -> int:  # type: ignore[no-untyped-def]
+    def run(service: ReviewService) -> int:
         r, events = service.show(args.result)
         if args.json:
             print(json.dumps({**_result_json(r), "history": events}, indent=2, default=str))
@@ -117,7 +123,7 @@ def _cmd_review_show(config: Config, args: argparse.Namespace) -> int:
     return _review_call(config, run)
 
 
-def _correction(args: argparse.Namespace):  # type: ignore[no-untyped-def]
+def _correction(args: argparse.Namespace) -> Correction | None:
     from daemon.stages.review import Correction
 
     if not args.slice:
@@ -138,7 +144,7 @@ def _report_verified(uid: str | None) -> None:
 
 
 def _cmd_review_decide(config: Config, args: argparse.Namespace) -> int:
-    def run(service) -> int:  # type: ignore[no-untyped-def]
+    def run(service: ReviewService) -> int:
         uid = service.decide(
             args.result,
             args.decision,
@@ -154,7 +160,7 @@ def _cmd_review_decide(config: Config, args: argparse.Namespace) -> int:
 
 
 def _cmd_review_amend(config: Config, args: argparse.Namespace) -> int:
-    def run(service) -> int:  # type: ignore[no-untyped-def]
+    def run(service: ReviewService) -> int:
         uid = service.amend(
             args.result,
             args.finding,
@@ -171,7 +177,7 @@ def _cmd_review_amend(config: Config, args: argparse.Namespace) -> int:
 
 
 def _cmd_review_stats(config: Config, args: argparse.Namespace) -> int:
-    def run(service) -> int:  # type: ignore[no-untyped-def]
+    def run(service: ReviewService) -> int:
         rows = service.stats(args.model)
         if args.json:
             print(json.dumps([a.as_dict() for a in rows], indent=2))

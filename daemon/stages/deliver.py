@@ -21,6 +21,7 @@ import logging
 from collections import defaultdict
 from dataclasses import dataclass, field
 from datetime import datetime, timedelta
+from typing import cast
 
 from daemon.config import Config, Destination
 from daemon.factories import destination_remote
@@ -168,7 +169,8 @@ class Dispatcher:
         now = utcnow()
         with self.db.session() as s:
             for item in stored:
-                summary.done += mark_done(s, item, status=int(outcome[item.id].status), now=now)
+                status = int(cast(int, outcome[item.id].status))
+                summary.done += mark_done(s, item, status=status, now=now)
         log.info("delivered %d object(s) to %s", len(stored), dest.name)
 
     def _request_commitment(
@@ -185,7 +187,7 @@ class Dispatcher:
             mark_commitment_requested(
                 s,
                 stored,
-                statuses={i.id: int(outcome[i.id].status) for i in stored},
+                statuses={i.id: int(cast(int, outcome[i.id].status)) for i in stored},
                 transaction_uid=txn,
                 deadline=deadline,
             )

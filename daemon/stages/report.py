@@ -20,6 +20,7 @@ import io
 import logging
 from collections.abc import Callable
 from dataclasses import dataclass
+from functools import partial
 from typing import Any
 
 import numpy as np
@@ -348,7 +349,7 @@ class Reporter:
         extras: list[BuiltObject] = []
         if self.config.report.segmentation:
             for kind, builder in (("binary-seg", self._region_seg), ("pmap", self._pmap)):
-                extras += self._optional(run, kind, wanted, lambda b=builder: b(run, headers))
+                extras += self._optional(run, kind, wanted, partial(builder, run, headers))
         extras += self._optional(run, "gsps", wanted, lambda: self._gsps(run, headers))
         return [*extras, *summary]
 
@@ -385,7 +386,7 @@ class Reporter:
             return None
         return max(present, key=lambda f: f.probability)
 
-    def _object_uids(self, run: PendingRun, kind: str) -> dict[str, str]:
+    def _object_uids(self, run: PendingRun, kind: str) -> dict[str, Any]:
         return {
             "series_instance_uid": self._uid(run, f"{kind}-series"),
             "sop_instance_uid": self._uid(run, kind),

@@ -38,10 +38,10 @@ from typing import Any
 from pydicom import dcmread
 from pydicom.dataset import Dataset
 from pydicom.uid import generate_uid
-from sqlalchemy.exc import IntegrityError
 
 from daemon.config import Config
 from db import accounts, reviews
+from db.errors import WrittenMeanwhile
 from db.layout import OUTBOX_DIR
 from db.models import Decision, utcnow
 from db.outbox import NewOutboxItem, queue_items
@@ -158,7 +158,7 @@ class ReviewService:
             targets = self._record_decisions(
                 run_id, decision, reviewer, finding, comment, correction
             )
-        except IntegrityError as exc:  # the unique (finding, round): another reader was first
+        except WrittenMeanwhile as exc:  # the unique (finding, round): another reader was first
             raise ReviewError(
                 f"a finding of result {run_id} was decided meanwhile by another reader: "
                 "open the result again"
@@ -290,7 +290,7 @@ class ReviewService:
                         amendment=f.finding_id == target.finding_id,
                         **values,
                     )
-        except IntegrityError as exc:  # another amendment of the same round was first
+        except WrittenMeanwhile as exc:  # another amendment of the same round was first
             raise ReviewError(
                 f"result {run_id} was amended meanwhile by another reader: open it again"
             ) from exc
@@ -372,7 +372,7 @@ class ReviewService:
                     },
                     actor=by.name,
                 )
-        except IntegrityError:
+        except WrittenMeanwhile:
             # Another pass (serve's finalize_pending) finalized this round first:
             # the UIDs are derived from the run and round, so its SR is this one.
             return str(sr.SOPInstanceUID)

@@ -105,4 +105,4 @@ class Site:
 def site() -> Site:
     """The current app's Site."""
     found: Any = current_app.extensions["secondreader"]
-    return found  # type: ignore[no-any-return]
+    return found

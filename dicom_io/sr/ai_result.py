@@ -3,9 +3,10 @@
 from __future__ import annotations
 
 from collections.abc import Sequence
-from typing import Any
+from typing import Any, cast
 
 import highdicom as hd
+from highdicom.sr.templates import Template
 from pydicom.dataset import Dataset
 from pydicom.sr.codedict import codes
 from pydicom.uid import generate_uid
@@ -186,7 +187,7 @@ def _measurement_group(
     )
     # A finding without a location: a TID 1501 group that still carries type,
     # site, probability and Present/Absent (OHIF cannot show it: `_region_of`).
-    group: hd.sr.Template
+    group: Template
     if location is None:
         group = hd.sr.MeasurementsAndQualitativeEvaluations(measurements=[probability], **common)
     else:
@@ -238,7 +239,9 @@ def _image_library(headers: Sequence[Dataset], described: set[str]) -> hd.sr.Con
         )
         if header.SOPInstanceUID in described:
             descriptors = hd.sr.ImageLibraryEntryDescriptors(_library_view(header))
-            image.ContentSequence = hd.sr.ContentSequence(list(descriptors))
+            image.ContentSequence = hd.sr.ContentSequence(
+                cast(list[hd.sr.ContentItem], list(descriptors))
+            )
         groups.setdefault(header.get("FrameOfReferenceUID"), []).append(image)
     library = hd.sr.ContainerContentItem(
         name=codes.DCM.ImageLibrary, relationship_type=hd.sr.RelationshipTypeValues.CONTAINS

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from collections.abc import Sequence
+from typing import cast
 
 import highdicom as hd
 from pydicom.dataset import Dataset
@@ -56,7 +57,7 @@ def build_not_run_sr(
     root = hd.sr.ContainerContentItem(name=sr_codes.AI_NOT_PERFORMED)
     items: list[hd.sr.ContentItem] = []
     if algorithm is not None:
-        items.extend(device_observation_context(algorithm))
+        items.extend(cast(list[hd.sr.ContentItem], device_observation_context(algorithm)))
     items.append(
         hd.sr.CodeContentItem(
             name=codes.DCM.ProcedureReported,

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from typing import TypedDict
+from typing import TypedDict, cast
 
 import highdicom as hd
 from highdicom.sr.utils import find_content_items
@@ -62,10 +62,9 @@ def read_findings(sr: Dataset) -> list[SRFinding]:
         read = template.from_sequence([group])
         finding_type = read.finding_type
         sites = read.finding_sites
-        evaluations = [
-            e.value for e in read.get_qualitative_evaluations()
-            if concept_key(e.value) in (PRESENT_KEY, ABSENT_KEY)
-        ]  # fmt: skip
+        # A CODE item's value: highdicom annotates it as a number.
+        codes = [cast(hd.sr.CodedConcept, e.value) for e in read.get_qualitative_evaluations()]
+        evaluations = [c for c in codes if concept_key(c) in (PRESENT_KEY, ABSENT_KEY)]
         probability = read.get_measurements(name=sr_codes.PROBABILITY)
         comments = find_content_items(read[0], name=sr_codes.COMMENT, value_type="TEXT")
         found = SRFinding(
@@ -81,8 +80,9 @@ def read_findings(sr: Dataset) -> list[SRFinding]:
             graphic_data=None,
             comment=str(comments[0].value) if comments else None,
         )
-        planar = isinstance(read, hd.sr.PlanarROIMeasurementsAndQualitativeEvaluations)
-        region = read.roi if planar else None
+        region = None
+        if isinstance(read, hd.sr.PlanarROIMeasurementsAndQualitativeEvaluations):
+            region = read.roi
         if isinstance(region, hd.sr.ImageRegion):
             found["graphic_type"] = region.graphic_type.value
             found["graphic_data"] = [(float(c), float(r)) for c, r in region.value]

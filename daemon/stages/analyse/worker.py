@@ -66,7 +66,7 @@ def analyser_factory(config: Config) -> AnalyserFactory:
 
     def custom() -> Analyser:
         factory = getattr(importlib.import_module(module_name), attr)
-        return factory(config)  # type: ignore[no-any-return]
+        return factory(config)
 
     return custom
 
