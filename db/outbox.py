@@ -184,13 +184,11 @@ def mark_done(session: Session, item: OutboxView, *, status: int, now: datetime)
         )
     )
     if changed:
-        audit.record(
+        _audit(
             session,
             EventType.DELIVERY_DONE,
             ACTOR,
-            study_instance_uid=item.study_instance_uid,
-            sop_instance_uid=item.sop_instance_uid,
-            destination=item.destination,
+            item,
             object_kind=item.object_kind,
             attempts=item.attempts + 1,
             status=status,
@@ -283,13 +281,11 @@ def record_failure(
         )
         .execution_options(synchronize_session=False)
     )
-    audit.record(
+    _audit(
         session,
         EventType.DELIVERY_DEAD if dead else EventType.DELIVERY_ATTEMPT_FAILED,
         ACTOR,
-        study_instance_uid=item.study_instance_uid,
-        sop_instance_uid=item.sop_instance_uid,
-        destination=item.destination,
+        item,
         attempts=attempts,
         status=status,
         error=error,
@@ -328,13 +324,11 @@ def mark_committed(session: Session, item: OutboxView, now: datetime) -> bool:
         )
     )
     if changed:
-        audit.record(
+        _audit(
             session,
             EventType.DELIVERY_DONE,
             ACTOR,
-            study_instance_uid=item.study_instance_uid,
-            sop_instance_uid=item.sop_instance_uid,
-            destination=item.destination,
+            item,
             object_kind=item.object_kind,
             attempts=item.attempts,
             committed=True,
@@ -376,13 +370,11 @@ def requeue_dead(
                 commitment_transaction_uid=None,
             )
         )
-        audit.record(
+        _audit(
             session,
             EventType.DELIVERY_REQUEUED,
             actor,
-            study_instance_uid=item.study_instance_uid,
-            sop_instance_uid=item.sop_instance_uid,
-            destination=item.destination,
+            item,
             previous_attempts=item.attempts,
             last_error=item.last_error,
         )
@@ -400,3 +392,16 @@ def outbox_counts(session: Session) -> dict[str, int]:
     """Outbox rows by state: pending, done, dead."""
     rows = session.execute(select(OutboxItem.state, func.count()).group_by(OutboxItem.state)).all()
     return {state: n for state, n in rows}
+
+
+def _audit(session: Session, event: str, actor: str, item: OutboxView, **details: Any) -> None:
+    """An audit row about one outbox item: its study, object and destination, then `details`."""
+    audit.record(
+        session,
+        event,
+        actor,
+        study_instance_uid=item.study_instance_uid,
+        sop_instance_uid=item.sop_instance_uid,
+        destination=item.destination,
+        **details,
+    )

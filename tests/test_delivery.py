@@ -30,6 +30,7 @@ from db.models import DeliveryState, OutboxItem, utcnow
 from db.outbox import RetryPolicy
 from db.session import Database
 from tests import reportdata as rd
+from tests.configs import write_config
 from tests.conftest import REPO, dcmtk_env, free_port, require_tool
 from tests.dicom_validate import dciodvfy_errors
 
@@ -116,16 +117,10 @@ def storescp_factory(tmp_path: Path):  # type: ignore[no-untyped-def]
 
 
 def make_config(tmp_path: Path, port: int, extra: str = "", db_url: str = "") -> Config:
-    path = tmp_path / "secondreader.toml"
-    path.write_text(
+    config = write_config(
+        tmp_path,
+        db_url,
         f"""
-[storage]
-state_dir = "{tmp_path / "state"}"
-fsync = false
-
-[database]
-url = "{db_url}"
-
 [delivery]
 retry_base_seconds = 0.2
 retry_max_seconds = 0.4
@@ -140,9 +135,8 @@ port = {port}
 timeout_seconds = 5
 # Two objects of two classes: what these tests of the dispatcher need.
 outputs = ["sr", "seg"]
-"""
+""",
     )
-    config = load_config(path, environ={})
     config.storage.state_dir.mkdir(parents=True, exist_ok=True)
     migrate.upgrade(config.database_url)
     create_key(config.audit_key_path)  # as `secondreader db upgrade` does

@@ -20,7 +20,7 @@ import pytest
 from pydicom import dcmread
 from sqlalchemy import select
 
-from daemon.config import Config, load_config
+from daemon.config import Config
 from daemon.stages import retain as cleaner_module
 from daemon.stages.report import Reporter
 from daemon.stages.retain import Cleaner
@@ -32,22 +32,18 @@ from db.queue import study_series_files
 from db.session import Database
 from db.studies import complete_stable_studies, get_study
 from tests import reportdata as rd
+from tests.configs import write_config
 
 KEY = bytes(range(32))
 REPO = Path(__file__).resolve().parent.parent
 
 
 def make_config(tmp_path: Path, state: Path, retention: str = "") -> Config:
-    path = tmp_path / "secondreader.toml"
-    path.write_text(
+    (tmp_path / "audit.key").write_text(KEY.hex())
+    return write_config(
+        tmp_path,
+        f"sqlite:///{tmp_path / 'db.sqlite'}",
         f"""
-[storage]
-state_dir = "{state}"
-fsync = false
-
-[database]
-url = "sqlite:///{tmp_path / "db.sqlite"}"
-
 [audit]
 key_file = "{tmp_path / "audit.key"}"
 
@@ -59,10 +55,9 @@ port = 11112
 
 [retention]
 {retention}
-"""
+""",
+        state=state,
     )
-    (tmp_path / "audit.key").write_text(KEY.hex())
-    return load_config(path, environ={})
 
 
 def open_db(config: Config) -> Database:

@@ -18,7 +18,7 @@ import pytest
 from pydicom import dcmread
 from sqlalchemy import select
 
-from daemon.config import DEFAULT_OUTPUTS, Config, load_config
+from daemon.config import DEFAULT_OUTPUTS, Config
 from daemon.stages.report import Reporter
 from daemon.stages.review import Correction, Reviewer, ReviewError, ReviewService
 from db import audit, chain, migrate
@@ -27,6 +27,7 @@ from db.models import AnalysisRun, DeliveryState, FindingDecision, OutboxItem
 from db.session import Database
 from dicom_io.sr import read_findings
 from tests import reportdata as rd
+from tests.configs import write_config
 from tests.dicom_validate import dciodvfy_errors
 from tests.dicomgen import PATIENT_ID, PATIENT_NAME
 
@@ -34,22 +35,11 @@ KEY = bytes(range(32))
 
 
 def make_config(tmp_path: Path, db_url: str, destinations: str = "") -> Config:
-    path = tmp_path / "secondreader.toml"
-    path.write_text(
-        f"""
-[storage]
-state_dir = "{tmp_path / "state"}"
-fsync = false
-
-[database]
-url = "{db_url}"
-
+    review = """
 [review]
 organization = "Test Hospital Radiology"
 """
-        + destinations
-    )
-    return load_config(path, environ={})
+    return write_config(tmp_path, db_url, review + destinations)
 
 
 PACS = """

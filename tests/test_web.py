@@ -22,7 +22,7 @@ from pydicom import dcmread
 from sqlalchemy import select, update
 
 from daemon.accounts import AccountError, AccountService
-from daemon.config import Config, load_config
+from daemon.config import Config
 from daemon.stages.report import Reporter
 from daemon.web import COOKIE, create_app
 from db import audit, migrate
@@ -30,6 +30,7 @@ from db.audit import EventType
 from db.models import FindingDecision, Job, OutboxItem, WebSession, utcnow
 from db.session import Database
 from tests import reportdata as rd
+from tests.configs import write_config
 from tests.dicomgen import PATIENT_ID, PATIENT_NAME, storescp
 
 KEY = bytes(range(32))
@@ -37,16 +38,10 @@ PASSWORD = "correct horse battery"
 
 
 def make(tmp_path: Path, web: str = "") -> tuple[Config, Database]:
-    path = tmp_path / "secondreader.toml"
-    path.write_text(
+    config = write_config(
+        tmp_path,
+        f"sqlite:///{tmp_path / 'db.sqlite'}",
         f"""
-[storage]
-state_dir = "{tmp_path / "state"}"
-fsync = false
-
-[database]
-url = "sqlite:///{tmp_path / "db.sqlite"}"
-
 [review]
 organization = "Test Hospital Radiology"
 
@@ -59,9 +54,8 @@ name = "pacs"
 ae_title = "PACS"
 host = "127.0.0.1"
 port = 11112
-"""
+""",
     )
-    config = load_config(path, environ={})
     migrate.upgrade(config.database_url)
     db = Database(config.database_url, audit_key=KEY)
     accounts = AccountService(db, config.web)

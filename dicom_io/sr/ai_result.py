@@ -3,18 +3,17 @@
 from __future__ import annotations
 
 from collections.abc import Sequence
-from typing import Any, cast
+from typing import Any, Unpack, cast
 
 import highdicom as hd
 from highdicom.sr.templates import Template
 from pydicom.dataset import Dataset
 from pydicom.sr.codedict import codes
-from pydicom.uid import generate_uid
 
 from dicom_io import codes as sr_codes
+from dicom_io.identity import NewObject, identity
 from dicom_io.sr.content import (
     AI_RESULT_SERIES_DESCRIPTION,
-    SOFTWARE_VERSION,
     algorithm_equipment,
     check_same_study,
     device_observation_context,
@@ -38,18 +37,12 @@ def build_ai_result_sr(
     result: AnalysisResult,
     source_headers: Sequence[Dataset],
     *,
-    series_number: int,
     series_description: str = AI_RESULT_SERIES_DESCRIPTION,
-    series_instance_uid: str | None = None,
-    sop_instance_uid: str | None = None,
-    instance_number: int = 1,
-    manufacturer: str = "secondreader",
-    manufacturer_model_name: str = "secondreader",
-    software_versions: str = SOFTWARE_VERSION,
     institution_name: str | None = None,
     institutional_department_name: str | None = None,
     predecessor: Dataset | None = None,
     segmentation: Dataset | None = None,
+    **new: Unpack[NewObject],
 ) -> hd.sr.Comprehensive3DSR:
     """The AI result of one analysed series as a TID 1500 Measurement Report.
 
@@ -96,13 +89,7 @@ def build_ai_result_sr(
     return hd.sr.Comprehensive3DSR(
         evidence=evidence,
         content=report[0],
-        series_instance_uid=series_instance_uid or generate_uid(),
-        series_number=series_number,
-        sop_instance_uid=sop_instance_uid or generate_uid(),
-        instance_number=instance_number,
-        manufacturer=manufacturer,
-        manufacturer_model_name=manufacturer_model_name,
-        software_versions=software_versions,
+        **identity(new),
         series_description=series_description,
         institution_name=institution_name,
         institutional_department_name=institutional_department_name,

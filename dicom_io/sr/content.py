@@ -6,7 +6,6 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 from copy import deepcopy
-from importlib import metadata
 
 import highdicom as hd
 import numpy as np
@@ -15,6 +14,7 @@ from pydicom.sr.codedict import codes
 from pydicom.uid import generate_uid
 
 from dicom_io import codes as sr_codes
+from dicom_io.identity import SOFTWARE_VERSION as SOFTWARE_VERSION
 from model.results import (
     AlgorithmInfo,
     CodedConcept,
@@ -25,10 +25,6 @@ AI_RESULT_SERIES_DESCRIPTION = "AI RESULT - NOT VERIFIED"
 AI_NOT_RUN_SERIES_DESCRIPTION = "AI NOT RUN - NO AI RESULT"
 VERIFIED_SERIES_DESCRIPTION = "AI RESULT - REVIEWED"
 
-try:
-    SOFTWARE_VERSION = metadata.version("secondreader")
-except metadata.PackageNotFoundError:  # running from a checkout that is not installed
-    SOFTWARE_VERSION = "unknown"
 
 # Concept names of the TID 1500 items we read and rewrite, as (value, scheme).
 IMAGING_MEASUREMENTS = ("126010", "DCM")

@@ -3,17 +3,16 @@
 from __future__ import annotations
 
 from collections.abc import Sequence
-from typing import cast
+from typing import Unpack, cast
 
 import highdicom as hd
 from pydicom.dataset import Dataset
 from pydicom.sr.codedict import codes
-from pydicom.uid import generate_uid
 
 from dicom_io import codes as sr_codes
+from dicom_io.identity import NewObject, identity
 from dicom_io.sr.content import (
     AI_NOT_RUN_SERIES_DESCRIPTION,
-    SOFTWARE_VERSION,
     algorithm_equipment,
     check_same_study,
     device_observation_context,
@@ -30,17 +29,11 @@ def build_not_run_sr(
     algorithm: AlgorithmInfo | None,
     *,
     outcome: Outcome,
-    series_number: int,
     series_description: str = AI_NOT_RUN_SERIES_DESCRIPTION,
-    series_instance_uid: str | None = None,
-    sop_instance_uid: str | None = None,
-    instance_number: int = 1,
-    manufacturer: str = "secondreader",
-    manufacturer_model_name: str = "secondreader",
-    software_versions: str = SOFTWARE_VERSION,
     institution_name: str | None = None,
     institutional_department_name: str | None = None,
     predecessor: Dataset | None = None,
+    **new: Unpack[NewObject],
 ) -> hd.sr.Comprehensive3DSR:
     """A short SR saying that no AI result exists for the study, and why.
 
@@ -97,13 +90,7 @@ def build_not_run_sr(
     return hd.sr.Comprehensive3DSR(
         evidence=headers,
         content=root,
-        series_instance_uid=series_instance_uid or generate_uid(),
-        series_number=series_number,
-        sop_instance_uid=sop_instance_uid or generate_uid(),
-        instance_number=instance_number,
-        manufacturer=manufacturer,
-        manufacturer_model_name=manufacturer_model_name,
-        software_versions=software_versions,
+        **identity(new),
         series_description=series_description,
         institution_name=institution_name,
         institutional_department_name=institutional_department_name,

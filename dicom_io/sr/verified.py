@@ -4,14 +4,14 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 from copy import deepcopy
-from typing import NamedTuple
+from typing import NamedTuple, Unpack
 
 import highdicom as hd
 from pydicom.dataset import Dataset
 from pydicom.sr.codedict import codes
-from pydicom.uid import generate_uid
 
 from dicom_io import codes as sr_codes
+from dicom_io.identity import NewObject, identity
 from dicom_io.sr.content import (
     ABSENT_KEY,
     COMMENT,
@@ -19,7 +19,6 @@ from dicom_io.sr.content import (
     PIXEL_COLUMNS,
     PIXEL_ROWS,
     PRESENT_KEY,
-    SOFTWARE_VERSION,
     TRACKING_IDENTIFIER,
     TRACKING_UID,
     VERIFIED_SERIES_DESCRIPTION,
@@ -57,17 +56,11 @@ def build_verified_sr(
     *,
     verifying_observer_name: str,
     verifying_organization: str,
-    series_number: int,
     series_description: str = VERIFIED_SERIES_DESCRIPTION,
-    series_instance_uid: str | None = None,
-    sop_instance_uid: str | None = None,
-    instance_number: int = 1,
-    manufacturer: str = "secondreader",
-    manufacturer_model_name: str = "secondreader",
-    software_versions: str = SOFTWARE_VERSION,
     institution_name: str | None = None,
     institutional_department_name: str | None = None,
     supersedes: Dataset | None = None,
+    **new: Unpack[NewObject],
 ) -> hd.sr.Comprehensive3DSR:
     """The physician's review of an AI SR: VERIFIED, FINAL, AI SR as predecessor.
 
@@ -122,13 +115,7 @@ def build_verified_sr(
     sr = hd.sr.Comprehensive3DSR(
         evidence=_evidence_stand_ins(ai_sr),
         content=root,
-        series_instance_uid=series_instance_uid or generate_uid(),
-        series_number=series_number,
-        sop_instance_uid=sop_instance_uid or generate_uid(),
-        instance_number=instance_number,
-        manufacturer=manufacturer,
-        manufacturer_model_name=manufacturer_model_name,
-        software_versions=software_versions,
+        **identity(new),
         series_description=series_description,
         institution_name=institution_name,
         institutional_department_name=institutional_department_name,
