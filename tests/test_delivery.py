@@ -103,7 +103,7 @@ class StoreSCP:
 
 
 @pytest.fixture
-def storescp_factory(tmp_path: Path):  # type: ignore[no-untyped-def]
+def storescp_factory(tmp_path: Path):
     started: list[StoreSCP] = []
 
     def make(port: int, name: str = "pacs", **kwargs: bool) -> StoreSCP:
@@ -183,7 +183,7 @@ def proposed_classes(storescp_log: str) -> list[list[str]]:
     return [a for a in associations if a]
 
 
-def test_delivered_once_with_exactly_the_contexts_needed(tmp_path: Path, storescp_factory) -> None:  # type: ignore[no-untyped-def]
+def test_delivered_once_with_exactly_the_contexts_needed(tmp_path: Path, storescp_factory) -> None:
     port = free_port()
     pacs = storescp_factory(port).start()
     config = make_config(tmp_path, port)
@@ -220,7 +220,7 @@ def test_delivered_once_with_exactly_the_contexts_needed(tmp_path: Path, storesc
 
 def test_unreachable_pacs_backs_off_dead_letters_and_retry_requeues(
     tmp_path: Path, storescp_factory, caplog: pytest.LogCaptureFixture, db_url: str
-) -> None:  # type: ignore[no-untyped-def]
+) -> None:
     port = free_port()  # nothing listens here yet
     config = make_config(tmp_path, port, db_url=db_url)
     db = Database(config.database_url)
@@ -284,7 +284,7 @@ def test_unreachable_pacs_backs_off_dead_letters_and_retry_requeues(
 
 def test_pacs_refusing_sr_dead_letters_only_the_sr_with_its_reason(
     tmp_path: Path, storescp_factory
-) -> None:  # type: ignore[no-untyped-def]
+) -> None:
     port = free_port()
     refusing = storescp_factory(port, refuse_sr=True).start()
     config = make_config(tmp_path, port)
@@ -332,7 +332,7 @@ def test_pacs_refusing_sr_dead_letters_only_the_sr_with_its_reason(
     db.dispose()
 
 
-def test_commitment_unsupported_means_not_delivered(tmp_path: Path, storescp_factory) -> None:  # type: ignore[no-untyped-def]
+def test_commitment_unsupported_means_not_delivered(tmp_path: Path, storescp_factory) -> None:
     port = free_port()
     pacs = storescp_factory(port).start()
     config = make_config(tmp_path, port)
@@ -392,7 +392,7 @@ def _pki(folder: Path) -> dict[str, Path]:
     return p
 
 
-def test_delivery_over_mutual_tls(tmp_path: Path, storescp_factory) -> None:  # type: ignore[no-untyped-def]
+def test_delivery_over_mutual_tls(tmp_path: Path, storescp_factory) -> None:
     pki = _pki(tmp_path / "pki")
     port = free_port()
     pacs = storescp_factory(port)

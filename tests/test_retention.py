@@ -189,7 +189,7 @@ def test_a_late_copy_during_the_removal_is_kept(
     # The same instance is sent again after retention chose the study and
     # looked at its files: its new file lands first, its row commits only
     # after the removal was recorded (the receive stage overlaps the two).
-    def resent_meanwhile(session, study):  # type: ignore[no-untyped-def]
+    def resent_meanwhile(session, study):
         copy = tmp_path / "resent.dcm"
         copy.write_bytes(files[0].read_bytes())
         ds = dcmread(copy, stop_before_pixels=True)
@@ -226,7 +226,7 @@ def test_a_late_instance_before_the_record_keeps_the_whole_study(
     before = spool_files(config, study_uid)
     real_mark = cleaner_module.mark_files_removed
 
-    def reopened_meanwhile(session, study):  # type: ignore[no-untyped-def]
+    def reopened_meanwhile(session, study):
         extra = rd.ct_study(tmp_path / "extra", slices=1, seed=99)
         ds = dcmread(extra[0])
         ds.StudyInstanceUID = study.study_instance_uid
@@ -272,7 +272,7 @@ def test_an_interrupted_removal_is_finished_at_the_next_start(tmp_path: Path) ->
 
 
 @pytest.fixture
-def small_disk(tmp_path: Path):  # type: ignore[no-untyped-def]
+def small_disk(tmp_path: Path):
     where = tmp_path / "state"
     where.mkdir()
     r = subprocess.run(

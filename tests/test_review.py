@@ -58,7 +58,7 @@ def sqlite_url(tmp_path: Path) -> str:
     return url
 
 
-def reported_result(db: Database, config: Config, folder: Path, *, probability: float = 0.87):  # type: ignore[no-untyped-def]
+def reported_result(db: Database, config: Config, folder: Path, *, probability: float = 0.87):
     files = rd.ct_study(folder, seed=sum(folder.name.encode()))
     study_uid = rd.receive(db, config.storage.spool_dir, files)
     result = rd.analysed(files, probability=probability)
