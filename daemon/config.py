@@ -104,6 +104,27 @@ class SCPConfig(_Section):
     # above max_associations' default, so that a PACS opening its associations
     # in one burst is served, yet one address cannot take every pending slot.
     max_pending_per_address: int = Field(16, ge=1)
+    # New connections from one address: a burst of this many, then this many a
+    # second. A modality opening one association per image stays far below;
+    # a port scan or a flood is refused in the accept loop, costing no thread.
+    connection_rate_per_address: float = Field(20.0, gt=0)
+    connection_burst_per_address: int = Field(100, ge=1)
+    # An association admitted and then silent (no PDU) this long is released:
+    # it holds a slot of max_associations and sends nothing.
+    idle_association_seconds: float = Field(15.0, gt=0)
+    # Admitted associations one address, or one calling AE title, may hold at
+    # once. Unset: half of max_associations (at least 1), so one source can
+    # never take every slot. A PACS that sends over more associations at once
+    # needs max_associations raised, or these.
+    max_associations_per_address: int | None = Field(None, ge=1)
+    max_associations_per_calling_ae: int | None = Field(None, ge=1)
+    # Connections that never become an association are logged and audited
+    # once per source address and interval, with a count.
+    junk_log_interval_seconds: float = Field(60.0, gt=0)
+    # From a C-STORE-RQ to its answer when the database cannot be written:
+    # past this, 0xA700 (out of resources), well within a sender's patience
+    # (typically 30 s), so it can tell a refusal from a lost answer.
+    store_deadline_seconds: float = Field(10.0, gt=0, le=25)
     # Empty list: any calling AE is accepted. Otherwise default deny.
     allowed_peers: list[AllowedPeer] = Field(default_factory=list)
     tls: TLSConfig = Field(default_factory=TLSConfig)
@@ -194,9 +215,7 @@ class Destination(_Section):
     # viewers show it); "summary" a Secondary Capture of the result, for
     # every study, negative and not-run ones too. The physician's verified SR
     # goes to every destination.
-    outputs: list[OutputKind] = Field(
-        default_factory=lambda: list(DEFAULT_OUTPUTS), min_length=1
-    )
+    outputs: list[OutputKind] = Field(default_factory=lambda: list(DEFAULT_OUTPUTS), min_length=1)
 
     # Names the destination in the outbox and in `secondreader deliveries`.
     name: str = Field(min_length=1, max_length=64)
@@ -550,7 +569,7 @@ def _problem(err: Any, overrides: dict[str, Any], path: Path | None) -> str:
 
 
 def _closest(loc: list[str]) -> str:
-    """", did you mean X?" for a misspelt key, from the keys its section has."""
+    """ ", did you mean X?" for a misspelt key, from the keys its section has."""
     section: Any = Config
     for part in loc[:-1]:
         if part.isdigit():

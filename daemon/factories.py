@@ -95,6 +95,12 @@ def scp_settings(
         request_timeout=c.request_timeout_seconds,
         pdu_timeout=c.pdu_timeout_seconds,
         max_pending_per_address=c.max_pending_per_address,
+        connection_rate_per_address=c.connection_rate_per_address,
+        connection_burst_per_address=c.connection_burst_per_address,
+        idle_association_seconds=c.idle_association_seconds,
+        max_associations_per_address=c.max_associations_per_address,
+        max_associations_per_calling_ae=c.max_associations_per_calling_ae,
+        junk_log_interval_seconds=c.junk_log_interval_seconds,
         load_board=load_board,
         listening_socket=listening_socket,
     )

@@ -20,8 +20,11 @@ from __future__ import annotations
 import json
 import logging
 import sys
+import threading
+import time
 from datetime import UTC, datetime
 
+from dicom_io.guard import UnidentifiedPeerFilter
 from dicom_io.protocol_log import narrate
 from dicom_io.text import printable, scrub_values
 
@@ -49,6 +52,58 @@ class _LibraryTracebacks(logging.Filter):
         if not self.keep and record.name.startswith(_LIBRARIES) and record.exc_info:
             record.exc_info = None
             record.exc_text = None
+        return True
+
+
+class _NoEmptyLines(logging.Filter):
+    """A record whose message is empty says what it is instead, or is dropped.
+
+    pynetdicom logs `LOGGER.exception(exc)` with the exception as the
+    message; an exception without text (and its traceback dropped above)
+    made an empty ERROR line.
+    """
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        try:
+            text = record.getMessage()
+        except Exception:
+            return True  # logging reports its own formatting errors
+        if text.strip():
+            return True
+        if record.exc_info and record.exc_info[1] is not None:
+            record.msg, record.args = f"{type(record.exc_info[1]).__name__} (no message)", ()
+            return True
+        return False
+
+
+class _Repeats(logging.Filter):
+    """APScheduler's warnings, once per job and message a minute, with a count.
+
+    A job still running at its next tick (the database locked, say) makes
+    APScheduler warn at every tick: 120 lines a minute for the completer.
+    """
+
+    def __init__(self, interval: float = 60.0) -> None:
+        super().__init__()
+        self.interval = interval
+        self._lock = threading.Lock()
+        # (message template, first argument) -> (when last let through, suppressed since)
+        self._seen: dict[tuple[str, str], tuple[float, int]] = {}
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        if not record.name.startswith("apscheduler") or record.levelno < logging.WARNING:
+            return True
+        first = record.args[0] if isinstance(record.args, tuple) and record.args else ""
+        key = (str(record.msg), str(first))
+        now = time.monotonic()
+        with self._lock:
+            last, suppressed = self._seen.get(key, (-self.interval, 0))
+            if now - last < self.interval:
+                self._seen[key] = (last, suppressed + 1)
+                return False
+            self._seen[key] = (now, 0)
+        if suppressed:
+            record.msg = f"{record.msg} ({suppressed} more like it in {self.interval:g} s)"
         return True
 
 
@@ -83,7 +138,13 @@ class JSONFormatter(logging.Formatter):
 def setup_logging(level: str = "INFO", json_format: bool = False) -> None:
     handler = logging.StreamHandler(sys.stdout)
     handler.setFormatter(JSONFormatter() if json_format else PlainFormatter())
+    # Before the tracebacks go: an empty message is named by its exception.
+    handler.addFilter(_NoEmptyLines())
     handler.addFilter(_LibraryTracebacks(keep=level == "DEBUG"))
+    # pynetdicom's lines about a connection that never became an association:
+    # folded into the guard's one line per address and interval.
+    handler.addFilter(UnidentifiedPeerFilter())
+    handler.addFilter(_Repeats())
     root = logging.getLogger()
     root.handlers[:] = [handler]
     root.setLevel(level)

@@ -19,6 +19,8 @@ from apscheduler.executors.pool import ThreadPoolExecutor
 from apscheduler.jobstores.base import JobLookupError
 from apscheduler.schedulers.background import BackgroundScheduler
 
+from db.session import database_unavailable
+
 log = logging.getLogger(__name__)
 
 
@@ -29,6 +31,8 @@ class _Job:
         self.lock = threading.Lock()
         self.running = False
         self.again = False
+        # Ticks failed in a row because the database was unavailable.
+        self.unavailable = 0
 
     def __call__(self) -> None:
         with self.lock:
@@ -39,15 +43,41 @@ class _Job:
                     self.again = False
                 try:
                     self.fn()
-                except Exception:
+                except Exception as exc:
                     # A failing tick must not kill the job; the next tick retries.
-                    log.exception("scheduled job %s failed", self.name)
+                    self._failed(exc)
+                else:
+                    self._succeeded()
                 with self.lock:
                     if not self.again:
                         return
         finally:
             with self.lock:
                 self.running = False
+
+    def _failed(self, exc: Exception) -> None:
+        if not database_unavailable(exc):
+            log.exception("scheduled job %s failed", self.name)
+            return
+        # The database is locked or gone: one line per outage, not a traceback
+        # per tick (a tick every 0.5 s for the completer).
+        self.unavailable += 1
+        if self.unavailable == 1:
+            log.error(
+                "scheduled job %s: database unavailable (%s); retried at each tick",
+                self.name,
+                type(exc).__name__,
+            )
+        log.debug("scheduled job %s failed", self.name, exc_info=exc)
+
+    def _succeeded(self) -> None:
+        if self.unavailable:
+            log.warning(
+                "scheduled job %s: database back after %d failed tick(s)",
+                self.name,
+                self.unavailable,
+            )
+            self.unavailable = 0
 
     def wake_running(self) -> bool:
         """True if the job is running now: it then runs once more when done."""

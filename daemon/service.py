@@ -81,6 +81,7 @@ class Service:
             config.scp.max_associations,
             ancillary=ancillary,
             others_busy=board.others_busy if board is not None else None,
+            store_deadline=config.scp.store_deadline_seconds,
         )
         self.completer = Completer(
             self.db, config.completion.stable_seconds, config.completion.max_seconds
@@ -97,6 +98,7 @@ class Service:
                 self.dispatcher.on_commitment if self.dispatcher.wants_commitment else None
             ),
             on_mpps=self.receiver.on_mpps if config.scp.accept_mpps else None,
+            on_refused=self.receiver.on_refused,
         )
         self.metrics_server: Any = None
         self.heartbeats: list[Heartbeat] = []
@@ -106,9 +108,7 @@ class Service:
         self.scheduler.every(
             "complete-studies", config.completion.check_interval_seconds, self.complete_studies
         )
-        self.scheduler.every(
-            "report", config.report.check_interval_seconds, self.reporter.run_once
-        )
+        self.scheduler.every("report", config.report.check_interval_seconds, self.reporter.run_once)
         # The SR goes out as soon as it is queued, the other objects after.
         self.reporter.on_queued = lambda: self.scheduler.wake("deliver")
         self.scheduler.every(
@@ -195,7 +195,6 @@ class Service:
             # The precise tick; the check interval stays the safety net (and
             # takes any study already due that this pass could not complete).
             self.scheduler.wake_at("complete-studies", when)
-
 
     def _on_signal(self, signum: int, _frame: FrameType | None) -> None:
         log.info("received %s: stopping", signal.Signals(signum).name)

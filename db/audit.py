@@ -29,6 +29,11 @@ class EventType:
     ASSOCIATION_REJECTED = "association.rejected"
     # Cut by us (a deadline, an oversized PDU) or aborted by the peer.
     ASSOCIATION_ABORTED = "association.aborted"
+    # Admitted, then sent nothing within scp.idle_association_seconds: we released it.
+    ASSOCIATION_RELEASED = "association.released"
+    # Audit rows the receive path could not even queue while the database was
+    # unavailable (daemon/audit_backlog.py): how many, written once it is back.
+    AUDIT_DROPPED = "audit.dropped"
     INSTANCE_STORED = "instance.stored"
     INSTANCE_FAILED = "instance.failed"
     # Stored (or dropped, per scp.non_image_objects) but never analysed: a

@@ -5,13 +5,25 @@ from __future__ import annotations
 import fcntl
 import os
 import threading
+import time
 from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
 from typing import Any, cast
 
 from sqlalchemy import CursorResult, Engine, Executable, create_engine, event, make_url
+from sqlalchemy.exc import OperationalError
+from sqlalchemy.exc import TimeoutError as PoolTimeout
 from sqlalchemy.orm import Session, sessionmaker
+
+_BUSY_TIMEOUT_MS = 30000
+
+
+def _remaining_ms(deadline: float) -> int:
+    remaining = deadline - time.monotonic()
+    if remaining <= 0:
+        raise DeadlineExceeded("no time left for the database write")
+    return max(1, int(remaining * 1000))
 
 
 def _sqlite_pragmas(synchronous: str) -> Any:
@@ -20,7 +32,7 @@ def _sqlite_pragmas(synchronous: str) -> Any:
         # WAL: readers never block the receive path's writers.
         cur.execute("PRAGMA journal_mode=WAL")
         # Concurrent associations write from several threads: wait, don't fail.
-        cur.execute("PRAGMA busy_timeout=30000")
+        cur.execute(f"PRAGMA busy_timeout={_BUSY_TIMEOUT_MS}")
         cur.execute(f"PRAGMA synchronous={synchronous}")
         cur.execute("PRAGMA foreign_keys=ON")
         cur.close()
@@ -54,17 +66,54 @@ class _WriteLock:
         return self._fd
 
     @contextmanager
-    def hold(self) -> Iterator[None]:
-        with self._thread_lock:
+    def hold(self, deadline: float | None = None) -> Iterator[None]:
+        """The lock; past `deadline` (time.monotonic), `DeadlineExceeded` instead."""
+        if deadline is None:
+            self._thread_lock.acquire()
+        elif not self._thread_lock.acquire(timeout=max(0.0, deadline - time.monotonic())):
+            raise DeadlineExceeded("the database write lock was not free in time")
+        try:
             fd = self._file()
             if fd is None:
                 yield
                 return
-            fcntl.flock(fd, fcntl.LOCK_EX)
+            self._lock_file(fd, deadline)
             try:
                 yield
             finally:
                 fcntl.flock(fd, fcntl.LOCK_UN)
+        finally:
+            self._thread_lock.release()
+
+    @staticmethod
+    def _lock_file(fd: int, deadline: float | None) -> None:
+        if deadline is None:
+            fcntl.flock(fd, fcntl.LOCK_EX)
+            return
+        # flock has no timeout: try, then poll, the pause growing to 5 ms.
+        pause = 0.0002
+        while True:
+            try:
+                fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+                return
+            except BlockingIOError:
+                if time.monotonic() + pause > deadline:
+                    raise DeadlineExceeded("the database write lock was not free in time") from None
+                time.sleep(pause)
+                pause = min(pause * 2, 0.005)
+
+
+class DeadlineExceeded(TimeoutError):
+    """A write could not start or finish before its deadline (`Database.write_session`)."""
+
+
+def database_unavailable(exc: BaseException) -> bool:
+    """The database failed, not the code: locked, disk full, server gone, deadline passed.
+
+    For callers outside db/ that report such failures as one line and retry,
+    keeping tracebacks for real defects.
+    """
+    return isinstance(exc, (OperationalError, PoolTimeout, DeadlineExceeded))
 
 
 def sqlite_file(url: str) -> Path | None:
@@ -117,18 +166,39 @@ class Database:
             yield session
 
     @contextmanager
-    def write_session(self) -> Iterator[Session]:
+    def write_session(self, deadline: float | None = None) -> Iterator[Session]:
         """`session` for a short write on a hot path (the receive stage).
 
         On SQLite the writers of all our processes queue on one file lock
         (`_WriteLock`); PostgreSQL locks rows, and this is `session`.
+        `deadline` (time.monotonic): the database's waits for its locks end
+        there (SQLite's busy timeout, PostgreSQL's lock and statement
+        timeouts), and the write fails with `DeadlineExceeded` or the
+        driver's own error instead of holding the caller.
         """
-        if not self.is_sqlite:
-            with self.session() as session:
+        if deadline is None:
+            if not self.is_sqlite:
+                with self.session() as session:
+                    yield session
+                return
+            with self._write_lock.hold(), self.session() as session:
                 yield session
             return
-        with self._write_lock.hold(), self.session() as session:
-            yield session
+        if not self.is_sqlite:
+            with self.session() as session:
+                ms = _remaining_ms(deadline)
+                session.connection().exec_driver_sql(f"SET LOCAL lock_timeout = {ms}")
+                session.connection().exec_driver_sql(f"SET LOCAL statement_timeout = {ms}")
+                yield session
+            return
+        with self._write_lock.hold(deadline), self.session() as session:
+            raw = session.connection()
+            raw.exec_driver_sql(f"PRAGMA busy_timeout={_remaining_ms(deadline)}")
+            try:
+                yield session
+            finally:
+                # The connection goes back to the pool: its usual patience with it.
+                raw.exec_driver_sql(f"PRAGMA busy_timeout={_BUSY_TIMEOUT_MS}")
 
     def dispose(self) -> None:
         self.engine.dispose()

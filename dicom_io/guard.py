@@ -18,7 +18,16 @@ network any of these lets one anonymous host shut the receiver (shared notes,
 * the declared length of a PDU is capped: small before the association is
   admitted, our maximum PDU size after;
 * connections not yet admitted are limited per source address and in all,
-  and only admitted associations count against the association limit.
+  and only admitted associations count against the association limit;
+* new connections are limited per source address (a token bucket), and a
+  refused one costs no thread: it is closed in the accept loop;
+* an admitted association that sends nothing within `idle_association`
+  is released, and one address or one calling AE title may hold only its
+  share of the admitted associations;
+* connections that never become an association (port scans, health checks,
+  garbage) are logged and audited once per source address and interval,
+  with a count (`JunkLedger`), and pynetdicom's own lines about them are
+  folded into that one (`UnidentifiedPeerFilter`).
 
 It relies on these pynetdicom internals: `AssociationServer.get_request`,
 `ThreadingMixIn.process_request_thread`, `RequestHandler._create_association`
@@ -30,7 +39,10 @@ from __future__ import annotations
 
 import contextlib
 import copy
+import ctypes
+import ctypes.util
 import logging
+import re
 import select
 import socket
 import ssl
@@ -45,7 +57,7 @@ from pynetdicom.presentation import PresentationContext
 from pynetdicom.transport import AssociationSocket, RequestHandler, ThreadedAssociationServer
 
 from dicom_io import reactor
-from dicom_io.text import printable
+from dicom_io.text import printable, scrub_values
 
 if TYPE_CHECKING:
     from pynetdicom.association import Association
@@ -68,6 +80,17 @@ class GuardLimits:
     max_pdu: int = 1024 * 1024
     max_pending_per_address: int = 16
     max_pending: int = 64
+    # New connections per source address: a bucket of `connection_burst`
+    # refilled at `connection_rate` per second.
+    connection_rate: float = 20.0
+    connection_burst: int = 100
+    # An admitted association that has sent no PDU this long is released.
+    idle_association: float = 15.0
+    # Admitted associations one address, or one calling AE title, may hold.
+    max_associations_per_address: int = 5
+    max_associations_per_calling_ae: int = 5
+    # Junk connections are logged and audited once per address and interval.
+    junk_interval: float = 60.0
 
 
 @dataclass
@@ -81,12 +104,20 @@ class Connection:
     # blocked on the connection, TLS-wrapped or not.
     control: socket.socket
     admitted: bool = False
+    admitted_at: float = 0.0
+    # The peer sent a PDU after its association was admitted.
+    active: bool = False
     closed: bool = False
     assoc: Association | None = None
     # Set once the association's thread was started: before that, a thread
     # that is not alive has simply not begun.
     started: bool = False
     cut_reason: str | None = None
+    cut_at: float = 0.0
+    # Asked to release: it sent nothing since it was admitted.
+    idle_released: bool = False
+    # What pynetdicom said of a connection that never became an association.
+    protocol_note: str = ""
     calling_ae: str = ""
     # Its association's outcome (accepted, rejected) was reported by the SCP.
     reported: bool = False
@@ -103,11 +134,74 @@ class Connection:
 class GuardEvent:
     """A connection the guard refused or cut, for the log and the audit trail."""
 
-    kind: str  # "rejected" (refused at accept) or "aborted" (cut later)
+    kind: str  # "rejected" (refused at accept), "aborted" (cut later) or "released" (idle)
     address: str
     calling_ae: str
     reason: str
     association_id: str | None = None
+    # How many connections this stands for (`JunkLedger` summaries).
+    count: int = 1
+
+
+class JunkLedger:
+    """Connections that never became an association, reported once per address and interval.
+
+    The first one from an address in an interval is reported at once, so a
+    single event is seen as it happens; the others of that interval are
+    counted, by address and reason, and reported as one summary each when
+    the interval ends (`flush`). A scan of 1,000 connections thus writes a
+    handful of lines and audit rows instead of 3,000. Thread-safe.
+    """
+
+    def __init__(self, interval: float) -> None:
+        self.interval = interval
+        self._lock = threading.Lock()
+        self._started = time.monotonic()
+        self._seen: set[str] = set()
+        # (kind, address, reason with its numbers blanked) -> [count, last event]
+        self._counts: dict[tuple[str, str, str], list[Any]] = {}
+
+    def first(self, event: GuardEvent) -> bool:
+        """Count `event`; True if it is to be reported now (the address's first)."""
+        with self._lock:
+            if event.address not in self._seen:
+                self._seen.add(event.address)
+                return True
+            key = (event.kind, event.address, _DIGITS.sub("N", event.reason))
+            entry = self._counts.setdefault(key, [0, event])
+            entry[0] += 1
+            entry[1] = event
+            return False
+
+    def flush(self, now: float, force: bool = False) -> list[GuardEvent]:
+        """The summaries of the interval, if it has ended."""
+        with self._lock:
+            if not force and now - self._started < self.interval:
+                return []
+            counts, self._counts, self._seen = self._counts, {}, set()
+            self._started = now
+        return [
+            GuardEvent(
+                last.kind,
+                last.address,
+                "",
+                f"{last.reason} ({n} more such connection{'s' * (n > 1)} from this "
+                f"address in {self.interval:g} s)",
+                None,
+                n,
+            )
+            for n, last in counts.values()
+        ]
+
+
+_DIGITS = re.compile(r"\d+")
+
+
+class _Bucket:
+    __slots__ = ("tokens", "at")
+
+    def __init__(self, tokens: float, at: float) -> None:
+        self.tokens, self.at = tokens, at
 
 
 # A slot nobody should defer to: a receiving process not listening yet, or dead.
@@ -159,44 +253,86 @@ class ConnectionGuard:
         self._on_event = on_event
         self._lock = threading.Lock()
         self._conns: dict[int, Connection] = {}
+        self._buckets: dict[str, _Bucket] = {}
+        self.junk = JunkLedger(limits.junk_interval)
         self._stop = threading.Event()
         self._reaper = threading.Thread(target=self._reap_loop, name="scp-reaper", daemon=True)
+        # Connections closed since memory was last handed back (`_trim`).
+        self._closed_since_trim = 0
 
     def start(self) -> None:
         self._reaper.start()
 
     def stop(self) -> None:
         self._stop.set()
+        for event in self.junk.flush(time.monotonic(), force=True):
+            self._report(event)
+
+    def _take_token(self, host: str, now: float) -> bool:
+        """One new connection from `host` within its rate; called under the lock."""
+        limits = self.limits
+        bucket = self._buckets.get(host)
+        if bucket is None:
+            bucket = self._buckets[host] = _Bucket(float(limits.connection_burst), now)
+        bucket.tokens = min(
+            float(limits.connection_burst),
+            bucket.tokens + (now - bucket.at) * limits.connection_rate,
+        )
+        bucket.at = now
+        if bucket.tokens < 1:
+            return False
+        bucket.tokens -= 1
+        return True
 
     # -- accounting --------------------------------------------------------
     def register(self, sock: socket.socket, address: tuple[Any, ...]) -> Connection | None:
         """A new TCP connection; None (and an event) if its address has too many pending."""
         host, port = str(address[0]), int(address[1])
+        now = time.monotonic()
         with self._lock:
             pending = [c for c in self._conns.values() if not c.admitted]
             from_host = sum(c.address == host for c in pending)
-            if from_host >= self.limits.max_pending_per_address:
+            if not self._take_token(host, now):
+                why = (
+                    f"more than {self.limits.connection_rate:g} new connections a second "
+                    "from this address (scp.connection_rate_per_address)"
+                )
+            elif from_host >= self.limits.max_pending_per_address:
                 why = f"{from_host} connections from this address await association already"
             elif len(pending) >= self.limits.max_pending:
                 why = f"{len(pending)} connections await association already"
             else:
-                conn = Connection(host, port, time.monotonic(), sock.dup())
+                conn = Connection(host, port, now, sock.dup())
                 self._conns[id(conn)] = conn
                 if self.board is not None:
                     self.board.set(len(self._conns))
                 return conn
-        self._event(GuardEvent("rejected", host, "", why))
-        log.warning("connection from %s:%d refused: %s", host, port, why)
+        self._junk(GuardEvent("rejected", host, "", why))
         return None
 
     def admit(self, conn: Connection, calling_ae: str) -> str | None:
         """Count the association as admitted; returns why not, if the limit is reached."""
+        limits = self.limits
         with self._lock:
             conn.calling_ae = calling_ae
-            admitted = sum(c.admitted for c in self._conns.values())
-            if admitted >= self.max_associations:
-                return f"{admitted} associations in progress (scp.max_associations)"
+            # One we asked to release (idle) holds its slot no more.
+            admitted = [c for c in self._conns.values() if c.admitted and not c.idle_released]
+            if len(admitted) >= self.max_associations:
+                return f"{len(admitted)} associations in progress (scp.max_associations)"
+            from_host = sum(c.address == conn.address for c in admitted)
+            if from_host >= limits.max_associations_per_address:
+                return (
+                    f"{from_host} associations in progress from this address "
+                    "(scp.max_associations_per_address)"
+                )
+            same_ae = sum(c.calling_ae == calling_ae for c in admitted)
+            if same_ae >= limits.max_associations_per_calling_ae:
+                return (
+                    f"{same_ae} associations in progress from this calling AE title "
+                    "(scp.max_associations_per_calling_ae)"
+                )
             conn.admitted = True
+            conn.admitted_at = time.monotonic()
             return None
 
     def release(self, conn: Connection) -> None:
@@ -208,11 +344,14 @@ class ConnectionGuard:
             if self.board is not None:
                 self.board.set(len(self._conns))
             silent = not conn.reported and conn.cut_reason is None
+            self._closed_since_trim += 1
         if silent:
-            # A malformed or incomplete request that pynetdicom aborted on its own.
-            why = "closed before an association was established (malformed or incomplete request)"
-            log.warning("connection from %s %s", conn.peer, why)
-            self._event(GuardEvent("aborted", conn.address, conn.calling_ae, why, conn.id))
+            # A malformed or incomplete request that pynetdicom aborted on its
+            # own, or a connection opened and closed (a scan, a health check).
+            why = "closed before an association was established: malformed or incomplete request"
+            if conn.protocol_note:
+                why += f" ({conn.protocol_note})"
+            self._junk(GuardEvent("aborted", conn.address, conn.calling_ae, why, conn.id))
         with contextlib.suppress(OSError):
             conn.control.close()
 
@@ -223,20 +362,45 @@ class ConnectionGuard:
             return len(self._conns) - admitted, admitted
 
     # -- cutting -----------------------------------------------------------
-    def cut(self, conn: Connection, reason: str) -> None:
-        """Close the connection at once, logged and reported once."""
+    def cut(self, conn: Connection, reason: str, shutdown: bool = True) -> None:
+        """Close the connection, logged and reported once.
+
+        `shutdown=False`: the caller sends an A-ABORT first; the reaper closes
+        the connection if the peer has not within `_CLOSE_GRACE`.
+        """
         with self._lock:
             first = conn.cut_reason is None and not conn.closed
             if first:
                 conn.cut_reason = reason
+                conn.cut_at = time.monotonic()
         if not first:
             return
-        log.warning("connection from %s closed: %s", conn.peer, reason)
-        self._event(GuardEvent("aborted", conn.address, conn.calling_ae, reason, conn.id))
+        event = GuardEvent("aborted", conn.address, conn.calling_ae, reason, conn.id)
+        if conn.admitted:
+            log.warning("connection from %s closed: %s", conn.peer, reason)
+            self._event(event)
+        else:
+            self._junk(event)
+        if shutdown:
+            self._shutdown(conn)
+
+    @staticmethod
+    def _shutdown(conn: Connection) -> None:
         with contextlib.suppress(OSError):
             conn.control.shutdown(socket.SHUT_RDWR)
 
+    def _junk(self, event: GuardEvent) -> None:
+        """A connection that never became an association: reported once per address."""
+        if self.junk.first(event):
+            self._report(event)
+
+    def _report(self, event: GuardEvent) -> None:
+        verb = "refused" if event.kind == "rejected" else "closed"
+        log.warning("connection from %s %s: %s", event.address, verb, event.reason)
+        self._event(event)
+
     def _reap_loop(self) -> None:
+        limits = self.limits
         while not self._stop.wait(0.25):
             now = time.monotonic()
             with self._lock:
@@ -244,18 +408,121 @@ class ConnectionGuard:
             for conn in conns:
                 if conn.started and conn.assoc is not None and not conn.assoc.is_alive():
                     self.release(conn)
-                elif not conn.admitted and now - conn.accepted_at > self.limits.request_timeout:
+                elif conn.cut_reason is not None:
+                    if now - conn.cut_at > _CLOSE_GRACE:
+                        self._shutdown(conn)  # the A-ABORT went out; the peer stays
+                elif not conn.admitted and now - conn.accepted_at > limits.request_timeout:
                     self.cut(
                         conn,
-                        f"no association admitted within {self.limits.request_timeout:g} s "
+                        f"no association admitted within {limits.request_timeout:g} s "
                         "of the connection",
                     )
+                elif (
+                    conn.admitted
+                    and not conn.active
+                    and not conn.idle_released
+                    and now - conn.admitted_at > limits.idle_association
+                ):
+                    self._release_idle(conn)
+            for event in self.junk.flush(now):
+                self._report(event)
+            self._trim()
+            self._forget_buckets(now)
+
+    def _release_idle(self, conn: Connection) -> None:
+        assoc = conn.assoc
+        if assoc is None or not hasattr(assoc, "release_reason"):
+            return
+        conn.idle_released = True
+        why = (
+            f"no DIMSE message within {self.limits.idle_association:g} s of the association "
+            "(scp.idle_association_seconds): released"
+        )
+        log.warning("association from %s %s", conn.peer, why)
+        self._event(GuardEvent("released", conn.address, conn.calling_ae, why, conn.id))
+        assoc.release_reason = why
+        assoc.activity.set()
+
+    def _forget_buckets(self, now: float) -> None:
+        """Drop the buckets that are full again: they would be made the same."""
+        full = self.limits.connection_burst / max(self.limits.connection_rate, 1e-9)
+        with self._lock:
+            stale = [h for h, b in self._buckets.items() if now - b.at > full]
+            for host in stale:
+                del self._buckets[host]
+
+    def _trim(self) -> None:
+        """After a burst, hand the freed heap back to the system.
+
+        Each connection's threads allocate in glibc's per-thread arenas; a
+        burst of a thousand left 150 MB resident after its threads ended.
+        malloc_trim returns the free pages of every arena.
+        """
+        with self._lock:
+            if self._conns or self._closed_since_trim < _TRIM_AFTER:
+                return
+            self._closed_since_trim = 0
+        if _malloc_trim is not None:
+            _malloc_trim(0)
 
     def _event(self, event: GuardEvent) -> None:
         try:
             self._on_event(event)
         except Exception:
             log.exception("guard event callback failed")
+
+
+# Seconds a connection we cut may take to close after our A-ABORT.
+_CLOSE_GRACE = 2.0
+# Connections closed before the heap is trimmed, once none is open.
+_TRIM_AFTER = 64
+
+
+def _libc_malloc_trim() -> Callable[[int], int] | None:
+    name = ctypes.util.find_library("c")
+    try:
+        trim = ctypes.CDLL(name).malloc_trim if name else None
+    except (OSError, AttributeError):
+        return None  # not glibc
+    return trim  # type: ignore[no-any-return]
+
+
+_malloc_trim = _libc_malloc_trim()
+
+
+def _thread_connection() -> Connection | None:
+    """The guarded connection the running thread serves (its DUL or association thread)."""
+    thread: Any = threading.current_thread()
+    dul = getattr(thread, "dul", thread)
+    try:
+        sock = dul.socket
+    except Exception:
+        return None
+    conn = getattr(sock, "guard_conn", None)
+    return conn if isinstance(conn, Connection) else None
+
+
+class UnidentifiedPeerFilter(logging.Filter):
+    """Fold pynetdicom's lines about a connection that is no association yet into ours.
+
+    A garbage request makes pynetdicom log two to seven WARNING and ERROR
+    lines (unknown PDU type, undecodable PDU), some of them empty once the
+    traceback is dropped. For a connection not admitted, the first such line
+    becomes the reason in the guard's one report (`JunkLedger`); the rest is
+    dropped. Lines about admitted associations pass.
+    """
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        if not record.name.startswith("pynetdicom") or record.levelno < logging.WARNING:
+            return True
+        conn = _thread_connection()
+        if conn is None or conn.admitted:
+            return True
+        if not conn.protocol_note:
+            text = record.getMessage().strip()
+            # Scrubbed: it goes to the audit trail as well as the log.
+            conn.protocol_note = printable(scrub_values(text), limit=120) if text else ""
+        return False
 
 
 _current = threading.local()
@@ -313,6 +580,8 @@ class GuardedSocket(AssociationSocket):
                 sock.settimeout(limits.pdu_timeout)  # bounds blocked writes too
         if got < nr_bytes:
             del data[got:]  # short: the DUL sees the connection closed
+        elif conn.admitted:
+            conn.active = True  # a PDU since the association: not idle
         return data
 
 
@@ -353,7 +622,10 @@ class _GuardedRequestHandler(RequestHandler):
         guarded.guard_conn = conn
         guarded.guard = self.server.guard
         conn.assoc = assoc
-        reactor.adopt(assoc)
+        # Also on the association: its socket is gone once the connection closed.
+        assoc.guard_conn = conn  # type: ignore[attr-defined]
+        release_timeout = min(5.0, self.server.guard.limits.pdu_timeout)
+        reactor.adopt(assoc, self.server.refuse_store, release_timeout)
         return assoc
 
 
@@ -362,6 +634,8 @@ class GuardedAssociationServer(ThreadedAssociationServer):
 
     guard: ConnectionGuard
     tls_context: ssl.SSLContext | None
+    # The SCP's answer to a C-STORE-RQ the reactor refuses (reactor.ScreenedDIMSE).
+    refuse_store: reactor.RefuseStore | None = None
     # The listen backlog (socketserver's default is 5): a burst of connections
     # waits in the kernel instead of retrying its SYN a second or more later.
     request_queue_size = 128

@@ -24,6 +24,7 @@ from typing import Literal
 
 from pydicom.dataset import Dataset
 from pynetdicom import AE, evt
+from pynetdicom.association import Association
 from pynetdicom.sop_class import (
     ModalityPerformedProcedureStep,
     StorageCommitmentPushModel,
@@ -41,7 +42,9 @@ from dicom_io.guard import (
     LoadBoard,
     SharedSocketAssociationServer,
 )
+from dicom_io.identify import STATUS_CANNOT_UNDERSTAND, STATUS_DATASET_MISMATCH
 from dicom_io.part10 import part10_file
+from dicom_io.reactor import RefusedStore
 from dicom_io.sopclasses import IMAGE_STORAGE_CLASSES, STORAGE_CLASSES, TRANSFER_SYNTAXES
 from dicom_io.text import printable
 
@@ -78,7 +81,7 @@ class ReceivedObject:
     association_id: str | None = None  # names the association in the audit trail
 
 
-OutcomeKind = Literal["accepted", "rejected", "aborted"]
+OutcomeKind = Literal["accepted", "rejected", "aborted", "released"]
 
 
 @dataclass(frozen=True)
@@ -88,6 +91,9 @@ class AssociationOutcome:
     address: str
     reason: str = ""
     association_id: str | None = None
+    # Connections this outcome stands for: more than one in the guard's
+    # summaries of connections that never became an association.
+    count: int = 1
 
     @property
     def accepted(self) -> bool:
@@ -111,6 +117,14 @@ class SCPSettings:
     request_timeout: float = 10.0
     pdu_timeout: float = 60.0
     max_pending_per_address: int = 16
+    # See GuardLimits, and the README's "Hostile peers" for the defaults' reasons.
+    connection_rate_per_address: float = 20.0
+    connection_burst_per_address: int = 100
+    idle_association_seconds: float = 15.0
+    # None: half of max_associations (at least 1).
+    max_associations_per_address: int | None = None
+    max_associations_per_calling_ae: int | None = None
+    junk_log_interval_seconds: float = 60.0
     # Open connections per receiving process, shared: who accepts next
     # (guard.LoadBoard). Set when several processes accept from one listening
     # socket (daemon/receivers.py); it is then non-blocking, so that a
@@ -129,7 +143,16 @@ class SCPSettings:
             max_pdu=self.max_pdu_size + 1024,
             max_pending_per_address=self.max_pending_per_address,
             max_pending=max(64, 4 * self.max_associations),
+            connection_rate=self.connection_rate_per_address,
+            connection_burst=self.connection_burst_per_address,
+            idle_association=self.idle_association_seconds,
+            max_associations_per_address=self._share(self.max_associations_per_address),
+            max_associations_per_calling_ae=self._share(self.max_associations_per_calling_ae),
+            junk_interval=self.junk_log_interval_seconds,
         )
+
+    def _share(self, value: int | None) -> int:
+        return value if value is not None else max(1, self.max_associations // 2)
 
     def accepted_storage_classes(self) -> list[str]:
         refused = set(self.refused_sop_classes)
@@ -149,9 +172,14 @@ class StorageSCP:
         on_association: Callable[[AssociationOutcome], None] | None = None,
         on_commitment: Callable[[CommitmentReport], None] | None = None,
         on_mpps: Callable[[mpps.ProcedureStepMessage], int] | None = None,
+        on_refused: Callable[[ReceivedObject, int, str], None] | None = None,
     ) -> None:
+        """`on_refused`: a C-STORE-RQ refused before `on_store` (its UIDs, an
+        empty dataset), with its status and why; called from a network thread,
+        it must not wait (the receiver queues its audit row)."""
         self.settings = settings
         self._on_store = on_store
+        self._on_refused = on_refused
         self._on_mpps = on_mpps
         self._on_association = on_association
         self._on_commitment = on_commitment
@@ -220,6 +248,7 @@ class StorageSCP:
             server_class=server_class,
         )
         assert isinstance(server, GuardedAssociationServer)
+        server.refuse_store = self._refuse_store
         if s.load_board is not None:
             assert server.socket is not None
             server.socket.setblocking(False)  # shared by every receiving process
@@ -279,7 +308,11 @@ class StorageSCP:
     # -- handlers (run in the association's thread) ----------------------
     def _peer(self, event: evt.Event) -> tuple[str, str]:
         """(calling AE title, address), the title escaped: it is the peer's text."""
-        req = event.assoc.requestor
+        return self._peer_of(event.assoc)
+
+    @staticmethod
+    def _peer_of(assoc: Association) -> tuple[str, str]:
+        req = assoc.requestor
         # In EVT_REQUESTED pynetdicom has not yet copied the calling AE title
         # from the A-ASSOCIATE-RQ to `requestor.ae_title` (it does so during
         # negotiation, after the handler): read it from the request itself.
@@ -288,8 +321,8 @@ class StorageSCP:
 
     @staticmethod
     def _conn(event: evt.Event) -> Connection | None:
-        sock = event.assoc.dul.socket
-        return getattr(sock, "guard_conn", None)
+        conn = getattr(event.assoc, "guard_conn", None)  # set by the guard's request handler
+        return conn if isinstance(conn, Connection) else None
 
     def _reject(
         self, event: evt.Event, source: int, diagnostic: int, result: int, why: str
@@ -313,8 +346,10 @@ class StorageSCP:
             self._reject(event, 0x03, 0x01, 0x02, "shutting down")
             return
         if self.settings.check_called_ae_title and called != self.settings.ae_title:
+            # Unquoted: an AE title is configuration, not a patient value, and
+            # the log scrubber hides quoted text (daemon/logs.py).
             self._reject(
-                event, 0x01, 0x07, 0x01, f"called AE title {printable(called)!r} is not ours"
+                event, 0x01, 0x07, 0x01, f"called AE title [{printable(called, 16)}] is not ours"
             )
             return
         rules = self.settings.allowed_peers
@@ -374,6 +409,7 @@ class StorageSCP:
                 event.address,
                 event.reason,
                 event.association_id,
+                event.count,
             )
         )
 
@@ -399,6 +435,35 @@ class StorageSCP:
     def _handle_echo(self, event: evt.Event) -> int:
         return 0x0000
 
+    def _refuse_store(self, assoc: Association, refused: RefusedStore) -> int:
+        """A C-STORE-RQ the reactor could not hand to `_handle_store`: 0xA900, audited.
+
+        Runs in the DUL thread: `on_refused` must not wait for the database.
+        """
+        conn = getattr(assoc, "guard_conn", None)
+        ae_title, address = self._peer_of(assoc)
+        obj = ReceivedObject(
+            calling_ae=ae_title,
+            address=address,
+            sop_class_uid=refused.sop_class_uid,
+            sop_instance_uid=refused.sop_instance_uid,
+            transfer_syntax_uid="",
+            dataset=b"",
+            file_bytes=b"",
+            association_id=conn.id if conn is not None else None,
+        )
+        return self._refused(obj, STATUS_DATASET_MISMATCH, refused.reason)
+
+    def _refused(self, obj: ReceivedObject, status: int, why: str) -> int:
+        if self._on_refused is not None:
+            try:
+                self._on_refused(obj, status, why)
+            except Exception as exc:
+                log.error("refusal callback failed: %s", type(exc).__name__)
+        else:
+            log.warning("refused a C-STORE from %s@%s: %s", obj.calling_ae, obj.address, why)
+        return status
+
     def _handle_store(self, event: evt.Event) -> int:
         ae_title, address = self._peer(event)
         req = event.request
@@ -406,6 +471,11 @@ class StorageSCP:
         sop_instance_uid = str(req.AffectedSOPInstanceUID)
         transfer_syntax_uid = str(event.context.transfer_syntax)
         dataset = event.encoded_dataset(include_meta=False)
+        if not dataset:
+            # Nothing to store, and nothing to read a UID from: not understood.
+            obj = ReceivedObject(ae_title, address, sop_class_uid, sop_instance_uid,
+                                 transfer_syntax_uid, b"", b"", self._id(event))  # fmt: skip
+            return self._refused(obj, STATUS_CANNOT_UNDERSTAND, "empty dataset (zero bytes)")
         obj = ReceivedObject(
             calling_ae=ae_title,
             address=address,

@@ -13,8 +13,15 @@ _ESCAPES = {"\n": "\\n", "\r": "\\r", "\t": "\\t"}
 
 # A quoted run of text, as Python's repr and the libraries' messages write it.
 _QUOTED = re.compile(r"""'([^'\\]{0,2000}(?:\\.[^'\\]*)*)'|"([^"\\]{0,2000}(?:\\.[^"\\]*)*)\"""")
-# Quoted things that are safe to keep: UIDs and numbers, VR codes, tags.
-_SAFE = re.compile(r"^(?:[0-9.]{1,64}|[A-Z]{2}|\([0-9A-Fa-f]{4}, ?[0-9A-Fa-f]{4}\)|)$")
+# Quoted things that are safe to keep: UIDs and numbers, VR codes, tags;
+# absolute file paths of word characters (a traceback's "File ..." lines: our
+# spool paths are UIDs, and a caret, as in a DICOM person name, is not a word
+# character); APScheduler's job names ("seal (trigger: interval[...], ...)").
+_SAFE = re.compile(
+    r"^(?:[0-9.]{1,64}|[A-Z]{2}|\([0-9A-Fa-f]{4}, ?[0-9A-Fa-f]{4}\)|"
+    r"/[\w.+-]+(?:/[\w.+-]+)*/?|"
+    r"[a-z][\w.-]{0,63} \(trigger: [\w\[\]:., +-]{0,160}\)|)$"
+)
 REDACTED = "<value>"
 
 

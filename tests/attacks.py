@@ -6,12 +6,17 @@ and stops by itself.
 
 from __future__ import annotations
 
+import os
 import socket
 import struct
 import time
 from collections.abc import Iterator
 from contextlib import contextmanager
 
+from pydicom.dataset import Dataset
+from pydicom.filebase import DicomBytesIO
+from pydicom.filereader import read_dataset
+from pydicom.filewriter import write_dataset
 from pynetdicom import PYNETDICOM_IMPLEMENTATION_UID
 from pynetdicom.pdu import A_ASSOCIATE_RQ
 from pynetdicom.pdu_primitives import (
@@ -95,10 +100,10 @@ def read_pdu(sock: socket.socket, timeout: float = 30) -> tuple[int, bytes]:
     return pdu_type, body
 
 
-def established(port: int, source: str = "127.0.0.1") -> socket.socket:
+def established(port: int, source: str = "127.0.0.1", calling: str = "ATTACKER") -> socket.socket:
     """A raw socket whose association the SCP accepted (A-ASSOCIATE-AC read)."""
     sock = connect(port, source)
-    sock.sendall(associate_rq(storage=True))
+    sock.sendall(associate_rq(calling=calling, storage=True))
     pdu_type, _ = read_pdu(sock)
     if pdu_type != 0x02:
         sock.close()
@@ -122,3 +127,52 @@ def rss_kib(pid: int) -> int:
             if line.startswith("VmRSS:"):
                 return int(line.split()[1])
     raise RuntimeError("no VmRSS")
+
+
+def _pdv(context_id: int, data: bytes, command: bool) -> bytes:
+    """One P-DATA-TF PDU holding one whole fragment (PS3.8 9.3.5, E.2)."""
+    header = 0x03 if command else 0x02  # last fragment, command or dataset
+    item = struct.pack(">LBB", len(data) + 2, context_id, header) + data
+    return struct.pack(">BBL", 0x04, 0, len(item)) + item
+
+
+def c_store_rq(
+    sop_instance_uid: str,
+    dataset: bytes,
+    context_id: int = 3,
+    sop_class_uid: str = CTImageStorage,
+    message_id: int = 7,
+) -> bytes:
+    """A C-STORE-RQ as P-DATA PDUs, its UIDs as given: unchecked, like a broken sender's."""
+    cs = Dataset()
+    cs.AffectedSOPClassUID = sop_class_uid
+    cs.CommandField = 0x0001
+    cs.MessageID = message_id
+    cs.Priority = 0
+    cs.CommandDataSetType = 0x0000
+    cs.AffectedSOPInstanceUID = sop_instance_uid
+    body = DicomBytesIO()
+    body.is_little_endian, body.is_implicit_VR = True, True
+    write_dataset(body, cs)
+    elements = body.getvalue()
+    group_length = struct.pack("<HHLL", 0x0000, 0x0000, 4, len(elements))
+    return _pdv(context_id, group_length + elements, True) + _pdv(context_id, dataset, False)
+
+
+def garbage_command(context_id: int = 1, size: int = 64) -> bytes:
+    """A P-DATA PDU whose command fragment is random bytes."""
+    return _pdv(context_id, os.urandom(size), True)
+
+
+def dimse_status(sock: socket.socket, timeout: float = 10) -> int | None:
+    """The Status of the next DIMSE response; None if the SCP aborts or closes instead."""
+    try:
+        pdu_type, body = read_pdu(sock, timeout)
+    except (ConnectionError, OSError):
+        return None
+    if pdu_type != 0x04:
+        return None
+    # One PDV item: length (4), context (1), header (1), then the command set.
+    fragment = body[6:]
+    ds = read_dataset(DicomBytesIO(fragment), True, True)
+    return int(ds.Status)

@@ -37,6 +37,14 @@ ORIGINALS = {
         Association._run_reactor,
         "f28838c5559e462a563750cfc9f3790027f4bb7e2223baf42c9f5d682c359dee",
     ),
+    "Association.run_reactor": (
+        Association.run_reactor,
+        "ed8bbbe3b3d6ddaee3e8673ba25b2ab2a4c45f25bc1d8ae7b48ebafd09499e6d",
+    ),
+    "DIMSEServiceProvider.receive_primitive": (
+        DIMSEServiceProvider.receive_primitive,
+        "5f99c86b14a15cefa87d914cda3591ec4d636d4c53a982e945ec9c1828c6e43f",
+    ),
 }
 
 

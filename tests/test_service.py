@@ -155,7 +155,15 @@ def test_systemd_notify_ready_watchdog_stopping(daemon_factory, tmp_path: Path) 
 
 
 def test_max_associations(daemon_factory) -> None:
-    d = daemon_factory(RECEIVE_ONLY, env={"SECONDREADER_SCP__MAX_ASSOCIATIONS": "2"}).start()
+    # Both held associations come from one address: its share (half of
+    # max_associations by default) raised to the whole, to test the limit itself.
+    d = daemon_factory(
+        RECEIVE_ONLY,
+        env={
+            "SECONDREADER_SCP__MAX_ASSOCIATIONS": "2",
+            "SECONDREADER_SCP__MAX_ASSOCIATIONS_PER_ADDRESS": "2",
+        },
+    ).start()
     with _held_association(d.port, "ONE"), _held_association(d.port, "TWO"):
         third = _echoscu(d.port)
         assert third.returncode != 0

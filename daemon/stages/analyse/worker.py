@@ -317,7 +317,7 @@ def run_worker(config: Config) -> int:
     from daemon.liveness import Heartbeat
 
     # With the audit key (its events are signed), checked against the database's;
-    # no schema or another key: one line and exit 2 (daemon/cli.py).
+    # no schema or another key: one line and exit 2 (daemon/cli/).
     db = open_database(config)
     worker = Worker.from_config(config, db)
     stop = threading.Event()

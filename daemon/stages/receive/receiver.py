@@ -16,9 +16,11 @@ from __future__ import annotations
 import errno
 import logging
 import threading
+import time
 from collections.abc import Callable
 from concurrent.futures import Future, ThreadPoolExecutor, wait
 
+from daemon.audit_backlog import AuditBacklog
 from db import audit
 from db.audit import EventType
 from db.ingest import (
@@ -30,7 +32,7 @@ from db.ingest import (
     record_instance,
 )
 from db.mpps import record_message, waiting_studies
-from db.session import Database
+from db.session import Database, DeadlineExceeded
 from dicom_io import mpps
 from dicom_io.identify import (
     STATUS_DATASET_MISMATCH,
@@ -52,10 +54,15 @@ from dicom_io.text import printable
 # permanent: the sender must not simply retry.
 STATUS_UID_CONFLICT = STATUS_DATASET_MISMATCH
 
+# Seconds an audit row of the receive path may wait for the database before
+# it is queued instead (daemon/audit_backlog.py): the answer to the peer waits.
+_AUDIT_BUDGET = 0.5
+
 _OUTCOME_EVENTS = {
     "accepted": EventType.ASSOCIATION_ACCEPTED,
     "rejected": EventType.ASSOCIATION_REJECTED,
     "aborted": EventType.ASSOCIATION_ABORTED,
+    "released": EventType.ASSOCIATION_RELEASED,
 }
 
 log = logging.getLogger(__name__)
@@ -70,13 +77,19 @@ class Receiver:
         *,
         ancillary: Spool | None = None,
         others_busy: Callable[[], bool] | None = None,
+        store_deadline: float = 10.0,
     ) -> None:
         """`ancillary` keeps non-image objects; None drops them (answered with success).
 
         `others_busy`: whether another receiving process, writing to the same
         database, holds a connection now (`scp.processes` > 1; see `_record`).
+        `store_deadline`: seconds from a C-STORE-RQ to its answer when the
+        database is slow (scp.store_deadline_seconds): past it, 0xA700.
         """
         self.db = db
+        self.store_deadline = store_deadline
+        # Refusals and association outcomes: audited without waiting (see the module).
+        self.backlog = AuditBacklog(db)
         self.spool = spool
         self.ancillary = ancillary
         self.others_busy = others_busy
@@ -94,57 +107,74 @@ class Receiver:
 
     def close(self) -> None:
         self._io.shutdown(wait=True)
+        self.backlog.close()
 
     def on_association(self, outcome: AssociationOutcome) -> None:
-        with self.db.session() as s:
-            audit.record(
-                s,
-                _OUTCOME_EVENTS[outcome.kind],
-                outcome.calling_ae or "(unidentified)",
-                address=outcome.address,
-                reason=outcome.reason,
-                association=outcome.association_id,
-            )
+        detail: dict[str, object] = {}
+        if outcome.count > 1:
+            detail["count"] = outcome.count
+        self.backlog.record(
+            _OUTCOME_EVENTS[outcome.kind],
+            outcome.calling_ae or "(unidentified)",
+            budget=_AUDIT_BUDGET,
+            address=outcome.address,
+            reason=outcome.reason,
+            association=outcome.association_id,
+            **detail,
+        )
 
-    def _refuse(self, obj: ReceivedObject, status: int, why: str, **detail: object) -> int:
+    def _refuse(
+        self,
+        obj: ReceivedObject,
+        status: int,
+        why: str,
+        deadline: float | None = None,
+        **detail: object,
+    ) -> int:
+        """Log and audit a refusal; the status. The audit row waits until `deadline` at most."""
         # One line, no traceback: `why` is ours and quotes no dataset value.
+        uid_ok = valid_uid(obj.sop_instance_uid)
         log.warning(
             "refused SOP instance %s from %s: %s (status 0x%04X)",
-            obj.sop_instance_uid if valid_uid(obj.sop_instance_uid) else "(invalid UID)",
+            obj.sop_instance_uid if uid_ok else "(invalid UID)",
             obj.calling_ae,
             why,
             status,
         )
-        try:
-            with self.db.session() as s:
-                audit.record(
-                    s,
-                    EventType.INSTANCE_FAILED,
-                    obj.calling_ae,
-                    # The C-STORE request's UID, when it is one: says which instance it was.
-                    sop_instance_uid=(
-                        obj.sop_instance_uid if valid_uid(obj.sop_instance_uid) else None
-                    ),
-                    status=status,
-                    reason=why,
-                    association=obj.association_id,
-                    **detail,
-                )
-        except Exception as exc:
-            log.error("could not audit a refused instance: %s", type(exc).__name__)
+        if not uid_ok and obj.sop_instance_uid:
+            # Which request it was, as far as it can be told: the sent text, cut.
+            detail["request_uid"] = obj.sop_instance_uid[:80]
+        budget = _AUDIT_BUDGET if deadline is None else deadline - time.monotonic()
+        self.backlog.record(
+            EventType.INSTANCE_FAILED,
+            obj.calling_ae,
+            budget=min(_AUDIT_BUDGET, budget),
+            # The C-STORE request's UID, when it is one: says which instance it was.
+            sop_instance_uid=obj.sop_instance_uid if uid_ok else None,
+            status=status,
+            reason=why,
+            association=obj.association_id,
+            **detail,
+        )
         return status
+
+    def on_refused(self, obj: ReceivedObject, status: int, why: str) -> None:
+        """A C-STORE-RQ the SCP refused before `on_store` (dicom_io/scp.py): audited."""
+        self._refuse(obj, status, why)
 
     def on_store(self, obj: ReceivedObject) -> int:
         """The C-STORE status for one object; never raises (every refusal is audited)."""
         try:
-            return self._store(obj)
+            # The audit row of a refusal may take its budget after the deadline.
+            budget = max(0.1, self.store_deadline - _AUDIT_BUDGET)
+            return self._store(obj, time.monotonic() + budget)
         except Exception as exc:
             log.debug("store traceback", exc_info=exc)
             return self._refuse(
                 obj, STATUS_OUT_OF_RESOURCES, f"internal error: {type(exc).__name__}"
             )
 
-    def _store(self, obj: ReceivedObject) -> int:
+    def _store(self, obj: ReceivedObject, deadline: float) -> int:
         try:
             # The framing first: it refuses hostile nesting and unknown VRs
             # before a recursive parser sees them.
@@ -165,7 +195,8 @@ class Receiver:
             with self.db.session() as s:
                 own = is_own_object(s, ident.sop_instance_uid)
             if own or not image:
-                return self._store_ancillary(obj, ident, "own object" if own else "non-image")
+                reason = "own object" if own else "non-image"
+                return self._store_ancillary(obj, ident, reason, deadline)
 
         item = self._item(obj, ident)
         relative = item.path
@@ -179,7 +210,7 @@ class Receiver:
         if alone and self.others_busy is not None:
             alone = not self.others_busy()
         try:
-            return self._record(obj, ident, item, written, alone)
+            return self._record(obj, ident, item, written, alone, deadline)
         finally:
             with self._count_lock:
                 self._in_flight -= 1
@@ -191,6 +222,7 @@ class Receiver:
         item: StoredInstance,
         written: Future[int],
         alone: bool,
+        deadline: float,
     ) -> int:
         """The row, committed once the file is durable; the C-STORE status."""
         relative = item.path
@@ -202,7 +234,7 @@ class Receiver:
                 # durable before the transaction starts. (Alone, the two
                 # overlap: the lowest latency.)
                 wait([written])
-            with self.db.write_session() as s:
+            with self.db.write_session(deadline) as s:
                 is_new = record_instance(s, item)
                 written.result()  # an OSError here rolls the row back
         except UIDConflict as exc:
@@ -211,6 +243,15 @@ class Receiver:
             # the file is this refused object's alone.
             self.spool.path(relative).unlink(missing_ok=True)
             return self._conflict(obj, ident, exc)
+        except DeadlineExceeded:
+            wait([written])  # the file stays, as below
+            return self._refuse(
+                obj,
+                STATUS_OUT_OF_RESOURCES,
+                f"database busy: not written within {self.store_deadline:g} s "
+                "(scp.store_deadline_seconds)",
+                deadline + _AUDIT_BUDGET,
+            )
         except OSError as exc:
             why = "disk full" if exc.errno == errno.ENOSPC else f"write failed: {exc.strerror}"
             return self._refuse(obj, STATUS_OUT_OF_RESOURCES, why)
@@ -219,9 +260,10 @@ class Receiver:
             # just replaced, and the sender will resend this one.
             wait([written])
             log.debug("database write failed", exc_info=exc)
-            return self._refuse(
-                obj, STATUS_OUT_OF_RESOURCES, f"database error: {type(exc).__name__}"
-            )
+            why = f"database error: {type(exc).__name__}"
+            if time.monotonic() >= deadline:
+                why += f" (not written within {self.store_deadline:g} s)"
+            return self._refuse(obj, STATUS_OUT_OF_RESOURCES, why, deadline + _AUDIT_BUDGET)
         log.debug(
             "stored %s (study %s, %s)",
             ident.sop_instance_uid,
@@ -289,7 +331,9 @@ class Receiver:
             series_instance_uid=ident.series_instance_uid,
         )
 
-    def _store_ancillary(self, obj: ReceivedObject, ident: Identity, reason: str) -> int:
+    def _store_ancillary(
+        self, obj: ReceivedObject, ident: Identity, reason: str, deadline: float
+    ) -> int:
         """Keep (or drop) an object that is never analysed; it touches no study."""
         item = self._item(obj, ident)
         relative = item.path
@@ -297,12 +341,14 @@ class Receiver:
         try:
             if self.ancillary is not None:
                 self.ancillary.write(relative, obj.file_bytes)
-            with self.db.session() as s:
+            with self.db.write_session(deadline) as s:
                 record_ancillary(s, item, reason, stored=stored)
         except UIDConflict as exc:
             if self.ancillary is not None:
                 self.ancillary.path(relative).unlink(missing_ok=True)
             return self._conflict(obj, ident, exc)
+        except DeadlineExceeded:
+            return self._refuse(obj, STATUS_OUT_OF_RESOURCES, "database busy")
         except OSError as exc:
             why = "disk full" if exc.errno == errno.ENOSPC else f"write failed: {exc.strerror}"
             return self._refuse(obj, STATUS_OUT_OF_RESOURCES, why)

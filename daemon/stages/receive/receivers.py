@@ -71,7 +71,12 @@ def run_receiving_process(
     )
     board = LoadBoard(counts, index)
     receiver = Receiver(
-        db, spool, config.scp.max_associations, ancillary=ancillary, others_busy=board.others_busy
+        db,
+        spool,
+        config.scp.max_associations,
+        ancillary=ancillary,
+        others_busy=board.others_busy,
+        store_deadline=config.scp.store_deadline_seconds,
     )
     receiver.on_ready = lambda: os.write(wake_fd, b"c")
     dispatcher = Dispatcher(db, config)
@@ -81,6 +86,7 @@ def run_receiving_process(
         receiver.on_association,
         on_commitment=dispatcher.on_commitment if dispatcher.wants_commitment else None,
         on_mpps=receiver.on_mpps if config.scp.accept_mpps else None,
+        on_refused=receiver.on_refused,
     )
     scp.start()
     heartbeat = Heartbeat(db, "receiver", config.worker.liveness_seconds).start()
