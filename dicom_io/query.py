@@ -18,9 +18,9 @@ from pynetdicom.sop_class import (
 
 from dicom_io.identify import valid_uid
 from dicom_io.scu import AssociationFailed, RemoteAE, associate, new_ae
-from dicom_io.status import CANNOT_UNDERSTAND, SUCCESS
+from dicom_io.status import CANNOT_UNDERSTAND, PENDING, PENDING_WITH_WARNING, SUCCESS
 
-_PENDING = (0xFF00, 0xFF01)
+_PENDING = (PENDING, PENDING_WITH_WARNING)
 
 
 @dataclass(frozen=True)

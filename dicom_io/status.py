@@ -15,12 +15,19 @@ from pynetdicom.status import GENERAL_STATUS, STORAGE_SERVICE_CLASS_STATUS, Stat
 
 SUCCESS = int(Status.SUCCESS)
 PENDING = int(Status.PENDING)
+# C-FIND (QR_FIND_SERVICE_CLASS_STATUS): "Matches are continuing - Warning that one or
+# more Optional Keys were not supported".
+PENDING_WITH_WARNING = 0xFF01
 
 # General statuses (PS3.7 C; GENERAL_STATUS).
 INVALID_ATTRIBUTE_VALUE = 0x0106  # "Invalid Attribute Value"
 PROCESSING_FAILURE = 0x0110  # "Processing Failure"
 DUPLICATE_SOP_INSTANCE = 0x0111  # "Duplication SOP Instance"
 NO_SUCH_SOP_INSTANCE = 0x0112  # "No Such SOP Instance"
+CLASS_INSTANCE_CONFLICT = 0x0119  # "Class-Instance Conflict"
+SOP_CLASS_NOT_SUPPORTED = 0x0122  # "Refused: SOP Class Not Supported"
+DUPLICATE_TRANSACTION_UID = 0x0131  # storage commitment Failure Reason (PS3.3 C.14.1.1)
+RESOURCE_LIMITATION = 0x0213  # "Resource Limitation"
 
 # Storage (PS3.4 B.2.3; STORAGE_SERVICE_CLASS_STATUS): the first code of each range.
 OUT_OF_RESOURCES = 0xA700  # "Refused: Out of Resources" (A7xx)
