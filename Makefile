@@ -22,11 +22,14 @@ run: install
 # Install the real peers if missing (dcmtk, Orthanc with DICOMweb, dicom3tools,
 # PostgreSQL, Chromium, tesseract, PixelMed with a Java runtime), fetch the
 # OHIF viewer the viewer tests open (npm package @ohif/app, checked against its
-# published SHA-1), lint, then run the whole suite.
+# published SHA-1), lint, check the layers (import-linter) and the types (mypy),
+# then run the whole suite.
 test: install
 	deploy/install-system-packages.sh
 	$(VENV)/bin/python tests/fetch_ohif.py
 	$(VENV)/bin/ruff check .
+	$(VENV)/bin/lint-imports
+	$(VENV)/bin/mypy
 	$(VENV)/bin/pytest
 
 bench: install

@@ -374,7 +374,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         with secondreader(workdir, "secondreader (defaults: fsync, SQLite NORMAL)") as r:
             rows[r.label] = measure(r, files, args.repeats)
         for n in args.processes_row or [2, 4]:
-            # Receiving processes sharing the port (daemon/receivers.py).
+            # Receiving processes sharing the port (daemon/stages/receive/receivers.py).
             with secondreader(
                 workdir,
                 f"secondreader, {n} receiving processes",

@@ -114,7 +114,7 @@ class AccountService:
             return accounts.list_users(s)
 
     @staticmethod
-    def _user(s, username: str):  # type: ignore[no-untyped-def]
+    def _user(s, username: str):
         user = accounts.get_user(s, username)
         if user is None:
             raise AccountError(f"no user {username!r}")
@@ -163,7 +163,7 @@ class AccountService:
                 return None
             return self._open(s, user.id, username, address, now)
 
-    def _open(self, s, user_id: int, username: str, address: str, now) -> str:  # type: ignore[no-untyped-def]
+    def _open(self, s, user_id: int, username: str, address: str, now) -> str:
         token = secrets.token_urlsafe(32)
         accounts.open_session(s, user_id, _token_hash(token), secrets.token_urlsafe(32), now)
         audit.record(s, EventType.LOGIN_SUCCEEDED, username, address=address)

@@ -26,6 +26,8 @@ from pydantic import (
     model_validator,
 )
 
+from db.layout import AUDIT_KEY_FILE, StateLayout
+
 ENV_PREFIX = "SECONDREADER_"
 CONFIG_ENV = "SECONDREADER_CONFIG"
 
@@ -142,13 +144,18 @@ class StorageConfig(_Section):
     fsync: bool = True
 
     @property
+    def layout(self) -> StateLayout:
+        """The state folder's folders and files (db/layout.py)."""
+        return StateLayout(self.state_dir)
+
+    @property
     def spool_dir(self) -> Path:
-        return self.state_dir / "spool"
+        return self.layout.spool
 
     @property
     def ancillary_dir(self) -> Path:
         """Non-image objects and our own objects sent back: kept, never analysed."""
-        return self.state_dir / "ancillary"
+        return self.layout.ancillary
 
 
 class DatabaseConfig(_Section):
@@ -187,9 +194,9 @@ OutputKind = Literal["sr", "pmap", "seg", "binary-seg", "gsps", "summary"]
 OUTPUT_KINDS: tuple[str, ...] = ("sr", "pmap", "seg", "binary-seg", "gsps", "summary")
 # What OHIF 3.13 shows (SR, parametric map) and what any PACS shows (GSPS,
 # summary). The FRACTIONAL SEG stays off: OHIF 3.13 hangs on "Loading SEG...".
-DEFAULT_OUTPUTS: tuple[str, ...] = ("sr", "pmap", "gsps", "summary")
+DEFAULT_OUTPUTS: tuple[OutputKind, ...] = ("sr", "pmap", "gsps", "summary")
 # What the report stage's second pass builds; the SR, and the SEG it cites,
-# come first (daemon/reporter.py).
+# come first (daemon/stages/report.py).
 EXTRA_KINDS = frozenset({"pmap", "binary-seg", "gsps", "summary"})
 
 
@@ -363,7 +370,7 @@ class MetricsConfig(_Section):
 
 
 class PullConfig(_Section):
-    """Scheduled pull (daemon/puller.py): C-FIND the PACS for new studies, C-MOVE them to us.
+    """Scheduled pull (daemon/stages/pull.py): C-FIND the PACS for new studies, C-MOVE them to us.
 
     The PACS must know our AE title, host and port (its modality table). A
     study is pulled once: `pulled_studies` remembers it across restarts.
@@ -392,7 +399,7 @@ class PullConfig(_Section):
 
 
 class RetentionConfig(_Section):
-    """What `secondreader cleanup` and the daemon's retention job remove (daemon/cleaner.py).
+    """What `secondreader cleanup` and the daemon's retention job remove (daemon/stages/retain.py).
 
     Only finished studies lose their files (db/retention.py): never one that
     is receiving, queued, running, unreported, undelivered or, with
@@ -470,13 +477,13 @@ class Config(_Section):
         if self.audit.key_file is not None:
             return self.audit.key_file
         folder = self._source.parent if self._source is not None else self.storage.state_dir
-        return folder / "audit.key"
+        return folder / AUDIT_KEY_FILE
 
     @property
     def database_url(self) -> str:
         """database.url with `postgres://` and `postgresql://` meaning our driver, psycopg 3."""
         if not self.database.url:
-            return f"sqlite:///{self.storage.state_dir / 'secondreader.db'}"
+            return f"sqlite:///{self.storage.layout.database}"
         return normalise_database_url(self.database.url)
 
     @property

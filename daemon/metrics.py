@@ -116,16 +116,16 @@ class DatabaseCollector(Collector):
             value=removed,
         )
         if self.storage is not None:
-            state = self.storage()
+            disk = self.storage()
             yield GaugeMetricFamily(
                 "secondreader_disk_used_ratio",
                 "Used fraction of the disk holding the state folder",
-                value=float(state["used_percent"]) / 100.0,
+                value=float(disk["used_percent"]) / 100.0,
             )
             yield GaugeMetricFamily(
                 "secondreader_retention_blocked",
                 "1 when the disk is above the high watermark and nothing may be removed",
-                value=1.0 if state["blocked"] else 0.0,
+                value=1.0 if disk["blocked"] else 0.0,
             )
 
 

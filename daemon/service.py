@@ -5,124 +5,38 @@ from __future__ import annotations
 import gc
 import logging
 import signal
-import socket
 import threading
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
 from types import FrameType
 from typing import Any
 
-from daemon.bookkeeper import seal_audit_trail
-from daemon.cleaner import Cleaner
-from daemon.completer import Completer
 from daemon.config import Config
-from daemon.dispatcher import Dispatcher
 from daemon.errors import NotMigrated, check_port_free
+from daemon.factories import open_database, scp_settings
 from daemon.liveness import Heartbeat, gone_after, worker_alert
 from daemon.metrics import serve_metrics
-from daemon.puller import Puller
-from daemon.receiver import Receiver
-from daemon.receivers import ReceiverPool
-from daemon.reporter import Reporter
-from daemon.reviewer import ReviewService
 from daemon.scheduler import Scheduler
+from daemon.stages.analyse.worker import Worker, requeue_expired_jobs, retry_policy
+from daemon.stages.complete import Completer
+from daemon.stages.deliver import Dispatcher
+from daemon.stages.pull import Puller
+from daemon.stages.receive.receiver import Receiver
+from daemon.stages.receive.receivers import ReceiverPool
+from daemon.stages.report import Reporter
+from daemon.stages.retain import Cleaner
+from daemon.stages.review import ReviewService
+from daemon.stages.seal import seal_audit_trail
 from daemon.systemd import Notifier
 from daemon.web.server import serve_web
-from daemon.worker import Worker, requeue_expired_jobs, retry_policy
-from db import migrate
-from db.chain import load_key
-from db.installation import check_key
 from db.notify import RUNS, Listener
-from db.session import Database, sqlite_file
-from dicom_io.guard import LoadBoard
-from dicom_io.scp import PeerRule, SCPSettings, StorageSCP
+from dicom_io.scp import StorageSCP
 from dicom_io.spool import Spool
-from dicom_io.tls import server_context
 
 log = logging.getLogger(__name__)
 
 __all__ = ["NotMigrated", "Service", "open_database", "scp_settings", "worker_alert"]
 
-
-def open_database(config: Config, *, signed: bool = True) -> Database:
-    """The database, with the audit key that signs every audit row written through it.
-
-    `signed=False` for commands that only read (status, listings, export):
-    they work without the key. Nothing is created here: no database, or no
-    schema, raises NotMigrated (`db upgrade` creates both); a key other than
-    the one the database records raises AuditKeyMismatch.
-    """
-    url = config.database_url
-    path = sqlite_file(url)
-    if path is not None and not path.exists():
-        raise NotMigrated(_no_database(config, path))
-    current = migrate.current(url)
-    if current is None:
-        raise NotMigrated("the database has no schema: run `secondreader db upgrade` first")
-    if current != migrate.head():
-        raise NotMigrated(
-            f"the database's schema is at revision {current}, this version of secondreader "
-            f"needs {migrate.head()}: run `secondreader db upgrade` (after each update)"
-        )
-    key = load_key(config.audit_key_path) if signed else None
-    db = Database(url, sqlite_synchronous=config.database.sqlite_synchronous, audit_key=key)
-    if key is not None:
-        try:
-            with db.session() as s:
-                check_key(s, key, str(config.audit_key_path))
-        except Exception:
-            db.dispose()
-            raise
-    return db
-
-
-def _no_database(config: Config, path: Path) -> str:
-    where = (
-        f"the config file {config.source}" if config.source is not None
-        else "no config file (--config FILE or SECONDREADER_CONFIG): the defaults keep "
-             f"the state in {config.storage.state_dir.absolute()}"
-    )  # fmt: skip
-    return f"no database at {path} ({where}): run `secondreader db upgrade` first"
-
-
-def scp_settings(
-    config: Config,
-    *,
-    load_board: LoadBoard | None = None,
-    listening_socket: socket.socket | None = None,
-) -> SCPSettings:
-    """The SCP's settings; a receiving process's board and socket (daemon/receivers.py)."""
-    c = config.scp
-    ssl_context = None
-    if c.tls.enabled:
-        if c.tls.cert_file is None or c.tls.key_file is None:
-            raise ValueError("scp.tls.enabled needs scp.tls.cert_file and scp.tls.key_file")
-        ssl_context = server_context(c.tls.cert_file, c.tls.key_file, c.tls.ca_file)
-    return SCPSettings(
-        ae_title=c.ae_title,
-        host=c.host,
-        port=c.port,
-        max_associations=c.max_associations,
-        max_pdu_size=c.max_pdu_size,
-        allowed_peers=[PeerRule(p.ae_title, tuple(p.addresses)) for p in c.allowed_peers],
-        ssl_context=ssl_context,
-        check_called_ae_title=c.check_called_ae_title,
-        refused_sop_classes=[
-            *c.refused_sop_classes,
-            *(["non-image"] if c.non_image_objects == "refuse" else []),
-        ],
-        request_timeout=c.request_timeout_seconds,
-        pdu_timeout=c.pdu_timeout_seconds,
-        max_pending_per_address=c.max_pending_per_address,
-        connection_rate_per_address=c.connection_rate_per_address,
-        connection_burst_per_address=c.connection_burst_per_address,
-        idle_association_seconds=c.idle_association_seconds,
-        max_associations_per_address=c.max_associations_per_address,
-        max_associations_per_calling_ae=c.max_associations_per_calling_ae,
-        junk_log_interval_seconds=c.junk_log_interval_seconds,
-        load_board=load_board,
-        listening_socket=listening_socket,
-    )
 
 
 # After a quiet window's end, so that the study is due when the completer looks.
@@ -153,7 +67,7 @@ class Service:
             if config.scp.non_image_objects == "store"
             else None
         )
-        # More receiving processes on the same port (daemon/receivers.py).
+        # More receiving processes on the same port (daemon/stages/receive/receivers.py).
         self.scheduler = Scheduler()
         self.receivers = (
             ReceiverPool(config, lambda: self.scheduler.wake("complete-studies"))
@@ -216,7 +130,7 @@ class Service:
             config.worker.heartbeat_seconds,
             lambda: requeue_expired_jobs(self.db, policy, "serve"),
         )
-        # Review rounds a crash left without their verified SR (daemon/reviewer.py).
+        # Review rounds a crash left without their verified SR (daemon/stages/review.py).
         self.reviewer = ReviewService(self.db, config)
         self.scheduler.every(
             "finalize-reviews", config.report.check_interval_seconds, self.finalize
@@ -288,7 +202,7 @@ class Service:
 
     @property
     def _running_marker(self) -> Path:
-        return self.config.storage.state_dir / "serve.running"
+        return self.config.storage.layout.running_marker
 
     def run(self) -> int:
         swept = self.spool.sweep_incoming()

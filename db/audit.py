@@ -10,10 +10,10 @@ import json
 import secrets
 from datetime import datetime
 from types import SimpleNamespace
-from typing import Any
+from typing import Any, cast
 
+from sqlalchemy import Table, select
 from sqlalchemy import insert as sa_insert
-from sqlalchemy import select
 from sqlalchemy.orm import Session
 
 from db import chain
@@ -46,7 +46,7 @@ class EventType:
     MPPS_UPDATED = "mpps.updated"
     STUDY_COMPLETED = "study.completed"
     JOB_QUEUED = "job.queued"
-    # The infer stage (db/jobs.py): one event per transition of a job's lease.
+    # The infer stage (db/queue.py): one event per transition of a job's lease.
     JOB_CLAIMED = "job.claimed"
     JOB_FINISHED = "job.finished"
     JOB_ATTEMPT_FAILED = "job.attempt_failed"  # will be retried after a backoff
@@ -66,7 +66,7 @@ class EventType:
     DELIVERY_DEAD = "delivery.dead"  # gave up: `secondreader deliveries retry` re-queues
     DELIVERY_REQUEUED = "delivery.requeued"
     COMMITMENT_REQUESTED = "delivery.commitment_requested"
-    # Physician review (db/reviews.py, daemon/reviewer.py).
+    # Physician review (db/reviews.py, daemon/stages/review.py).
     REVIEW_DECIDED = "review.decided"  # one finding confirmed, rejected or corrected
     REVIEW_AMENDED = "review.amended"  # a decided finding decided again, with a reason
     # Signed decisions withdrawn by their reviewer inside the undo window,
@@ -76,9 +76,9 @@ class EventType:
     RELEASE_HELD = "release.held"  # AI object held for review (release = after_review)
     RELEASE_RELEASED = "release.released"  # held object sent after the review
     RELEASE_WITHHELD = "release.withheld"  # held object never sent: the site sends the verified SR
-    # Retention (daemon/cleaner.py): a finished study's files removed; its rows stay.
+    # Retention (daemon/stages/retain.py): a finished study's files removed; its rows stay.
     STUDY_FILES_REMOVED = "study.files_removed"
-    # Scheduled pull (daemon/puller.py): one per poll, one per C-MOVE.
+    # Scheduled pull (daemon/stages/pull.py): one per poll, one per C-MOVE.
     PULL_POLLED = "pull.polled"
     PULL_MOVED = "pull.moved"
     PULL_FAILED = "pull.failed"
@@ -114,7 +114,7 @@ def record(
     return event
 
 
-_INSERT = sa_insert(AuditEvent.__table__)
+_INSERT = sa_insert(cast(Table, AuditEvent.__table__))
 
 
 def insert(

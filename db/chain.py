@@ -29,7 +29,7 @@ import secrets
 from dataclasses import dataclass, field
 from datetime import datetime
 from pathlib import Path
-from typing import Any, Protocol
+from typing import Any, Protocol, cast
 
 from sqlalchemy import Row, func, select, text, update
 from sqlalchemy.orm import Session
@@ -123,7 +123,7 @@ def _head(session: Session) -> tuple[int, str]:
         .order_by(AuditEvent.seq.desc())
         .limit(1)
     ).first()
-    return (0, GENESIS) if row is None else (int(row[0]), str(row[1]))
+    return (0, GENESIS) if row is None else (int(cast(int, row[0])), str(row[1]))
 
 
 @dataclass(frozen=True)

@@ -2,7 +2,17 @@
 
 from __future__ import annotations
 
-from sqlalchemy.exc import ArgumentError, DBAPIError, NoSuchModuleError, OperationalError
+from sqlalchemy.exc import (
+    ArgumentError,
+    DBAPIError,
+    IntegrityError,
+    NoSuchModuleError,
+    OperationalError,
+)
+
+# A write a unique constraint refused: another process, or another reader, was
+# first. Code outside db/ catches it by this name (only db/ imports SQLAlchemy).
+WrittenMeanwhile = IntegrityError
 
 
 def describe(exc: BaseException) -> str | None:

@@ -4,9 +4,9 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 from datetime import datetime
-from typing import Any
+from typing import Any, cast
 
-from sqlalchemy import bindparam, select, update
+from sqlalchemy import Table, bindparam, select, update
 from sqlalchemy.dialects.postgresql import insert as pg_insert
 from sqlalchemy.dialects.sqlite import insert as sqlite_insert
 from sqlalchemy.orm import Session
@@ -14,6 +14,7 @@ from sqlalchemy.orm import Session
 from db import audit
 from db.audit import EventType
 from db.models import AncillaryInstance, Instance, OutboxItem, Series, Study, StudyState, utcnow
+from db.session import changed_rows
 
 
 class UIDConflict(Exception):
@@ -48,7 +49,7 @@ class StoredInstance:
 # compiled form by a cache key it computed the first time, instead of building
 # the statement and its key again for every instance (a third of the database
 # time per instance, inside the write lock; bench/ingest.py).
-_studies, _series = Study.__table__, Series.__table__
+_studies, _series = cast(Table, Study.__table__), cast(Table, Series.__table__)
 _TOUCH_RECEIVING_STUDY = (
     update(_studies)
     .where(
@@ -109,11 +110,12 @@ def _study_id(session: Session, item: StoredInstance, now: datetime) -> int:
         select(Study.id, Study.state).where(Study.study_instance_uid == item.study_instance_uid)
     ).one()
     if state == StudyState.COMPLETE:
-        reopened = session.execute(
+        reopened = changed_rows(
+        session,
             update(Study)
             .where(Study.id == study_id, Study.state == StudyState.COMPLETE)
             .values(state=StudyState.RECEIVING, receiving_since=now, last_received_at=now)
-        ).rowcount
+        )
         if reopened:
             audit.record(
                 session,

@@ -6,6 +6,7 @@ Times are naive UTC (`utcnow()`), the same on SQLite and PostgreSQL.
 from __future__ import annotations
 
 from datetime import UTC, datetime
+from enum import StrEnum
 from typing import Any
 
 from sqlalchemy import (
@@ -32,12 +33,12 @@ class Base(DeclarativeBase):
     type_annotation_map = {dict[str, Any]: JSON}
 
 
-class StudyState:
+class StudyState(StrEnum):
     RECEIVING = "receiving"
     COMPLETE = "complete"
 
 
-class JobState:
+class JobState(StrEnum):
     QUEUED = "queued"
     RUNNING = "running"
     DONE = "done"
@@ -57,7 +58,7 @@ class Study(Base):
     last_received_at: Mapped[datetime] = mapped_column(DateTime)
     completed_at: Mapped[datetime | None] = mapped_column(DateTime)
     completion_count: Mapped[int] = mapped_column(Integer, default=0)
-    # Retention (daemon/cleaner.py) removed the files of every instance
+    # Retention (daemon/stages/retain.py) removed the files of every instance
     # received up to this moment; the rows stay. Instances received later
     # (the study re-opened) have their files.
     files_removed_at: Mapped[datetime | None] = mapped_column(DateTime)
@@ -162,14 +163,7 @@ class AuditEvent(Base):
     chain_mac: Mapped[str | None] = mapped_column(String(64))
 
 
-class RunOutcome:
-    ANALYSED = "analysed"
-    NOT_APPLICABLE = "not_applicable"
-    FAILED_QC = "failed_qc"
-    FAILED = "failed"
-
-
-class ReportState:
+class ReportState(StrEnum):
     PENDING = "pending"  # the report stage has not built the SR/SEG yet
     REPORTED = "reported"  # objects built and queued in the outbox
     FAILED = "failed"
@@ -186,7 +180,7 @@ class AnalysisRun(Base):
     id: Mapped[int] = mapped_column(Integer, primary_key=True)
     job_id: Mapped[int | None] = mapped_column(ForeignKey("jobs.id"), index=True)
     study_id: Mapped[int] = mapped_column(ForeignKey("studies.id"), index=True)
-    outcome: Mapped[str] = mapped_column(String(16))
+    outcome: Mapped[str] = mapped_column(String(16))  # model.results.Outcome
     reason: Mapped[str | None] = mapped_column(Text)  # why the AI did not run
     model_name: Mapped[str | None] = mapped_column(String(128))
     model_version: Mapped[str | None] = mapped_column(String(64))
@@ -201,7 +195,7 @@ class AnalysisRun(Base):
     report_error: Mapped[str | None] = mapped_column(Text)
     sr_sop_instance_uid: Mapped[str | None] = mapped_column(UID)
     # "pending": the SR is queued, the other objects (map, GSPS, summary) are
-    # still to build (daemon/reporter.py, second pass); None: none or done.
+    # still to build (daemon/stages/report.py, second pass); None: none or done.
     extras_state: Mapped[str | None] = mapped_column(String(16))
 
     findings: Mapped[list[FindingRecord]] = relationship(back_populates="run")
@@ -230,12 +224,10 @@ class FindingRecord(Base):
     run: Mapped[AnalysisRun] = relationship(back_populates="findings")
 
 
-class Decision:
+class Decision(StrEnum):
     CONFIRM = "confirm"
     REJECT = "reject"  # the finding is stated as absent (or, for an absent one, present)
     CORRECT = "correct"  # kept, at the location the physician gives
-
-    ALL = (CONFIRM, REJECT, CORRECT)
 
 
 class FindingDecision(Base):
@@ -302,7 +294,7 @@ class PerformedProcedureStep(Base):
 
 
 class PulledStudy(Base):
-    """A study the scheduled pull found on the PACS (daemon/puller.py): pulled once."""
+    """A study the scheduled pull found on the PACS (daemon/stages/pull.py): pulled once."""
 
     __tablename__ = "pulled_studies"
 
@@ -350,7 +342,7 @@ class WebSession(Base):
     last_seen_at: Mapped[datetime] = mapped_column(DateTime)
 
 
-class DeliveryState:
+class DeliveryState(StrEnum):
     PENDING = "pending"
     DONE = "done"
     DEAD = "dead"  # gave up; `secondreader deliveries retry` re-queues

@@ -66,9 +66,9 @@ class Listener:
                     self.listening.set()
                     while not self._stop.is_set():
                         for note in conn.notifies(timeout=1.0):
-                            callback = self.callbacks.get(note.channel)
-                            if callback is not None:
-                                callback()
+                            wake = self.callbacks.get(note.channel)
+                            if wake is not None:
+                                wake()
             except Exception as exc:
                 # The database restarted or is unreachable: the polls carry on.
                 log.warning("LISTEN connection lost (%s); again in 5 s", type(exc).__name__)

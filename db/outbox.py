@@ -11,8 +11,10 @@ from __future__ import annotations
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
 from datetime import datetime, timedelta
+from enum import StrEnum
+from typing import Any, cast
 
-from sqlalchemy import Select, func, select, update
+from sqlalchemy import Select, Table, func, select, update
 from sqlalchemy.dialects.postgresql import insert as pg_insert
 from sqlalchemy.dialects.sqlite import insert as sqlite_insert
 from sqlalchemy.orm import Session
@@ -20,11 +22,12 @@ from sqlalchemy.orm import Session
 from db import audit
 from db.audit import EventType
 from db.models import DeliveryState, OutboxItem, Study, utcnow
+from db.session import changed_rows
 
 ACTOR = "dispatcher"
 
 
-class Commitment:
+class Commitment(StrEnum):
     """Values of OutboxItem.commitment_state."""
 
     NONE = "none"  # not asked for (or not yet stored)
@@ -89,7 +92,7 @@ class FailureOutcome:
     next_attempt_at: datetime
 
 
-def _views(session: Session, stmt: Select[tuple[OutboxItem]]) -> list[OutboxView]:
+def _views(session: Session, stmt: Select[Any]) -> list[OutboxView]:
     rows = session.execute(
         stmt.add_columns(Study.study_instance_uid).join(Study, Study.id == OutboxItem.study_id)
     ).all()
@@ -127,7 +130,7 @@ def queue_items(
     queued = 0
     for item in items:
         stmt = (
-            ins(OutboxItem.__table__)
+            ins(cast(Table, OutboxItem.__table__))
             .values(
                 study_id=item.study_id,
                 run_id=item.run_id,
@@ -168,7 +171,8 @@ def due_items(session: Session, now: datetime | None = None, limit: int = 200) -
 
 def mark_done(session: Session, item: OutboxView, *, status: int, now: datetime) -> bool:
     """Stored at the destination (and committed when asked): never sent again."""
-    changed = session.execute(
+    changed = changed_rows(
+        session,
         update(OutboxItem)
         .where(OutboxItem.id == item.id, OutboxItem.state == DeliveryState.PENDING)
         .values(
@@ -178,15 +182,13 @@ def mark_done(session: Session, item: OutboxView, *, status: int, now: datetime)
             last_error=None,
             delivered_at=now,
         )
-    ).rowcount
+    )
     if changed:
-        audit.record(
+        _audit(
             session,
             EventType.DELIVERY_DONE,
             ACTOR,
-            study_instance_uid=item.study_instance_uid,
-            sop_instance_uid=item.sop_instance_uid,
-            destination=item.destination,
+            item,
             object_kind=item.object_kind,
             attempts=item.attempts + 1,
             status=status,
@@ -279,13 +281,11 @@ def record_failure(
         )
         .execution_options(synchronize_session=False)
     )
-    audit.record(
+    _audit(
         session,
         EventType.DELIVERY_DEAD if dead else EventType.DELIVERY_ATTEMPT_FAILED,
         ACTOR,
-        study_instance_uid=item.study_instance_uid,
-        sop_instance_uid=item.sop_instance_uid,
-        destination=item.destination,
+        item,
         attempts=attempts,
         status=status,
         error=error,
@@ -309,7 +309,8 @@ def items_in_transaction(session: Session, transaction_uid: str) -> list[OutboxV
 
 def mark_committed(session: Session, item: OutboxView, now: datetime) -> bool:
     """The destination took responsibility for the object: delivery is done."""
-    changed = session.execute(
+    changed = changed_rows(
+        session,
         update(OutboxItem)
         .where(
             OutboxItem.id == item.id,
@@ -321,15 +322,13 @@ def mark_committed(session: Session, item: OutboxView, now: datetime) -> bool:
             commitment_state=Commitment.COMMITTED,
             delivered_at=now,
         )
-    ).rowcount
+    )
     if changed:
-        audit.record(
+        _audit(
             session,
             EventType.DELIVERY_DONE,
             ACTOR,
-            study_instance_uid=item.study_instance_uid,
-            sop_instance_uid=item.sop_instance_uid,
-            destination=item.destination,
+            item,
             object_kind=item.object_kind,
             attempts=item.attempts,
             committed=True,
@@ -371,13 +370,11 @@ def requeue_dead(
                 commitment_transaction_uid=None,
             )
         )
-        audit.record(
+        _audit(
             session,
             EventType.DELIVERY_REQUEUED,
             actor,
-            study_instance_uid=item.study_instance_uid,
-            sop_instance_uid=item.sop_instance_uid,
-            destination=item.destination,
+            item,
             previous_attempts=item.attempts,
             last_error=item.last_error,
         )
@@ -395,3 +392,16 @@ def outbox_counts(session: Session) -> dict[str, int]:
     """Outbox rows by state: pending, done, dead."""
     rows = session.execute(select(OutboxItem.state, func.count()).group_by(OutboxItem.state)).all()
     return {state: n for state, n in rows}
+
+
+def _audit(session: Session, event: str, actor: str, item: OutboxView, **details: Any) -> None:
+    """An audit row about one outbox item: its study, object and destination, then `details`."""
+    audit.record(
+        session,
+        event,
+        actor,
+        study_instance_uid=item.study_instance_uid,
+        sop_instance_uid=item.sop_instance_uid,
+        destination=item.destination,
+        **details,
+    )

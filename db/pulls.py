@@ -1,9 +1,10 @@
-"""What the scheduled pull found and asked for (daemon/puller.py), so nothing is pulled twice."""
+"""What the scheduled pull found and asked for (daemon/stages/pull.py): nothing pulled twice."""
 
 from __future__ import annotations
 
 from collections.abc import Iterable
 from datetime import datetime
+from typing import Any
 
 from sqlalchemy import func, select
 from sqlalchemy.orm import Session
@@ -61,7 +62,7 @@ def record_move(
     status: int | None,
     error: str | None,
     max_attempts: int,
-    detail: dict[str, int],
+    detail: dict[str, Any],
     now: datetime | None = None,
 ) -> str:
     """The C-MOVE's outcome; returns the study's new state."""

@@ -19,21 +19,21 @@ from sqlalchemy.orm import Session
 
 from db import audit
 from db.audit import EventType
-from db.jobs import load_run_result
 from db.models import (
     AnalysisRun,
     DeliveryState,
     FindingRecord,
     Instance,
     ReportState,
-    RunOutcome,
     Series,
     Study,
     Verification,
     utcnow,
 )
 from db.outbox import NewOutboxItem, queue_items
-from model.results import AnalysisResult
+from db.results import load_run_result
+from db.session import changed_rows
+from model.results import AnalysisResult, Outcome
 
 ACTOR = "reporter"
 # analysis_runs.extras_state: the second pass has the run's other objects to build.
@@ -132,7 +132,7 @@ def load_pending_run(
         .join(Series)
         .where(Series.study_id == run.study_id)
     )
-    if run.series_instance_uid and run.outcome == RunOutcome.ANALYSED:
+    if run.series_instance_uid and run.outcome == Outcome.ANALYSED:
         sources_q = sources_q.where(Series.series_instance_uid == run.series_instance_uid)
     sources = [
         SourceInstance(*row) for row in session.execute(sources_q.order_by(Instance.id))
@@ -185,7 +185,8 @@ def record_report(
     `extras_pending`: its other objects are built by the second pass (`record_extras`).
     """
     now = now or utcnow()
-    changed = session.execute(
+    changed = changed_rows(
+        session,
         update(AnalysisRun)
         .where(AnalysisRun.id == run.run_id, AnalysisRun.report_state == ReportState.PENDING)
         .values(
@@ -194,7 +195,7 @@ def record_report(
             sr_sop_instance_uid=sr_sop_instance_uid,
             extras_state=EXTRAS_PENDING if extras_pending else None,
         )
-    ).rowcount
+    )
     if not changed:
         return False
     for finding_id, uid in tracking_uids.items():
@@ -222,11 +223,12 @@ def record_extras(
 ) -> bool:
     """Queue the run's other objects and mark them built; False if done already."""
     now = now or utcnow()
-    changed = session.execute(
+    changed = changed_rows(
+        session,
         update(AnalysisRun)
         .where(AnalysisRun.id == run.run_id, AnalysisRun.extras_state == EXTRAS_PENDING)
         .values(extras_state=None)
-    ).rowcount
+    )
     if not changed:
         return False
     queued = _queue(session, run, objects, now)
@@ -279,11 +281,12 @@ def record_report_failure(
     session: Session, run_id: int, study_instance_uid: str | None, error: str
 ) -> None:
     """The run's report cannot be built (its images are gone, its rows are invalid)."""
-    changed = session.execute(
+    changed = changed_rows(
+        session,
         update(AnalysisRun)
         .where(AnalysisRun.id == run_id, AnalysisRun.report_state == ReportState.PENDING)
         .values(report_state=ReportState.FAILED, report_error=error)
-    ).rowcount
+    )
     if changed:
         audit.record(
             session,

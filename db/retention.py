@@ -11,7 +11,7 @@ A study is finished when nothing of the pipeline can still need its files:
 
 Its finish time is the latest of completion, run, delivery and verification.
 The SRs in the outbox (the AI SR and the verified SRs) are never removed:
-they are small, and an amendment builds on them (daemon/reviewer.py).
+they are small, and an amendment builds on them (daemon/stages/review.py).
 """
 
 from __future__ import annotations
@@ -33,13 +33,14 @@ from db.models import (
     JobState,
     OutboxItem,
     ReportState,
-    RunOutcome,
     Series,
     Study,
     StudyState,
     Verification,
     utcnow,
 )
+from db.session import changed_rows
+from model.results import Outcome
 
 # Outbox objects kept for good: the reviewer's amendments read them.
 KEPT_OUTBOX_KINDS = ("sr", "verified-sr")
@@ -96,7 +97,7 @@ def finished_studies(
     if wait_for_review:
         unreviewed = exists().where(
             AnalysisRun.study_id == Study.id,
-            AnalysisRun.outcome == RunOutcome.ANALYSED,
+            AnalysisRun.outcome == Outcome.ANALYSED,
             ~exists().where(Verification.run_id == AnalysisRun.id),
         )
         query = query.where(~unreviewed)
@@ -166,7 +167,7 @@ def removed_studies(session: Session, since: datetime) -> list[tuple[int, dateti
     rows = session.execute(
         select(Study.id, Study.files_removed_at).where(Study.files_removed_at >= since)
     ).all()
-    return [(study_id, at) for study_id, at in rows]
+    return [(study_id, at) for study_id, at in rows if at is not None]
 
 
 def mark_files_removed(session: Session, study: FinishedStudy, now: datetime | None = None) -> bool:
@@ -176,7 +177,8 @@ def mark_files_removed(session: Session, study: FinishedStudy, now: datetime | N
     instance the one seen when it was chosen: a late instance (which re-opens
     the study) makes this return False, and nothing is removed.
     """
-    changed = session.execute(
+    changed = changed_rows(
+        session,
         update(Study)
         .where(
             Study.id == study.study_id,
@@ -186,7 +188,7 @@ def mark_files_removed(session: Session, study: FinishedStudy, now: datetime | N
         )
         .values(files_removed_at=now or utcnow())
         .execution_options(synchronize_session=False)
-    ).rowcount
+    )
     return bool(changed)
 
 

@@ -3,7 +3,7 @@
 A "result" is an analysed AnalysisRun whose report was built (its AI SR
 exists): each of its findings gets a decision, round by round. Round 1 is
 the first review; an amendment is the next round. The service layer
-(daemon/reviewer.py) decides what is allowed; this module reads and writes.
+(daemon/stages/review.py) decides what is allowed; this module reads and writes.
 """
 
 from __future__ import annotations
@@ -27,12 +27,12 @@ from db.models import (
     Instance,
     OutboxItem,
     ReportState,
-    RunOutcome,
     Series,
     Study,
     Verification,
     utcnow,
 )
+from model.results import Outcome
 
 
 @dataclass(frozen=True)
@@ -110,7 +110,7 @@ class ResultView:
 
 def _reviewable(stmt: Any) -> Any:
     return stmt.where(
-        AnalysisRun.outcome == RunOutcome.ANALYSED,
+        AnalysisRun.outcome == Outcome.ANALYSED,
         AnalysisRun.report_state == ReportState.REPORTED,
         AnalysisRun.sr_sop_instance_uid.is_not(None),
     )
@@ -251,7 +251,7 @@ def record_decision(
     amendment: bool = False,
     now: datetime | None = None,
 ) -> None:
-    if decision not in Decision.ALL:
+    if decision not in tuple(Decision):
         raise ValueError(f"unknown decision {decision!r}")
     now = now or utcnow()
     session.add(
@@ -482,7 +482,7 @@ class Agreement:
         return {**vars(self), **{n: getattr(self, n) for n in names}}
 
 
-_PAST = {Decision.CONFIRM: "confirmed", Decision.REJECT: "rejected",
+_PAST: dict[str, str] = {Decision.CONFIRM: "confirmed", Decision.REJECT: "rejected",
          Decision.CORRECT: "corrected"}  # fmt: skip
 
 

@@ -9,9 +9,9 @@ import time
 from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
-from typing import Any
+from typing import Any, cast
 
-from sqlalchemy import Engine, create_engine, event, make_url
+from sqlalchemy import CursorResult, Engine, Executable, create_engine, event, make_url
 from sqlalchemy.exc import OperationalError
 from sqlalchemy.exc import TimeoutError as PoolTimeout
 from sqlalchemy.orm import Session, sessionmaker
@@ -202,3 +202,8 @@ class Database:
 
     def dispose(self) -> None:
         self.engine.dispose()
+
+
+def changed_rows(session: Session, statement: Executable) -> int:
+    """Execute an UPDATE or DELETE; the number of rows it changed."""
+    return cast("CursorResult[Any]", session.execute(statement)).rowcount

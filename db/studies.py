@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 from datetime import datetime, timedelta
+from enum import StrEnum
 
 from sqlalchemy import func, or_, select, update
 from sqlalchemy.orm import Session
@@ -23,6 +24,7 @@ from db.models import (
     utcnow,
 )
 from db.notify import JOBS, notify
+from db.session import changed_rows
 from dicom_io import mpps
 
 
@@ -141,7 +143,8 @@ def _complete(
 ) -> CompletedStudy | None:
     """Mark one study complete and queue its job; None if an instance arrived meanwhile."""
     # Conditional on what we read: an instance that arrived meanwhile wins.
-    changed = session.execute(
+    changed = changed_rows(
+        session,
         update(Study)
         .where(
             Study.id == study_id,
@@ -153,7 +156,7 @@ def _complete(
             completed_at=now,
             completion_count=Study.completion_count + 1,
         )
-    ).rowcount
+    )
     if not changed:
         return None
     n_instances = session.execute(
@@ -235,8 +238,8 @@ def pipeline_counts(session: Session) -> dict[str, dict[str, int]]:
     return counts
 
 
-def _states(cls: type) -> tuple[str, ...]:
-    return tuple(v for k, v in vars(cls).items() if k.isupper() and isinstance(v, str))
+def _states(cls: type[StrEnum]) -> tuple[str, ...]:
+    return tuple(str(state) for state in cls)
 
 
 ALL_STATES = {

@@ -19,6 +19,7 @@ from pynetdicom.sop_class import (
     StorageCommitmentPushModelInstance,
 )
 
+from dicom_io import status as dimse
 from dicom_io.scu import AssociationFailed, RemoteAE, new_ae
 
 log = logging.getLogger(__name__)
@@ -29,12 +30,12 @@ EVENT_SOME_FAILED = 2  # Event Type ID: at least one failed
 
 # Failure Reason (0008,1197) values, PS3.3 C.14.1.1.
 FAILURE_REASONS = {
-    0x0110: "processing failure",
-    0x0112: "no such object instance",
-    0x0213: "resource limitation",
-    0x0122: "referenced SOP class not supported",
-    0x0119: "class / instance conflict",
-    0x0131: "duplicate transaction UID",
+    dimse.PROCESSING_FAILURE: "processing failure",
+    dimse.NO_SUCH_SOP_INSTANCE: "no such object instance",
+    dimse.RESOURCE_LIMITATION: "resource limitation",
+    dimse.SOP_CLASS_NOT_SUPPORTED: "referenced SOP class not supported",
+    dimse.CLASS_INSTANCE_CONFLICT: "class / instance conflict",
+    dimse.DUPLICATE_TRANSACTION_UID: "duplicate transaction UID",
 }
 
 

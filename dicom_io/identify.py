@@ -13,6 +13,8 @@ from pydicom.errors import InvalidDicomError
 from pydicom.filereader import read_file_meta_info
 from pydicom.tag import Tag
 
+from dicom_io import status
+
 # Digits and dots only: a UID that passes can be used as a path component.
 _UID = re.compile(r"^[0-9]+(\.[0-9]+)*$")
 
@@ -33,10 +35,10 @@ class InvalidDataset(ValueError):
         self.status = status
 
 
-# C-STORE failure statuses (PS3.4 Annex B.2.3).
-STATUS_OUT_OF_RESOURCES = 0xA700
-STATUS_DATASET_MISMATCH = 0xA900
-STATUS_CANNOT_UNDERSTAND = 0xC000
+# C-STORE failure statuses (PS3.4 Annex B.2.3), named in dicom_io/status.py.
+STATUS_OUT_OF_RESOURCES = status.OUT_OF_RESOURCES
+STATUS_DATASET_MISMATCH = status.DATASET_MISMATCH
+STATUS_CANNOT_UNDERSTAND = status.CANNOT_UNDERSTAND
 
 
 def valid_uid(value: str) -> bool:

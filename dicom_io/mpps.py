@@ -15,19 +15,20 @@ from typing import Literal
 
 from pydicom.dataset import Dataset
 
+# DIMSE statuses (PS3.4 F.7.2, PS3.7 C), named in dicom_io/status.py; mpps.NAME for the SCP.
+from dicom_io.status import DUPLICATE_SOP_INSTANCE as DUPLICATE_SOP_INSTANCE
+from dicom_io.status import INVALID_ATTRIBUTE_VALUE as INVALID_ATTRIBUTE_VALUE
+from dicom_io.status import NO_LONGER_UPDATABLE as NO_LONGER_UPDATABLE
+from dicom_io.status import NO_SUCH_SOP_INSTANCE as NO_SUCH_SOP_INSTANCE
+from dicom_io.status import PROCESSING_FAILURE as PROCESSING_FAILURE
+from dicom_io.status import SUCCESS as SUCCESS
+
 IN_PROGRESS = "IN PROGRESS"
 COMPLETED = "COMPLETED"
 DISCONTINUED = "DISCONTINUED"
 STATUSES = (IN_PROGRESS, COMPLETED, DISCONTINUED)
 FINAL = (COMPLETED, DISCONTINUED)
 
-# DIMSE statuses (PS3.4 F.7.2, PS3.7 C).
-SUCCESS = 0x0000
-INVALID_ATTRIBUTE_VALUE = 0x0106
-DUPLICATE_SOP_INSTANCE = 0x0111
-NO_SUCH_SOP_INSTANCE = 0x0112
-PROCESSING_FAILURE = 0x0110
-NO_LONGER_UPDATABLE = 0xA710  # the step is COMPLETED or DISCONTINUED already
 
 
 @dataclass(frozen=True)

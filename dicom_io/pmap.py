@@ -29,18 +29,19 @@ slices (`_ascending` turns them round).
 
 from __future__ import annotations
 
-import platform
 from collections.abc import Sequence
+from typing import Unpack
 
 import highdicom as hd
 import numpy as np
 from pydicom.dataset import Dataset
 from pydicom.tag import Tag
-from pydicom.uid import DeflatedExplicitVRLittleEndian, generate_uid
+from pydicom.uid import DeflatedExplicitVRLittleEndian
 
 from dicom_io import codes as pm_codes
+from dicom_io.identity import NewObject, identity, station
 from dicom_io.seg import align_saliency, checked_frames, without_bogus_spacing
-from dicom_io.sr import SOFTWARE_VERSION, algorithm_equipment
+from dicom_io.sr import algorithm_equipment
 from model.results import AlgorithmInfo, Finding, SaliencyMap
 
 PARAMETRIC_MAP_SERIES_DESCRIPTION = "AI SALIENCY MAP - NOT VERIFIED"
@@ -54,15 +55,9 @@ def build_saliency_map(
     algorithm: AlgorithmInfo,
     finding: Finding,
     *,
-    series_number: int,
     series_description: str = PARAMETRIC_MAP_SERIES_DESCRIPTION,
-    series_instance_uid: str | None = None,
-    sop_instance_uid: str | None = None,
-    instance_number: int = 1,
-    manufacturer: str = "secondreader",
-    manufacturer_model_name: str = "secondreader",
-    software_versions: str = SOFTWARE_VERSION,
     device_serial_number: str | None = None,
+    **new: Unpack[NewObject],
 ) -> hd.pm.ParametricMap:
     """The saliency of one finding as a float Parametric Map on the source images' grid.
 
@@ -92,14 +87,8 @@ def build_saliency_map(
     pm = hd.pm.ParametricMap(
         source_images=[without_bogus_spacing(i) for i in images],
         pixel_array=np.ascontiguousarray(pixel_array, dtype=np.float32),
-        series_instance_uid=series_instance_uid or generate_uid(),
-        series_number=series_number,
-        sop_instance_uid=sop_instance_uid or generate_uid(),
-        instance_number=instance_number,
-        manufacturer=manufacturer,
-        manufacturer_model_name=manufacturer_model_name,
-        software_versions=software_versions,
-        device_serial_number=device_serial_number or platform.node()[:64] or "unknown",
+        **identity(new),
+        device_serial_number=station(device_serial_number),
         # A heat map of an image region, not a picture of the patient.
         contains_recognizable_visual_features=False,
         real_world_value_mappings=[mapping],

@@ -9,15 +9,15 @@ key image of each such finding (all of one series, as GSPS requires).
 
 from __future__ import annotations
 
-import platform
 from collections.abc import Sequence
+from typing import Unpack
 
 import highdicom as hd
 import numpy as np
 from pydicom.dataset import Dataset
-from pydicom.uid import generate_uid
 
-from dicom_io.sr import SOFTWARE_VERSION, algorithm_equipment
+from dicom_io.identity import NewObject, identity, station
+from dicom_io.sr import algorithm_equipment
 from dicom_io.wording import finding_label
 from model.results import AlgorithmInfo, Finding, ImageLocation
 
@@ -32,17 +32,11 @@ def build_presentation_state(
     source_headers: Sequence[Dataset],
     algorithm: AlgorithmInfo,
     *,
-    series_number: int,
     series_description: str = PRESENTATION_SERIES_DESCRIPTION,
-    series_instance_uid: str | None = None,
-    sop_instance_uid: str | None = None,
-    instance_number: int = 1,
-    manufacturer: str = "secondreader",
-    manufacturer_model_name: str = "secondreader",
-    software_versions: str = SOFTWARE_VERSION,
     device_serial_number: str | None = None,
     institution_name: str | None = None,
     institutional_department_name: str | None = None,
+    **new: Unpack[NewObject],
 ) -> hd.pr.GrayscaleSoftcopyPresentationState:
     """A GSPS drawing each present finding's region, with its label, on its key image.
 
@@ -68,14 +62,8 @@ def build_presentation_state(
     annotations = [_annotation(f, by_uid, layer, algorithm) for f in shown]
     gsps = hd.pr.GrayscaleSoftcopyPresentationState(
         referenced_images=keys,
-        series_instance_uid=series_instance_uid or generate_uid(),
-        series_number=series_number,
-        sop_instance_uid=sop_instance_uid or generate_uid(),
-        instance_number=instance_number,
-        manufacturer=manufacturer,
-        manufacturer_model_name=manufacturer_model_name,
-        software_versions=software_versions,
-        device_serial_number=device_serial_number or platform.node()[:64] or "unknown",
+        **identity(new),
+        device_serial_number=station(device_serial_number),
         content_label="AI_RESULT",
         content_description="AI result, NOT VERIFIED"[:64],
         graphic_annotations=annotations,

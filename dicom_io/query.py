@@ -18,8 +18,9 @@ from pynetdicom.sop_class import (
 
 from dicom_io.identify import valid_uid
 from dicom_io.scu import AssociationFailed, RemoteAE, associate, new_ae
+from dicom_io.status import CANNOT_UNDERSTAND, PENDING, PENDING_WITH_WARNING, SUCCESS
 
-_PENDING = (0xFF00, 0xFF01)
+_PENDING = (PENDING, PENDING_WITH_WARNING)
 
 
 @dataclass(frozen=True)
@@ -42,7 +43,7 @@ class MoveResult:
 
     @property
     def ok(self) -> bool:
-        return self.status == 0x0000 and self.failed == 0
+        return self.status == SUCCESS and self.failed == 0
 
 
 def _joined(value: object) -> str:
@@ -99,7 +100,7 @@ def find_studies(
                         number_of_instances=int(n) if n not in (None, "") else None,
                     )
                 )
-            elif code != 0x0000:
+            elif code != SUCCESS:
                 raise AssociationFailed(f"C-FIND failed with status 0x{code:04X}")
     finally:
         if assoc.is_established:
@@ -117,7 +118,7 @@ def move_study(remote: RemoteAE, study_instance_uid: str, destination_ae: str) -
     ae = new_ae(remote)
     ae.add_requested_context(StudyRootQueryRetrieveInformationModelMove)
     assoc = associate(ae, remote)
-    final = MoveResult(0xC000, 0, 0, 0)
+    final = MoveResult(CANNOT_UNDERSTAND, 0, 0, 0)
     try:
         for status, _identifier in assoc.send_c_move(
             query, destination_ae, StudyRootQueryRetrieveInformationModelMove

@@ -16,7 +16,10 @@ from pathlib import Path
 from pydicom import dcmread
 from pydicom.uid import UID
 from pynetdicom import AE, _config
+from pynetdicom.association import Association
 from pynetdicom.sop_class import Verification
+
+from dicom_io.status import COERCION_OF_DATA_ELEMENTS, STORAGE_WARNING_LAST, SUCCESS
 
 log = logging.getLogger(__name__)
 
@@ -51,11 +54,14 @@ class SendResult:
 
     @property
     def ok(self) -> bool:
-        # 0xB000-0xB007 are warnings: stored, with coercion. Still stored.
-        return self.status is not None and (self.status == 0 or 0xB000 <= self.status <= 0xB007)
+        # B000-B007 are warnings: stored, with coercion. Still stored.
+        return self.status is not None and (
+            self.status == SUCCESS
+            or COERCION_OF_DATA_ELEMENTS <= self.status <= STORAGE_WARNING_LAST
+        )
 
 
-def associate(ae: AE, remote: RemoteAE):  # type: ignore[no-untyped-def]
+def associate(ae: AE, remote: RemoteAE) -> Association:
     tls = None
     if remote.ssl_context is not None:
         tls = (remote.ssl_context, remote.tls_server_name or remote.host)

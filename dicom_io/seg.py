@@ -12,18 +12,18 @@ so that a reader can pair them.
 
 from __future__ import annotations
 
-import platform
 from collections.abc import Sequence
 from copy import deepcopy
+from typing import Unpack
 
 import highdicom as hd
 import numpy as np
 from pydicom.dataset import Dataset
 from pydicom.sr.codedict import codes
-from pydicom.uid import generate_uid
 
 from dicom_io import codes as seg_codes
-from dicom_io.sr import SOFTWARE_VERSION, algorithm_equipment, finding_tracking_uid
+from dicom_io.identity import NewObject, identity, station
+from dicom_io.sr import algorithm_equipment, finding_tracking_uid
 from model.results import AlgorithmInfo, CodedConcept, Finding, SaliencyMap
 
 SALIENCY_SERIES_DESCRIPTION = "AI SALIENCY - NOT VERIFIED"
@@ -43,17 +43,11 @@ def build_saliency_seg(
     algorithm: AlgorithmInfo,
     finding: Finding,
     *,
-    series_number: int,
     series_description: str = SALIENCY_SERIES_DESCRIPTION,
-    series_instance_uid: str | None = None,
-    sop_instance_uid: str | None = None,
-    instance_number: int = 1,
     segmented_property_category: CodedConcept | None = None,
     floor: float = DEFAULT_FLOOR,
-    manufacturer: str = "secondreader",
-    manufacturer_model_name: str = "secondreader",
-    software_versions: str = SOFTWARE_VERSION,
     device_serial_number: str | None = None,
+    **new: Unpack[NewObject],
 ) -> hd.seg.Segmentation:
     """The saliency of one finding as a one-segment FRACTIONAL/PROBABILITY SEG.
 
@@ -83,15 +77,9 @@ def build_saliency_seg(
         content_label="AI_SALIENCY",
         content_description=f"AI saliency map for {finding.label}, not verified",
         segmented_property_category=segmented_property_category,
-        series_number=series_number,
         series_description=series_description,
-        series_instance_uid=series_instance_uid,
-        sop_instance_uid=sop_instance_uid,
-        instance_number=instance_number,
-        manufacturer=manufacturer,
-        manufacturer_model_name=manufacturer_model_name,
-        software_versions=software_versions,
         device_serial_number=device_serial_number,
+        new=new,
     )
 
 
@@ -101,17 +89,11 @@ def build_region_seg(
     algorithm: AlgorithmInfo,
     finding: Finding,
     *,
-    series_number: int,
     series_description: str = REGION_SERIES_DESCRIPTION,
-    series_instance_uid: str | None = None,
-    sop_instance_uid: str | None = None,
-    instance_number: int = 1,
     segmented_property_category: CodedConcept | None = None,
     fraction: float = REGION_FRACTION,
-    manufacturer: str = "secondreader",
-    manufacturer_model_name: str = "secondreader",
-    software_versions: str = SOFTWARE_VERSION,
     device_serial_number: str | None = None,
+    **new: Unpack[NewObject],
 ) -> hd.seg.Segmentation:
     """The thresholded saliency (at `fraction` of its peak) as a one-segment BINARY SEG.
 
@@ -135,15 +117,9 @@ def build_region_seg(
         content_label="AI_REGION",
         content_description=f"AI region for {finding.label}, not verified",
         segmented_property_category=segmented_property_category,
-        series_number=series_number,
         series_description=series_description,
-        series_instance_uid=series_instance_uid,
-        sop_instance_uid=sop_instance_uid,
-        instance_number=instance_number,
-        manufacturer=manufacturer,
-        manufacturer_model_name=manufacturer_model_name,
-        software_versions=software_versions,
         device_serial_number=device_serial_number,
+        new=new,
     )
 
 
@@ -168,15 +144,9 @@ def _segmentation(
     content_label: str,
     content_description: str,
     segmented_property_category: CodedConcept | None,
-    series_number: int,
     series_description: str,
-    series_instance_uid: str | None,
-    sop_instance_uid: str | None,
-    instance_number: int,
-    manufacturer: str,
-    manufacturer_model_name: str,
-    software_versions: str,
     device_serial_number: str | None,
+    new: NewObject,
 ) -> hd.seg.Segmentation:
     study_instance_uid = images[0].StudyInstanceUID
     category = (
@@ -209,16 +179,10 @@ def _segmentation(
             hd.seg.SegmentationFractionalTypeValues.PROBABILITY if fractional else None
         ),
         segment_descriptions=[segment],
-        series_instance_uid=series_instance_uid or generate_uid(),
-        series_number=series_number,
-        sop_instance_uid=sop_instance_uid or generate_uid(),
-        instance_number=instance_number,
-        manufacturer=manufacturer,
-        manufacturer_model_name=manufacturer_model_name,
-        software_versions=software_versions,
+        **identity(new),
         # Type 1 in the SEG's Enhanced General Equipment: which installation
         # made it. The daemon should pass its configured station identifier.
-        device_serial_number=device_serial_number or platform.node()[:64] or "unknown",
+        device_serial_number=station(device_serial_number),
         series_description=series_description,
         content_label=content_label,
         content_description=content_description[:64],

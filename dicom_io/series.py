@@ -23,6 +23,7 @@ import threading
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import pydicom
@@ -133,11 +134,11 @@ def _mm(value: float) -> str:
     return f"{value:.3f}".rstrip("0").rstrip(".") or "0"
 
 
-def _floats(value: object) -> np.ndarray | None:
+def _floats(value: Any) -> np.ndarray | None:
     if value is None:
         return None
     try:
-        arr = np.asarray([float(v) for v in value], dtype=float)  # type: ignore[union-attr]
+        arr = np.asarray([float(v) for v in value], dtype=float)
     except (TypeError, ValueError):
         return None
     return arr
@@ -408,7 +409,7 @@ def _native(file: _File, header: Dataset) -> np.ndarray | None:
         signed = int(header.get("PixelRepresentation", 0) or 0) == 1
         dtype = np.dtype(f"{'<i' if signed else '<u'}{allocated // 8}")
         arr = _scratch(dtype, count)
-        if fh.readinto(memoryview(arr).cast("B")) != arr.nbytes:
+        if fh.readinto(arr.data.cast("B")) != arr.nbytes:
             return None
     if stored_bits < allocated:
         # The unused high bits may hold anything (PS3.5 8.1.1): shift them
@@ -572,7 +573,7 @@ def _volume(
     """A cross-sectional stack, sorted along the slice normal and checked for gaps."""
     row_dir, col_dir, in_plane = _check_geometry(frames)
     normal = np.cross(row_dir, col_dir)
-    locations = np.asarray([float(f.position @ normal) for f in frames])  # type: ignore[operator]
+    locations = np.asarray([float(f.position @ normal) for f in frames])
     order_idx = np.argsort(locations, kind="stable")
     ordered = [frames[i] for i in order_idx]
     sorted_locations = locations[order_idx]
@@ -597,7 +598,7 @@ def _volume(
             out += np.float32(f.intercept)
     image = sitk.GetImageFromArray(volume)
     image.SetSpacing((in_plane[1], in_plane[0], slice_spacing))
-    image.SetOrigin(tuple(float(v) for v in ordered[0].position))  # type: ignore[union-attr]
+    image.SetOrigin(tuple(float(v) for v in ordered[0].position))
     # Direction columns: index i (column) runs along the row direction, j along
     # the column direction, k along the normal, as the slices were sorted.
     direction = np.column_stack([row_dir, col_dir, normal])

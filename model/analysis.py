@@ -112,7 +112,7 @@ def analyse_series(series: LoadedSeries, model: AnalysisModel) -> AnalysisResult
             )
         )
 
-    provenance = [
+    provenance: list[dict[str, object]] = [
         {
             "name": "load",
             "parameters": {"slices": series.n_slices, "warnings": list(series.warnings)},

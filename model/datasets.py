@@ -87,7 +87,8 @@ def to_network_pixel(
     yx: tuple[int, int], shape: tuple[int, int], spec: InputSpec
 ) -> tuple[float, float]:
     """A source pixel (row, col) in network-input pixels, for a fit-the-FOV resample."""
-    return tuple((p + 0.5) * o / s - 0.5 for p, s, o in zip(yx, shape, spec.size, strict=True))
+    row, col = ((p + 0.5) * o / s - 0.5 for p, s, o in zip(yx, shape, spec.size, strict=True))
+    return (row, col)
 
 
 @dataclass
@@ -338,7 +339,7 @@ def load_labelled_studies(
             start = (vol.shape[0] - central_slices) // 2
             vol = vol[start:start + central_slices]
         studies.append(LabelledStudy(uid, labels[uid],
-                                     network_input_stack(vol, spacing[1:], spec)))
+                                     network_input_stack(vol, (spacing[1], spacing[2]), spec)))
     if not studies:
         raise ValueError(
             f"none of the {len(labels)} studies in {csv_path} found under {dicom_root}"

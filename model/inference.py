@@ -99,7 +99,7 @@ def forward_logits(
     def step(part: slice) -> np.ndarray:
         with torch.inference_mode(), _autocast(device):
             batch = torch.from_numpy(x[part]).to(device)
-            return network(batch).float().cpu().numpy()  # type: ignore[no-any-return]
+            return network(batch).float().cpu().numpy()
 
     out = run_batched(x.shape[0], batch_size, device, step)
     if not out:

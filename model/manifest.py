@@ -7,13 +7,11 @@ key that is wrong, not at the first study.
 
 from __future__ import annotations
 
-import json
-import math
-import re
 import tomllib
 from pathlib import Path
-from typing import Any, Literal
+from typing import Literal
 
+import tomli_w
 from pydantic import BaseModel, ConfigDict, Field, field_validator
 
 from model.results import CodedConcept
@@ -106,69 +104,15 @@ class ModelManifest(_Strict):
             return cls.model_validate(tomllib.load(fh))
 
     def to_toml(self) -> str:
-        """The manifest as TOML that `from_file` reads back to an equal manifest."""
-        lines: list[str] = []
-        _emit_table(type(self), self, (), lines)
-        return "\n".join(lines).strip() + "\n"
+        """The manifest as TOML that `from_file` reads back to an equal manifest.
+
+        TOML has no null and no NaN: a None where the default is not None, or a
+        non-finite number, would read back as something else, and raises ValueError.
+        """
+        text = tomli_w.dumps(self.model_dump(exclude_none=True))
+        if type(self).model_validate(tomllib.loads(text)) != self:
+            raise ValueError("the manifest cannot be written as TOML as it is (a None or NaN?)")
+        return text
 
     def write(self, path: Path) -> None:
         path.write_text(self.to_toml(), encoding="utf-8")
-
-
-# A minimal TOML writer (the standard library only reads TOML), enough for the
-# manifest: scalars, lists of scalars, tables and arrays of tables.
-
-_BARE_KEY = re.compile(r"^[A-Za-z0-9_-]+$")
-
-
-def _key(k: str) -> str:
-    return k if _BARE_KEY.match(k) else json.dumps(k)
-
-
-def _scalar(v: Any) -> str:
-    if isinstance(v, bool):
-        return "true" if v else "false"
-    if isinstance(v, int):
-        return str(v)
-    if isinstance(v, float):
-        if not math.isfinite(v):
-            raise ValueError(f"TOML manifest cannot hold {v!r}")
-        return repr(v)
-    if isinstance(v, str):
-        return json.dumps(v, ensure_ascii=False)  # JSON string escapes are valid TOML
-    if isinstance(v, list | tuple):
-        return "[" + ", ".join(_scalar(x) for x in v) + "]"
-    raise TypeError(f"cannot write {type(v).__name__} to a TOML manifest")
-
-
-def _emit_table(
-    cls: type[BaseModel] | None,
-    obj: BaseModel | dict[str, Any],
-    path: tuple[str, ...],
-    lines: list[str],
-) -> None:
-    items = dict(obj) if isinstance(obj, BaseModel) else obj
-    subtables: list[tuple[str, Any]] = []
-    for k, v in items.items():
-        if v is None:
-            # TOML has no null: leaving the key out only works where None is the default.
-            field = cls.model_fields.get(k) if cls is not None else None
-            if field is None or field.default is not None:
-                raise ValueError(f"TOML manifest cannot hold None for {'.'.join((*path, k))}")
-            continue
-        if isinstance(v, BaseModel | dict) or (
-            isinstance(v, list) and v and all(isinstance(x, BaseModel) for x in v)
-        ):
-            subtables.append((k, v))
-        else:
-            lines.append(f"{_key(k)} = {_scalar(v)}")
-    for k, v in subtables:
-        sub_path = (*path, k)
-        header = ".".join(_key(p) for p in sub_path)
-        if isinstance(v, list):
-            for item in v:
-                lines.extend(["", f"[[{header}]]"])
-                _emit_table(type(item), item, sub_path, lines)
-        else:
-            lines.extend(["", f"[{header}]"])
-            _emit_table(type(v) if isinstance(v, BaseModel) else None, v, sub_path, lines)

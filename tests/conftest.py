@@ -161,7 +161,7 @@ check_interval_seconds = 0.5
     def log(self) -> str:
         return self.log_path.read_text()
 
-    def wait_for(self, predicate, timeout: float = 60, interval: float = 0.2):  # type: ignore[no-untyped-def]
+    def wait_for(self, predicate, timeout: float = 60, interval: float = 0.2):
         deadline = time.monotonic() + timeout
         while time.monotonic() < deadline:
             value = predicate()
@@ -172,7 +172,7 @@ check_interval_seconds = 0.5
 
 
 @pytest.fixture
-def daemon_factory(tmp_path: Path) -> Iterator:  # type: ignore[type-arg]
+def daemon_factory(tmp_path: Path) -> Iterator:
     started: list[DaemonProcess] = []
 
     def make(
@@ -290,7 +290,7 @@ def db_url(request: pytest.FixtureRequest, tmp_path: Path) -> str:
 # -- CI: a skipped test is a failure ----------------------------------------
 
 
-def pytest_terminal_summary(terminalreporter, exitstatus, config):  # type: ignore[no-untyped-def]
+def pytest_terminal_summary(terminalreporter, exitstatus, config):
     skipped = terminalreporter.stats.get("skipped", [])
     if os.environ.get("CI") and skipped:
         terminalreporter.write_line(
@@ -298,7 +298,7 @@ def pytest_terminal_summary(terminalreporter, exitstatus, config):  # type: igno
         )
 
 
-def pytest_sessionfinish(session, exitstatus):  # type: ignore[no-untyped-def]
+def pytest_sessionfinish(session, exitstatus):
     reporter = session.config.pluginmanager.get_plugin("terminalreporter")
     skipped = reporter.stats.get("skipped", []) if reporter else []
     if os.environ.get("CI") and skipped and session.exitstatus == 0:

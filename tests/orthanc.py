@@ -145,7 +145,7 @@ class Orthanc:
 
 
 @pytest.fixture
-def orthanc_factory(tmp_path: Path) -> Iterator:  # type: ignore[type-arg]
+def orthanc_factory(tmp_path: Path) -> Iterator:
     started: list[Orthanc] = []
 
     def make(name: str = "orthanc", **kwargs: Any) -> Orthanc:

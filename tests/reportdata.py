@@ -16,8 +16,8 @@ import numpy as np
 from pydicom import dcmread
 
 from db.ingest import StoredInstance, record_instance
-from db.jobs import claim_next, finish_job
 from db.models import utcnow
+from db.queue import claim_next, finish_job
 from db.session import Database
 from db.studies import complete_stable_studies
 from dicom_io.spool import Spool

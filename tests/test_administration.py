@@ -21,8 +21,8 @@ from sqlalchemy import create_engine, func, select
 
 from daemon.accounts import AccountService
 from daemon.config import WebConfig, load_config
-from daemon.reporter import Reporter
-from daemon.reviewer import ReviewService
+from daemon.stages.report import Reporter
+from daemon.stages.review import ReviewService
 from db import chain, migrate
 from db.copy import copy_database
 from db.models import Base
@@ -49,7 +49,7 @@ def _run(d: DaemonProcess, *args: str, config: Path | None = None,
 
 
 def test_a_process_with_another_audit_key_stops_and_the_trail_stays_clean(
-    daemon_factory,  # type: ignore[no-untyped-def]
+    daemon_factory,
     tmp_path: Path,
 ) -> None:
     d = daemon_factory()
@@ -95,7 +95,7 @@ def _get(url: str) -> tuple[int, str]:
 
 
 def test_jobs_without_a_live_worker_raise_the_alarm_until_one_runs(
-    daemon_factory, tmp_path: Path  # type: ignore[no-untyped-def]
+    daemon_factory, tmp_path: Path
 ) -> None:
     metrics = free_port()
     d = daemon_factory(
@@ -131,7 +131,7 @@ def test_jobs_without_a_live_worker_raise_the_alarm_until_one_runs(
     assert d.stop() == 0
 
 
-def test_every_anticipated_error_is_one_line(daemon_factory, tmp_path: Path) -> None:  # type: ignore[no-untyped-def]
+def test_every_anticipated_error_is_one_line(daemon_factory, tmp_path: Path) -> None:
     d = daemon_factory()
     d.cli("db", "upgrade")
     # A port in use: which port, and which part of us wanted it.
@@ -232,7 +232,7 @@ def test_db_copy_to_postgresql_keeps_every_row_and_the_trail(
     assert _one_line(again) and "already holds rows" in again.stderr
 
 
-def test_a_database_behind_the_code_says_db_upgrade(daemon_factory) -> None:  # type: ignore[no-untyped-def]
+def test_a_database_behind_the_code_says_db_upgrade(daemon_factory) -> None:
     d = daemon_factory()
     d.state.mkdir(parents=True)
     migrate.upgrade(f"sqlite:///{d.state / 'secondreader.db'}", "0009")  # an older install

@@ -147,7 +147,7 @@ def test_a_row_committed_late_on_postgresql_is_chained_not_skipped(
 @pytest.mark.parametrize("backend", ["sqlite", "postgresql"])
 def test_chain_holds_under_concurrent_receive_and_workers(
     daemon_factory, tmp_path: Path, request: pytest.FixtureRequest, backend: str
-) -> None:  # type: ignore[no-untyped-def]
+) -> None:
     """4 storing associations and 2 worker processes while the sealer chains every 0.2 s."""
     if backend == "sqlite":
         url = f"sqlite:///{tmp_path / 'chain.db'}"

@@ -236,7 +236,7 @@ def test_runs_with_no_file(tmp_path: Path) -> None:
     assert (systemd_state / "spool").is_dir()
 
 
-def test_port_override_reaches_the_daemon(daemon_factory) -> None:  # type: ignore[no-untyped-def]
+def test_port_override_reaches_the_daemon(daemon_factory) -> None:
     port = free_port()
     d: DaemonProcess = daemon_factory(
         "[worker]\nin_process = false\n", env={"SECONDREADER_SCP__PORT": str(port)}

@@ -77,7 +77,7 @@ def _names_and_ids(files: list[Path]) -> set[str]:
     return values
 
 
-def test_every_accepted_study_gets_an_sr_that_passes_dciodvfy(daemon_factory) -> None:  # type: ignore[no-untyped-def]
+def test_every_accepted_study_gets_an_sr_that_passes_dciodvfy(daemon_factory) -> None:
     files = corpus()
     assert len(files) > 100
     d = daemon_factory(CONFIG).start()

@@ -21,8 +21,8 @@ from pydicom import dcmread
 from sqlalchemy import select
 
 from daemon.config import Config, load_config
-from daemon.dispatcher import Dispatcher
-from daemon.reporter import Reporter
+from daemon.stages.deliver import Dispatcher
+from daemon.stages.report import Reporter
 from db import audit, migrate
 from db.audit import EventType
 from db.chain import create_key
@@ -30,6 +30,7 @@ from db.models import DeliveryState, OutboxItem, utcnow
 from db.outbox import RetryPolicy
 from db.session import Database
 from tests import reportdata as rd
+from tests.configs import write_config
 from tests.conftest import REPO, dcmtk_env, free_port, require_tool
 from tests.dicom_validate import dciodvfy_errors
 
@@ -102,7 +103,7 @@ class StoreSCP:
 
 
 @pytest.fixture
-def storescp_factory(tmp_path: Path):  # type: ignore[no-untyped-def]
+def storescp_factory(tmp_path: Path):
     started: list[StoreSCP] = []
 
     def make(port: int, name: str = "pacs", **kwargs: bool) -> StoreSCP:
@@ -116,16 +117,10 @@ def storescp_factory(tmp_path: Path):  # type: ignore[no-untyped-def]
 
 
 def make_config(tmp_path: Path, port: int, extra: str = "", db_url: str = "") -> Config:
-    path = tmp_path / "secondreader.toml"
-    path.write_text(
+    config = write_config(
+        tmp_path,
+        db_url,
         f"""
-[storage]
-state_dir = "{tmp_path / "state"}"
-fsync = false
-
-[database]
-url = "{db_url}"
-
 [delivery]
 retry_base_seconds = 0.2
 retry_max_seconds = 0.4
@@ -140,9 +135,8 @@ port = {port}
 timeout_seconds = 5
 # Two objects of two classes: what these tests of the dispatcher need.
 outputs = ["sr", "seg"]
-"""
+""",
     )
-    config = load_config(path, environ={})
     config.storage.state_dir.mkdir(parents=True, exist_ok=True)
     migrate.upgrade(config.database_url)
     create_key(config.audit_key_path)  # as `secondreader db upgrade` does
@@ -189,7 +183,7 @@ def proposed_classes(storescp_log: str) -> list[list[str]]:
     return [a for a in associations if a]
 
 
-def test_delivered_once_with_exactly_the_contexts_needed(tmp_path: Path, storescp_factory) -> None:  # type: ignore[no-untyped-def]
+def test_delivered_once_with_exactly_the_contexts_needed(tmp_path: Path, storescp_factory) -> None:
     port = free_port()
     pacs = storescp_factory(port).start()
     config = make_config(tmp_path, port)
@@ -226,7 +220,7 @@ def test_delivered_once_with_exactly_the_contexts_needed(tmp_path: Path, storesc
 
 def test_unreachable_pacs_backs_off_dead_letters_and_retry_requeues(
     tmp_path: Path, storescp_factory, caplog: pytest.LogCaptureFixture, db_url: str
-) -> None:  # type: ignore[no-untyped-def]
+) -> None:
     port = free_port()  # nothing listens here yet
     config = make_config(tmp_path, port, db_url=db_url)
     db = Database(config.database_url)
@@ -290,7 +284,7 @@ def test_unreachable_pacs_backs_off_dead_letters_and_retry_requeues(
 
 def test_pacs_refusing_sr_dead_letters_only_the_sr_with_its_reason(
     tmp_path: Path, storescp_factory
-) -> None:  # type: ignore[no-untyped-def]
+) -> None:
     port = free_port()
     refusing = storescp_factory(port, refuse_sr=True).start()
     config = make_config(tmp_path, port)
@@ -338,7 +332,7 @@ def test_pacs_refusing_sr_dead_letters_only_the_sr_with_its_reason(
     db.dispose()
 
 
-def test_commitment_unsupported_means_not_delivered(tmp_path: Path, storescp_factory) -> None:  # type: ignore[no-untyped-def]
+def test_commitment_unsupported_means_not_delivered(tmp_path: Path, storescp_factory) -> None:
     port = free_port()
     pacs = storescp_factory(port).start()
     config = make_config(tmp_path, port)
@@ -398,7 +392,7 @@ def _pki(folder: Path) -> dict[str, Path]:
     return p
 
 
-def test_delivery_over_mutual_tls(tmp_path: Path, storescp_factory) -> None:  # type: ignore[no-untyped-def]
+def test_delivery_over_mutual_tls(tmp_path: Path, storescp_factory) -> None:
     pki = _pki(tmp_path / "pki")
     port = free_port()
     pacs = storescp_factory(port)

@@ -42,7 +42,7 @@ outputs = ["sr"]
 """
 
 
-def test_each_stage_wakes_the_next(daemon_factory, tmp_path: Path) -> None:  # type: ignore[no-untyped-def]
+def test_each_stage_wakes_the_next(daemon_factory, tmp_path: Path) -> None:
     with storescp(tmp_path / "pacs") as pacs_port:
         d = daemon_factory(slow_ticks(pacs_port)).start()
         files = ct_study(tmp_path / "ct", slices=12, size=64)
@@ -57,7 +57,7 @@ def test_each_stage_wakes_the_next(daemon_factory, tmp_path: Path) -> None:  # t
 
 def test_processes_wake_each_other_through_postgresql(
     daemon_factory, pg_server: str, tmp_path: Path
-) -> None:  # type: ignore[no-untyped-def]
+) -> None:
     """serve completes, a `secondreader worker` process analyses: NOTIFY carries both hand-offs.
 
     The worker's poll and serve's report interval are an hour: only LISTEN /

@@ -22,7 +22,7 @@ def _scrape(port: int) -> dict[tuple[str, tuple[tuple[str, str], ...]], float]:
     }
 
 
-def test_metrics_count_studies_jobs_and_audit_events(daemon_factory, tmp_path: Path) -> None:  # type: ignore[no-untyped-def]
+def test_metrics_count_studies_jobs_and_audit_events(daemon_factory, tmp_path: Path) -> None:
     port = free_port()
     d = daemon_factory(f"{RECEIVE_ONLY}\n[metrics]\nenabled = true\nport = {port}\n").start()
     files = ct_study(tmp_path / "ct", 6, seed=21)
@@ -47,7 +47,7 @@ def test_metrics_count_studies_jobs_and_audit_events(daemon_factory, tmp_path: P
     db.close()
 
 
-def test_stage_histograms_and_review_decisions_move(daemon_factory, tmp_path: Path) -> None:  # type: ignore[no-untyped-def]
+def test_stage_histograms_and_review_decisions_move(daemon_factory, tmp_path: Path) -> None:
     """Received, analysed, reported, delivered, reviewed: each shows in /metrics."""
     from tests.dicomgen import by_sop_instance, storescp
     from tests.test_review_orthanc import demo_ct

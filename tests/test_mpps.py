@@ -117,7 +117,7 @@ def uid_of(files: list[Path]) -> str:
 
 def test_completed_mpps_completes_the_study_at_its_last_instance(
     daemon_factory, tmp_path: Path
-) -> None:  # type: ignore[no-untyped-def]
+) -> None:
     d = daemon_factory(env=QUIET_HOUR).start()
     modality = Modality(d.port)
     files = ct_study(tmp_path / "a", slices=12, seed=1)
@@ -147,7 +147,7 @@ def test_completed_mpps_completes_the_study_at_its_last_instance(
 
 def test_discontinued_or_incomplete_steps_leave_the_study_to_the_quiet_window(
     daemon_factory, tmp_path: Path
-) -> None:  # type: ignore[no-untyped-def]
+) -> None:
     d = daemon_factory(env=QUIET_HOUR).start()
     modality = Modality(d.port)
     discontinued = ct_study(tmp_path / "discontinued", slices=6, seed=2)

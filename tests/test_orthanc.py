@@ -27,9 +27,9 @@ from pynetdicom.sop_class import (
 from sqlalchemy import select
 
 from daemon.config import OUTPUT_KINDS, Config, load_config
-from daemon.dispatcher import Dispatcher
-from daemon.reporter import Reporter
-from daemon.service import scp_settings
+from daemon.factories import scp_settings
+from daemon.stages.deliver import Dispatcher
+from daemon.stages.report import Reporter
 from db import migrate
 from db.audit import EventType
 from db.models import (
@@ -40,12 +40,12 @@ from db.models import (
     FindingRecord,
     Job,
     OutboxItem,
-    RunOutcome,
     Study,
 )
 from db.session import Database
 from dicom_io.scp import StorageSCP
 from dicom_io.sr import read_findings
+from model.results import Outcome
 from tests import reportdata as rd
 from tests.conftest import DaemonProcess, free_port, storescu
 from tests.dicom_validate import dciodvfy_errors
@@ -123,11 +123,11 @@ def send_to_daemon(daemon: DaemonProcess, files: list[Path]) -> None:
     assert run.returncode == 0, run.stderr
 
 
-def by_class(instances: list[dict], sop_class: str) -> list[dict]:  # type: ignore[type-arg]
+def by_class(instances: list[dict], sop_class: str) -> list[dict]:
     return [i for i in instances if i["SOPClassUID"] == sop_class]
 
 
-def fetch(orthanc: Orthanc, instance: dict, folder: Path):  # type: ignore[no-untyped-def,type-arg]
+def fetch(orthanc: Orthanc, instance: dict, folder: Path):
     """Download an instance as Orthanc stores it; (dataset, path)."""
     folder.mkdir(parents=True, exist_ok=True)
     path = folder / f"{instance['SOPInstanceUID']}.dcm"
@@ -148,7 +148,7 @@ KIND_CLASSES = {
 
 def test_every_output_kind_reaches_orthanc_in_the_study_of_the_images_and_is_committed(
     tmp_path: Path, daemon_factory, orthanc_factory
-) -> None:  # type: ignore[no-untyped-def]
+) -> None:
     orthanc = orthanc_factory()
     config = delivery_config(orthanc, commitment=True, outputs=OUTPUT_KINDS)
     daemon = daemon_factory(config, env=NO_WORKER)
@@ -220,7 +220,7 @@ def test_every_output_kind_reaches_orthanc_in_the_study_of_the_images_and_is_com
 
 def test_pacs_down_and_daemon_restarted_every_result_delivered_exactly_once(
     tmp_path: Path, daemon_factory, orthanc_factory
-) -> None:  # type: ignore[no-untyped-def]
+) -> None:
     orthanc = orthanc_factory()  # configured, not started: the PACS is down
     daemon = daemon_factory(delivery_config(orthanc), env=NO_WORKER).start()
     db = open_db(daemon)
@@ -278,7 +278,7 @@ def test_pacs_down_and_daemon_restarted_every_result_delivered_exactly_once(
 
 def test_storescu_to_daemon_to_orthanc_without_shortcuts(
     tmp_path: Path, daemon_factory, orthanc_factory
-) -> None:  # type: ignore[no-untyped-def]
+) -> None:
     orthanc = orthanc_factory().start()
     daemon = daemon_factory(
         delivery_config(orthanc),
@@ -304,7 +304,7 @@ def test_storescu_to_daemon_to_orthanc_without_shortcuts(
     assert dciodvfy_errors(sr_path) == []
     with db.session() as s:
         findings = list(s.scalars(select(FindingRecord).order_by(FindingRecord.id)))
-    if run.outcome == RunOutcome.ANALYSED:
+    if run.outcome == Outcome.ANALYSED:
         read = read_findings(sr)
         # A DS holds at most 16 characters: the SR keeps ~12 significant digits.
         assert [f["probability"] for f in read] == pytest.approx(
@@ -368,7 +368,7 @@ def our_scp(config: Config, dispatcher: Dispatcher) -> StorageSCP:
     return scp
 
 
-def wait(predicate, timeout: float = 20) -> None:  # type: ignore[no-untyped-def]
+def wait(predicate, timeout: float = 20) -> None:
     deadline = time.monotonic() + timeout
     while not predicate():
         assert time.monotonic() < deadline, "condition not met"
@@ -385,7 +385,7 @@ def wait_report_lost(orthanc: Orthanc) -> None:
     )
 
 
-def test_late_commitment_report_means_sent_and_asked_again(tmp_path: Path, orthanc_factory) -> None:  # type: ignore[no-untyped-def]
+def test_late_commitment_report_means_sent_and_asked_again(tmp_path: Path, orthanc_factory) -> None:
     orthanc = orthanc_factory()
     config, db, _port = commitment_setup(tmp_path, orthanc)
     dispatcher = Dispatcher(db, config)
@@ -419,7 +419,7 @@ def test_late_commitment_report_means_sent_and_asked_again(tmp_path: Path, ortha
 
 def test_negative_commitment_report_sends_that_object_again(
     tmp_path: Path, orthanc_factory
-) -> None:  # type: ignore[no-untyped-def]
+) -> None:
     orthanc = orthanc_factory()
     config, db, scp_port = commitment_setup(tmp_path, orthanc)
     dispatcher = Dispatcher(db, config)
@@ -480,7 +480,7 @@ end
 
 def test_our_sr_routed_back_by_the_pacs_starts_no_loop(
     tmp_path: Path, daemon_factory, orthanc_factory
-) -> None:  # type: ignore[no-untyped-def]
+) -> None:
     """Orthanc forwards everything it stores to us, every kind of our objects included.
 
     The summary is a Secondary Capture, an image class: only the outbox

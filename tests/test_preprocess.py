@@ -87,7 +87,7 @@ def test_builtin_window_gives_the_unit_range(tmp_path: Path) -> None:
 @pytest.mark.parametrize("orientation", ["LPS", "RAS"])
 def test_two_orientations_give_the_same_network_input(tmp_path: Path, orientation: str) -> None:
     standard, flipped = write_both(phantom(), tmp_path)
-    spec = InputSpec(orientation=orientation)  # type: ignore[arg-type]
+    spec = InputSpec(orientation=orientation)
     a = preprocess(standard, spec)
     b = preprocess(flipped, spec)
     np.testing.assert_allclose(a.array, b.array, atol=1e-5)

@@ -9,7 +9,7 @@ from tests.dicomgen import RECEIVE_ONLY, DaemonDB, ct_study, header
 from tests.orthanc import orthanc_factory  # noqa: F401  (fixture)
 
 
-def test_find_and_pull_a_study_from_orthanc(  # type: ignore[no-untyped-def]
+def test_find_and_pull_a_study_from_orthanc(
     daemon_factory, orthanc_factory, tmp_path: Path  # noqa: F811
 ) -> None:
     daemon = daemon_factory(RECEIVE_ONLY)

@@ -1,4 +1,4 @@
-"""The analysis queue (db/jobs.py) on SQLite and PostgreSQL: claims, leases, retries, results."""
+"""The analysis queue (db/queue.py) and results store (db/results.py), SQLite and PostgreSQL."""
 
 from __future__ import annotations
 
@@ -13,19 +13,19 @@ import pytest
 
 from db import audit
 from db.audit import EventType
-from db.jobs import (
+from db.models import AnalysisRun, FindingRecord, Job, JobState, ReportState, utcnow
+from db.queue import (
     LeaseLost,
     RetryPolicy,
     claim_next,
     fail_attempt,
     finish_job,
-    load_run_result,
     release_job,
     renew_lease,
     requeue_expired,
     study_series_files,
 )
-from db.models import AnalysisRun, FindingRecord, Job, JobState, ReportState, utcnow
+from db.results import load_run_result
 from db.session import Database
 from model.results import (
     AnalysisResult,

@@ -18,8 +18,8 @@ from pydicom import dcmread
 from pydicom.uid import Comprehensive3DSRStorage, SegmentationStorage
 from sqlalchemy import select
 
-from daemon.config import Config, load_config
-from daemon.reporter import Reporter
+from daemon.config import Config
+from daemon.stages.report import Reporter
 from db import audit, migrate
 from db.audit import EventType
 from db.chain import create_key
@@ -27,20 +27,15 @@ from db.models import AnalysisRun, DeliveryState, FindingRecord, OutboxItem, Rep
 from db.session import Database
 from dicom_io.sr import finding_tracking_uid, read_findings
 from tests import reportdata as rd
+from tests.configs import write_config
 from tests.dicom_validate import dciodvfy_errors
 
 
 def make_config(tmp_path: Path, db_url: str, extra: str = "") -> Config:
-    path = tmp_path / "secondreader.toml"
-    path.write_text(
-        f"""
-[storage]
-state_dir = "{tmp_path / "state"}"
-fsync = false
-
-[database]
-url = "{db_url}"
-
+    config = write_config(
+        tmp_path,
+        db_url,
+        """
 [report]
 institution_name = "Test Hospital"
 
@@ -57,9 +52,8 @@ ae_title = "ARCHIVE"
 host = "127.0.0.1"
 port = 11113
 """
-        + extra
+        + extra,
     )
-    config = load_config(path, environ={})
     create_key(config.audit_key_path)  # as `secondreader db upgrade` does
     return config
 
@@ -267,23 +261,16 @@ def test_not_run_outcome_becomes_a_not_run_sr(tmp_path: Path, sqlite_url: str) -
 
 
 def test_segmentation_off_and_no_destinations(tmp_path: Path, sqlite_url: str) -> None:
-    path = tmp_path / "secondreader.toml"
-    path.write_text(
-        f"""
-[storage]
-state_dir = "{tmp_path / "state"}"
-fsync = false
-
-[database]
-url = "{sqlite_url}"
-
+    config = write_config(
+        tmp_path,
+        sqlite_url,
+        """
 [report]
 segmentation = false
 series_number = 777
 series_description = "AI TEST SERIES"
-"""
+""",
     )
-    config = load_config(path, environ={})
     db = Database(config.database_url)
     files = rd.ct_study(tmp_path / "ct")
     study_uid = rd.receive(db, config.storage.spool_dir, files)
@@ -402,7 +389,7 @@ def test_a_result_sr_that_cannot_be_built_becomes_a_not_run_sr(
         # As highdicom words it: the value it refused is quoted (here, a name).
         raise ValueError("Value 'Doe^Jane' is not valid for attribute 'PersonName'")
 
-    monkeypatch.setattr("daemon.reporter.build_ai_result_sr", broken)
+    monkeypatch.setattr("daemon.stages.report.build_ai_result_sr", broken)
     assert Reporter(db, config).run_once() == 1
 
     (run,) = runs(db)

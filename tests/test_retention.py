@@ -1,4 +1,4 @@
-"""Retention (daemon/cleaner.py): finished studies lose their files, nothing else does.
+"""Retention (daemon/stages/retain.py): finished studies lose their files, nothing else does.
 
 Every test builds its studies through the stages' own calls (tests/reportdata.py,
 the reporter, the outbox), then tries hard to make retention remove what it
@@ -20,34 +20,30 @@ import pytest
 from pydicom import dcmread
 from sqlalchemy import select
 
-from daemon import cleaner as cleaner_module
-from daemon.cleaner import Cleaner
-from daemon.config import Config, load_config
-from daemon.reporter import Reporter
+from daemon.config import Config
+from daemon.stages import retain as cleaner_module
+from daemon.stages.report import Reporter
+from daemon.stages.retain import Cleaner
 from db import audit, migrate
 from db.audit import EventType
-from db.jobs import study_series_files
 from db.models import AnalysisRun, Instance, OutboxItem, Series, Study, utcnow
 from db.outbox import due_items, mark_done
+from db.queue import study_series_files
 from db.session import Database
 from db.studies import complete_stable_studies, get_study
 from tests import reportdata as rd
+from tests.configs import write_config
 
 KEY = bytes(range(32))
 REPO = Path(__file__).resolve().parent.parent
 
 
 def make_config(tmp_path: Path, state: Path, retention: str = "") -> Config:
-    path = tmp_path / "secondreader.toml"
-    path.write_text(
+    (tmp_path / "audit.key").write_text(KEY.hex())
+    return write_config(
+        tmp_path,
+        f"sqlite:///{tmp_path / 'db.sqlite'}",
         f"""
-[storage]
-state_dir = "{state}"
-fsync = false
-
-[database]
-url = "sqlite:///{tmp_path / "db.sqlite"}"
-
 [audit]
 key_file = "{tmp_path / "audit.key"}"
 
@@ -59,10 +55,9 @@ port = 11112
 
 [retention]
 {retention}
-"""
+""",
+        state=state,
     )
-    (tmp_path / "audit.key").write_text(KEY.hex())
-    return load_config(path, environ={})
 
 
 def open_db(config: Config) -> Database:
@@ -194,7 +189,7 @@ def test_a_late_copy_during_the_removal_is_kept(
     # The same instance is sent again after retention chose the study and
     # looked at its files: its new file lands first, its row commits only
     # after the removal was recorded (the receive stage overlaps the two).
-    def resent_meanwhile(session, study):  # type: ignore[no-untyped-def]
+    def resent_meanwhile(session, study):
         copy = tmp_path / "resent.dcm"
         copy.write_bytes(files[0].read_bytes())
         ds = dcmread(copy, stop_before_pixels=True)
@@ -231,7 +226,7 @@ def test_a_late_instance_before_the_record_keeps_the_whole_study(
     before = spool_files(config, study_uid)
     real_mark = cleaner_module.mark_files_removed
 
-    def reopened_meanwhile(session, study):  # type: ignore[no-untyped-def]
+    def reopened_meanwhile(session, study):
         extra = rd.ct_study(tmp_path / "extra", slices=1, seed=99)
         ds = dcmread(extra[0])
         ds.StudyInstanceUID = study.study_instance_uid
@@ -277,7 +272,7 @@ def test_an_interrupted_removal_is_finished_at_the_next_start(tmp_path: Path) ->
 
 
 @pytest.fixture
-def small_disk(tmp_path: Path):  # type: ignore[no-untyped-def]
+def small_disk(tmp_path: Path):
     where = tmp_path / "state"
     where.mkdir()
     r = subprocess.run(

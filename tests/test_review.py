@@ -18,15 +18,16 @@ import pytest
 from pydicom import dcmread
 from sqlalchemy import select
 
-from daemon.config import DEFAULT_OUTPUTS, Config, load_config
-from daemon.reporter import Reporter
-from daemon.reviewer import Correction, Reviewer, ReviewError, ReviewService
+from daemon.config import DEFAULT_OUTPUTS, Config
+from daemon.stages.report import Reporter
+from daemon.stages.review import Correction, Reviewer, ReviewError, ReviewService
 from db import audit, chain, migrate
 from db.audit import EventType
 from db.models import AnalysisRun, DeliveryState, FindingDecision, OutboxItem
 from db.session import Database
 from dicom_io.sr import read_findings
 from tests import reportdata as rd
+from tests.configs import write_config
 from tests.dicom_validate import dciodvfy_errors
 from tests.dicomgen import PATIENT_ID, PATIENT_NAME
 
@@ -34,22 +35,11 @@ KEY = bytes(range(32))
 
 
 def make_config(tmp_path: Path, db_url: str, destinations: str = "") -> Config:
-    path = tmp_path / "secondreader.toml"
-    path.write_text(
-        f"""
-[storage]
-state_dir = "{tmp_path / "state"}"
-fsync = false
-
-[database]
-url = "{db_url}"
-
+    review = """
 [review]
 organization = "Test Hospital Radiology"
 """
-        + destinations
-    )
-    return load_config(path, environ={})
+    return write_config(tmp_path, db_url, review + destinations)
 
 
 PACS = """
@@ -68,7 +58,7 @@ def sqlite_url(tmp_path: Path) -> str:
     return url
 
 
-def reported_result(db: Database, config: Config, folder: Path, *, probability: float = 0.87):  # type: ignore[no-untyped-def]
+def reported_result(db: Database, config: Config, folder: Path, *, probability: float = 0.87):
     files = rd.ct_study(folder, seed=sum(folder.name.encode()))
     study_uid = rd.receive(db, config.storage.spool_dir, files)
     result = rd.analysed(files, probability=probability)

@@ -53,23 +53,23 @@ def demo_ct(folder: Path, seed: int) -> list[Path]:
     return write_ct_series(volume, folder, spacing=(2.5, 1.4, 1.4), seed=seed)
 
 
-def result_of(d: DaemonProcess, study_uid: str, state: str = "pending") -> dict:  # type: ignore[type-arg]
-    def found() -> dict | None:  # type: ignore[type-arg]
+def result_of(d: DaemonProcess, study_uid: str, state: str = "pending") -> dict:
+    def found() -> dict | None:
         rows = json.loads(d.cli("review", "list", "--state", state, "--json").stdout)
         return next((r for r in rows if r["study_instance_uid"] == study_uid), None)
 
-    return d.wait_for(found, timeout=300, interval=0.5)  # type: ignore[no-any-return]
+    return d.wait_for(found, timeout=300, interval=0.5)
 
 
-def srs_in_orthanc(orthanc: Orthanc, study_uid: str, n: int, d: DaemonProcess) -> list[dict]:  # type: ignore[type-arg]
-    def found() -> list[dict] | None:  # type: ignore[type-arg]
+def srs_in_orthanc(orthanc: Orthanc, study_uid: str, n: int, d: DaemonProcess) -> list[dict]:
+    def found() -> list[dict] | None:
         hits = by_class(orthanc.study_instances(study_uid), Comprehensive3DSRStorage)
         return hits if len(hits) >= n else None
 
-    return d.wait_for(found, timeout=120, interval=0.5)  # type: ignore[no-any-return]
+    return d.wait_for(found, timeout=120, interval=0.5)
 
 
-def verified_from_orthanc(orthanc: Orthanc, study_uid: str, uid: str, folder: Path):  # type: ignore[no-untyped-def]
+def verified_from_orthanc(orthanc: Orthanc, study_uid: str, uid: str, folder: Path):
     (entry,) = [
         i
         for i in by_class(orthanc.study_instances(study_uid), Comprehensive3DSRStorage)
@@ -78,14 +78,14 @@ def verified_from_orthanc(orthanc: Orthanc, study_uid: str, uid: str, folder: Pa
     return fetch(orthanc, entry, folder)
 
 
-def predecessor(sr) -> str:  # type: ignore[no-untyped-def]
+def predecessor(sr) -> str:
     ref = sr.PredecessorDocumentsSequence[0].ReferencedSeriesSequence[0]
     return str(ref.ReferencedSOPSequence[0].ReferencedSOPInstanceUID)
 
 
 def test_confirm_reject_correct_and_amend_through_orthanc(
     tmp_path: Path, daemon_factory, orthanc_factory
-) -> None:  # type: ignore[no-untyped-def]
+) -> None:
     orthanc = orthanc_factory().start()
     d = daemon_factory(delivery(orthanc)).start()
     d.add_user("smith", "Smith^Jane")
@@ -170,7 +170,7 @@ def test_confirm_reject_correct_and_amend_through_orthanc(
 
 def test_after_review_the_pacs_gets_only_the_verified_result(
     tmp_path: Path, daemon_factory, orthanc_factory
-) -> None:  # type: ignore[no-untyped-def]
+) -> None:
     orthanc = orthanc_factory().start()
     d = daemon_factory(delivery(orthanc, "after_review"), env=NO_WORKER).start()
     d.add_user("smith", "Smith^Jane")

@@ -57,7 +57,7 @@ def received_once(db: DaemonDB, study_uid: str, files: list[Path]) -> bool:
 
 def test_each_new_study_is_pulled_once_across_polls_and_a_restart(
     daemon_factory, orthanc_factory, tmp_path: Path
-) -> None:  # type: ignore[no-untyped-def]
+) -> None:
     orthanc = orthanc_factory()
     d: DaemonProcess = daemon_factory()
     d.config_path.write_text(d.config_path.read_text() + pull_config(orthanc))

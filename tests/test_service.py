@@ -30,7 +30,7 @@ def _echoscu(port: int, aet: str = "ECHOSCU") -> subprocess.CompletedProcess[str
 
 
 @contextmanager
-def _held_association(port: int, aet: str = "HOLDER") -> Iterator:  # type: ignore[type-arg]
+def _held_association(port: int, aet: str = "HOLDER") -> Iterator:
     """An association our test keeps open, to send on whenever it chooses."""
     from pynetdicom import _config
 
@@ -51,7 +51,7 @@ def _wait_log(d: DaemonProcess, text: str, timeout: float = 30) -> None:
     d.wait_for(lambda: text in d.log(), timeout=timeout, interval=0.05)
 
 
-def test_sigterm_when_idle(daemon_factory) -> None:  # type: ignore[no-untyped-def]
+def test_sigterm_when_idle(daemon_factory) -> None:
     d = daemon_factory(RECEIVE_ONLY).start()
     assert d.stop(timeout=30) == 0
     log = d.log()
@@ -59,7 +59,7 @@ def test_sigterm_when_idle(daemon_factory) -> None:  # type: ignore[no-untyped-d
     assert log.rstrip().endswith("secondreader stopped")
 
 
-def test_sigterm_during_an_association_lets_it_finish(daemon_factory, tmp_path: Path) -> None:  # type: ignore[no-untyped-def]
+def test_sigterm_during_an_association_lets_it_finish(daemon_factory, tmp_path: Path) -> None:
     d = daemon_factory(RECEIVE_ONLY).start()
     files = ct_study(tmp_path / "ct", 80, size=512, seed=31)
     headers = [header(p) for p in files]
@@ -90,7 +90,7 @@ def test_sigterm_during_an_association_lets_it_finish(daemon_factory, tmp_path: 
     assert "secondreader stopped" in d.log()
 
 
-def test_draining_rejects_new_associations(daemon_factory, tmp_path: Path) -> None:  # type: ignore[no-untyped-def]
+def test_draining_rejects_new_associations(daemon_factory, tmp_path: Path) -> None:
     d = daemon_factory(RECEIVE_ONLY).start()
     files = ct_study(tmp_path / "ct", 3, seed=32)
     with _held_association(d.port) as assoc:
@@ -118,7 +118,7 @@ def test_draining_rejects_new_associations(daemon_factory, tmp_path: Path) -> No
     db.close()
 
 
-def test_drain_has_a_time_limit(daemon_factory) -> None:  # type: ignore[no-untyped-def]
+def test_drain_has_a_time_limit(daemon_factory) -> None:
     d = daemon_factory(RECEIVE_ONLY, env={"SECONDREADER_SCP__DRAIN_SECONDS": "1"}).start()
     with _held_association(d.port):
         assert d.proc is not None
@@ -129,7 +129,7 @@ def test_drain_has_a_time_limit(daemon_factory) -> None:  # type: ignore[no-unty
     assert "associations still running after 1 s; closing" in d.log()
 
 
-def test_systemd_notify_ready_watchdog_stopping(daemon_factory, tmp_path: Path) -> None:  # type: ignore[no-untyped-def]
+def test_systemd_notify_ready_watchdog_stopping(daemon_factory, tmp_path: Path) -> None:
     sock_path = tmp_path / "notify.sock"
     with socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM) as sock:
         sock.bind(str(sock_path))
@@ -154,7 +154,7 @@ def test_systemd_notify_ready_watchdog_stopping(daemon_factory, tmp_path: Path) 
         d.proc = None
 
 
-def test_max_associations(daemon_factory) -> None:  # type: ignore[no-untyped-def]
+def test_max_associations(daemon_factory) -> None:
     # Both held associations come from one address: its share (half of
     # max_associations by default) raised to the whole, to test the limit itself.
     d = daemon_factory(
@@ -174,7 +174,7 @@ def test_max_associations(daemon_factory) -> None:  # type: ignore[no-untyped-de
     assert d.stop() == 0
 
 
-def test_storescu_after_restart(daemon_factory, tmp_path: Path) -> None:  # type: ignore[no-untyped-def]
+def test_storescu_after_restart(daemon_factory, tmp_path: Path) -> None:
     """A stopped and restarted daemon keeps its data and serves on the same port."""
     d = daemon_factory(RECEIVE_ONLY).start()
     first, second = ct_study(tmp_path / "a", 2, seed=33), ct_study(tmp_path / "b", 2, seed=34)

@@ -161,7 +161,7 @@ def _lesion_centre(files: list[Path]) -> np.ndarray:
     points = [
         _patient_position(headers[k], r, c) for k, r, c in zip(*np.nonzero(mask), strict=True)
     ]
-    return np.mean(points, axis=0)  # type: ignore[no-any-return]
+    return np.mean(points, axis=0)
 
 
 def _instance_at(files: list[Path], plane: float, normal: np.ndarray, spacing: float) -> int:
@@ -220,7 +220,7 @@ def _check_map_position(page: Any, lesion: np.ndarray, spacing: float) -> dict[s
 
 def test_ohif_hydrates_the_sr_overlays_the_map_and_shows_the_summary(
     tmp_path: Path, daemon_factory, orthanc_factory
-) -> None:  # type: ignore[no-untyped-def]
+) -> None:
     orthanc = orthanc_factory(extra=ORTHANC_DICOMWEB).start()
     d: DaemonProcess = daemon_factory(delivery(orthanc)).start()
     positive = demo_ct(tmp_path / "positive", seed=SEED)

@@ -22,14 +22,15 @@ from pydicom import dcmread
 from sqlalchemy import select, update
 
 from daemon.accounts import AccountError, AccountService
-from daemon.config import Config, load_config
-from daemon.reporter import Reporter
+from daemon.config import Config
+from daemon.stages.report import Reporter
 from daemon.web import COOKIE, create_app
 from db import audit, migrate
 from db.audit import EventType
 from db.models import FindingDecision, Job, OutboxItem, WebSession, utcnow
 from db.session import Database
 from tests import reportdata as rd
+from tests.configs import write_config
 from tests.dicomgen import PATIENT_ID, PATIENT_NAME, storescp
 
 KEY = bytes(range(32))
@@ -37,16 +38,10 @@ PASSWORD = "correct horse battery"
 
 
 def make(tmp_path: Path, web: str = "") -> tuple[Config, Database]:
-    path = tmp_path / "secondreader.toml"
-    path.write_text(
+    config = write_config(
+        tmp_path,
+        f"sqlite:///{tmp_path / 'db.sqlite'}",
         f"""
-[storage]
-state_dir = "{tmp_path / "state"}"
-fsync = false
-
-[database]
-url = "sqlite:///{tmp_path / "db.sqlite"}"
-
 [review]
 organization = "Test Hospital Radiology"
 
@@ -59,9 +54,8 @@ name = "pacs"
 ae_title = "PACS"
 host = "127.0.0.1"
 port = 11112
-"""
+""",
     )
-    config = load_config(path, environ={})
     migrate.upgrade(config.database_url)
     db = Database(config.database_url, audit_key=KEY)
     accounts = AccountService(db, config.web)
@@ -75,14 +69,14 @@ port = 11112
 
 
 @pytest.fixture
-def site(tmp_path: Path):  # type: ignore[no-untyped-def]
+def site(tmp_path: Path):
     config, db = make(tmp_path)
     app = create_app(config, db)
     yield app, db
     db.dispose()
 
 
-def login(client: FlaskClient, user: str = "smith", password: str = PASSWORD):  # type: ignore[no-untyped-def]
+def login(client: FlaskClient, user: str = "smith", password: str = PASSWORD):
     return client.post("/login", data={"username": user, "password": password})
 
 
@@ -111,7 +105,7 @@ def csrf(client: FlaskClient, page: str = "/") -> str:
     return match.group(1)
 
 
-def test_every_page_but_login_and_health_needs_a_session(site) -> None:  # type: ignore[no-untyped-def]
+def test_every_page_but_login_and_health_needs_a_session(site) -> None:
     app, _db = site
     client = app.test_client()
     for page in ("/", "/results/1", "/admin"):
@@ -123,7 +117,7 @@ def test_every_page_but_login_and_health_needs_a_session(site) -> None:  # type:
     assert client.get("/healthz").status_code == 200
 
 
-def test_login_review_and_logout(site, caplog: pytest.LogCaptureFixture, tmp_path: Path) -> None:  # type: ignore[no-untyped-def]
+def test_login_review_and_logout(site, caplog: pytest.LogCaptureFixture, tmp_path: Path) -> None:
     app, db = site
     client = app.test_client()
     caplog.set_level(logging.DEBUG)
@@ -191,7 +185,7 @@ def test_login_review_and_logout(site, caplog: pytest.LogCaptureFixture, tmp_pat
         assert PATIENT_NAME not in record.getMessage() and PATIENT_ID not in record.getMessage()
 
 
-def test_a_reviewer_cannot_reach_the_admin_pages(site) -> None:  # type: ignore[no-untyped-def]
+def test_a_reviewer_cannot_reach_the_admin_pages(site) -> None:
     app, _db = site
     reviewer, admin = app.test_client(), app.test_client()
     login(reviewer)
@@ -200,7 +194,7 @@ def test_a_reviewer_cannot_reach_the_admin_pages(site) -> None:  # type: ignore[
     assert admin.get("/admin").status_code == 200
 
 
-def test_five_wrong_passwords_lock_the_account(site) -> None:  # type: ignore[no-untyped-def]
+def test_five_wrong_passwords_lock_the_account(site) -> None:
     app, db = site
     client = app.test_client()
     for _ in range(5):
@@ -217,7 +211,7 @@ def test_five_wrong_passwords_lock_the_account(site) -> None:  # type: ignore[no
     assert login(app.test_client(), "root").status_code == 302
 
 
-def test_a_locked_user_is_told_to_wait_and_an_admin_unlocks(site, caplog) -> None:  # type: ignore[no-untyped-def]
+def test_a_locked_user_is_told_to_wait_and_an_admin_unlocks(site, caplog) -> None:
     app, _db = site
     accounts = app.extensions["secondreader"].accounts
     client = app.test_client()
@@ -238,7 +232,7 @@ def test_a_locked_user_is_told_to_wait_and_an_admin_unlocks(site, caplog) -> Non
     assert [u.disabled for u in accounts.users() if u.username == "smith"] == [False]
 
 
-def test_an_idle_session_expires(site) -> None:  # type: ignore[no-untyped-def]
+def test_an_idle_session_expires(site) -> None:
     app, db = site
     client = app.test_client()
     login(client)
@@ -263,7 +257,7 @@ def test_a_proxy_header_counts_only_from_a_trusted_proxy(tmp_path: Path) -> None
     db.dispose()
 
 
-def test_accounts_refuse_weak_passwords_and_duplicates(site) -> None:  # type: ignore[no-untyped-def]
+def test_accounts_refuse_weak_passwords_and_duplicates(site) -> None:
     _app, db = site
     from daemon.config import WebConfig
 
@@ -276,7 +270,7 @@ def test_accounts_refuse_weak_passwords_and_duplicates(site) -> None:  # type: i
     assert accounts.login("smith", PASSWORD, "127.0.0.1") is None
 
 
-def test_key_image_overlay_and_a_correction_by_marker(site) -> None:  # type: ignore[no-untyped-def]
+def test_key_image_overlay_and_a_correction_by_marker(site) -> None:
     app, db = site
     client = app.test_client()
     login(client)
@@ -340,7 +334,7 @@ def test_key_image_overlay_and_a_correction_by_marker(site) -> None:  # type: ig
     assert app.test_client().get("/results/1/slices/0.bin").status_code == 302
 
 
-def test_a_tampered_sign_form_signs_nothing(site) -> None:  # type: ignore[no-untyped-def]
+def test_a_tampered_sign_form_signs_nothing(site) -> None:
     app, db = site
     client = app.test_client()
     login(client)
@@ -358,7 +352,7 @@ def test_a_tampered_sign_form_signs_nothing(site) -> None:  # type: ignore[no-un
         assert s.scalars(select(FindingDecision)).all() == []
 
 
-def test_undo_inside_the_window_and_too_late_after_it(site) -> None:  # type: ignore[no-untyped-def]
+def test_undo_inside_the_window_and_too_late_after_it(site) -> None:
     app, db = site
     client = app.test_client()
     login(client)
@@ -383,7 +377,7 @@ def test_undo_inside_the_window_and_too_late_after_it(site) -> None:  # type: ig
         assert [d.decision for d in s.scalars(select(FindingDecision))] == ["confirm"]
 
 
-def test_amend_on_the_page_needs_a_reason_and_supersedes(site) -> None:  # type: ignore[no-untyped-def]
+def test_amend_on_the_page_needs_a_reason_and_supersedes(site) -> None:
     app, db = site
     client = app.test_client()
     login(client)
@@ -416,7 +410,7 @@ def test_amend_on_the_page_needs_a_reason_and_supersedes(site) -> None:  # type:
     assert stale.status_code == 409 and "by Smith^Jane" in stale.get_data(as_text=True)
 
 
-def test_worklist_matches_the_pacs_and_sorts(site) -> None:  # type: ignore[no-untyped-def]
+def test_worklist_matches_the_pacs_and_sorts(site) -> None:
     app, _db = site
     client = app.test_client()
     login(client)

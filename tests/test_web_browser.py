@@ -51,7 +51,7 @@ def _verified(orthanc: Orthanc, study_uid: str) -> list[dict[str, Any]]:
 
 def _decisions(d: DaemonProcess, run: str) -> list[dict[str, Any]]:
     shown = json.loads(d.cli("review", "show", run, "--json").stdout)
-    return shown["decisions"]  # type: ignore[no-any-return]
+    return shown["decisions"]
 
 
 def _login(page: Any, site: str, user: str) -> None:
@@ -72,7 +72,7 @@ def _open(page: Any, site: str, run: str) -> None:
 
 def _canvas_point(page: Any, col: float, row: float) -> tuple[float, float]:
     """Where image pixel (col, row) lies on the screen, from the viewer's own geometry."""
-    return page.evaluate(  # type: ignore[no-any-return]
+    return page.evaluate(
         """([col, row]) => {
             const c = document.getElementById('view'), v = window.secondreaderViewer.state;
             const px = v.slices[v.k], rect = c.getBoundingClientRect();
@@ -87,7 +87,7 @@ def _canvas_point(page: Any, col: float, row: float) -> tuple[float, float]:
 
 def test_a_radiologist_reads_signs_undoes_amends_and_corrects(
     daemon_factory, orthanc_factory, tmp_path: Path
-) -> None:  # type: ignore[no-untyped-def]
+) -> None:
     orthanc: Orthanc = orthanc_factory().start()
     web_port = free_port()
     d = daemon_factory(delivery(orthanc) + f"\n[web]\nenabled = true\nport = {web_port}\n")

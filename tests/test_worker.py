@@ -13,10 +13,10 @@ import pytest
 from pydicom import dcmread
 from pydicom.data import get_testdata_file
 
-from daemon.analyser import Analyser
 from daemon.config import ConfigError, WorkerConfig, load_config
-from daemon.worker import Worker
-from db import audit, jobs, migrate
+from daemon.stages.analyse.analyser import Analyser
+from daemon.stages.analyse.worker import Worker
+from db import audit, migrate, queue
 from db.audit import EventType
 from db.models import AnalysisRun, Job, JobState, Study
 from db.session import Database
@@ -139,7 +139,7 @@ def test_heartbeat_keeps_the_lease_of_a_long_job(sqlite_url: str, tmp_path: Path
     def reap() -> None:
         while not stop_reaping.wait(0.1):
             with db.session() as s:
-                jobs.requeue_expired(s, worker.policy, actor="reaper")
+                queue.requeue_expired(s, worker.policy, actor="reaper")
 
     reaper = threading.Thread(target=reap)
     reaper.start()

@@ -3,7 +3,7 @@
 Blueprints, in the order a reviewer meets them: the worklist
 (daemon/web/worklist.py), a result with its image viewer and the two-step
 decision (result.py, viewer.py), and the admin pages (admin.py). Every
-decision goes through the review service (daemon/reviewer.py) under the
+decision goes through the review service (daemon/stages/review.py) under the
 logged-in account, as the CLI's do.
 
 Security: every page but the login and /healthz needs a session
@@ -28,7 +28,7 @@ from werkzeug.exceptions import HTTPException
 
 from daemon.accounts import AccountService
 from daemon.config import Config
-from daemon.reviewer import ReviewService
+from daemon.stages.review import ReviewService
 from daemon.web.site import Site
 from db.models import utcnow
 from db.session import Database

@@ -7,16 +7,17 @@ from typing import Any
 
 from flask import Blueprint, abort, current_app, g, redirect, render_template, request, url_for
 
-from daemon.dispatcher import Dispatcher
+from daemon.factories import destination_remote
 from daemon.liveness import gone_after, worker_alert
 from daemon.web import admin_required
 from daemon.web.images import agreement_plot
 from daemon.web.site import site
-from db.jobs import recent_workers, requeue_failed_jobs, running_jobs
 from db.liveness import processes
 from db.models import utcnow
 from db.outbox import list_items, requeue_dead
+from db.queue import requeue_failed_jobs, running_jobs
 from db.reports import requeue_failed_reports
+from db.results import recent_workers
 from db.studies import pipeline_counts
 from dicom_io.scu import echo
 
@@ -76,7 +77,7 @@ def echo_destination(name: str) -> Any:
     if dest is None:
         abort(404, f"No PACS destination named {name!r}.")
     try:
-        status = echo(Dispatcher(here.db, here.config).remote(dest))
+        status = echo(destination_remote(here.config, dest))
         text = f"{name}: C-ECHO status 0x{status:04X}" + (" (success)" if status == 0 else "")
     except Exception as exc:
         text = f"{name}: {exc}"

@@ -20,7 +20,9 @@ _OBJECTS = {
     "gsps": "annotation (GSPS)", "summary": "summary image", "seg": "saliency (SEG)",
     "binary-seg": "region (SEG)",
 }  # fmt: skip
-_DECISIONS = {"confirm": "confirmed", "reject": "rejected", "correct": "corrected"}
+_DECISIONS: dict[str | None, str] = {
+    "confirm": "confirmed", "reject": "rejected", "correct": "corrected",
+}  # fmt: skip
 
 
 @dataclass(frozen=True)

@@ -69,7 +69,7 @@ def render(
     header = dcmread(path, stop_before_pixels=True)
     pixels = read_modality_pixels(path)
     gray = window(pixels, header)
-    rgb = np.repeat(gray[..., None], 3, axis=2).astype(np.float32)
+    rgb: np.ndarray = np.repeat(gray[..., None], 3, axis=2).astype(np.float32)
     if saliency is not None and saliency.shape == gray.shape and float(saliency.max()) > 0:
         heat = matplotlib.colormaps["inferno"](saliency / float(saliency.max()))[..., :3] * 255
         alpha = 0.45 * (saliency / float(saliency.max()))[..., None]

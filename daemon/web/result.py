@@ -9,7 +9,7 @@ submits a decision: each form's default button is a disabled one, so the
 browser's implicit submission does nothing, with or without JavaScript.
 
 A signed decision waits `review.undo_seconds` before its verified SR is
-built (daemon/reviewer.py); Undo withdraws it meanwhile. A verified result
+built (daemon/stages/review.py); Undo withdraws it meanwhile. A verified result
 is changed by an amendment, with a reason, signed the same way.
 """
 
@@ -25,7 +25,7 @@ from typing import Any
 from flask import Blueprint, abort, g, redirect, render_template, request, url_for
 from pydicom import dcmread
 
-from daemon.reviewer import Correction, ReviewError
+from daemon.stages.review import Correction, ReviewError
 from daemon.web import login_required
 from daemon.web.history import clinical_history, provenance_lines
 from daemon.web.site import site
@@ -122,7 +122,7 @@ def _choices(form: Any, view: ResultView, prefix: str) -> list[Choice]:
         decision = form.get(f"{prefix}decision-{f.number}", "")
         if not decision:
             continue
-        if decision not in Decision.ALL:
+        if decision not in tuple(Decision):
             abort(400, f"Unknown decision {decision!r}.")
         choice = Choice(
             f.number, decision, (form.get(f"{prefix}comment-{f.number}") or "").strip()[:1000],

@@ -19,7 +19,7 @@ from pydicom import dcmread
 
 from daemon.accounts import AccountService
 from daemon.config import Config
-from daemon.reviewer import ReviewService
+from daemon.stages.review import ReviewService
 from daemon.web.images import SeriesImage, in_slice_order
 from db.reviews import series_images
 from db.session import Database
@@ -105,4 +105,4 @@ class Site:
 def site() -> Site:
     """The current app's Site."""
     found: Any = current_app.extensions["secondreader"]
-    return found  # type: ignore[no-any-return]
+    return found

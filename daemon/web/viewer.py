@@ -21,8 +21,8 @@ from daemon.web import login_required
 from daemon.web.images import SeriesImage, render
 from daemon.web.result import _show, key_slice
 from daemon.web.site import site
-from db.jobs import read_saliency
 from db.reviews import ResultView, run_provenance, series_images
+from db.saliency import read_saliency
 from dicom_io.pixels import read_modality_pixels
 
 bp = Blueprint("viewer", __name__, url_prefix="/results")

@@ -16,7 +16,7 @@ from typing import Any
 
 from flask import Blueprint, abort, redirect, render_template, request, url_for
 
-from daemon.reviewer import triage_key
+from daemon.stages.review import triage_key
 from daemon.web import login_required
 from daemon.web.site import StudyInfo, site
 from db.models import utcnow

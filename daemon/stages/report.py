@@ -8,7 +8,7 @@ finding the saliency as a Parametric Map, FRACTIONAL SEG or BINARY SEG and
 the GSPS on the key image. Write them under <state_dir>/outbox/<study>/<uid>.dcm
 and, in one transaction, queue one outbox row per object per destination that
 takes its kind, and mark the run reported. The deliver stage
-(daemon/dispatcher.py) takes it from there.
+(daemon/stages/deliver.py) takes it from there.
 
 A re-run of the same model on the same study supersedes the earlier SR:
 the new one lists it in its Predecessor Documents Sequence.
@@ -20,6 +20,7 @@ import io
 import logging
 from collections.abc import Callable
 from dataclasses import dataclass
+from functools import partial
 from typing import Any
 
 import numpy as np
@@ -28,6 +29,7 @@ from pydicom.dataset import Dataset
 from pydicom.uid import generate_uid
 
 from daemon.config import DEFAULT_OUTPUTS, EXTRA_KINDS, Config
+from db.layout import OUTBOX_DIR
 from db.models import DeliveryState
 from db.outbox import NewOutboxItem
 from db.reports import (
@@ -53,7 +55,6 @@ from dicom_io.sr import (
     build_ai_result_sr,
     build_not_run_sr,
     finding_tracking_uid,
-    read_findings,
 )
 from dicom_io.summary import (
     build_summary_image,
@@ -66,7 +67,6 @@ from model.results import Finding, ImageLocation, Outcome
 
 log = logging.getLogger(__name__)
 
-OUTBOX_DIR = "outbox"
 
 
 class ReportError(Exception):
@@ -87,7 +87,7 @@ class Reporter:
         self.spool_dir = config.storage.spool_dir
         # The spool's atomic write (temporary file, fsync, rename), rooted at
         # the outbox: a crash never leaves half an SR under its real name.
-        self.outbox = Spool(self.state_dir / OUTBOX_DIR, fsync=config.storage.fsync)
+        self.outbox = Spool(config.storage.layout.outbox, fsync=config.storage.fsync)
         # Called after each pass queues objects: the deliver stage's wake-up.
         self.on_queued: Callable[[], None] | None = None
 
@@ -172,7 +172,9 @@ class Reporter:
                 return False
         # An AI result with findings waits for the physician at destinations
         # that take reviewed results only; "AI not run" has nothing to review.
-        reviewable = any(o.kind == "sr" and read_findings(o.dataset) for o in objects)
+        # The AI result SR always has findings (its builder refuses a result
+        # without); the not-run SR (fallback included) has none.
+        reviewable = run.result.outcome == Outcome.ANALYSED and not fallback
         queued = self._queue(run, objects, reviewable)
         sr = next(o.dataset for o in objects if o.kind == "sr")
         tracking = {}
@@ -347,7 +349,7 @@ class Reporter:
         extras: list[BuiltObject] = []
         if self.config.report.segmentation:
             for kind, builder in (("binary-seg", self._region_seg), ("pmap", self._pmap)):
-                extras += self._optional(run, kind, wanted, lambda b=builder: b(run, headers))
+                extras += self._optional(run, kind, wanted, partial(builder, run, headers))
         extras += self._optional(run, "gsps", wanted, lambda: self._gsps(run, headers))
         return [*extras, *summary]
 
@@ -384,7 +386,7 @@ class Reporter:
             return None
         return max(present, key=lambda f: f.probability)
 
-    def _object_uids(self, run: PendingRun, kind: str) -> dict[str, str]:
+    def _object_uids(self, run: PendingRun, kind: str) -> dict[str, Any]:
         return {
             "series_instance_uid": self._uid(run, f"{kind}-series"),
             "sop_instance_uid": self._uid(run, kind),

@@ -46,11 +46,11 @@ def run_receiving_process(
 ) -> None:
     """A child's whole life: the receive stage alone, until SIGTERM or its parent is gone."""
     # Imported here: the child is spawned and imports only what receiving needs.
-    from daemon.dispatcher import Dispatcher
+    from daemon.factories import open_database, scp_settings
     from daemon.liveness import Heartbeat
     from daemon.logs import setup_logging
-    from daemon.receiver import Receiver
-    from daemon.service import open_database, scp_settings
+    from daemon.stages.deliver import Dispatcher
+    from daemon.stages.receive.receiver import Receiver
     from dicom_io.scp import StorageSCP
     from dicom_io.spool import Spool
 

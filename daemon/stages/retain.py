@@ -31,7 +31,7 @@ from datetime import datetime, time, timedelta
 from pathlib import Path
 
 from daemon.config import Config
-from db.jobs import SALIENCY_DIR
+from db.layout import StateLayout
 from db.models import utcnow
 from db.retention import (
     FinishedStudy,
@@ -45,8 +45,6 @@ from db.retention import (
 from db.session import Database
 
 log = logging.getLogger(__name__)
-
-TRASH_DIR = "trash"
 
 
 @dataclass(frozen=True)
@@ -95,7 +93,7 @@ class Cleaner:
         self.config = config
         self.cfg = config.retention
         self.state_dir = config.storage.state_dir
-        self.trash = self.state_dir / TRASH_DIR
+        self.trash = StateLayout(self.state_dir).trash
         self._usage = usage
         self._clock = clock  # local time, for the off-peak window
 
@@ -240,8 +238,8 @@ class Cleaner:
             self.state_dir,
             self.config.storage.spool_dir,
             self.config.storage.ancillary_dir,
-            self.state_dir / SALIENCY_DIR,
-            self.state_dir / "outbox",  # daemon/reporter.OUTBOX_DIR (a heavy import)
+            StateLayout(self.state_dir).saliency,
+            StateLayout(self.state_dir).outbox,
         }
         for folder in sorted({p.parent for p in paths}, key=lambda p: -len(p.parts)):
             while folder not in roots and folder.is_relative_to(self.state_dir):

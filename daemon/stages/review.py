@@ -38,10 +38,11 @@ from typing import Any
 from pydicom import dcmread
 from pydicom.dataset import Dataset
 from pydicom.uid import generate_uid
-from sqlalchemy.exc import IntegrityError
 
 from daemon.config import Config
 from db import accounts, reviews
+from db.errors import WrittenMeanwhile
+from db.layout import OUTBOX_DIR
 from db.models import Decision, utcnow
 from db.outbox import NewOutboxItem, queue_items
 from db.reviews import Agreement, FindingView, ResultView
@@ -52,7 +53,6 @@ from model.results import ImageLocation
 
 log = logging.getLogger(__name__)
 
-OUTBOX_DIR = "outbox"  # the report stage's folder; verified SRs go next to the AI SR
 
 
 class ReviewError(Exception):
@@ -92,7 +92,8 @@ class ReviewService:
     def __init__(self, db: Database, config: Config) -> None:
         self.db = db
         self.config = config
-        self.outbox = Spool(config.storage.state_dir / OUTBOX_DIR, fsync=config.storage.fsync)
+        # The report stage's folder: verified SRs go next to the AI SR.
+        self.outbox = Spool(config.storage.layout.outbox, fsync=config.storage.fsync)
 
     def reviewer(self, name: str) -> Reviewer:
         if not name.strip():
@@ -149,7 +150,7 @@ class ReviewService:
 
         With `hold` the SR waits for the undo window (`finalize_pending` builds it).
         """
-        if decision not in Decision.ALL:
+        if decision not in tuple(Decision):
             raise ReviewError(f"unknown decision {decision!r}")
         if decision == Decision.CORRECT and (finding is None or correction is None):
             raise ReviewError("a correction names its finding and the new location")
@@ -157,7 +158,7 @@ class ReviewService:
             targets = self._record_decisions(
                 run_id, decision, reviewer, finding, comment, correction
             )
-        except IntegrityError as exc:  # the unique (finding, round): another reader was first
+        except WrittenMeanwhile as exc:  # the unique (finding, round): another reader was first
             raise ReviewError(
                 f"a finding of result {run_id} was decided meanwhile by another reader: "
                 "open the result again"
@@ -246,7 +247,7 @@ class ReviewService:
         """Decide a verified result's finding again: a new round and a superseding SR."""
         if not reason.strip():
             raise ReviewError("an amendment says why: --reason TEXT")
-        if decision not in Decision.ALL:
+        if decision not in tuple(Decision):
             raise ReviewError(f"unknown decision {decision!r}")
         if decision == Decision.CORRECT and correction is None:
             raise ReviewError("a correction names the new location")
@@ -289,7 +290,7 @@ class ReviewService:
                         amendment=f.finding_id == target.finding_id,
                         **values,
                     )
-        except IntegrityError as exc:  # another amendment of the same round was first
+        except WrittenMeanwhile as exc:  # another amendment of the same round was first
             raise ReviewError(
                 f"result {run_id} was amended meanwhile by another reader: open it again"
             ) from exc
@@ -371,7 +372,7 @@ class ReviewService:
                     },
                     actor=by.name,
                 )
-        except IntegrityError:
+        except WrittenMeanwhile:
             # Another pass (serve's finalize_pending) finalized this round first:
             # the UIDs are derived from the run and round, so its SR is this one.
             return str(sr.SOPInstanceUID)

@@ -27,11 +27,11 @@ from collections.abc import Callable
 from pathlib import Path
 from types import FrameType
 
-from daemon.analyser import Analyser
 from daemon.config import Config, WorkerConfig
-from db import jobs
-from db.jobs import ClaimedJob, LeaseLost, RetryPolicy
+from daemon.stages.analyse.analyser import Analyser
+from db import queue
 from db.notify import JOBS, Listener
+from db.queue import ClaimedJob, LeaseLost, RetryPolicy
 from db.session import Database
 from dicom_io.text import safe_error
 
@@ -55,7 +55,7 @@ def analyser_factory(config: Config) -> AnalyserFactory:
     if not spec:
 
         def models() -> Analyser:
-            from daemon.analyser import ModelAnalyser
+            from daemon.stages.analyse.analyser import ModelAnalyser
 
             return ModelAnalyser.from_config(config)
 
@@ -66,7 +66,7 @@ def analyser_factory(config: Config) -> AnalyserFactory:
 
     def custom() -> Analyser:
         factory = getattr(importlib.import_module(module_name), attr)
-        return factory(config)  # type: ignore[no-any-return]
+        return factory(config)
 
     return custom
 
@@ -74,7 +74,7 @@ def analyser_factory(config: Config) -> AnalyserFactory:
 def requeue_expired_jobs(db: Database, policy: RetryPolicy, actor: str) -> list[int]:
     """Jobs of dead or hung workers back to the queue (scheduled in `serve`, run by workers)."""
     with db.session() as s:
-        ids = jobs.requeue_expired(s, policy, actor=actor)
+        ids = queue.requeue_expired(s, policy, actor=actor)
     if ids:
         log.warning("lease expired on job(s) %s: taken back from their worker", ids)
     return ids
@@ -96,7 +96,7 @@ class _Heartbeat(threading.Thread):
         while not self.done.wait(self.interval):
             try:
                 with self.db.session() as s:
-                    ours = jobs.renew_lease(s, self.job, lease_seconds=self.lease_seconds)
+                    ours = queue.renew_lease(s, self.job, lease_seconds=self.lease_seconds)
             except Exception:
                 # A database hiccup: try again next beat; the lease has slack.
                 log.exception("could not renew the lease of job %d", self.job.job_id)
@@ -197,7 +197,7 @@ class Worker:
             return
         try:
             with self.db.session() as s:
-                released = jobs.release_job(s, job)
+                released = queue.release_job(s, job)
         except Exception:
             log.exception("could not release job %d; its lease will expire", job.job_id)
             return
@@ -245,7 +245,7 @@ class Worker:
             return False
         self.load()
         with self.db.session() as s:
-            job = jobs.claim_next(s, self.owner, lease_seconds=self.settings.lease_seconds)
+            job = queue.claim_next(s, self.owner, lease_seconds=self.settings.lease_seconds)
         if job is None:
             return False
         with self._lock:
@@ -269,7 +269,7 @@ class Worker:
         started = time.monotonic()
         try:
             with self.db.session() as s:
-                series = jobs.study_series_files(s, job.study_id)
+                series = queue.study_series_files(s, job.study_id)
             files = {e.series_instance_uid: [self.spool_dir / p for p in e.paths] for e in series}
             results = self.analyser.analyse(job.study_instance_uid, files)
         except Exception as exc:
@@ -279,7 +279,7 @@ class Worker:
         heartbeat.stop()
         try:
             with self.db.session() as s:
-                state = jobs.finish_job(s, job, results, state_dir=self.state_dir)
+                state = queue.finish_job(s, job, results, state_dir=self.state_dir)
         except LeaseLost:
             log.warning("job %d: lease lost while analysing; result discarded", job.job_id)
             return
@@ -303,7 +303,7 @@ class Worker:
         log.debug("job %d traceback", job.job_id, exc_info=exc)
         try:
             with self.db.session() as s:
-                state = jobs.fail_attempt(s, job, error, self.policy)
+                state = queue.fail_attempt(s, job, error, self.policy)
         except LeaseLost:
             log.warning("job %d: lease lost; failure not recorded", job.job_id)
             return
@@ -313,11 +313,11 @@ class Worker:
 
 def run_worker(config: Config) -> int:
     """`secondreader worker`: one worker process until SIGTERM/SIGINT. Returns the exit code."""
+    from daemon.factories import open_database
     from daemon.liveness import Heartbeat
-    from daemon.service import open_database
 
     # With the audit key (its events are signed), checked against the database's;
-    # no schema or another key: one line and exit 2 (daemon/cli.py).
+    # no schema or another key: one line and exit 2 (daemon/cli/).
     db = open_database(config)
     worker = Worker.from_config(config, db)
     stop = threading.Event()

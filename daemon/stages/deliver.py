@@ -21,8 +21,10 @@ import logging
 from collections import defaultdict
 from dataclasses import dataclass, field
 from datetime import datetime, timedelta
+from typing import cast
 
 from daemon.config import Config, Destination
+from daemon.factories import destination_remote
 from db.models import utcnow
 from db.outbox import (
     Commitment,
@@ -43,21 +45,9 @@ from dicom_io.commitment import (
     request_commitment,
 )
 from dicom_io.scu import AssociationFailed, RemoteAE, SendResult, send
-from dicom_io.tls import client_context
+from dicom_io.status import status_words
 
 log = logging.getLogger(__name__)
-
-# C-STORE failure statuses (PS3.4 B.2.3, PS3.7 C) by their leading digits or
-# in full, so that a dead letter says why in words.
-_STATUS_TEXT = {
-    0x0122: "SOP class not supported",
-    0x0124: "not authorized",
-    0x0210: "duplicate invocation",
-    0x0211: "unrecognized operation",
-    0x0212: "mistyped argument",
-    0x0213: "resource limitation",
-}
-_STATUS_PREFIX_TEXT = {0xA7: "out of resources", 0xA9: "data set does not match SOP class"}
 
 
 def status_text(status: int | None) -> str:
@@ -67,9 +57,8 @@ def status_text(status: int | None) -> str:
             "not stored, no C-STORE response: the peer refused the SOP class or "
             "transfer syntax, or the association was lost"
         )
-    words = _STATUS_TEXT.get(status) or _STATUS_PREFIX_TEXT.get(status >> 8)
-    if words is None and status & 0xF000 == 0xC000:
-        words = "cannot understand"
+    # In pynetdicom's words (its status tables), so that a dead letter says why.
+    words = status_words(status)
     return f"C-STORE status 0x{status:04X}" + (f" ({words})" if words else "")
 
 
@@ -108,17 +97,7 @@ class Dispatcher:
         return any(d.storage_commitment for d in self.destinations.values())
 
     def remote(self, dest: Destination) -> RemoteAE:
-        ctx = None
-        if dest.tls.enabled:
-            ctx = client_context(dest.tls.ca_file, dest.tls.cert_file, dest.tls.key_file)
-        return RemoteAE(
-            ae_title=dest.ae_title,
-            host=dest.host,
-            port=dest.port,
-            calling_ae_title=self.config.scp.ae_title,
-            ssl_context=ctx,
-            timeout=dest.timeout_seconds,
-        )
+        return destination_remote(self.config, dest)
 
     # -- one tick ------------------------------------------------------------
     def run_once(self) -> TickSummary:
@@ -190,7 +169,8 @@ class Dispatcher:
         now = utcnow()
         with self.db.session() as s:
             for item in stored:
-                summary.done += mark_done(s, item, status=int(outcome[item.id].status), now=now)
+                status = int(cast(int, outcome[item.id].status))
+                summary.done += mark_done(s, item, status=status, now=now)
         log.info("delivered %d object(s) to %s", len(stored), dest.name)
 
     def _request_commitment(
@@ -207,7 +187,7 @@ class Dispatcher:
             mark_commitment_requested(
                 s,
                 stored,
-                statuses={i.id: int(outcome[i.id].status) for i in stored},
+                statuses={i.id: int(cast(int, outcome[i.id].status)) for i in stored},
                 transaction_uid=txn,
                 deadline=deadline,
             )

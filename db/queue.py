@@ -1,4 +1,4 @@
-"""The analysis queue: jobs taken under a lease, and the results they leave behind.
+"""The analysis queue: jobs taken under a lease (their results: db/results.py).
 
 A job moves like this (the lease is `lease_owner` + `lease_expires_at`):
 
@@ -21,17 +21,12 @@ skip each other's rows instead of queueing behind them.
 
 from __future__ import annotations
 
-import math
-import os
-import re
-import tempfile
-from collections.abc import Mapping, Sequence
+from collections.abc import Sequence
 from dataclasses import dataclass
 from datetime import datetime, timedelta
 from pathlib import Path
 from typing import Any
 
-import numpy as np
 from sqlalchemy import String, func, literal, select, update
 from sqlalchemy.orm import Session
 
@@ -39,32 +34,25 @@ from db import audit
 from db.audit import EventType
 from db.models import (
     AnalysisRun,
-    FindingRecord,
     Instance,
     Job,
     JobState,
     ReportState,
-    RunOutcome,
     Series,
     Study,
     utcnow,
 )
 from db.notify import RUNS, notify
+from db.results import record_run
+from db.session import changed_rows
 from model.results import (
-    AlgorithmInfo,
     AnalysisResult,
-    CodedConcept,
-    Finding,
-    ImageLocation,
     Outcome,
-    SaliencyMap,
 )
 
 ANALYSE = "analyse"
-SALIENCY_DIR = "saliency"
 # Errors are stored and audited; a traceback-sized message is enough.
 MAX_ERROR_CHARS = 2000
-_UID = re.compile(r"^[0-9]+(\.[0-9]+)*$")
 
 
 class LeaseLost(Exception):
@@ -157,11 +145,12 @@ def renew_lease(
 ) -> bool:
     """Heartbeat: extend the lease; False when it is no longer ours."""
     now = now or utcnow()
-    changed = session.execute(
+    changed = changed_rows(
+        session,
         _ours(job)
         .values(lease_expires_at=now + timedelta(seconds=lease_seconds))
         .execution_options(synchronize_session=False)
-    ).rowcount
+    )
     return bool(changed)
 
 
@@ -210,7 +199,7 @@ def finish_job(
             raise ValueError("an analysis result names another study than its job")
     now = now or utcnow()
     _fence(session, job)
-    run_ids = [_record_run(session, job, r, state_dir, now) for r in results]
+    run_ids = [record_run(session, job, r, state_dir, now) for r in results]
     outcomes = {r.outcome for r in results}
     state = JobState.NOT_APPLICABLE if outcomes == {Outcome.NOT_APPLICABLE} else JobState.DONE
     session.execute(
@@ -306,7 +295,7 @@ def _record_failed_run(
     run = AnalysisRun(
         job_id=job_id,
         study_id=study_id,
-        outcome=RunOutcome.FAILED,
+        outcome=Outcome.FAILED,
         reason=f"the AI analysis failed after {attempts} attempt(s): {error}",
         provenance={},
         created_at=now,
@@ -321,7 +310,7 @@ def _record_failed_run(
         study_instance_uid=study_uid,
         job_id=job_id,
         run_id=run.id,
-        outcome=RunOutcome.FAILED,
+        outcome=Outcome.FAILED,
         reason=run.reason,
     )
 
@@ -332,7 +321,8 @@ def release_job(session: Session, job: ClaimedJob, *, now: datetime | None = Non
     False when the job was no longer ours, e.g. it finished meanwhile.
     """
     now = now or utcnow()
-    changed = session.execute(
+    changed = changed_rows(
+        session,
         _ours(job)
         .values(
             state=JobState.QUEUED,
@@ -342,7 +332,7 @@ def release_job(session: Session, job: ClaimedJob, *, now: datetime | None = Non
             not_before=now,
         )
         .execution_options(synchronize_session=False)
-    ).rowcount
+    )
     if changed:
         audit.record(
             session,
@@ -425,61 +415,6 @@ def requeue_expired(
     return [r[0] for r in (*failed, *requeued)]
 
 
-def load_run_result(
-    session: Session, run_id: int, *, state_dir: Path, saliency: bool = True
-) -> AnalysisResult:
-    """An AnalysisRun read back as the AnalysisResult it was recorded from (report stage).
-
-    `saliency=False` leaves the saliency map on disk (None in the result): the
-    SR does not need it, and a whole-series map takes a second to read.
-    """
-    run = session.get(AnalysisRun, run_id)
-    if run is None:
-        raise KeyError(f"no analysis run {run_id}")
-    study_uid = session.execute(
-        select(Study.study_instance_uid).where(Study.id == run.study_id)
-    ).scalar_one()
-    algorithm = None
-    if run.model_name is not None:
-        extra = run.provenance.get("algorithm", {})
-        algorithm = AlgorithmInfo(
-            name=run.model_name,
-            version=run.model_version or "",
-            manufacturer=str(extra.get("manufacturer", "")),
-            device_uid=run.model_device_uid or "",
-            parameters={str(k): str(v) for k, v in extra.get("parameters", {}).items()},
-        )
-    findings = [_finding_from_record(f) for f in sorted(run.findings, key=lambda f: f.id)]
-    saliency_map = (
-        read_saliency(state_dir / run.saliency_path) if run.saliency_path and saliency else None
-    )
-    return AnalysisResult(
-        study_instance_uid=study_uid,
-        series_instance_uid=run.series_instance_uid,
-        outcome=Outcome(run.outcome),
-        algorithm=algorithm,
-        findings=findings,
-        reason=run.reason,
-        saliency=saliency_map,
-        provenance=list(run.provenance.get("steps", [])),
-    )
-
-
-def read_saliency(path: Path) -> SaliencyMap:
-    """A saliency map as `finish_job` wrote it."""
-    with np.load(path, allow_pickle=False) as npz:
-        frame_numbers = npz.get("source_frame_numbers")
-        return SaliencyMap(
-            series_instance_uid=str(npz["series_instance_uid"]),
-            source_sop_instance_uids=[str(u) for u in npz["source_sop_instance_uids"]],
-            frames=npz["frames"].astype(np.float32),
-            source_frame_numbers=None if frame_numbers is None else frame_numbers.tolist(),
-        )
-
-
-# -- internals ---------------------------------------------------------------
-
-
 def _ours(job: ClaimedJob) -> Any:
     return update(Job).where(
         Job.id == job.job_id, Job.state == JobState.RUNNING, Job.lease_owner == job.owner
@@ -488,176 +423,12 @@ def _ours(job: ClaimedJob) -> Any:
 
 def _fence(session: Session, job: ClaimedJob) -> None:
     """A no-op write that proves the lease is still ours and locks the row (SQLite: the file)."""
-    changed = session.execute(
+    changed = changed_rows(
+        session,
         _ours(job).values(lease_owner=job.owner).execution_options(synchronize_session=False)
-    ).rowcount
+    )
     if not changed:
         raise LeaseLost(f"job {job.job_id} is no longer leased to {job.owner}")
-
-
-def _record_run(
-    session: Session, job: ClaimedJob, result: AnalysisResult, state_dir: Path, now: datetime
-) -> int:
-    algo = result.algorithm
-    provenance: dict[str, Any] = {
-        "steps": _jsonable(result.provenance),
-        "job": {"id": job.job_id, "attempt": job.attempt, "worker": job.owner},
-    }
-    if algo is not None:
-        # AnalysisRun has columns for name, version and device UID; the rest
-        # of AlgorithmInfo lives here so the report stage can rebuild it.
-        provenance["algorithm"] = {
-            "manufacturer": algo.manufacturer,
-            "parameters": dict(algo.parameters),
-        }
-    run = AnalysisRun(
-        job_id=job.job_id,
-        study_id=job.study_id,
-        outcome=str(result.outcome),
-        reason=result.reason,
-        model_name=algo.name if algo else None,
-        model_version=algo.version if algo else None,
-        model_device_uid=algo.device_uid if algo else None,
-        series_instance_uid=result.series_instance_uid,
-        provenance=provenance,
-        created_at=now,
-        report_state=ReportState.PENDING,
-    )
-    session.add(run)
-    session.flush()
-    if result.saliency is not None:
-        run.saliency_path = _write_saliency(state_dir, job.study_instance_uid, run.id, result)
-    for f in result.findings:
-        loc = f.location
-        session.add(
-            FindingRecord(
-                run_id=run.id,
-                label=f.label,
-                finding_code=_code(f.finding_type),
-                site_code=_code(f.finding_site),
-                probability=float(f.probability),
-                threshold=float(f.threshold),
-                present=bool(f.present),
-                sop_instance_uid=loc.sop_instance_uid if loc else None,
-                sop_class_uid=loc.sop_class_uid if loc else None,
-                frame_number=loc.frame_number if loc else None,
-                point=_point(loc.point) if loc else None,
-                box=_box(loc.box) if loc and loc.box else None,
-            )
-        )
-    session.flush()
-    audit.record(
-        session,
-        EventType.ANALYSIS_RECORDED,
-        job.owner,
-        study_instance_uid=job.study_instance_uid,
-        job_id=job.job_id,
-        run_id=run.id,
-        outcome=str(result.outcome),
-        reason=result.reason,
-        series_instance_uid=result.series_instance_uid,
-        model=f"{algo.name} {algo.version}" if algo else None,
-        findings=[
-            {"label": f.label, "probability": round(float(f.probability), 4), "present": f.present}
-            for f in result.findings
-        ],
-        # Provenance: each preprocessing step with its parameters and timing.
-        preprocessing=[
-            {"name": step.get("name"), "parameters": step.get("parameters")}
-            for step in result.provenance
-        ],
-    )
-    return run.id
-
-
-def _write_saliency(state_dir: Path, study_uid: str, run_id: int, result: AnalysisResult) -> str:
-    """Write <state_dir>/saliency/<study UID>/run-<id>.npz atomically; returns the relative path.
-
-    Written inside the run's transaction: if that rolls back, an orphan file
-    stays behind, which is harmless; a committed run never lacks its file.
-    """
-    sal = result.saliency
-    assert sal is not None
-    if not _UID.match(study_uid):
-        raise ValueError("not a valid study UID; refusing to build a path from it")
-    frames = np.asarray(sal.frames, dtype=np.float32)
-    if frames.ndim != 3 or frames.shape[0] != len(sal.source_sop_instance_uids):
-        raise ValueError("saliency frames must be (n, rows, cols), one per source image")
-    relative = f"{SALIENCY_DIR}/{study_uid}/run-{run_id}.npz"
-    target = state_dir / relative
-    target.parent.mkdir(parents=True, exist_ok=True)
-    arrays: dict[str, np.ndarray] = {
-        "frames": frames,
-        "series_instance_uid": np.array(sal.series_instance_uid),
-        "source_sop_instance_uids": np.array(sal.source_sop_instance_uids, dtype=str),
-    }
-    if sal.source_frame_numbers is not None:
-        arrays["source_frame_numbers"] = np.asarray(sal.source_frame_numbers, dtype=np.int32)
-    fd, tmp = tempfile.mkstemp(dir=target.parent, suffix=".part")
-    try:
-        with os.fdopen(fd, "wb") as fh:
-            np.savez_compressed(fh, **arrays)
-            fh.flush()
-            os.fsync(fh.fileno())
-        os.replace(tmp, target)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
-    return relative
-
-
-def _code(c: CodedConcept) -> dict[str, str]:
-    return {"value": c.value, "scheme": c.scheme_designator, "meaning": c.meaning}
-
-
-def _concept(d: Mapping[str, Any]) -> CodedConcept:
-    return CodedConcept(str(d["value"]), str(d["scheme"]), str(d["meaning"]))
-
-
-def _point(p: tuple[float, float]) -> dict[str, float]:
-    return {"col": float(p[0]), "row": float(p[1])}
-
-
-def _box(b: tuple[float, float, float, float]) -> dict[str, float]:
-    return {"col0": float(b[0]), "row0": float(b[1]), "col1": float(b[2]), "row1": float(b[3])}
-
-
-def _finding_from_record(f: FindingRecord) -> Finding:
-    location = None
-    if f.sop_instance_uid is not None and f.point is not None:
-        box = f.box
-        location = ImageLocation(
-            sop_instance_uid=f.sop_instance_uid,
-            sop_class_uid=f.sop_class_uid or "",
-            point=(float(f.point["col"]), float(f.point["row"])),
-            box=(box["col0"], box["row0"], box["col1"], box["row1"]) if box else None,
-            frame_number=f.frame_number,
-        )
-    return Finding(
-        label=f.label,
-        finding_type=_concept(f.finding_code),
-        finding_site=_concept(f.site_code),
-        probability=f.probability,
-        threshold=f.threshold,
-        location=location,
-    )
-
-
-def _jsonable(value: Any) -> Any:
-    """Provenance as JSON: numpy scalars and arrays, tuples and paths made plain."""
-    if isinstance(value, Mapping):
-        return {str(k): _jsonable(v) for k, v in value.items()}
-    if isinstance(value, list | tuple | set):
-        return [_jsonable(v) for v in value]
-    if isinstance(value, np.ndarray):
-        return _jsonable(value.tolist())
-    if isinstance(value, np.generic):
-        return _jsonable(value.item())
-    if isinstance(value, float) and not math.isfinite(value):
-        return str(value)  # JSON has no NaN
-    if value is None or isinstance(value, str | int | float | bool):
-        return value
-    return str(value)
 
 
 def requeue_failed_jobs(session: Session, *, actor: str, now: datetime | None = None) -> int:
@@ -689,23 +460,3 @@ def running_jobs(session: Session) -> list[tuple[int, str, str | None]]:
         .where(Job.state == JobState.RUNNING)
     ).all()
     return [(job_id, uid, owner) for job_id, uid, owner in rows]
-
-
-def recent_workers(session: Session, since: datetime) -> list[tuple[str, str, int]]:
-    """(worker, device, runs) of the workers that recorded analyses since `since`."""
-    seen: dict[tuple[str, str], int] = {}
-    for provenance in session.scalars(
-        select(AnalysisRun.provenance).where(AnalysisRun.created_at >= since)
-    ):
-        worker = str((provenance or {}).get("job", {}).get("worker", ""))
-        device = next(
-            (
-                str(step.get("parameters", {}).get("device", ""))
-                for step in (provenance or {}).get("steps", [])
-                if isinstance(step, dict) and step.get("name") == "inference"
-            ),
-            "",
-        )
-        if worker:
-            seen[(worker, device)] = seen.get((worker, device), 0) + 1
-    return [(w, d, n) for (w, d), n in sorted(seen.items())]

@@ -1,0 +1,117 @@
+"""`model train`, `model evaluate` and `demo`."""
+
+from __future__ import annotations
+
+import argparse
+import sys
+from pathlib import Path
+
+from daemon.cli.parsing import EXIT_CONFIG, Subparsers
+from daemon.config import Config
+
+
+def _cmd_model_train(_config: Config, args: argparse.Namespace) -> int:
+    from model.train import train
+
+    if (args.csv is None) != (args.dicom_root is None):
+        print("secondreader: --csv and --dicom-root go together", file=sys.stderr)
+        return EXIT_CONFIG
+    report = train(
+        args.output,
+        kind=args.kind,
+        seed=args.seed,
+        epochs=args.epochs,
+        n_train=args.n_train,
+        csv=args.csv,
+        dicom_root=args.dicom_root,
+        device=args.device,
+        name=args.name,
+        version=args.version,
+    )
+    print(f"model written to {args.output}")
+    for key, value in sorted(report.metrics.items()):
+        print(f"  {key:<24}{value:.4f}" if isinstance(value, float) else f"  {key:<24}{value}")
+    return 0
+
+
+def _cmd_model_evaluate(_config: Config, args: argparse.Namespace) -> int:
+    from model.registry import builtin_model_dir
+    from model.train import evaluate
+
+    folder = args.model or builtin_model_dir()
+    metrics = evaluate(
+        folder, seed=args.seed, csv=args.csv, dicom_root=args.dicom_root, device=args.device
+    )
+    print(f"{folder}:")
+    for key in (
+        "auc",
+        "sensitivity",
+        "specificity",
+        "n",
+        "study_auc",
+        "study_sensitivity",
+        "study_specificity",
+        "n_studies",
+    ):
+        if key in metrics:
+            value = metrics[key]
+            print(
+                f"  {key:<20}{value:.4f}"
+                if key not in ("n", "n_studies")
+                else f"  {key:<20}{int(value)}"
+            )
+    return 0
+
+
+def _cmd_demo(_config: Config, args: argparse.Namespace) -> int:
+    from dicom_io.synthetic import write_ct_series
+    from model.phantom import phantom_volume
+
+    volume, centre = phantom_volume(
+        args.seed, n_slices=args.slices, rows=256, cols=256, lesion=args.lesion
+    )
+    paths = write_ct_series(
+        volume,
+        args.output,
+        spacing=(2.5, 1.4, 1.4),
+        series_description="Synthetic chest CT" + (" (nodule)" if args.lesion else ""),
+        seed=args.seed,
+    )
+    where = f", nodule centred at slice {centre[0] + 1}" if centre else ", no nodule"
+    print(f"wrote {len(paths)} CT slices to {args.output}{where}")
+    return 0
+
+
+def add_model(sub: Subparsers) -> None:
+    p = sub.add_parser("model", help="train and evaluate models")
+    msub = p.add_subparsers(dest="model_command", required=True)
+    q = msub.add_parser("train", help="train a slice classifier; writes a model folder")
+    q.add_argument("output", type=Path, help="model folder to write")
+    q.add_argument("--kind", choices=["ct", "cr"], default="ct", help="synthetic data set")
+    q.add_argument("--seed", type=int, default=0)
+    q.add_argument("--epochs", type=int, help="maximum epochs (default: per kind)")
+    q.add_argument("--n-train", type=int, default=2400, help="synthetic training slices")
+    q.add_argument("--csv", type=Path, help="site data: CSV of study_uid,label")
+    q.add_argument("--dicom-root", type=Path, help="site data: folder of the CSV's studies")
+    q.add_argument("--device", default="auto")
+    q.add_argument("--name", help="model name in the manifest")
+    q.add_argument("--version", default="1.0.0")
+    q.set_defaults(func=_cmd_model_train)
+    q = msub.add_parser("evaluate", help="AUC, sensitivity, specificity on the test set")
+    q.add_argument("model", type=Path, nargs="?", help="model folder (default: built-in)")
+    q.add_argument("--seed", type=int, help="synthetic test set seed (default: the manifest's)")
+    q.add_argument("--csv", type=Path)
+    q.add_argument("--dicom-root", type=Path)
+    q.add_argument("--device", default="auto")
+    q.set_defaults(func=_cmd_model_evaluate)
+
+
+def add_demo(sub: Subparsers) -> None:
+    p = sub.add_parser("demo", help="write a synthetic chest CT study to try the pipeline")
+    p.add_argument("output", type=Path, help="folder to write the DICOM files to")
+    p.add_argument("--lesion", action=argparse.BooleanOptionalAction, default=True,
+                   help="with a lung nodule (default), or --no-lesion without")  # fmt: skip
+    p.add_argument("--slices", type=int, default=40, help="number of axial slices (default 40)")
+    p.add_argument("--seed", type=int, default=15,
+                   help="phantom seed: another seed, another anatomy (default 15)")  # fmt: skip
+    p.set_defaults(func=_cmd_demo)

@@ -1,0 +1,59 @@
+"""`serve`, `worker` and `web`: the processes that run in the foreground."""
+
+from __future__ import annotations
+
+import argparse
+
+from daemon.cli.parsing import Subparsers
+from daemon.config import Config
+
+
+def _cmd_serve(config: Config, _args: argparse.Namespace) -> int:
+    from daemon.service import Service
+
+    return Service(config).run()
+
+
+def _cmd_worker(config: Config, _args: argparse.Namespace) -> int:
+    from daemon.stages.analyse.worker import run_worker
+
+    return run_worker(config)
+
+
+def _cmd_web(config: Config, _args: argparse.Namespace) -> int:
+    """The web page alone, in the foreground (serve runs it too with web.enabled)."""
+    from waitress import serve
+
+    from daemon.errors import check_port_free
+    from daemon.factories import open_database
+    from daemon.liveness import worker_alert
+    from daemon.web import create_app
+
+    db = open_database(config)
+    check_port_free("web page", "web.port", config.web.host, config.web.port)
+
+    def healthy() -> bool:
+        try:
+            with db.session() as s:
+                s.connection()
+        except Exception:
+            return False
+        return worker_alert(db, config) is None
+
+    serve(create_app(config, db, healthy), host=config.web.host, port=config.web.port, threads=4)
+    return 0
+
+
+def add_serve(sub: Subparsers) -> None:
+    p = sub.add_parser("serve", help="run the daemon in the foreground")
+    p.set_defaults(func=_cmd_serve)
+
+
+def add_worker(sub: Subparsers) -> None:
+    p = sub.add_parser("worker", help="run an analysis worker (the infer stage) in the foreground")
+    p.set_defaults(func=_cmd_worker)
+
+
+def add_web(sub: Subparsers) -> None:
+    p = sub.add_parser("web", help="the review web page alone, in the foreground")
+    p.set_defaults(func=_cmd_web)

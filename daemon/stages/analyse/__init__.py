@@ -1,0 +1,1 @@
+"""Analyse: the worker that claims jobs (worker.py) and the model analyser (analyser.py)."""
