@@ -23,6 +23,7 @@ import sys
 import threading
 import time
 from datetime import UTC, datetime
+from typing import Any
 
 from dicom_io.guard import UnidentifiedPeerFilter
 from dicom_io.protocol_log import narrate
@@ -118,7 +119,7 @@ class PlainFormatter(logging.Formatter):
         record.message = _safe(record.message)
         return super().formatMessage(record)
 
-    def formatException(self, ei) -> str:  # type: ignore[no-untyped-def]  # noqa: N802
+    def formatException(self, ei: Any) -> str:  # noqa: N802 (logging API)
         return _safe_exception(super().formatException(ei))
 
 

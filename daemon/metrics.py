@@ -49,7 +49,7 @@ class DatabaseCollector(Collector):
         self.db = db
         self.storage = storage  # daemon/cleaner.Cleaner.storage_state
         self.config = config
-        # daemon/audit_backlog.AuditBacklog.waiting: held in this process, so
+        # daemon/stages/receive/audit_backlog.AuditBacklog.waiting: held in this process, so
         # it is reported when the database is not (that is when it grows).
         self.audit_waiting = audit_waiting
 

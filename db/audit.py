@@ -32,7 +32,7 @@ class EventType:
     # Admitted, then sent nothing within scp.idle_association_seconds: we released it.
     ASSOCIATION_RELEASED = "association.released"
     # Audit rows the receive path could not even queue while the database was
-    # unavailable (daemon/audit_backlog.py): how many, written once it is back.
+    # unavailable (daemon/stages/receive/audit_backlog.py): how many, written once it is back.
     AUDIT_DROPPED = "audit.dropped"
     INSTANCE_STORED = "instance.stored"
     INSTANCE_FAILED = "instance.failed"

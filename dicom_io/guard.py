@@ -51,7 +51,7 @@ import time
 import uuid
 from collections.abc import Callable
 from dataclasses import dataclass, field
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, cast
 
 from pynetdicom.presentation import PresentationContext
 from pynetdicom.transport import AssociationSocket, RequestHandler, ThreadedAssociationServer
@@ -519,8 +519,9 @@ class ConnectionGuard:
         why += " (scp.idle_association_seconds)"
         log.warning("association from %s %s", conn.peer, why)
         self._event(GuardEvent("released", conn.address, conn.calling_ae, why, conn.id))
-        assoc.release_reason = why
-        assoc.activity.set()
+        reactive = cast(reactor.ReactiveAssociation, assoc)
+        reactive.release_reason = why
+        reactive.activity.set()
 
     def keep(self, conn: Connection) -> bool:
         """The reactor's last look before it releases: False if the peer woke up meanwhile."""
@@ -593,7 +594,7 @@ def _libc_malloc_trim() -> Callable[[int], int] | None:
         trim = ctypes.CDLL(name).malloc_trim if name else None
     except (OSError, AttributeError):
         return None  # not glibc
-    return trim  # type: ignore[no-any-return]
+    return trim
 
 
 _malloc_trim = _libc_malloc_trim()
@@ -698,7 +699,7 @@ class GuardedSocket(AssociationSocket):
         return data
 
 
-class _ContextList(list):  # type: ignore[type-arg]
+class _ContextList(list[PresentationContext]):
     """The supported presentation contexts, copied cheaply for each association.
 
     pynetdicom deep-copies the server's contexts for every association. With

@@ -64,7 +64,8 @@ from pynetdicom.pdu import A_ABORT_RQ
 from pynetdicom.pdu_primitives import A_ASSOCIATE, P_DATA
 from pynetdicom.utils import make_target
 
-from dicom_io.identify import STATUS_DATASET_MISMATCH, valid_uid
+from dicom_io import status
+from dicom_io.identify import valid_uid
 from dicom_io.text import printable
 
 log = logging.getLogger(__name__)
@@ -86,10 +87,10 @@ class RefusedStore:
 RefuseStore = Callable[[Association, RefusedStore], int]
 
 
-class _WakingQueue(queue.Queue):  # type: ignore[type-arg]
+class _WakingQueue(queue.Queue[Any]):
     """A queue whose put from another thread than the DUL's wakes the DUL."""
 
-    def __init__(self, dul: ReactiveDUL, old: queue.Queue) -> None:  # type: ignore[type-arg]
+    def __init__(self, dul: ReactiveDUL, old: queue.Queue[Any]) -> None:
         super().__init__()
         self._dul = dul
         self.queue.extend(old.queue)
@@ -443,7 +444,7 @@ class ScreenedDIMSE(DIMSEServiceProvider):
             message.encoded_command_set = BytesIO()
             message.data_set = BytesIO()
         command = message.command_set
-        if command.get("CommandField") == 0x0001 and (
+        if command.get("CommandField") == _C_STORE_RQ and (
             d_primitive is None or not _valid_store(cast(C_STORE, d_primitive))
         ):
             self._refuse_store(command, context_id, why)
@@ -490,19 +491,20 @@ class ScreenedDIMSE(DIMSEServiceProvider):
         elif not valid_uid(sop_class):
             why = "Affected SOP Class UID of the request is empty or not a valid UID"
         refused = RefusedStore(sop_class, sop_instance, why)
-        status = STATUS_DATASET_MISMATCH
+        code = status.DATASET_MISMATCH
         if self.refuse_store is not None:
-            status = self.refuse_store(self.assoc, refused)
+            code = self.refuse_store(self.assoc, refused)
         rsp = C_STORE()
         rsp.MessageIDBeingRespondedTo = message_id
         if valid_uid(sop_class):
             rsp.AffectedSOPClassUID = sop_class
         if valid_uid(sop_instance):
             rsp.AffectedSOPInstanceUID = sop_instance
-        rsp.Status = status
+        rsp.Status = code
         self.send_msg(rsp, context_id)
 
 
+_C_STORE_RQ = 0x0001  # Command Field (PS3.7 E.1)
 # Invalid C-STORE requests answered on one association before it is aborted.
 _MAX_REFUSED = 10
 
@@ -535,7 +537,7 @@ def adopt(
     reactive.release_timeout = release_timeout
     reactive.serving = False
     # Thread.__init__ bound the original run_reactor as the target.
-    reactive._target = make_target(reactive.run_reactor)
+    setattr(reactive, "_target", make_target(reactive.run_reactor))  # noqa: B010 (private)
     dul = assoc.dul
     dul.__class__ = ReactiveDUL
     cast(ReactiveDUL, dul)._adopt()

@@ -20,18 +20,20 @@ import threading
 import time
 from collections.abc import Callable, Collection, Sequence
 from dataclasses import dataclass, field
-from typing import Literal
+from typing import Literal, cast
 
 from pydicom.dataset import Dataset
 from pynetdicom import AE, evt
 from pynetdicom.association import Association
+from pynetdicom.dimse_primitives import C_STORE, N_CREATE, N_EVENT_REPORT, N_SET
+from pynetdicom.events import EventHandlerType
 from pynetdicom.sop_class import (
     ModalityPerformedProcedureStep,
     StorageCommitmentPushModel,
     Verification,
 )
 
-from dicom_io import mpps
+from dicom_io import mpps, status
 from dicom_io.commitment import CommitmentReport, parse_event_report
 from dicom_io.guard import (
     Connection,
@@ -42,7 +44,6 @@ from dicom_io.guard import (
     LoadBoard,
     SharedSocketAssociationServer,
 )
-from dicom_io.identify import STATUS_CANNOT_UNDERSTAND, STATUS_DATASET_MISMATCH
 from dicom_io.part10 import part10_file
 from dicom_io.reactor import RefusedStore
 from dicom_io.sopclasses import IMAGE_STORAGE_CLASSES, STORAGE_CLASSES, TRANSFER_SYNTAXES
@@ -221,7 +222,7 @@ class StorageSCP:
 
     # -- lifecycle -------------------------------------------------------
     def start(self) -> None:
-        handlers = [
+        handlers: list[EventHandlerType] = [
             (evt.EVT_REQUESTED, self._handle_requested),
             (evt.EVT_ACCEPTED, self._handle_accepted),
             (evt.EVT_REJECTED, self._handle_rejected),
@@ -435,7 +436,7 @@ class StorageSCP:
                 log.exception("association callback failed")
 
     def _handle_echo(self, event: evt.Event) -> int:
-        return 0x0000
+        return status.SUCCESS
 
     def _refuse_store(self, assoc: Association, refused: RefusedStore) -> int:
         """A C-STORE-RQ the reactor could not hand to `_handle_store`: 0xA900, audited.
@@ -454,21 +455,21 @@ class StorageSCP:
             file_bytes=b"",
             association_id=conn.id if conn is not None else None,
         )
-        return self._refused(obj, STATUS_DATASET_MISMATCH, refused.reason)
+        return self._refused(obj, status.DATASET_MISMATCH, refused.reason)
 
-    def _refused(self, obj: ReceivedObject, status: int, why: str) -> int:
+    def _refused(self, obj: ReceivedObject, code: int, why: str) -> int:
         if self._on_refused is not None:
             try:
-                self._on_refused(obj, status, why)
+                self._on_refused(obj, code, why)
             except Exception as exc:
                 log.error("refusal callback failed: %s", type(exc).__name__)
         else:
             log.warning("refused a C-STORE from %s@%s: %s", obj.calling_ae, obj.address, why)
-        return status
+        return code
 
     def _handle_store(self, event: evt.Event) -> int:
         ae_title, address = self._peer(event)
-        req = event.request
+        req = cast(C_STORE, event.request)
         sop_class_uid = str(req.AffectedSOPClassUID)
         sop_instance_uid = str(req.AffectedSOPInstanceUID)
         transfer_syntax_uid = str(event.context.transfer_syntax)
@@ -477,7 +478,7 @@ class StorageSCP:
             # Nothing to store, and nothing to read a UID from: not understood.
             obj = ReceivedObject(ae_title, address, sop_class_uid, sop_instance_uid,
                                  transfer_syntax_uid, b"", b"", self._id(event))  # fmt: skip
-            return self._refused(obj, STATUS_CANNOT_UNDERSTAND, "empty dataset (zero bytes)")
+            return self._refused(obj, status.CANNOT_UNDERSTAND, "empty dataset (zero bytes)")
         obj = ReceivedObject(
             calling_ae=ae_title,
             address=address,
@@ -499,39 +500,42 @@ class StorageSCP:
                 type(exc).__name__,
             )
             log.debug("store handler traceback", exc_info=exc)
-            return 0xA700
+            return status.OUT_OF_RESOURCES
 
     def _handle_event_report(self, event: evt.Event) -> tuple[int, None]:
         """A storage commitment result for requests we sent (dicom_io/commitment.py)."""
         ae_title, address = self._peer(event)
-        if event.request.AffectedSOPClassUID != StorageCommitmentPushModel:
-            return 0x0118, None  # No such SOP Class
+        req = cast(N_EVENT_REPORT, event.request)
+        if req.AffectedSOPClassUID != StorageCommitmentPushModel:
+            return status.NO_SUCH_SOP_CLASS, None
         try:
-            report = parse_event_report(event.event_type, event.event_information, ae_title)
+            report = parse_event_report(
+                cast(int, event.event_type), event.event_information, ae_title
+            )
         except Exception as exc:
             log.warning("invalid storage commitment report from %s@%s: %s", ae_title, address, exc)
-            return 0x0115, None  # Invalid argument value
+            return status.INVALID_ARGUMENT_VALUE, None
         assert self._on_commitment is not None
         try:
             self._on_commitment(report)
         except Exception:
             # The PACS may send the report again; we also ask again when it is late.
             log.exception("storage commitment callback failed")
-            return 0x0110, None
-        return 0x0000, None
+            return status.PROCESSING_FAILURE, None
+        return status.SUCCESS, None
 
     # -- MPPS (dicom_io/mpps.py) -------------------------------------------
     def _handle_n_create(self, event: evt.Event) -> tuple[int, Dataset | None]:
-        req = event.request
+        req = cast(N_CREATE, event.request)
         if req.AffectedSOPClassUID != ModalityPerformedProcedureStep:
-            return 0x0118, None  # No such SOP Class
+            return status.NO_SUCH_SOP_CLASS, None
         uid = str(req.AffectedSOPInstanceUID or "")
         return self._mpps(event, "create", uid, lambda: event.attribute_list)
 
     def _handle_n_set(self, event: evt.Event) -> tuple[int, Dataset | None]:
-        req = event.request
+        req = cast(N_SET, event.request)
         if req.RequestedSOPClassUID != ModalityPerformedProcedureStep:
-            return 0x0118, None
+            return status.NO_SUCH_SOP_CLASS, None
         uid = str(req.RequestedSOPInstanceUID or "")
         return self._mpps(event, "set", uid, lambda: event.modification_list)
 
@@ -555,6 +559,6 @@ class StorageSCP:
             )  # fmt: skip
             return mpps.INVALID_ATTRIBUTE_VALUE, None
         assert self._on_mpps is not None
-        status = self._on_mpps(message)
+        code = self._on_mpps(message)
         # The attributes as the SCP now holds them: what was sent.
-        return status, content if status == mpps.SUCCESS else None
+        return code, content if code == mpps.SUCCESS else None

@@ -5,8 +5,7 @@ pynetdicom names the statuses every service shares (`Status.SUCCESS`,
 by service, in its tables (`GENERAL_STATUS`, `STORAGE_SERVICE_CLASS_STATUS`).
 The codes we answer or look for that it has no constant for are named here
 once, each with the words its tables give; the rest of the code uses these
-names, never the numbers. (dicom_io/scp.py, guard.py and reactor.py still
-spell theirs.)
+names, never the numbers.
 """
 
 from __future__ import annotations
@@ -22,6 +21,8 @@ PENDING_WITH_WARNING = 0xFF01
 # General statuses (PS3.7 C; GENERAL_STATUS).
 INVALID_ATTRIBUTE_VALUE = 0x0106  # "Invalid Attribute Value"
 PROCESSING_FAILURE = 0x0110  # "Processing Failure"
+INVALID_ARGUMENT_VALUE = 0x0115  # "Invalid Argument Value"
+NO_SUCH_SOP_CLASS = 0x0118  # "No Such SOP Class"
 DUPLICATE_SOP_INSTANCE = 0x0111  # "Duplication SOP Instance"
 NO_SUCH_SOP_INSTANCE = 0x0112  # "No Such SOP Instance"
 CLASS_INSTANCE_CONFLICT = 0x0119  # "Class-Instance Conflict"

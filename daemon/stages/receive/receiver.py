@@ -19,8 +19,9 @@ import threading
 import time
 from collections.abc import Callable
 from concurrent.futures import Future, ThreadPoolExecutor, wait
+from typing import Any
 
-from daemon.audit_backlog import AuditBacklog
+from daemon.stages.receive.audit_backlog import AuditBacklog
 from db import audit
 from db.audit import EventType
 from db.ingest import (
@@ -33,10 +34,8 @@ from db.ingest import (
 )
 from db.mpps import record_message, waiting_studies
 from db.session import Database, DeadlineExceeded
-from dicom_io import mpps
+from dicom_io import mpps, status
 from dicom_io.identify import (
-    STATUS_DATASET_MISMATCH,
-    STATUS_OUT_OF_RESOURCES,
     Identity,
     InvalidDataset,
     identify,
@@ -52,10 +51,10 @@ from dicom_io.text import printable
 # 0xA900 is "Data Set does not match SOP Class"; PS3.4 B.2.3 gives the
 # A9xx range to such refusals. A reused UID is a refusal of that kind, and
 # permanent: the sender must not simply retry.
-STATUS_UID_CONFLICT = STATUS_DATASET_MISMATCH
+STATUS_UID_CONFLICT = status.DATASET_MISMATCH
 
 # Seconds an audit row of the receive path may wait for the database before
-# it is queued instead (daemon/audit_backlog.py): the answer to the peer waits.
+# it is queued instead (daemon/stages/receive/audit_backlog.py): the answer to the peer waits.
 _AUDIT_BUDGET = 0.5
 
 _OUTCOME_EVENTS = {
@@ -110,7 +109,7 @@ class Receiver:
         self.backlog.close()
 
     def on_association(self, outcome: AssociationOutcome) -> None:
-        detail: dict[str, object] = {}
+        detail: dict[str, Any] = {}
         if outcome.count > 1:
             detail["count"] = outcome.count
         self.backlog.record(
@@ -126,7 +125,7 @@ class Receiver:
     def _refuse(
         self,
         obj: ReceivedObject,
-        status: int,
+        code: int,
         why: str,
         deadline: float | None = None,
         **detail: object,
@@ -139,7 +138,7 @@ class Receiver:
             obj.sop_instance_uid if uid_ok else "(invalid UID)",
             obj.calling_ae,
             why,
-            status,
+            code,
         )
         if not uid_ok and obj.sop_instance_uid:
             # Which request it was, as far as it can be told: the sent text, cut.
@@ -151,20 +150,20 @@ class Receiver:
             budget=min(_AUDIT_BUDGET, budget),
             # The C-STORE request's UID, when it is one: says which instance it was.
             sop_instance_uid=obj.sop_instance_uid if uid_ok else None,
-            status=status,
+            status=code,
             reason=why,
             association=obj.association_id,
             **detail,
         )
-        return status
+        return code
 
-    def on_refused(self, obj: ReceivedObject, status: int, why: str) -> None:
+    def on_refused(self, obj: ReceivedObject, code: int, why: str) -> None:
         """A C-STORE-RQ the SCP refused before `on_store` (dicom_io/scp.py): audited.
 
         Called from a network thread (the DUL's): the row is queued, never
         waited for (a deadline already past).
         """
-        self._refuse(obj, status, why, deadline=0.0)
+        self._refuse(obj, code, why, deadline=0.0)
 
     def on_store(self, obj: ReceivedObject) -> int:
         """The C-STORE status for one object; never raises (every refusal is audited)."""
@@ -175,7 +174,7 @@ class Receiver:
         except Exception as exc:
             log.debug("store traceback", exc_info=exc)
             return self._refuse(
-                obj, STATUS_OUT_OF_RESOURCES, f"internal error: {type(exc).__name__}"
+                obj, status.OUT_OF_RESOURCES, f"internal error: {type(exc).__name__}"
             )
 
     def _store(self, obj: ReceivedObject, deadline: float) -> int:
@@ -190,7 +189,7 @@ class Receiver:
             or ident.sop_class_uid != obj.sop_class_uid
         ):
             return self._refuse(
-                obj, STATUS_DATASET_MISMATCH, "dataset UIDs differ from the C-STORE request"
+                obj, status.DATASET_MISMATCH, "dataset UIDs differ from the C-STORE request"
             )
         # Loop guard: our SR, SEG, map, GSPS or summary image routed back by
         # the PACS must never re-open its study; nor may any non-image object.
@@ -251,14 +250,14 @@ class Receiver:
             wait([written])  # the file stays, as below
             return self._refuse(
                 obj,
-                STATUS_OUT_OF_RESOURCES,
+                status.OUT_OF_RESOURCES,
                 f"database busy: not written within {self.store_deadline:g} s "
                 "(scp.store_deadline_seconds)",
                 deadline + _AUDIT_BUDGET,
             )
         except OSError as exc:
             why = "disk full" if exc.errno == errno.ENOSPC else f"write failed: {exc.strerror}"
-            return self._refuse(obj, STATUS_OUT_OF_RESOURCES, why)
+            return self._refuse(obj, status.OUT_OF_RESOURCES, why)
         except Exception as exc:
             # The file stays: an earlier, acknowledged copy may be the one we
             # just replaced, and the sender will resend this one.
@@ -267,7 +266,7 @@ class Receiver:
             why = f"database error: {type(exc).__name__}"
             if time.monotonic() >= deadline:
                 why += f" (not written within {self.store_deadline:g} s)"
-            return self._refuse(obj, STATUS_OUT_OF_RESOURCES, why, deadline + _AUDIT_BUDGET)
+            return self._refuse(obj, status.OUT_OF_RESOURCES, why, deadline + _AUDIT_BUDGET)
         log.debug(
             "stored %s (study %s, %s)",
             ident.sop_instance_uid,
@@ -276,7 +275,7 @@ class Receiver:
         )
         if ident.study_instance_uid in self._mpps_waiting and self.on_ready is not None:
             self.on_ready()
-        return 0x0000
+        return status.SUCCESS
 
     def refresh_mpps_waiting(self) -> None:
         """After the completer used an MPPS: its study waits no more."""
@@ -287,7 +286,7 @@ class Receiver:
         """The DIMSE status for an MPPS N-CREATE or N-SET; never raises."""
         try:
             with self.db.session() as s:
-                status = record_message(s, message)
+                code = record_message(s, message)
                 waiting = waiting_studies(s)
         except Exception as exc:
             log.error(
@@ -302,11 +301,11 @@ class Receiver:
             printable(message.sop_instance_uid), message.kind.upper(),
             printable(message.calling_ae), message.status or "-",
             printable(message.study_instance_uid or "-"),
-            len(message.instance_uids or []), status,
+            len(message.instance_uids or []), code,
         )  # fmt: skip
         if message.status == mpps.COMPLETED and self.on_ready is not None:
             self.on_ready()  # the instances may all be here already
-        return status
+        return code
 
     def _item(self, obj: ReceivedObject, ident: Identity) -> StoredInstance:
         """What gets recorded of an object; its path is the same in either spool."""
@@ -352,12 +351,12 @@ class Receiver:
                 self.ancillary.path(relative).unlink(missing_ok=True)
             return self._conflict(obj, ident, exc)
         except DeadlineExceeded:
-            return self._refuse(obj, STATUS_OUT_OF_RESOURCES, "database busy")
+            return self._refuse(obj, status.OUT_OF_RESOURCES, "database busy")
         except OSError as exc:
             why = "disk full" if exc.errno == errno.ENOSPC else f"write failed: {exc.strerror}"
-            return self._refuse(obj, STATUS_OUT_OF_RESOURCES, why)
+            return self._refuse(obj, status.OUT_OF_RESOURCES, why)
         log.debug("%s %s (%s)", "kept" if stored else "dropped", ident.sop_instance_uid, reason)
-        return 0x0000
+        return status.SUCCESS
 
     def recover(self) -> int:
         """Record every spool file that has no row; returns how many."""

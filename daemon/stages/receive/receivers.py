@@ -36,6 +36,11 @@ log = logging.getLogger(__name__)
 _SPAWN = multiprocessing.get_context("spawn")  # no fork of a threaded process
 
 
+def _wake(fd: int) -> None:
+    """Wake the completer in `serve` (the parent reads the pipe)."""
+    os.write(fd, b"c")
+
+
 def run_receiving_process(
     config: Config,
     index: int,
@@ -78,7 +83,7 @@ def run_receiving_process(
         others_busy=board.others_busy,
         store_deadline=config.scp.store_deadline_seconds,
     )
-    receiver.on_ready = lambda: os.write(wake_fd, b"c")
+    receiver.on_ready = lambda: _wake(wake_fd)
     dispatcher = Dispatcher(db, config)
     scp = StorageSCP(
         scp_settings(config, load_board=board, listening_socket=listening),
