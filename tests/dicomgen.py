@@ -346,6 +346,11 @@ class DaemonDB:
     def __init__(self, url: str) -> None:
         self.db = Database(url)
 
+    @classmethod
+    def of(cls, state_dir: Path) -> DaemonDB:
+        """The embedded SQLite database of a daemon whose state folder is `state_dir`."""
+        return cls(f"sqlite:///{state_dir / 'secondreader.db'}")
+
     def close(self) -> None:
         self.db.dispose()
 
@@ -390,6 +395,13 @@ class DaemonDB:
     def complete(self, *study_uids: str) -> bool:
         states = [self.study(uid) for uid in study_uids]
         return all(st is not None and st.state == "complete" for st in states)
+
+
+def daemon_db(state_dir: Path) -> Iterator[DaemonDB]:
+    """A module fixture's body: the daemon's database, closed after the module."""
+    db = DaemonDB.of(state_dir)
+    yield db
+    db.close()
 
 
 # -- no PHI in logs ------------------------------------------------------------------

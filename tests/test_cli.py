@@ -124,7 +124,7 @@ def test_send_to_our_daemon_then_status(daemon: DaemonProcess, tmp_path: Path) -
         daemon.state / "ancillary" / hs.study_instance_uid / hs.series_instance_uid
     ).is_dir()
 
-    db = DaemonDB(f"sqlite:///{daemon.state / 'secondreader.db'}")
+    db = DaemonDB.of(daemon.state)
     try:
         daemon.wait_for(lambda: db.complete(h.study_instance_uid), timeout=30)
         assert {i.calling_ae for i in db.instances(h.study_instance_uid)} == {"CLI-TEST"}

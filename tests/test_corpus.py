@@ -83,7 +83,7 @@ def test_every_accepted_study_gets_an_sr_that_passes_dciodvfy(daemon_factory) ->
     d = daemon_factory(CONFIG).start()
     for path in files:
         dcmsend(d.port, path)  # some are refused (no UIDs, broken): that is their status
-    db = DaemonDB(f"sqlite:///{d.state / 'secondreader.db'}")
+    db = DaemonDB.of(d.state)
 
     def settled() -> bool:
         with db.db.session() as s:

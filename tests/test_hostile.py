@@ -32,7 +32,7 @@ from tests.attacks import (
     with_raw_calling_ae,
 )
 from tests.conftest import DaemonProcess, dcmtk_env, require_tool
-from tests.dicomgen import RECEIVE_ONLY, DaemonDB
+from tests.dicomgen import RECEIVE_ONLY, DaemonDB, daemon_db
 
 TIMEOUT = 2  # scp.request_timeout_seconds and scp.pdu_timeout_seconds here
 # Junk connections (never an association) are reported once per address and
@@ -58,9 +58,7 @@ def hostile(tmp_path_factory: pytest.TempPathFactory) -> Iterator[DaemonProcess]
 
 @pytest.fixture(scope="module")
 def hostile_db(hostile: DaemonProcess) -> Iterator[DaemonDB]:
-    db = DaemonDB(f"sqlite:///{hostile.state / 'secondreader.db'}")
-    yield db
-    db.close()
+    yield from daemon_db(hostile.state)
 
 
 def echo(port: int, aec: str = "SECONDREADER") -> subprocess.CompletedProcess[str]:

@@ -40,7 +40,7 @@ from tests.attacks import (
     rss_kib,
 )
 from tests.conftest import DaemonProcess, dcmtk_env, free_port, require_tool, storescu
-from tests.dicomgen import RECEIVE_ONLY, DaemonDB, ct_study
+from tests.dicomgen import RECEIVE_ONLY, DaemonDB, ct_study, daemon_db
 
 IDLE = 3  # scp.idle_association_seconds here
 JUNK_INTERVAL = 5  # scp.junk_log_interval_seconds here
@@ -71,9 +71,7 @@ def target(tmp_path_factory: pytest.TempPathFactory) -> Iterator[DaemonProcess]:
 
 @pytest.fixture(scope="module")
 def target_db(target: DaemonProcess) -> Iterator[DaemonDB]:
-    db = DaemonDB(f"sqlite:///{target.state / 'secondreader.db'}")
-    yield db
-    db.close()
+    yield from daemon_db(target.state)
 
 
 def threads(pid: int) -> int:
@@ -246,7 +244,7 @@ def test_new_connections_are_rate_limited_per_address(tmp_path: Path) -> None:
         "junk_log_interval_seconds = 1\n",
     )
     try:
-        db = DaemonDB(f"sqlite:///{d.state / 'secondreader.db'}")
+        db = DaemonDB.of(d.state)
         started = time.monotonic()
         for _ in range(60):
             with connect(d.port, "127.0.0.60", timeout=10):
@@ -354,7 +352,7 @@ def test_one_source_gets_its_share_of_the_associations(
     A daemon of its own: the global limit is not in the way of the shares.
     """
     target = _daemon(tmp_path, "")
-    target_db = DaemonDB(f"sqlite:///{target.state / 'secondreader.db'}")
+    target_db = DaemonDB.of(target.state)
     mark = 0
     held: list[socket.socket] = []
     refused = 0
@@ -547,7 +545,7 @@ def test_a_locked_database_gets_out_of_resources_in_time(tmp_path: Path) -> None
         )
         assert len(refused) >= 5
         assert max(took) < 20  # answered: dcmtk never hit its own timeout
-        db = DaemonDB(f"sqlite:///{d.state / 'secondreader.db'}")
+        db = DaemonDB.of(d.state)
 
         def audited() -> list[AuditEvent] | None:
             events = [

@@ -28,7 +28,7 @@ def test_metrics_count_studies_jobs_and_audit_events(daemon_factory, tmp_path: P
     files = ct_study(tmp_path / "ct", 6, seed=21)
     study_uid = header(files[0]).study_instance_uid
     assert storescu(d.port, files).returncode == 0
-    db = DaemonDB(f"sqlite:///{d.state / 'secondreader.db'}")
+    db = DaemonDB.of(d.state)
     d.wait_for(lambda: db.complete(study_uid), timeout=30)
 
     m = _scrape(port)

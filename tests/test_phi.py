@@ -71,7 +71,7 @@ def test_no_patient_data_in_logs_audit_or_errors(daemon_factory, tmp_path: Path)
     for files in (nodule, [small]):
         r = storescu(d.port, files)
         assert r.returncode == 0, r.stderr
-    db = DaemonDB(f"sqlite:///{d.state / 'secondreader.db'}")
+    db = DaemonDB.of(d.state)
 
     def reported() -> list[AnalysisRun]:
         with db.db.session() as s:

@@ -35,7 +35,7 @@ def test_find_and_pull_a_study_from_orthanc(
     pulled = daemon.cli("pull", *remote, study_uid)
     assert "8 sent to SECONDREADER, 0 failed" in pulled.stdout
 
-    db = DaemonDB(f"sqlite:///{daemon.state / 'secondreader.db'}")
+    db = DaemonDB.of(daemon.state)
     daemon.wait_for(lambda: db.complete(study_uid), timeout=30)
     assert {r.sop_instance_uid for r in db.instances(study_uid)} == {
         header(p).sop_instance_uid for p in files

@@ -25,6 +25,7 @@ from tests.dicomgen import (
     Header,
     by_sop_instance,
     ct_study,
+    daemon_db,
     dataset_bytes,
     header,
     part_files,
@@ -50,9 +51,7 @@ def rx(tmp_path_factory: pytest.TempPathFactory) -> Iterator[DaemonProcess]:
 
 @pytest.fixture(scope="module")
 def rx_db(rx: DaemonProcess) -> Iterator[DaemonDB]:
-    db = DaemonDB(f"sqlite:///{rx.state / 'secondreader.db'}")
-    yield db
-    db.close()
+    yield from daemon_db(rx.state)
 
 
 # Everything each test sent to `rx`, for the PHI check at the end of the module.
@@ -271,7 +270,7 @@ def _spool_count(d: DaemonProcess, h: Header) -> int:
 
 def test_sigkill_mid_association_then_resend(daemon_factory, tmp_path: Path) -> None:  # type: ignore[no-untyped-def]
     d = daemon_factory(RECEIVE_ONLY).start()
-    db = DaemonDB(f"sqlite:///{d.state / 'secondreader.db'}")
+    db = DaemonDB.of(d.state)
     files = ct_study(tmp_path / "ct", 150, size=512, seed=5)
     headers = [header(p) for p in files]
     study_uid = headers[0].study_instance_uid

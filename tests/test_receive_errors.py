@@ -31,6 +31,7 @@ from tests.dicomgen import (
     DaemonDB,
     Header,
     ct_study,
+    daemon_db,
     dataset_bytes,
     garbage_after_meta,
     header,
@@ -78,9 +79,7 @@ def err(tmp_path_factory: pytest.TempPathFactory) -> Iterator[DaemonProcess]:
 
 @pytest.fixture(scope="module")
 def err_db(err: DaemonProcess) -> Iterator[DaemonDB]:
-    db = DaemonDB(f"sqlite:///{err.state / 'secondreader.db'}")
-    yield db
-    db.close()
+    yield from daemon_db(err.state)
 
 
 def _new_events(db: DaemonDB, event_type: str, after: int) -> list[AuditEvent]:
@@ -221,7 +220,7 @@ def test_non_image_policies(daemon_factory, tmp_path: Path, policy: str) -> None
     d = daemon_factory(RECEIVE_ONLY)
     d.config_path.write_text(d.config_path.read_text().replace("[scp]\n", f"[scp]\n{config}\n"))
     d.start()
-    db = DaemonDB(f"sqlite:///{d.state / 'secondreader.db'}")
+    db = DaemonDB.of(d.state)
     try:
         good = ct_study(tmp_path / "good", 1, size=64)[0]
         if policy == "discard":

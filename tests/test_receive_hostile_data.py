@@ -41,7 +41,7 @@ def daemon(tmp_path_factory: pytest.TempPathFactory) -> Iterator[DaemonProcess]:
 
 @pytest.fixture(scope="module")
 def db(daemon: DaemonProcess) -> Iterator[DaemonDB]:
-    database = DaemonDB(f"sqlite:///{daemon.state / 'secondreader.db'}")
+    database = DaemonDB.of(daemon.state)
     yield database
     database.close()
 

@@ -27,7 +27,7 @@ def test_rows_lost_by_a_crash_are_rebuilt_from_the_spool(daemon_factory, tmp_pat
     assert sent.returncode == 0, sent.stderr
     d.kill()
 
-    db = DaemonDB(f"sqlite:///{d.state / 'secondreader.db'}")
+    db = DaemonDB.of(d.state)
     lost = {h.sop_instance_uid for h in headers[-5:]}
     with db.db.session() as s:
         s.execute(delete(Instance).where(Instance.sop_instance_uid.in_(lost)))

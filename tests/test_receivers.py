@@ -40,7 +40,7 @@ def test_two_receiving_processes_share_the_port(daemon_factory, tmp_path: Path) 
     d.env["SECONDREADER_SCP__PROCESSES"] = "2"
     d.start()
     (first,) = d.wait_for(lambda: child_pids(d.log()), timeout=60)
-    db = DaemonDB(f"sqlite:///{d.state / 'secondreader.db'}")
+    db = DaemonDB.of(d.state)
 
     studies = [ct_study(tmp_path / f"s{k}", 10, seed=60 + k) for k in range(4)]
     with ThreadPoolExecutor(4) as pool:

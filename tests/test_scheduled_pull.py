@@ -80,7 +80,7 @@ def test_each_new_study_is_pulled_once_across_polls_and_a_restart(
     uids = {name: to_pacs(orthanc, files) for name, files in
             (("first", first), ("second", second), ("mr", mr), ("old", old))}  # fmt: skip
     d.start()
-    db = DaemonDB(f"sqlite:///{d.state / 'secondreader.db'}")
+    db = DaemonDB.of(d.state)
     d.wait_for(lambda: received_once(db, uids["first"], first), timeout=60)
     d.wait_for(lambda: received_once(db, uids["second"], second), timeout=60)
 

@@ -84,7 +84,7 @@ def test_sigterm_during_an_association_lets_it_finish(daemon_factory, tmp_path: 
     d.proc = None
     for path, h in zip(files, headers, strict=True):
         assert dataset_bytes(spool_path(d.state, h)) == dataset_bytes(path)
-    db = DaemonDB(f"sqlite:///{d.state / 'secondreader.db'}")
+    db = DaemonDB.of(d.state)
     assert len(db.instances(headers[0].study_instance_uid)) == len(files)
     db.close()
     assert "secondreader stopped" in d.log()
@@ -112,7 +112,7 @@ def test_draining_rejects_new_associations(daemon_factory, tmp_path: Path) -> No
     d.proc = None
     for path in files:
         assert spool_path(d.state, header(path)).exists()
-    db = DaemonDB(f"sqlite:///{d.state / 'secondreader.db'}")
+    db = DaemonDB.of(d.state)
     rejected = db.events(EventType.ASSOCIATION_REJECTED)
     assert [(e.actor, e.detail["reason"]) for e in rejected] == [("ECHOSCU", "shutting down")]
     db.close()

@@ -141,7 +141,7 @@ def test_echo_with_client_certificate(tls_daemon: DaemonProcess, pki: PKI) -> No
 
 
 def test_refused_without_a_trusted_client_certificate(tls_daemon: DaemonProcess, pki: PKI) -> None:
-    db = DaemonDB(f"sqlite:///{tls_daemon.state / 'secondreader.db'}")
+    db = DaemonDB.of(tls_daemon.state)
     before = len(db.events(EventType.ASSOCIATION_ACCEPTED))
     rc, out = _echo(tls_daemon, "--tls", "--tls-ca", str(pki.ca))
     assert rc == 1 and "echo failed" in out
@@ -184,7 +184,7 @@ def test_a_silent_tcp_peer_does_not_block_tls_associations(
     tls_daemon: DaemonProcess, pki: PKI
 ) -> None:
     """The handshake ran in the accept thread: one idle connection blocked every TLS peer."""
-    db = DaemonDB(f"sqlite:///{tls_daemon.state / 'secondreader.db'}")
+    db = DaemonDB.of(tls_daemon.state)
     mark = max((e.id for e in db.events()), default=0)
     with connect(tls_daemon.port, "127.0.0.80") as silent:
         rc, out = _echo(
