@@ -361,6 +361,34 @@ class ModelsConfig(_Section):
     paths: list[Path] = Field(default_factory=list)
 
 
+class MonitoringConfig(_Section):
+    """Model governance (daemon/stages/monitor/): modes, sampled negatives, drift, subgroups."""
+
+    # The mode of a model version no admin has set (`secondreader model mode`):
+    # "live" sends its results to the PACS, "review-only" to the worklist only,
+    # "silent" records them and sends them nowhere. A site that wants every new
+    # version to start with a silent trial sets "silent".
+    default_mode: Literal["silent", "review-only", "live"] = "live"
+    # The share of AI-negative results drawn into the review worklist, labelled
+    # "AI negative, sampled for quality control": their decisions give
+    # sensitivity and NPV. 1: every negative is listed (as before governance).
+    negative_sample_fraction: float = Field(1.0, ge=0, le=1)
+    # Drift: a model version's first `baseline_days` of observations (at least
+    # `min_baseline_runs`) are its baseline; each later `period_days` is
+    # compared with it every `drift_interval_seconds`.
+    baseline_days: float = Field(28.0, gt=0)
+    min_baseline_runs: int = Field(30, ge=5)
+    period_days: float = Field(7.0, gt=0)
+    min_period_runs: int = Field(20, ge=5)
+    drift_interval_seconds: float = Field(3600.0, gt=0)
+    # Alert above this population stability index (0.25: the usual "major shift")
+    # or below this KS p-value (Bonferroni-corrected over the variables).
+    psi_bound: float = Field(0.25, gt=0)
+    ks_alpha: float = Field(0.01, gt=0, lt=1)
+    # Subgroups with fewer decided findings than this are marked "too few to say".
+    min_group_size: int = Field(10, ge=1)
+
+
 class MetricsConfig(_Section):
     # Prometheus /metrics over HTTP: studies, queue depth, outbox, dead letters
     # and audit event counts, read from the database.
@@ -463,6 +491,7 @@ class Config(_Section):
     worker: WorkerConfig = Field(default_factory=WorkerConfig)
     models: ModelsConfig = Field(default_factory=ModelsConfig)
     metrics: MetricsConfig = Field(default_factory=MetricsConfig)
+    monitoring: MonitoringConfig = Field(default_factory=MonitoringConfig)
     audit: AuditConfig = Field(default_factory=AuditConfig)
     review: ReviewConfig = Field(default_factory=ReviewConfig)
     retention: RetentionConfig = Field(default_factory=RetentionConfig)

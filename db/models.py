@@ -167,6 +167,24 @@ class ReportState(StrEnum):
     PENDING = "pending"  # the report stage has not built the SR/SEG yet
     REPORTED = "reported"  # objects built and queued in the outbox
     FAILED = "failed"
+    # A silent model version's run: recorded and monitored, nothing built or sent.
+    WITHHELD = "withheld"
+
+
+class ModelMode(StrEnum):
+    """What a model version's results reach (db/governance.py)."""
+
+    SILENT = "silent"  # recorded and monitored only
+    REVIEW_ONLY = "review-only"  # the review worklist, not the PACS
+    LIVE = "live"  # the PACS and the worklist
+
+
+class ReviewSelection(StrEnum):
+    """Why an analysed run is (or is not) in the review worklist."""
+
+    POSITIVE = "positive"  # the AI called a finding present
+    SAMPLED_NEGATIVE = "sampled_negative"  # AI negative, drawn for quality control
+    UNSAMPLED_NEGATIVE = "unsampled_negative"  # AI negative, not drawn
 
 
 class AnalysisRun(Base):
@@ -197,6 +215,12 @@ class AnalysisRun(Base):
     # "pending": the SR is queued, the other objects (map, GSPS, summary) are
     # still to build (daemon/stages/report.py, second pass); None: none or done.
     extras_state: Mapped[str | None] = mapped_column(String(16))
+    # Set by the report stage: the model version's mode when its report was
+    # decided (ModelMode), why it is in the worklist (ReviewSelection) and the
+    # fraction of AI negatives drawn then. None on runs from before governance.
+    mode: Mapped[str | None] = mapped_column(String(16))
+    review_selection: Mapped[str | None] = mapped_column(String(24), index=True)
+    sample_fraction: Mapped[float | None]
 
     findings: Mapped[list[FindingRecord]] = relationship(back_populates="run")
 
@@ -408,3 +432,55 @@ class ProcessHeartbeat(Base):
     started_at: Mapped[datetime] = mapped_column(DateTime)
     beat_at: Mapped[datetime] = mapped_column(DateTime, index=True)
     stopped_at: Mapped[datetime | None] = mapped_column(DateTime)
+
+
+class ModelModeChange(Base):
+    """A model version's mode, from this moment: the latest row is its mode now.
+
+    Written only by db/governance.py, with who changed it, why and on what
+    evidence (the figures the admin saw), and audited.
+    """
+
+    __tablename__ = "model_mode_changes"
+
+    id: Mapped[int] = mapped_column(Integer, primary_key=True)
+    model_name: Mapped[str] = mapped_column(String(128), index=True)
+    model_version: Mapped[str] = mapped_column(String(64))
+    mode: Mapped[str] = mapped_column(String(16))
+    changed_at: Mapped[datetime] = mapped_column(DateTime)
+    changed_by: Mapped[str] = mapped_column(String(128))
+    reason: Mapped[str] = mapped_column(Text)
+    evidence: Mapped[dict[str, Any]] = mapped_column(JSON, default=dict)
+
+
+class RunObservation(Base):
+    """What governance watches of one analysed run (model/observation.py), with its output.
+
+    No name, ID, UID or date of the patient: age as a band. `calling_ae` is
+    the AE title that sent the analysed series.
+    """
+
+    __tablename__ = "run_observations"
+
+    run_id: Mapped[int] = mapped_column(ForeignKey("analysis_runs.id"), primary_key=True)
+    model_name: Mapped[str] = mapped_column(String(128))
+    model_version: Mapped[str] = mapped_column(String(64))
+    analysed_at: Mapped[datetime] = mapped_column(DateTime, index=True)
+    modality: Mapped[str | None] = mapped_column(String(16))
+    body_part: Mapped[str | None] = mapped_column(String(64))
+    manufacturer: Mapped[str | None] = mapped_column(String(64))
+    manufacturer_model: Mapped[str | None] = mapped_column(String(64))
+    kernel: Mapped[str | None] = mapped_column(String(64))
+    slice_thickness: Mapped[float | None]
+    kvp: Mapped[float | None]
+    pixel_spacing: Mapped[float | None]
+    contrast: Mapped[str | None] = mapped_column(String(8))
+    p01: Mapped[float | None]
+    p50: Mapped[float | None]
+    p99: Mapped[float | None]
+    noise: Mapped[float | None]
+    score: Mapped[float]  # the highest probability of the run's findings
+    positive: Mapped[bool]  # some finding called present
+    patient_sex: Mapped[str | None] = mapped_column(String(1))
+    age_band: Mapped[str | None] = mapped_column(String(8))
+    calling_ae: Mapped[str | None] = mapped_column(String(16))

@@ -24,6 +24,7 @@ from db.models import (
     ReportState,
     Study,
 )
+from db.monitoring import record_observation
 from db.saliency import read_saliency, write_saliency
 from model.results import (
     AlgorithmInfo,
@@ -129,6 +130,7 @@ def record_run(
             )
         )
     session.flush()
+    record_observation(session, run, result, now)
     audit.record(
         session,
         EventType.ANALYSIS_RECORDED,

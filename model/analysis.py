@@ -31,6 +31,7 @@ import SimpleITK as sitk
 
 from dicom_io.series import LoadedSeries, SeriesFiles, SeriesQCError, load_series
 from model.manifest import ModelManifest
+from model.observation import observe
 from model.preprocess import (
     Preprocessed,
     preprocess,
@@ -145,6 +146,7 @@ def analyse_series(series: LoadedSeries, model: AnalysisModel) -> AnalysisResult
         findings=findings,
         saliency=_saliency_map(series, planes),
         provenance=provenance,
+        observation=observe(series),
     )
 
 

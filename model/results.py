@@ -98,3 +98,7 @@ class AnalysisResult:
     saliency: SaliencyMap | None = None
     # Each preprocessing step with its parameters, for the audit trail.
     provenance: list[dict[str, object]] = field(default_factory=list)
+    # What governance watches (model/observation.py): acquisition headers,
+    # intensity percentiles of the analysed volume, age band and sex. Never a
+    # name, an ID or a date.
+    observation: dict[str, object] = field(default_factory=dict)
