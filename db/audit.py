@@ -61,6 +61,12 @@ class EventType:
     # The second pass: the objects beside the SR (map, GSPS, summary) queued.
     REPORT_EXTRAS_CREATED = "report.extras_created"
     REPORT_REQUEUED = "report.requeued"  # `secondreader reports retry`
+    # A silent model version's run: recorded and monitored, nothing built or sent.
+    REPORT_WITHHELD = "report.withheld"
+    # Governance (db/governance.py): a model version's mode set by an admin, with the reason.
+    MODEL_MODE_CHANGED = "model.mode_changed"
+    # The registry export (`secondreader model export`, the monitoring page): who took it.
+    MONITORING_EXPORTED = "monitoring.exported"
     DELIVERY_DONE = "delivery.done"  # stored (and committed, when asked) at a destination
     DELIVERY_ATTEMPT_FAILED = "delivery.attempt_failed"  # will be retried after a backoff
     DELIVERY_DEAD = "delivery.dead"  # gave up: `secondreader deliveries retry` re-queues

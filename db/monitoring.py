@@ -11,10 +11,19 @@ from collections.abc import Mapping
 from datetime import datetime
 from typing import Any
 
-from sqlalchemy import select
-from sqlalchemy.orm import Session
+from sqlalchemy import and_, func, select
+from sqlalchemy.orm import Session, aliased
 
-from db.models import AnalysisRun, Instance, RunObservation, Series
+from db import audit
+from db.audit import EventType
+from db.models import (
+    AnalysisRun,
+    FindingDecision,
+    FindingRecord,
+    Instance,
+    RunObservation,
+    Series,
+)
 from model.results import AnalysisResult
 
 # model/observation.py's keys that are columns of run_observations.
@@ -79,3 +88,87 @@ def observations(
         stmt = stmt.where(RunObservation.analysed_at < until)
     names = [c.name for c in RunObservation.__table__.columns]
     return [{n: getattr(o, n) for n in names} for o in session.scalars(stmt)]
+
+
+def registry_rows(
+    session: Session, *, since: datetime | None = None, until: datetime | None = None
+) -> list[dict[str, Any]]:
+    """One row per finding of each analysed, observed run: the registry export's content.
+
+    What leaves with it is chosen here, column by column: acquisition,
+    AI result, the latest review decision, sex and age band. No name, ID,
+    UID, accession number or date (the week of analysis only).
+    """
+    latest = (
+        select(FindingDecision.finding_id, func.max(FindingDecision.round).label("round"))
+        .group_by(FindingDecision.finding_id)
+        .subquery()
+    )
+    decision = aliased(FindingDecision)
+    stmt = (
+        select(
+            RunObservation,
+            FindingRecord,
+            decision.decision,
+            AnalysisRun.mode,
+            AnalysisRun.review_selection,
+        )  # fmt: skip
+        .join(AnalysisRun, AnalysisRun.id == RunObservation.run_id)
+        .join(FindingRecord, FindingRecord.run_id == RunObservation.run_id)
+        .outerjoin(latest, latest.c.finding_id == FindingRecord.id)
+        .outerjoin(
+            decision,
+            and_(decision.finding_id == FindingRecord.id, decision.round == latest.c.round),
+        )
+        .order_by(RunObservation.analysed_at, FindingRecord.id)
+    )
+    if since is not None:
+        stmt = stmt.where(RunObservation.analysed_at >= since)
+    if until is not None:
+        stmt = stmt.where(RunObservation.analysed_at < until)
+    out = []
+    for o, f, decided, mode, selection in session.execute(stmt):
+        year, week, _ = o.analysed_at.isocalendar()
+        out.append(
+            {
+                "analysed_week": f"{year}-W{week:02d}",
+                **{
+                    k: getattr(o, k)
+                    for k in (
+                        "modality",
+                        "body_part",
+                        "manufacturer",
+                        "manufacturer_model",
+                        "kernel",
+                        "slice_thickness",
+                        "kvp",
+                        "pixel_spacing",
+                        "contrast",
+                        "p01",
+                        "p50",
+                        "p99",
+                        "noise",
+                    )
+                },  # fmt: skip
+                "model_name": o.model_name,
+                "model_version": o.model_version,
+                "model_mode": mode,
+                "finding": str(f.finding_code.get("meaning", f.label)),
+                "finding_code": "{}:{}".format(
+                    f.finding_code.get("scheme", ""), f.finding_code.get("value", "")
+                ),
+                "probability": round(float(f.probability), 4),
+                "threshold": round(float(f.threshold), 4),
+                "ai_present": bool(f.present),
+                "review_selection": selection,
+                "review_decision": decided,
+                "patient_sex": o.patient_sex,
+                "patient_age_band": o.age_band,
+            }
+        )
+    return out
+
+
+def record_export(session: Session, actor: str, *, fmt: str, rows: int) -> None:
+    """Who took the registry export, in which format, and how many rows left with it."""
+    audit.record(session, EventType.MONITORING_EXPORTED, actor, format=fmt, rows=rows)

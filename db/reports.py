@@ -14,7 +14,7 @@ from dataclasses import dataclass, field
 from datetime import datetime
 from pathlib import Path
 
-from sqlalchemy import func, select, update
+from sqlalchemy import func, or_, select, true, update
 from sqlalchemy.orm import Session
 
 from db import audit
@@ -64,6 +64,15 @@ class PendingRun:
     predecessor_sr_uid: str | None = None
     # What the database knows of each of `source_paths`, in the same order.
     source_instances: list[SourceInstance] = field(default_factory=list)
+
+
+@dataclass(frozen=True)
+class Governed:
+    """What governance decided for a run (daemon/stages/report.py `_govern`)."""
+
+    mode: str | None = None  # ModelMode; None: no model (the run says why none ran)
+    selection: str | None = None  # ReviewSelection; None: not an analysed result
+    sample_fraction: float | None = None  # the fraction of AI negatives drawn then
 
 
 def pending_run_ids(session: Session, limit: int = 20) -> list[int]:
@@ -164,6 +173,11 @@ def _predecessor_sr_uid(session: Session, run: AnalysisRun) -> str | None:
             AnalysisRun.report_state == ReportState.REPORTED,
             AnalysisRun.sr_sop_instance_uid.is_not(None),
             model,
+            # Champion and challenger (two versions of one model) run in the
+            # same job, side by side: neither supersedes the other.
+            or_(AnalysisRun.job_id.is_(None), AnalysisRun.job_id != run.job_id)
+            if run.job_id is not None
+            else true(),
         )
         .order_by(AnalysisRun.id.desc())
         .limit(1)
@@ -178,12 +192,15 @@ def record_report(
     tracking_uids: dict[int, str],
     objects: Sequence[NewOutboxItem],
     extras_pending: bool = False,
+    governance: Governed | None = None,
     now: datetime | None = None,
 ) -> bool:
     """Mark the run reported and queue its SR (and SEG); False if another pass did it first.
 
     `extras_pending`: its other objects are built by the second pass (`record_extras`).
+    `governance`: the model version's mode and the run's place in the worklist.
     """
+    rules = governance or Governed()
     now = now or utcnow()
     changed = changed_rows(
         session,
@@ -194,6 +211,9 @@ def record_report(
             report_error=None,
             sr_sop_instance_uid=sr_sop_instance_uid,
             extras_state=EXTRAS_PENDING if extras_pending else None,
+            mode=rules.mode,
+            review_selection=rules.selection,
+            sample_fraction=rules.sample_fraction,
         )
     )
     if not changed:
@@ -214,8 +234,35 @@ def record_report(
         objects=sorted({o.sop_instance_uid for o in objects}),
         outbox_items=queued,
         predecessor=run.predecessor_sr_uid,
+        mode=rules.mode,
+        review_selection=rules.selection,
     )
     return True
+
+
+def record_withheld(session: Session, run: PendingRun, governance: Governed) -> bool:
+    """A silent model version's run: recorded, nothing built or sent; False if done already."""
+    changed = changed_rows(
+        session,
+        update(AnalysisRun)
+        .where(AnalysisRun.id == run.run_id, AnalysisRun.report_state == ReportState.PENDING)
+        .values(
+            report_state=ReportState.WITHHELD,
+            mode=governance.mode,
+            review_selection=None,
+            sample_fraction=None,
+        )
+    )
+    if changed:
+        audit.record(
+            session,
+            EventType.REPORT_WITHHELD,
+            ACTOR,
+            study_instance_uid=run.result.study_instance_uid,
+            run_id=run.run_id,
+            mode=governance.mode,
+        )
+    return bool(changed)
 
 
 def record_extras(

@@ -12,7 +12,7 @@ from dataclasses import dataclass, field
 from datetime import datetime
 from typing import Any
 
-from sqlalchemy import delete, func, select, update
+from sqlalchemy import delete, func, or_, select, update
 from sqlalchemy.orm import Session
 
 from db import audit
@@ -27,6 +27,7 @@ from db.models import (
     Instance,
     OutboxItem,
     ReportState,
+    ReviewSelection,
     Series,
     Study,
     Verification,
@@ -91,6 +92,14 @@ class ResultView:
     findings: list[FindingView] = field(default_factory=list)
     decisions: list[DecisionView] = field(default_factory=list)
     verifications: list[VerificationView] = field(default_factory=list)
+    # Governance (db/models.py ModelMode, ReviewSelection); None before it.
+    mode: str | None = None
+    review_selection: str | None = None
+
+    @property
+    def sampled_negative(self) -> bool:
+        """An AI-negative result drawn for quality control: the reader says what is there."""
+        return self.review_selection == ReviewSelection.SAMPLED_NEGATIVE
 
     @property
     def top_probability(self) -> float:
@@ -206,6 +215,8 @@ def _view(session: Session, run: AnalysisRun, study_uid: str) -> ResultView:
         findings=findings,
         decisions=decisions,
         verifications=verifications,
+        mode=run.mode,
+        review_selection=run.review_selection,
     )
 
 
@@ -221,6 +232,13 @@ def list_results(
     """Results by state ("pending", "in_review", "verified", "amended"; None: all)."""
     stmt = _reviewable(
         select(AnalysisRun, Study.study_instance_uid).join(Study, Study.id == AnalysisRun.study_id)
+    )
+    # AI negatives not drawn for quality control stay out (monitoring.negative_sample_fraction).
+    stmt = stmt.where(
+        or_(
+            AnalysisRun.review_selection.is_(None),
+            AnalysisRun.review_selection != ReviewSelection.UNSAMPLED_NEGATIVE,
+        )
     )
     if model is not None:
         stmt = stmt.where(AnalysisRun.model_name == model)

@@ -250,8 +250,13 @@ class ModelRegistry:
         self.models: list[LoadedModel] = []
         for folder in folders:
             loaded = load_model(folder, device)
-            if any(m.name == loaded.name for m in self.models):
-                raise ModelLoadError(f"two configured models are named {loaded.name!r}")
+            # Two versions of one model may run side by side (champion and
+            # challenger, each with its own mode); the same version twice may not.
+            version = loaded.manifest.version
+            if any(m.name == loaded.name and m.manifest.version == version for m in self.models):
+                raise ModelLoadError(
+                    f"two configured models are named {loaded.name!r}, version {version!r}"
+                )
             self.models.append(loaded)
 
     def __len__(self) -> int:

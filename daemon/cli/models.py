@@ -4,10 +4,14 @@ from __future__ import annotations
 
 import argparse
 import sys
+from datetime import datetime
 from pathlib import Path
+from typing import Any
 
 from daemon.cli.parsing import EXIT_CONFIG, Subparsers
 from daemon.config import Config
+from daemon.stages.monitor.governance import GovernanceError, GovernanceService
+from db.governance import MODES
 
 
 def _cmd_model_train(_config: Config, args: argparse.Namespace) -> int:
@@ -83,7 +87,7 @@ def _cmd_demo(_config: Config, args: argparse.Namespace) -> int:
 
 
 def add_model(sub: Subparsers) -> None:
-    p = sub.add_parser("model", help="train and evaluate models")
+    p = sub.add_parser("model", help="train, evaluate and govern models")
     msub = p.add_subparsers(dest="model_command", required=True)
     q = msub.add_parser("train", help="train a slice classifier; writes a model folder")
     q.add_argument("output", type=Path, help="model folder to write")
@@ -104,6 +108,104 @@ def add_model(sub: Subparsers) -> None:
     q.add_argument("--dicom-root", type=Path)
     q.add_argument("--device", default="auto")
     q.set_defaults(func=_cmd_model_evaluate)
+    _add_governance(msub)
+
+
+def _governance(config: Config) -> GovernanceService:
+    from daemon.factories import open_database
+
+    return GovernanceService(open_database(config), config)
+
+
+def _cmd_model_modes(config: Config, _args: argparse.Namespace) -> int:
+    versions = _governance(config).versions()
+    if not versions:
+        print("no model version has analysed a study yet")
+    for v in versions:
+        default = "" if v.mode_set else " (default)"
+        print(f"{v.model_name} {v.model_version}: {v.mode}{default}, {v.runs} runs"
+              + (f", {v.withheld} silent" if v.withheld else ""))  # fmt: skip
+    return 0
+
+
+def _cmd_model_mode(config: Config, args: argparse.Namespace) -> int:
+    service = _governance(config)
+    try:
+        change = service.set_mode(args.name, args.version, args.mode,
+                                  by=service.admin(args.by), reason=args.reason)  # fmt: skip
+    except GovernanceError as exc:
+        print(f"secondreader: {exc}", file=sys.stderr)
+        return EXIT_CONFIG
+    print(f"{change.model_name} {change.model_version}: {change.mode} from its next result on")
+    return 0
+
+
+def _cmd_model_monitor(config: Config, args: argparse.Namespace) -> int:
+    from daemon.stages.monitor.report import pdf, report_lines
+
+    try:
+        report = _governance(config).report(args.name, args.version, since=args.since,
+                                            until=args.until)  # fmt: skip
+    except GovernanceError as exc:
+        print(f"secondreader: {exc}", file=sys.stderr)
+        return EXIT_CONFIG
+    print("\n".join(report_lines(report)))
+    if args.pdf is not None:
+        args.pdf.write_bytes(pdf(report))
+        print(f"report written to {args.pdf}")
+    return 0
+
+
+def _cmd_model_export(config: Config, args: argparse.Namespace) -> int:
+    import getpass
+
+    from daemon.factories import open_database
+    from daemon.stages.monitor.report import export_csv, export_json
+    from db.monitoring import record_export, registry_rows
+
+    db = open_database(config)
+    with db.session() as s:
+        rows = registry_rows(s, since=args.since, until=args.until)
+        record_export(s, f"cli:{getpass.getuser()}", fmt=args.format, rows=len(rows))
+    body = export_csv(rows) if args.format == "csv" else export_json(rows)
+    if args.output is None:
+        sys.stdout.write(body)
+    else:
+        args.output.write_text(body)
+        print(f"{len(rows)} rows written to {args.output}")
+    return 0
+
+
+def _date(text: str) -> datetime:
+    try:
+        return datetime.fromisoformat(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"not a date (YYYY-MM-DD): {text!r}") from None
+
+
+def _add_governance(msub: Any) -> None:
+    q = msub.add_parser("modes", help="each model version's mode (silent, review-only, live)")
+    q.set_defaults(func=_cmd_model_modes)
+    q = msub.add_parser("mode", help="promote or demote a model version, with a reason")
+    q.add_argument("name", help="the model's name (`model modes`)")
+    q.add_argument("version")
+    q.add_argument("mode", choices=list(MODES))
+    q.add_argument("--reason", required=True, help="why: it goes into the audit trail")
+    q.add_argument("--by", required=True, help="your user name (an enabled admin account)")
+    q.set_defaults(func=_cmd_model_mode)
+    q = msub.add_parser("monitor", help="a model version's monitoring report")
+    q.add_argument("name")
+    q.add_argument("version")
+    q.add_argument("--since", type=_date, help="from this date (YYYY-MM-DD)")
+    q.add_argument("--until", type=_date, help="before this date")
+    q.add_argument("--pdf", type=Path, help="also write the report as a PDF")
+    q.set_defaults(func=_cmd_model_monitor)
+    q = msub.add_parser("export", help="registry export (ACR Assess-AI), no names or IDs")
+    q.add_argument("--format", choices=["csv", "json"], default="csv")
+    q.add_argument("--output", type=Path, help="file to write (default: standard output)")
+    q.add_argument("--since", type=_date)
+    q.add_argument("--until", type=_date)
+    q.set_defaults(func=_cmd_model_export)
 
 
 def add_demo(sub: Subparsers) -> None:

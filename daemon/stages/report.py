@@ -16,6 +16,7 @@ the new one lists it in its Predecessor Documents Sequence.
 
 from __future__ import annotations
 
+import hashlib
 import io
 import logging
 from collections.abc import Callable
@@ -29,10 +30,12 @@ from pydicom.dataset import Dataset
 from pydicom.uid import generate_uid
 
 from daemon.config import DEFAULT_OUTPUTS, EXTRA_KINDS, Config
+from db.governance import current_mode
 from db.layout import OUTBOX_DIR
-from db.models import DeliveryState
+from db.models import DeliveryState, ModelMode, ReviewSelection
 from db.outbox import NewOutboxItem
 from db.reports import (
+    Governed,
     PendingRun,
     extras_run_ids,
     is_verified,
@@ -42,6 +45,7 @@ from db.reports import (
     record_extras_skipped,
     record_report,
     record_report_failure,
+    record_withheld,
 )
 from db.session import Database
 from dicom_io.headers import UNKNOWN_MODALITY, read_header
@@ -67,6 +71,12 @@ from model.results import Finding, ImageLocation, Outcome
 
 log = logging.getLogger(__name__)
 
+
+
+def _draw(study_instance_uid: str, model_name: str) -> float:
+    """A number in [0, 1) fixed by the study and the model."""
+    digest = hashlib.sha256(f"{study_instance_uid}|{model_name}".encode()).digest()
+    return int.from_bytes(digest[:8], "big") / 2.0**64
 
 
 class ReportError(Exception):
@@ -148,7 +158,15 @@ class Reporter:
             return False
         if run is None:
             return False
+        rules = self._govern(run)
         study_uid = run.result.study_instance_uid
+        if rules.mode == ModelMode.SILENT:
+            with self.db.session() as s:
+                done = record_withheld(s, run, rules)
+            if done:
+                log.info("run %d (study %s): silent model version, recorded only",
+                         run.run_id, study_uid)  # fmt: skip
+            return done
         fallback = False
         try:
             headers = self._headers(run, light=not with_seg)
@@ -175,7 +193,9 @@ class Reporter:
         # The AI result SR always has findings (its builder refuses a result
         # without); the not-run SR (fallback included) has none.
         reviewable = run.result.outcome == Outcome.ANALYSED and not fallback
-        queued = self._queue(run, objects, reviewable)
+        # A review-only version's objects are written for the reviewers, sent nowhere.
+        to_pacs = rules.mode != ModelMode.REVIEW_ONLY
+        queued = self._queue(run, objects, reviewable) if to_pacs else self._keep(run, objects)
         sr = next(o.dataset for o in objects if o.kind == "sr")
         tracking = {}
         if run.result.algorithm is not None:
@@ -190,7 +210,8 @@ class Reporter:
                 sr_sop_instance_uid=str(sr.SOPInstanceUID),
                 tracking_uids=tracking,
                 objects=queued,
-                extras_pending=not fallback and bool(self._wanted() & EXTRA_KINDS),
+                extras_pending=to_pacs and not fallback and bool(self._wanted() & EXTRA_KINDS),
+                governance=rules,
             )
         if done and self.on_queued is not None:
             self.on_queued()
@@ -239,6 +260,38 @@ class Reporter:
                 " + ".join(o.kind.upper() for o in objects),
             )  # fmt: skip
         return done
+
+    def _govern(self, run: PendingRun) -> Governed:
+        """The model version's mode now, and whether an AI-negative result is drawn for review.
+
+        The draw is a hash of the study and model, not a coin: a re-run of a
+        study keeps its place (in or out of the worklist), and a test's
+        stream gives the same sample every time. Positives always go to the
+        worklist; the negatives drawn estimate sensitivity and NPV
+        (daemon/stages/monitor/performance.py).
+        """
+        algo = run.result.algorithm
+        cfg = self.config.monitoring
+        if algo is None:
+            return Governed()
+        with self.db.session() as s:
+            mode = current_mode(s, algo.name, algo.version, cfg.default_mode)
+        if run.result.outcome != Outcome.ANALYSED:
+            return Governed(mode=mode)
+        if any(f.present for f in run.result.findings):
+            return Governed(mode, ReviewSelection.POSITIVE, cfg.negative_sample_fraction)
+        drawn = _draw(run.result.study_instance_uid, algo.name) < cfg.negative_sample_fraction
+        return Governed(
+            mode,
+            ReviewSelection.SAMPLED_NEGATIVE if drawn else ReviewSelection.UNSAMPLED_NEGATIVE,
+            cfg.negative_sample_fraction,
+        )
+
+    def _keep(self, run: PendingRun, objects: list[BuiltObject]) -> list[NewOutboxItem]:
+        """Write the objects where the review page reads them, and queue none."""
+        for obj in objects:
+            self._write(run.result.study_instance_uid, obj.dataset)
+        return []
 
     def _queue(
         self,

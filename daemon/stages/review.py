@@ -43,7 +43,7 @@ from daemon.config import Config
 from db import accounts, reviews
 from db.errors import WrittenMeanwhile
 from db.layout import OUTBOX_DIR
-from db.models import Decision, utcnow
+from db.models import Decision, ModelMode, utcnow
 from db.outbox import NewOutboxItem, queue_items
 from db.reviews import Agreement, FindingView, ResultView
 from db.session import Database
@@ -348,6 +348,10 @@ class ReviewService:
                     sr_sop_instance_uid=str(sr.SOPInstanceUID),
                     predecessor=predecessor,
                 )
+                # A review-only model version's results reach no PACS, verified or not.
+                destinations = [] if result.mode == ModelMode.REVIEW_ONLY else (
+                    self.config.delivery.destinations
+                )
                 queue_items(
                     s,
                     [
@@ -360,7 +364,7 @@ class ReviewService:
                             path=f"{OUTBOX_DIR}/{relative}",
                             destination=d.name,
                         )
-                        for d in self.config.delivery.destinations
+                        for d in destinations
                     ],
                 )
                 reviews.release_held(

@@ -128,9 +128,9 @@ def create_app(
         response.delete_cookie(COOKIE)
         return response
 
-    from daemon.web import admin, result, viewer, worklist
+    from daemon.web import admin, monitoring, result, viewer, worklist
 
-    for blueprint in (worklist.bp, result.bp, viewer.bp, admin.bp):
+    for blueprint in (worklist.bp, result.bp, viewer.bp, admin.bp, monitoring.bp):
         app.register_blueprint(blueprint)
     return app
 

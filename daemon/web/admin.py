@@ -87,7 +87,9 @@ def echo_destination(name: str) -> Any:
 @bp.get("/monitoring")
 @admin_required
 def monitoring() -> Any:
-    return render_template("monitoring.html", rows=site().reviews.stats())
+    here = site()
+    return render_template("monitoring.html", rows=here.reviews.stats(),
+                           versions=here.governance.versions())  # fmt: skip
 
 
 @bp.get("/monitoring.png")

@@ -19,6 +19,7 @@ from pydicom import dcmread
 
 from daemon.accounts import AccountService
 from daemon.config import Config
+from daemon.stages.monitor.governance import GovernanceService
 from daemon.stages.review import ReviewService
 from daemon.web.images import SeriesImage, in_slice_order
 from db.reviews import series_images
@@ -51,6 +52,10 @@ class Site:
     _series_lock: threading.Lock = field(default_factory=threading.Lock)
     _studies: dict[str, StudyInfo] = field(default_factory=dict)
     _studies_lock: threading.Lock = field(default_factory=threading.Lock)
+
+    @property
+    def governance(self) -> GovernanceService:
+        return GovernanceService(self.db, self.config)
 
     def series(self, run_id: int) -> list[SeriesImage]:
         """The run's analysed series in slice order (read once per run)."""
