@@ -84,7 +84,8 @@ def test_silent_trial_then_live_then_review_only(
     assert orthanc.study_instances(silent_uid) == []  # what was withheld stays withheld
 
     with db.session() as s:
-        (event,) = s.scalars(select(AuditEvent).where(AuditEvent.event_type == "model.mode_changed"))
+        changed = AuditEvent.event_type == "model.mode_changed"
+        (event,) = s.scalars(select(AuditEvent).where(changed))
         detail = event.detail
     assert event.actor == "boss"
     assert detail["reason"] == "silent trial reviewed by the AI committee"
