@@ -28,6 +28,7 @@ from prometheus_client.registry import Collector, CollectorRegistry
 from daemon.config import Config
 from daemon.liveness import gone_after
 from db.audit import event_counts
+from db.governance import versions
 from db.liveness import no_worker_alert, processes
 from db.models import utcnow
 from db.retention import files_removed_count
@@ -69,6 +70,8 @@ class DatabaseCollector(Collector):
                 durations = stage_durations(s)
                 decisions = decision_counts(s)
                 liveness = self._liveness(s)
+                default = (self.config or Config()).monitoring.default_mode
+                model_versions = versions(s, default)
         except Exception:
             log.exception("metrics: database query failed")
             up.add_metric([], 0)
@@ -109,6 +112,14 @@ class DatabaseCollector(Collector):
         for (model, version, decision), n in sorted(decisions.items()):
             review.add_metric([model, version, decision], n)
         yield review
+        modes = GaugeMetricFamily(
+            "secondreader_model_mode",
+            "1 for each model version's current mode (silent, review-only, live)",
+            labels=["model", "version", "mode"],
+        )
+        for v in model_versions:
+            modes.add_metric([v.model_name, v.model_version, v.mode], 1)
+        yield modes
         yield from liveness
         yield GaugeMetricFamily(
             "secondreader_studies_files_removed",

@@ -271,3 +271,44 @@ def test_web_export_is_audited(stream: Stream) -> None:
         events = list(s.scalars(select(AuditEvent).where(
             AuditEvent.event_type == "monitoring.exported")))  # fmt: skip
     assert any(e.actor == "auditor" and e.detail["rows"] == 2 * N_STUDIES for e in events)
+
+
+def test_promotion_on_the_web_page_needs_a_reason_and_is_audited(stream: Stream) -> None:
+    from daemon.accounts import AccountService
+    from daemon.metrics import DatabaseCollector
+    from tests.test_web import csrf
+
+    AccountService(stream.db, stream.config.web).add(  # type: ignore[attr-defined]
+        "chair", PASSWORD, "admin", "test")
+    reader = AccountService(stream.db, stream.config.web)  # type: ignore[attr-defined]
+    reader.add("reader", PASSWORD, "reviewer", "test")
+    page = f"/admin/monitoring/{rd.ALGORITHM.name}/{CHALLENGER}"
+    client = create_app(stream.config, stream.db).test_client()  # type: ignore[arg-type]
+    assert login(client, "reader").status_code == 302
+    assert client.get(page).status_code == 403  # admins only
+    client = create_app(stream.config, stream.db).test_client()  # type: ignore[arg-type]
+    assert login(client, "chair").status_code == 302
+    token = csrf(client, page)
+    shown = client.get(page).get_data(as_text=True)
+    assert "Side by side with version 1.0.0" in shown and "Sensitivity" in shown
+    refused = client.post(f"{page}/mode", data={"csrf": token, "mode": "silent", "reason": " "})
+    assert refused.status_code == 400 and "reason" in refused.get_data(as_text=True)
+    done = client.post(f"{page}/mode", data={"csrf": token, "mode": "silent",
+                                             "reason": "challenger: back to a silent trial"})  # fmt: skip
+    assert done.status_code == 302
+    shown = client.get(page).get_data(as_text=True)
+    assert '<strong id="mode">silent</strong>' in shown
+    assert "challenger: back to a silent trial" in shown
+    with stream.db.session() as s:
+        event = s.scalars(select(AuditEvent).where(
+            AuditEvent.event_type == "model.mode_changed")).all()[-1]  # fmt: skip
+    assert event.actor == "chair" and event.detail["model"] == f"{rd.ALGORITHM.name} {CHALLENGER}"
+    assert event.detail["evidence"]["runs"] == N_STUDIES
+    samples = {
+        tuple(sample.labels.values()): sample.value
+        for family in DatabaseCollector(stream.db, config=stream.config).collect()  # type: ignore[arg-type]
+        if family.name == "secondreader_model_mode"
+        for sample in family.samples
+    }
+    assert samples == {(rd.ALGORITHM.name, "1.0.0", "live"): 1,
+                       (rd.ALGORITHM.name, CHALLENGER, "silent"): 1}  # fmt: skip
