@@ -64,6 +64,8 @@ class PendingRun:
     predecessor_sr_uid: str | None = None
     # What the database knows of each of `source_paths`, in the same order.
     source_instances: list[SourceInstance] = field(default_factory=list)
+    # Set once the first pass decided it (the second pass reads it): ReviewSelection.
+    review_selection: str | None = None
 
 
 @dataclass(frozen=True)
@@ -155,6 +157,7 @@ def load_pending_run(
         finding_ids=finding_ids,
         predecessor_sr_uid=_predecessor_sr_uid(session, run),
         source_instances=sources,
+        review_selection=run.review_selection,
     )
 
 

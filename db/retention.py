@@ -19,7 +19,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 from datetime import datetime
 
-from sqlalchemy import exists, func, select, update
+from sqlalchemy import exists, func, or_, select, update
 from sqlalchemy.orm import Session
 
 from db import audit
@@ -33,6 +33,7 @@ from db.models import (
     JobState,
     OutboxItem,
     ReportState,
+    ReviewSelection,
     Series,
     Study,
     StudyState,
@@ -80,7 +81,9 @@ def finished_studies(
     any_run = exists().where(AnalysisRun.study_id == Study.id)
     unreported = exists().where(
         AnalysisRun.study_id == Study.id,
-        (AnalysisRun.report_state != ReportState.REPORTED) | AnalysisRun.extras_state.is_not(None),
+        # A silent model version's run is done once withheld: nothing will be built.
+        AnalysisRun.report_state.not_in((ReportState.REPORTED, ReportState.WITHHELD))
+        | AnalysisRun.extras_state.is_not(None),
     )
     undelivered = exists().where(
         OutboxItem.study_id == Study.id,
@@ -98,6 +101,13 @@ def finished_studies(
         unreviewed = exists().where(
             AnalysisRun.study_id == Study.id,
             AnalysisRun.outcome == Outcome.ANALYSED,
+            # Only what the worklist shows waits for a reader: not a silent
+            # version's run, not an AI negative left out of the sample.
+            AnalysisRun.report_state == ReportState.REPORTED,
+            or_(
+                AnalysisRun.review_selection.is_(None),
+                AnalysisRun.review_selection != ReviewSelection.UNSAMPLED_NEGATIVE,
+            ),
             ~exists().where(Verification.run_id == AnalysisRun.id),
         )
         query = query.where(~unreviewed)

@@ -23,6 +23,7 @@ import numpy as np
 import pytest
 from sqlalchemy import select
 
+from daemon.config import Config
 from daemon.stages.monitor.governance import GovernanceService
 from daemon.stages.monitor.performance import Interval, wilson
 from daemon.stages.monitor.report import export_csv, export_json, pdf, report_lines
@@ -71,7 +72,7 @@ def _scores() -> tuple[np.ndarray, np.ndarray, float]:
 
 @dataclasses.dataclass
 class Stream:
-    config: object
+    config: Config
     db: Database
     truth: dict[int, bool]  # run id -> a nodule is there
     present: dict[int, bool]  # run id -> the AI called it
@@ -204,9 +205,9 @@ def test_champion_and_challenger_side_by_side(stream: Stream) -> None:
 def test_subgroups_on_the_page_with_intervals_and_small_groups_marked(stream: Stream) -> None:
     from daemon.accounts import AccountService
 
-    AccountService(stream.db, stream.config.web).add(  # type: ignore[attr-defined]
+    AccountService(stream.db, stream.config.web).add(
         "root", PASSWORD, "admin", "test")
-    app = create_app(stream.config, stream.db)  # type: ignore[arg-type]
+    app = create_app(stream.config, stream.db)
     client = app.test_client()
     assert login(client, "root").status_code == 302
     page = client.get(f"/admin/monitoring/{rd.ALGORITHM.name}/1.0.0").get_data(as_text=True)
@@ -258,11 +259,11 @@ def test_report_text_names_mode_period_and_figures(stream: Stream) -> None:
 
 
 def test_web_export_is_audited(stream: Stream) -> None:
-    app = create_app(stream.config, stream.db)  # type: ignore[arg-type]
+    app = create_app(stream.config, stream.db)
     client = app.test_client()
     from daemon.accounts import AccountService
 
-    AccountService(stream.db, stream.config.web).add(  # type: ignore[attr-defined]
+    AccountService(stream.db, stream.config.web).add(
         "auditor", PASSWORD, "admin", "test")
     assert login(client, "auditor").status_code == 302
     rsp = client.get("/admin/monitoring/export.csv")
@@ -278,27 +279,27 @@ def test_promotion_on_the_web_page_needs_a_reason_and_is_audited(stream: Stream)
     from daemon.metrics import DatabaseCollector
     from tests.test_web import csrf
 
-    AccountService(stream.db, stream.config.web).add(  # type: ignore[attr-defined]
+    AccountService(stream.db, stream.config.web).add(
         "chair", PASSWORD, "admin", "test")
-    reader = AccountService(stream.db, stream.config.web)  # type: ignore[attr-defined]
+    reader = AccountService(stream.db, stream.config.web)
     reader.add("reader", PASSWORD, "reviewer", "test")
     page = f"/admin/monitoring/{rd.ALGORITHM.name}/{CHALLENGER}"
-    client = create_app(stream.config, stream.db).test_client()  # type: ignore[arg-type]
+    client = create_app(stream.config, stream.db).test_client()
     assert login(client, "reader").status_code == 302
     assert client.get(page).status_code == 403  # admins only
-    client = create_app(stream.config, stream.db).test_client()  # type: ignore[arg-type]
+    client = create_app(stream.config, stream.db).test_client()
     assert login(client, "chair").status_code == 302
     token = csrf(client, page)
     shown = client.get(page).get_data(as_text=True)
     assert "Side by side with version 1.0.0" in shown and "Sensitivity" in shown
     refused = client.post(f"{page}/mode", data={"csrf": token, "mode": "silent", "reason": " "})
     assert refused.status_code == 400 and "reason" in refused.get_data(as_text=True)
-    done = client.post(f"{page}/mode", data={"csrf": token, "mode": "silent",
-                                             "reason": "challenger: back to a silent trial"})  # fmt: skip
+    reason = "challenger: back to a silent trial"
+    done = client.post(f"{page}/mode", data={"csrf": token, "mode": "silent", "reason": reason})
     assert done.status_code == 302
     shown = client.get(page).get_data(as_text=True)
     assert '<strong id="mode">silent</strong>' in shown
-    assert "challenger: back to a silent trial" in shown
+    assert reason in shown
     with stream.db.session() as s:
         event = s.scalars(select(AuditEvent).where(
             AuditEvent.event_type == "model.mode_changed")).all()[-1]  # fmt: skip
@@ -306,9 +307,57 @@ def test_promotion_on_the_web_page_needs_a_reason_and_is_audited(stream: Stream)
     assert event.detail["evidence"]["runs"] == N_STUDIES
     samples = {
         tuple(sample.labels.values()): sample.value
-        for family in DatabaseCollector(stream.db, config=stream.config).collect()  # type: ignore[arg-type]
+        for family in DatabaseCollector(stream.db, config=stream.config).collect()
         if family.name == "secondreader_model_mode"
         for sample in family.samples
     }
     assert samples == {(rd.ALGORITHM.name, "1.0.0", "live"): 1,
                        (rd.ALGORITHM.name, CHALLENGER, "silent"): 1}  # fmt: skip
+
+
+def test_unsampled_negatives_never_reach_an_after_review_destination(tmp_path: Path) -> None:
+    """A negative left out of the sample is never read, so `after_review` never gets it;
+    one drawn waits for its reader; retention does not wait for either forever."""
+    from db.models import OutboxItem
+    from db.retention import finished_studies
+
+    config = write_config(tmp_path, f"sqlite:///{tmp_path / 'db.sqlite'}", """
+[monitoring]
+negative_sample_fraction = 0.5
+
+[report]
+segmentation = false
+
+[[delivery.destinations]]
+name = "pacs"
+ae_title = "PACS"
+host = "127.0.0.1"
+port = 11112
+release = "after_review"
+outputs = ["sr", "summary"]
+""")  # fmt: skip
+    migrate.upgrade(config.database_url)
+    db = Database(config.database_url, audit_key=bytes(range(32)))
+    for i in range(8):
+        files = rd.ct_study(tmp_path / f"s{i}", slices=3, size=16, seed=2000 + i)
+        study_uid = rd.receive(db, config.storage.spool_dir, files)
+        rd.record_analysis(db, config.storage.state_dir, study_uid,
+                           [rd.analysed(files, probability=0.1)])  # fmt: skip
+    reporter = Reporter(db, config)
+    while reporter.run_once():
+        pass
+    with db.session() as s:
+        rows = s.execute(select(AnalysisRun.review_selection, OutboxItem.object_kind,
+                                OutboxItem.state).join(OutboxItem, OutboxItem.run_id ==
+                                AnalysisRun.id)).all()  # fmt: skip
+        finished = {f.study_instance_uid for f in finished_studies(s, wait_for_review=True)}
+        chosen = select(AnalysisRun.study_id, AnalysisRun.review_selection)
+        selections = dict(s.execute(chosen).all())
+    states = {(sel, kind, state) for sel, kind, state in rows}
+    assert {sel for sel, _, _ in states} == {"sampled_negative", "unsampled_negative"}
+    assert {(kind, state) for sel, kind, state in states if sel == "unsampled_negative"} == {
+        ("sr", "withheld"), ("summary", "withheld")}
+    assert {(kind, state) for sel, kind, state in states if sel == "sampled_negative"} == {
+        ("sr", "held"), ("summary", "held")}
+    # Held objects keep a study's files; withheld ones and unread results do not.
+    assert len(finished) == list(selections.values()).count("unsampled_negative") > 0

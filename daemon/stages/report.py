@@ -195,7 +195,9 @@ class Reporter:
         reviewable = run.result.outcome == Outcome.ANALYSED and not fallback
         # A review-only version's objects are written for the reviewers, sent nowhere.
         to_pacs = rules.mode != ModelMode.REVIEW_ONLY
-        queued = self._queue(run, objects, reviewable) if to_pacs else self._keep(run, objects)
+        unread = rules.selection == ReviewSelection.UNSAMPLED_NEGATIVE
+        queued = (self._queue(run, objects, reviewable, unread=unread) if to_pacs
+                  else self._keep(run, objects))  # fmt: skip
         sr = next(o.dataset for o in objects if o.kind == "sr")
         tracking = {}
         if run.result.algorithm is not None:
@@ -248,7 +250,8 @@ class Reporter:
             log.debug("run %d traceback", run_id, exc_info=exc)
             objects = []
         reviewable = run.result.outcome == Outcome.ANALYSED and bool(run.result.findings)
-        queued = self._queue(run, objects, reviewable, verified=verified)
+        unread = run.review_selection == ReviewSelection.UNSAMPLED_NEGATIVE
+        queued = self._queue(run, objects, reviewable, verified=verified, unread=unread)
         with self.db.session() as s:
             done = record_extras(s, run, queued)
         if done and objects:
@@ -300,6 +303,7 @@ class Reporter:
         reviewable: bool,
         *,
         verified: bool = False,
+        unread: bool = False,
     ) -> list[NewOutboxItem]:
         """Write each object, and the outbox rows of the destinations that take its kind.
 
@@ -307,7 +311,9 @@ class Reporter:
         next pass overwrites (the UIDs are derived from the run), never a
         queued row without its file. An object of a reviewable result is held
         at an `after_review` destination; one built after the review was
-        decided (`verified`) follows the decision's release at once.
+        decided (`verified`) follows the decision's release at once. An AI
+        negative left out of the review sample (`unread`) will never be
+        verified: an `after_review` destination never gets it.
         """
         queued: list[NewOutboxItem] = []
         for obj in objects:
@@ -317,7 +323,9 @@ class Reporter:
                     continue
                 state = DeliveryState.PENDING
                 if reviewable and dest.release == "after_review":
-                    if not verified:
+                    if unread:
+                        state = DeliveryState.WITHHELD
+                    elif not verified:
                         state = DeliveryState.HELD
                     elif not dest.send_ai_result_after_review:
                         state = DeliveryState.WITHHELD
