@@ -16,6 +16,7 @@ import csv
 import dataclasses
 import io
 import json
+import os
 import re
 from pathlib import Path
 
@@ -39,6 +40,7 @@ from model.datasets import sample_seed, synthetic_cr_sample
 from model.registry import builtin_model_dir, load_model
 from tests import reportdata as rd
 from tests.configs import write_config
+from tests.conftest import create_pg_database
 from tests.dicomgen import PATIENT_ID, PATIENT_NAME
 from tests.test_web import PASSWORD, login
 
@@ -80,10 +82,14 @@ class Stream:
     tmp: Path
 
 
-@pytest.fixture(scope="module")
-def stream(tmp_path_factory) -> Stream:
+@pytest.fixture(scope="module", params=["sqlite", "postgresql"])
+def stream(request: pytest.FixtureRequest, tmp_path_factory) -> Stream:
+    """The stream on each backend: the governance queries are SQL of their own."""
     tmp = tmp_path_factory.mktemp("monitoring")
-    config = write_config(tmp, f"sqlite:///{tmp / 'db.sqlite'}", """
+    url = f"sqlite:///{tmp / 'db.sqlite'}"
+    if request.param == "postgresql":
+        url = create_pg_database(request.getfixturevalue("pg_server"), f"monitoring_{os.getpid()}")
+    config = write_config(tmp, url, """
 [monitoring]
 negative_sample_fraction = 0.5
 min_group_size = 10
