@@ -23,7 +23,6 @@ from db import audit
 from db.audit import EventType
 from db.models import (
     AnalysisRun,
-    FindingDecision,
     FindingRecord,
     Job,
     ModelMode,
@@ -31,6 +30,7 @@ from db.models import (
     RunObservation,
     utcnow,
 )
+from db.reviews import latest_decision
 from model.results import Outcome
 
 MODES = tuple(m.value for m in ModelMode)
@@ -187,12 +187,7 @@ def reviewed_findings(
     until: datetime | None = None,
 ) -> list[ReviewedFinding]:
     """The version's findings on results that reached the worklist or could have (not silent)."""
-    latest = (
-        select(FindingDecision.finding_id, func.max(FindingDecision.round).label("round"))
-        .group_by(FindingDecision.finding_id)
-        .subquery()
-    )
-    decision = aliased(FindingDecision)
+    decision, on_latest = latest_decision()
     stmt = (
         select(
             AnalysisRun.id,
@@ -208,11 +203,7 @@ def reviewed_findings(
             RunObservation.calling_ae,
         )
         .join(AnalysisRun, AnalysisRun.id == FindingRecord.run_id)
-        .outerjoin(latest, latest.c.finding_id == FindingRecord.id)
-        .outerjoin(
-            decision,
-            and_(decision.finding_id == FindingRecord.id, decision.round == latest.c.round),
-        )
+        .outerjoin(decision, on_latest)
         .outerjoin(RunObservation, RunObservation.run_id == AnalysisRun.id)
         .where(
             AnalysisRun.model_name == model_name,

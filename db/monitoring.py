@@ -11,19 +11,19 @@ from collections.abc import Mapping
 from datetime import datetime
 from typing import Any
 
-from sqlalchemy import and_, func, select
-from sqlalchemy.orm import Session, aliased
+from sqlalchemy import select
+from sqlalchemy.orm import Session
 
 from db import audit
 from db.audit import EventType
 from db.models import (
     AnalysisRun,
-    FindingDecision,
     FindingRecord,
     Instance,
     RunObservation,
     Series,
 )
+from db.reviews import latest_decision
 from model.results import AnalysisResult
 
 # model/observation.py's keys that are columns of run_observations.
@@ -99,12 +99,7 @@ def registry_rows(
     AI result, the latest review decision, sex and age band. No name, ID,
     UID, accession number or date (the week of analysis only).
     """
-    latest = (
-        select(FindingDecision.finding_id, func.max(FindingDecision.round).label("round"))
-        .group_by(FindingDecision.finding_id)
-        .subquery()
-    )
-    decision = aliased(FindingDecision)
+    decision, on_latest = latest_decision()
     stmt = (
         select(
             RunObservation,
@@ -115,11 +110,7 @@ def registry_rows(
         )  # fmt: skip
         .join(AnalysisRun, AnalysisRun.id == RunObservation.run_id)
         .join(FindingRecord, FindingRecord.run_id == RunObservation.run_id)
-        .outerjoin(latest, latest.c.finding_id == FindingRecord.id)
-        .outerjoin(
-            decision,
-            and_(decision.finding_id == FindingRecord.id, decision.round == latest.c.round),
-        )
+        .outerjoin(decision, on_latest)
         .order_by(RunObservation.analysed_at, FindingRecord.id)
     )
     if since is not None:

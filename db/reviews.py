@@ -12,8 +12,8 @@ from dataclasses import dataclass, field
 from datetime import datetime
 from typing import Any
 
-from sqlalchemy import delete, func, or_, select, update
-from sqlalchemy.orm import Session
+from sqlalchemy import and_, delete, func, or_, select, update
+from sqlalchemy.orm import Session, aliased
 
 from db import audit
 from db.audit import EventType
@@ -502,6 +502,15 @@ class Agreement:
 
 _PAST: dict[str, str] = {Decision.CONFIRM: "confirmed", Decision.REJECT: "rejected",
          Decision.CORRECT: "corrected"}  # fmt: skip
+
+
+def latest_decision() -> tuple[Any, Any]:
+    """A FindingDecision alias and the ON clause that joins each finding to its latest round's
+    decision (outer-join it: an undecided finding gets None)."""
+    decision, other = aliased(FindingDecision), aliased(FindingDecision)
+    newest = select(func.max(other.round)).where(other.finding_id == FindingRecord.id)
+    on = and_(decision.finding_id == FindingRecord.id, decision.round == newest.scalar_subquery())
+    return decision, on
 
 
 def agreement_stats(session: Session, *, model: str | None = None) -> list[Agreement]:
