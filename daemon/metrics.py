@@ -27,7 +27,9 @@ from prometheus_client.registry import Collector, CollectorRegistry
 
 from daemon.config import Config
 from daemon.liveness import gone_after
+from daemon.stages.monitor.drift import VARIABLES, latest_period_start
 from db.audit import event_counts
+from db.drift import alerts, new_value_counts, versions
 from db.liveness import no_worker_alert, processes
 from db.models import utcnow
 from db.retention import files_removed_count
@@ -69,6 +71,7 @@ class DatabaseCollector(Collector):
                 durations = stage_durations(s)
                 decisions = decision_counts(s)
                 liveness = self._liveness(s)
+                drift = self._drift(s)
         except Exception:
             log.exception("metrics: database query failed")
             up.add_metric([], 0)
@@ -110,6 +113,7 @@ class DatabaseCollector(Collector):
             review.add_metric([model, version, decision], n)
         yield review
         yield from liveness
+        yield from drift
         yield GaugeMetricFamily(
             "secondreader_studies_files_removed",
             "Studies whose files retention removed (their rows stay)",
@@ -128,6 +132,35 @@ class DatabaseCollector(Collector):
                 value=1.0 if disk["blocked"] else 0.0,
             )
 
+    def _drift(self, s: Any) -> list[Any]:
+        """Drift alerts of each version's latest complete period, and new scanner values.
+
+        From the monitor stage's audit rows (daemon/stages/monitor/watch.py):
+        a period alerts here once the drift job has reported it.
+        """
+        settings = (self.config or Config()).monitoring
+        now = utcnow()
+        raised = {(a.get("model"), a.get("version"), a.get("start")): a.get("variables") or {}
+                  for a in alerts(s)}  # fmt: skip
+        alert = GaugeMetricFamily(
+            "secondreader_drift_alert",
+            "1 when a variable drifted from the baseline in the model version's latest complete "
+            "period (PSI above monitoring.psi_bound and significant)",
+            labels=["model", "version", "variable"],
+        )
+        for model, version, first in versions(s):
+            start = latest_period_start(first, settings, now)
+            latest = raised.get((model, version, start.isoformat() if start else None), {})
+            for variable in VARIABLES:
+                alert.add_metric([model, version, variable], 1.0 if variable in latest else 0.0)
+        new = CounterMetricFamily(
+            "secondreader_drift_new_values",
+            "Scanner values (manufacturer, model, kernel) never seen in the version's baseline",
+            labels=["model", "version"],
+        )
+        for (model, version), n in sorted(new_value_counts(s).items()):
+            new.add_metric([model, version], n)
+        return [alert, new]
 
     def _liveness(self, s: Any) -> list[Any]:
         """Each process's liveness (the last day's), and the no-live-worker alert."""

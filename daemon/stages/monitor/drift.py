@@ -149,6 +149,15 @@ def first_seen(rows: Sequence[Row], baseline_end: datetime) -> tuple[NewValue, .
     return tuple(NewValue(v, value, at) for (v, value), at in found.items())
 
 
+def latest_period_start(
+    first: datetime, settings: MonitoringConfig, now: datetime
+) -> datetime | None:
+    """The start of the version's latest complete period (None before the first one ends)."""
+    end = first + timedelta(days=settings.baseline_days)
+    complete = int((now - end) / timedelta(days=settings.period_days))
+    return end + (complete - 1) * timedelta(days=settings.period_days) if complete >= 1 else None
+
+
 def drift_report(
     rows: Sequence[Row], model: str, version: str, settings: MonitoringConfig, now: datetime
 ) -> DriftReport | None:
