@@ -5,6 +5,8 @@ report, and the report through a real `serve` as the new scanner's first run is 
 from __future__ import annotations
 
 import math
+import subprocess
+import sys
 from collections.abc import Iterator
 from datetime import datetime, timedelta
 from pathlib import Path
@@ -33,6 +35,9 @@ from db.monitoring import observations
 from db.session import Database
 from model.observation import intensity
 from model.phantom import phantom_volume
+from tests.configs import write_config
+from tests.conftest import REPO
+from tests.conftest import USER_PASSWORD as PASSWORD
 
 SETTINGS = MonitoringConfig(
     baseline_days=28, min_baseline_runs=30, period_days=7, min_period_runs=20,
@@ -247,16 +252,31 @@ def test_baseline_stream_raises_nothing_over_eight_weeks(db: Database) -> None:
     assert sum(v for (name, _), v in metrics.items() if name == "secondreader_drift_alert") == 0
 
 
-def test_a_new_scanner_with_more_noise_raises_the_alert_and_the_report(
-    db: Database, caplog: pytest.LogCaptureFixture
-) -> None:
-    start, now = _timeline()
+@pytest.fixture(scope="module")
+def shifted(tmp_path_factory: pytest.TempPathFactory) -> Iterator[tuple[Database, Path]]:
+    """A baseline, then eight weeks half from a new scanner with more noise; and its config."""
+    from db import migrate
+
+    root = tmp_path_factory.mktemp("shifted")
+    config = write_config(root, f"sqlite:///{root / 'drift.db'}")
+    migrate.upgrade(config.database_url)
+    database = Database(config.database_url)
+    start, _ = _timeline()
     sim = Simulator(seed=26)
     rows = sim.stream(start, 28)
     baseline_end = rows[0]["analysed_at"] + timedelta(days=28)
     rows = [r for r in rows if r["analysed_at"] < baseline_end]
     rows += sim.stream(baseline_end, 7 * WEEKS + 1, new_share=0.5)
-    insert(db, rows)
+    insert(database, rows)
+    yield database, root / "secondreader.toml"
+    database.dispose()
+
+
+def test_a_new_scanner_with_more_noise_raises_the_alert_and_the_report(
+    shifted: tuple[Database, Path], caplog: pytest.LogCaptureFixture
+) -> None:
+    db, _ = shifted
+    now = utcnow()
     monitor = Monitor(db, SETTINGS)
 
     caplog.set_level("WARNING", logger="daemon.stages.monitor.watch")
@@ -297,6 +317,71 @@ def test_a_new_scanner_with_more_noise_raises_the_alert_and_the_report(
     alert = "secondreader_drift_alert"
     assert metrics[(alert, (*labels[:1], ("variable", "noise"), *labels[1:]))] == 1
     assert metrics[(alert, (*labels[:1], ("variable", "kvp"), *labels[1:]))] == 0
+
+
+def test_the_drift_page_shows_periods_new_values_and_plots(
+    shifted: tuple[Database, Path],
+) -> None:
+    from daemon.accounts import AccountService
+    from daemon.config import load_config
+    from daemon.web import create_app
+
+    db, config_path = shifted
+    config = load_config(config_path, environ={})
+    accounts = AccountService(db, config.web)
+    accounts.add("root", PASSWORD, "admin", "test")
+    accounts.add("smith", PASSWORD, "reviewer", "test")
+    app = create_app(config, db)
+    admin, reviewer = app.test_client(), app.test_client()
+    for client, user in ((admin, "root"), (reviewer, "smith")):
+        sent = {"username": user, "password": PASSWORD}
+        assert client.post("/login", data=sent).status_code == 302
+    page_url = f"/admin/monitoring/{MODEL}/{VERSION}/drift"
+    assert reviewer.get(page_url).status_code == 403
+    with app.test_request_context():
+        from flask import url_for
+
+        assert url_for("drift.drift", name=MODEL, version=VERSION) == page_url
+    page = admin.get(page_url)
+    assert page.status_code == 200
+    text = page.get_data(as_text=True)
+    assert "CANON_MEC" in text and "FC13" in text and "Aquilion ONE" in text
+    assert text.count("DRIFT</strong>") == WEEKS
+    assert 'class="alert"><td>noise</td><td>ks</td>' in text
+    for variable in VARIABLES:
+        assert f"/drift/{variable}.png" in text
+    for variable in ("noise", "manufacturer"):
+        png = admin.get(f"{page_url}/{variable}.png")
+        assert png.status_code == 200 and png.mimetype == "image/png"
+        assert png.data.startswith(b"\x89PNG")
+    assert admin.get(f"{page_url}/patient_name.png").status_code == 404
+    assert admin.get(f"/admin/monitoring/{MODEL}/9.9/drift").status_code == 404
+
+
+def test_model_drift_prints_the_periods_and_names_an_unknown_model(
+    shifted: tuple[Database, Path],
+) -> None:
+    _, config_path = shifted
+
+    def cli(*args: str) -> subprocess.CompletedProcess[str]:
+        return subprocess.run(
+            [sys.executable, "-m", "daemon.cli", "-c", str(config_path), "model", "drift", *args],
+            capture_output=True, text=True, timeout=120, cwd=REPO,
+        )  # fmt: skip
+
+    out = cli(MODEL, VERSION)
+    assert out.returncode == 0, out.stderr
+    lines = out.stdout.splitlines()
+    assert lines[0].startswith(f"model {MODEL} {VERSION}: baseline ")
+    drifted = [line for line in lines if "DRIFT:" in line]
+    assert len(drifted) == WEEKS and all("noise (ks, PSI" in line for line in drifted)
+    assert "new manufacturer 'CANON_MEC', first seen" in out.stdout
+    unknown = cli("no-such-model", "1.0")
+    assert unknown.returncode == 1 and unknown.stdout == ""
+    assert unknown.stderr.strip().splitlines() == [
+        f"secondreader: no observations of model no-such-model 1.0 "
+        f"(models with observations: {MODEL} {VERSION})"
+    ]
 
 
 def test_too_few_runs_say_nothing(db: Database) -> None:

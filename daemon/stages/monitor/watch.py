@@ -76,14 +76,16 @@ class Monitor:
     def reports(self, now: datetime | None = None) -> list[DriftReport]:
         """Every version's drift report (the web page and the CLI show one each)."""
         now = now or utcnow()
-        with self.db.session() as s:
-            keys = [(m, v) for m, v, _ in versions(s)]
         out = []
-        for model, version in keys:
+        for model, version in self.known_versions():
             report = self.report(model, version, now)
             if report is not None:
                 out.append(report)
         return out
+
+    def known_versions(self) -> list[tuple[str, str]]:
+        with self.db.session() as s:
+            return [(m, v) for m, v, _ in versions(s)]
 
     def report(self, model: str, version: str, now: datetime | None = None) -> DriftReport | None:
         with self.db.session() as s:
