@@ -7,7 +7,8 @@ from __future__ import annotations
 import math
 import subprocess
 import sys
-from collections.abc import Iterator
+import tomllib
+from collections.abc import Callable, Iterator
 from datetime import datetime, timedelta
 from pathlib import Path
 from typing import Any
@@ -15,6 +16,7 @@ from typing import Any
 import numpy as np
 import pytest
 from prometheus_client.registry import CollectorRegistry
+from pydicom import dcmread
 from pydicom.uid import generate_uid
 
 from daemon.config import MonitoringConfig
@@ -33,11 +35,13 @@ from db.audit import EventType, events
 from db.models import AnalysisRun, ReportState, RunObservation, Study, utcnow
 from db.monitoring import observations
 from db.session import Database
+from dicom_io.synthetic import write_ct_series
 from model.observation import intensity
 from model.phantom import phantom_volume
 from tests.configs import write_config
-from tests.conftest import REPO
+from tests.conftest import REPO, DaemonProcess, storescu
 from tests.conftest import USER_PASSWORD as PASSWORD
+from tests.dicomgen import PATIENT_ID, PATIENT_NAME
 
 SETTINGS = MonitoringConfig(
     baseline_days=28, min_baseline_runs=30, period_days=7, min_period_runs=20,
@@ -178,7 +182,9 @@ class Simulator:
         return [self.row(t, bool(self.rng.random() < new_share)) for t in times]
 
 
-def insert(db: Database, rows: list[dict[str, Any]], model: str = MODEL) -> None:
+def insert(
+    db: Database, rows: list[dict[str, Any]], model: str = MODEL, version: str = VERSION
+) -> None:
     """Each row as the worker leaves it: a study, its run and its observation."""
     with db.session() as s:
         for row in rows:
@@ -191,12 +197,12 @@ def insert(db: Database, rows: list[dict[str, Any]], model: str = MODEL) -> None
             s.flush()
             run = AnalysisRun(
                 study_id=study.id, outcome="analysed", model_name=model,
-                model_version=VERSION, created_at=row["analysed_at"],
+                model_version=version, created_at=row["analysed_at"],
                 report_state=ReportState.REPORTED,
             )  # fmt: skip
             s.add(run)
             s.flush()
-            s.add(RunObservation(run_id=run.id, model_name=model, model_version=VERSION, **row))
+            s.add(RunObservation(run_id=run.id, model_name=model, model_version=version, **row))
 
 
 @pytest.fixture
@@ -288,7 +294,7 @@ def test_a_new_scanner_with_more_noise_raises_the_alert_and_the_report(
     assert monitor.new_values(now) == []
     lines = [r.getMessage() for r in caplog.records if "new " in r.getMessage()]
     assert len(lines) == 3
-    assert any("new manufacturer 'CANON_MEC'" in line for line in lines)
+    assert any("new manufacturer [CANON_MEC]" in line for line in lines)
 
     reports = monitor.drift(now)
     (report,) = reports
@@ -402,3 +408,50 @@ def test_too_few_runs_say_nothing(db: Database) -> None:
     )
     assert report is not None and report.ready
     assert report.periods and all(not p.enough and p.alerting == [] for p in report.periods)
+
+
+# -- through a real serve ---------------------------------------------------------------------
+
+
+@pytest.mark.timeout(300)
+def test_serve_reports_a_new_manufacturer_as_its_first_run_is_recorded(
+    daemon_factory: Callable[..., DaemonProcess], tmp_path: Path
+) -> None:
+    """A baseline of 28 days (seeded rows: a month through serve would take a month), then
+    one study from the synthetic writer's manufacturer, which the baseline never saw."""
+    manifest = tomllib.loads((REPO / "model/builtin/ct-nodule/manifest.toml").read_text())
+    model, version = manifest["name"], manifest["version"]
+    d = daemon_factory('[worker]\ndevice = "cpu"\npoll_seconds = 0.2\n')
+    d.cli("db", "upgrade")
+    db = Database(f"sqlite:///{d.state / 'secondreader.db'}")
+    start = utcnow() - timedelta(days=31)
+    insert(db, Simulator(seed=28).stream(start, 28), model, version)
+    d.start()
+    volume, _ = phantom_volume(10, n_slices=12, rows=128, cols=128, spacing=(2.5, 2.8, 2.8))
+    files = write_ct_series(volume, tmp_path / "ct", spacing=(2.5, 2.8, 2.8))
+    assert dcmread(files[0]).Manufacturer == "secondreader synthetic"
+    sent = storescu(d.port, files)
+    assert sent.returncode == 0, sent.stderr
+
+    line = f"drift: model {model} {version}: new manufacturer [secondreader synthetic] first seen"
+    d.wait_for(lambda: line in d.log(), timeout=90)
+
+    def reported() -> list[Any]:
+        with db.session() as s:
+            return events(s, EventType.DRIFT_NEW_VALUE)
+
+    (row,) = d.wait_for(reported, timeout=30)
+    assert row.actor == "monitor"
+    assert {k: row.detail[k] for k in ("model", "version", "variable", "value")} == {
+        "model": model, "version": version, "variable": "manufacturer",
+        "value": "secondreader synthetic",
+    }  # fmt: skip
+    with db.session() as s:
+        (recorded,) = [e for e in events(s, EventType.ANALYSIS_RECORDED)]
+    # At once: woken by the recorded run, not at the check's next tick (a minute).
+    assert (row.at - recorded.at).total_seconds() < 10
+    assert d.stop() == 0
+    log = d.log()
+    assert log.count("new manufacturer") == 1  # once, though the job ran again at the stop
+    assert PATIENT_NAME.split("^")[0] not in log and PATIENT_ID not in log
+    db.dispose()

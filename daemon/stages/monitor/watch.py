@@ -67,7 +67,8 @@ class Monitor:
                             found.append((model, version, NewValue(variable, value, seen)))
         for model, version, new in found:  # once the rows are committed
             log.warning(
-                "drift: model %s %s: new %s %r first seen %s, never in its baseline",
+                # The value in brackets: quoted values are scrubbed from the log (daemon/logs.py).
+                "drift: model %s %s: new %s [%s] first seen %s, never in its baseline",
                 model, version, new.variable.replace("_", " "), new.value,
                 new.first_seen.strftime("%Y-%m-%d %H:%M"),
             )  # fmt: skip
