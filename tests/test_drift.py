@@ -455,3 +455,28 @@ def test_serve_reports_a_new_manufacturer_as_its_first_run_is_recorded(
     assert log.count("new manufacturer") == 1  # once, though the job ran again at the stop
     assert PATIENT_NAME.split("^")[0] not in log and PATIENT_ID not in log
     db.dispose()
+
+
+def test_new_values_are_found_and_reported_once_on_both_backends(db_url: str) -> None:
+    """db/drift.py's grouped queries (first time of each value) on SQLite and PostgreSQL."""
+    db = Database(db_url)
+    try:
+        start, now = _timeline()
+        sim = Simulator(seed=29)
+        baseline = sim.stream(start, 28)[::4]  # 42 runs over the 28 days
+        later = [sim.row(now - timedelta(days=2)), sim.row(now - timedelta(days=1), True)]
+        insert(db, baseline + later)
+        monitor = Monitor(db, SETTINGS)
+        found = monitor.new_values(now)
+        assert sorted((m, v, n.variable, n.value) for m, v, n in found) == [
+            (MODEL, VERSION, "kernel", "FC13"),
+            (MODEL, VERSION, "manufacturer", "CANON_MEC"),
+            (MODEL, VERSION, "manufacturer_model", "Aquilion ONE"),
+        ]
+        assert all(n.first_seen == later[1]["analysed_at"] for _, _, n in found)
+        assert monitor.new_values(now) == []
+        # A baseline too small for another version: nothing is new there.
+        insert(db, [sim.row(start, True)] + later[:1], version="2.0.0")
+        assert monitor.new_values(now) == []
+    finally:
+        db.dispose()
