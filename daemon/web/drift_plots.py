@@ -60,8 +60,12 @@ def drift_plot(rows: Sequence[Row], report: DriftReport, variable: str, bound: f
     left.legend(fontsize="x-small", loc="best")
     tested = [(p, next((v for v in p.variables if v.variable == variable), None))
               for p in report.periods]  # fmt: skip
+    labels = [f"{p.start:%m-%d}" for p, _ in tested]
     psi = [v.psi if v is not None else float("nan") for _, v in tested]
-    right.plot([f"{p.start:%m-%d}" for p, _ in tested], psi, marker="o")
+    right.plot(labels, psi, marker="o")
+    alerts = [(x, y) for x, y, (_, v) in zip(labels, psi, tested, strict=True) if v and v.alert]
+    if alerts:  # the alerting periods in red
+        right.scatter(*zip(*alerts, strict=True), color="tab:red", zorder=3)
     right.axhline(bound, color="tab:red", ls="--", lw=1)
     right.set_title("PSI by period (dashed: the bound)")
     right.tick_params(axis="x", labelrotation=45, labelsize=7)
