@@ -381,8 +381,11 @@ class MonitoringConfig(_Section):
     period_days: float = Field(7.0, gt=0)
     min_period_runs: int = Field(20, ge=5)
     drift_interval_seconds: float = Field(3600.0, gt=0)
-    # Alert above this population stability index (0.25: the usual "major shift")
-    # or below this KS p-value (Bonferroni-corrected over the variables).
+    # A variable alerts when its population stability index is above `psi_bound`
+    # (0.25: the usual "major shift") AND its test's p-value (KS for numbers,
+    # chi-square for categories) is below `ks_alpha` divided by the number of
+    # variables tested (Bonferroni): PSI alone alarms on small samples' noise,
+    # the p-value alone on trivial shifts between large samples.
     psi_bound: float = Field(0.25, gt=0)
     ks_alpha: float = Field(0.01, gt=0, lt=1)
     # Subgroups with fewer decided findings than this are marked "too few to say".

@@ -27,7 +27,10 @@ from prometheus_client.registry import Collector, CollectorRegistry
 
 from daemon.config import Config
 from daemon.liveness import gone_after
+from daemon.stages.monitor.drift import VARIABLES, latest_period_start
 from db.audit import event_counts
+from db.drift import alerts, new_value_counts
+from db.drift import versions as drift_versions
 from db.governance import versions
 from db.liveness import no_worker_alert, processes
 from db.models import utcnow
@@ -72,6 +75,7 @@ class DatabaseCollector(Collector):
                 liveness = self._liveness(s)
                 default = (self.config or Config()).monitoring.default_mode
                 model_versions = versions(s, default)
+                drift = self._drift(s)
         except Exception:
             log.exception("metrics: database query failed")
             up.add_metric([], 0)
@@ -121,6 +125,7 @@ class DatabaseCollector(Collector):
             modes.add_metric([v.model_name, v.model_version, v.mode], 1)
         yield modes
         yield from liveness
+        yield from drift
         yield GaugeMetricFamily(
             "secondreader_studies_files_removed",
             "Studies whose files retention removed (their rows stay)",
@@ -139,6 +144,35 @@ class DatabaseCollector(Collector):
                 value=1.0 if disk["blocked"] else 0.0,
             )
 
+    def _drift(self, s: Any) -> list[Any]:
+        """Drift alerts of each version's latest complete period, and new scanner values.
+
+        From the monitor stage's audit rows (daemon/stages/monitor/watch.py):
+        a period alerts here once the drift job has reported it.
+        """
+        settings = (self.config or Config()).monitoring
+        now = utcnow()
+        raised = {(a.get("model"), a.get("version"), a.get("start")): a.get("variables") or {}
+                  for a in alerts(s)}  # fmt: skip
+        alert = GaugeMetricFamily(
+            "secondreader_drift_alert",
+            "1 when a variable drifted from the baseline in the model version's latest complete "
+            "period (PSI above monitoring.psi_bound and significant)",
+            labels=["model", "version", "variable"],
+        )
+        for model, version, first in drift_versions(s):
+            start = latest_period_start(first, settings, now)
+            latest = raised.get((model, version, start.isoformat() if start else None), {})
+            for variable in VARIABLES:
+                alert.add_metric([model, version, variable], 1.0 if variable in latest else 0.0)
+        new = CounterMetricFamily(
+            "secondreader_drift_new_values",
+            "Scanner values (manufacturer, model, kernel) never seen in the version's baseline",
+            labels=["model", "version"],
+        )
+        for (model, version), n in sorted(new_value_counts(s).items()):
+            new.add_metric([model, version], n)
+        return [alert, new]
 
     def _liveness(self, s: Any) -> list[Any]:
         """Each process's liveness (the last day's), and the no-live-worker alert."""

@@ -20,6 +20,7 @@ from daemon.scheduler import Scheduler
 from daemon.stages.analyse.worker import Worker, requeue_expired_jobs, retry_policy
 from daemon.stages.complete import Completer
 from daemon.stages.deliver import Dispatcher
+from daemon.stages.monitor.watch import Monitor
 from daemon.stages.pull import Puller
 from daemon.stages.receive.receiver import Receiver
 from daemon.stages.receive.receivers import ReceiverPool
@@ -38,7 +39,9 @@ log = logging.getLogger(__name__)
 __all__ = ["NotMigrated", "Service", "open_database", "scp_settings", "worker_alert"]
 
 
-
+# The new-scanner check's safety net, for runs no wake-up announced (a
+# `secondreader worker` process on SQLite); recorded runs wake it at once.
+_NEW_VALUE_CHECK_SECONDS = 60.0
 # After a quiet window's end, so that the study is due when the completer looks.
 _TICK_MARGIN = timedelta(milliseconds=20)
 
@@ -117,10 +120,15 @@ class Service:
         # Infer stage: one worker thread here unless workers run as their own processes.
         self.worker = Worker.from_config(config, self.db) if config.worker.in_process else None
         if self.worker is not None:
-            self.worker.on_recorded = lambda: self.scheduler.wake("report")
+            self.worker.on_recorded = self.recorded
         # PostgreSQL: runs recorded by `secondreader worker` processes wake the
         # report stage here at once (db/notify.py).
-        self.listener = Listener(config.database_url, {RUNS: lambda: self.scheduler.wake("report")})
+        self.listener = Listener(config.database_url, {RUNS: self.recorded})
+        # Governance: a new scanner is reported as its first run is recorded;
+        # drift is computed per period on its own interval, and once at start.
+        self.monitor = Monitor(self.db, config.monitoring)
+        self.scheduler.every("monitor", _NEW_VALUE_CHECK_SECONDS, self.monitor.run_once)
+        self.scheduler.every("drift", config.monitoring.drift_interval_seconds, self.monitor.drift)
         # MPPS: the last listed instance (or the N-SET after it) completes the study now.
         self.receiver.on_ready = lambda: self.scheduler.wake("complete-studies")
         # Jobs of a dead worker (any process) go back to the queue even when no worker runs.
@@ -169,6 +177,11 @@ class Service:
         elif self._alerting and not alert:
             log.info("a worker is running again: the queue is served")
         self._alerting = alert is not None
+
+    def recorded(self) -> None:
+        """A run was recorded: its report, and its observation's new-scanner check."""
+        self.scheduler.wake("report")
+        self.scheduler.wake("monitor")
 
     def seal_audit(self) -> None:
         seal_audit_trail(self.db)
@@ -243,6 +256,8 @@ class Service:
         # In the background: receiving starts at once, the first report is not slower.
         threading.Thread(target=_warm_up, name="report-warm-up", daemon=True).start()
         self.scheduler.start()
+        self.scheduler.wake("drift")  # once at start, not an interval (an hour) later
+        self.scheduler.wake("monitor")
         self.listener.start()
         if self.config.metrics.enabled:
             self.metrics_server = serve_metrics(

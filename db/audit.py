@@ -98,6 +98,11 @@ class EventType:
     LOGIN_FAILED = "login.failed"
     LOGIN_LOCKED = "login.locked"  # too many wrong passwords: locked for a while
     LOGOUT = "logout"
+    # The monitor stage (daemon/stages/monitor/, db/drift.py): a scanner value
+    # (manufacturer, model, kernel) never seen in a model version's baseline,
+    # once per value and version; a period whose inputs drifted, once per period.
+    DRIFT_NEW_VALUE = "drift.new_value"
+    DRIFT_ALERT = "drift.alert"
     # The bookkeeper (db/chain.py): rows chained, with the head of the chain.
     AUDIT_SEALED = "audit.sealed"
 

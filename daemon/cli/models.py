@@ -1,4 +1,4 @@
-"""`model train`, `model evaluate` and `demo`."""
+"""`model train`, `model evaluate`, `model drift` and `demo`."""
 
 from __future__ import annotations
 
@@ -6,12 +6,15 @@ import argparse
 import sys
 from datetime import datetime
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from daemon.cli.parsing import EXIT_CONFIG, Subparsers
 from daemon.config import Config
 from daemon.stages.monitor.governance import GovernanceError, GovernanceService
 from db.governance import MODES
+
+if TYPE_CHECKING:
+    from daemon.stages.monitor.drift import DriftReport
 
 
 def _cmd_model_train(_config: Config, args: argparse.Namespace) -> int:
@@ -67,6 +70,52 @@ def _cmd_model_evaluate(_config: Config, args: argparse.Namespace) -> int:
     return 0
 
 
+def _cmd_model_drift(config: Config, args: argparse.Namespace) -> int:
+    from daemon.factories import open_database
+    from daemon.stages.monitor.watch import Monitor
+
+    db = open_database(config, signed=False)
+    try:
+        monitor = Monitor(db, config.monitoring)
+        report = monitor.report(args.name, args.version)
+        known = monitor.known_versions()
+    finally:
+        db.dispose()
+    if report is None:
+        names = ", ".join(f"{m} {v}" for m, v in known) or "none yet"
+        print(f"secondreader: no observations of model {args.name} {args.version} "
+              f"(models with observations: {names})", file=sys.stderr)  # fmt: skip
+        return 1
+    for line in drift_lines(report, config.monitoring.min_baseline_runs):
+        print(line)
+    return 0
+
+
+def drift_lines(report: DriftReport, min_baseline_runs: int) -> list[str]:
+    """The baseline, each period with its alerting variables, and the new scanner values."""
+    day = "%Y-%m-%d"
+    lines = [f"model {report.model} {report.version}: baseline "
+             f"{report.baseline_start:{day}} to {report.baseline_end:{day}}, "
+             f"{report.baseline_n} run(s)"]  # fmt: skip
+    if not report.ready:
+        lines.append(f"  no comparison yet: the baseline needs its whole period and at least "
+                     f"{min_baseline_runs} runs")  # fmt: skip
+    for p in report.periods:
+        span = f"{p.start:{day}} to {p.end:{day}}  {p.n:>5} runs  "
+        if not p.enough:
+            lines.append(f"{span}too few to say")
+        elif not p.alerting:
+            lines.append(f"{span}no drift")
+        else:
+            shown = [f"{v.variable} ({v.test}, PSI {v.psi:.2f}, p {v.p_value:.2g})"
+                     for v in p.variables if v.alert]  # fmt: skip
+            lines.append(f"{span}DRIFT: {', '.join(shown)}")
+    for new in report.new_values:
+        lines.append(f"new {new.variable.replace('_', ' ')} {new.value!r}, first seen "
+                     f"{new.first_seen:%Y-%m-%d %H:%M}")  # fmt: skip
+    return lines
+
+
 def _cmd_demo(_config: Config, args: argparse.Namespace) -> int:
     from dicom_io.synthetic import write_ct_series
     from model.phantom import phantom_volume
@@ -87,7 +136,7 @@ def _cmd_demo(_config: Config, args: argparse.Namespace) -> int:
 
 
 def add_model(sub: Subparsers) -> None:
-    p = sub.add_parser("model", help="train, evaluate and govern models")
+    p = sub.add_parser("model", help="train, evaluate and govern models, and watch their drift")
     msub = p.add_subparsers(dest="model_command", required=True)
     q = msub.add_parser("train", help="train a slice classifier; writes a model folder")
     q.add_argument("output", type=Path, help="model folder to write")
@@ -108,6 +157,11 @@ def add_model(sub: Subparsers) -> None:
     q.add_argument("--dicom-root", type=Path)
     q.add_argument("--device", default="auto")
     q.set_defaults(func=_cmd_model_evaluate)
+    q = msub.add_parser("drift", help="a model version's inputs and outputs, week by week, "
+                        "against its baseline: drift alerts and new scanners")  # fmt: skip
+    q.add_argument("name", help="model name (as in its manifest)")
+    q.add_argument("version", help="model version")
+    q.set_defaults(func=_cmd_model_drift)
     _add_governance(msub)
 
 

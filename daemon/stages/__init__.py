@@ -11,6 +11,7 @@
 | retain   | stages/retain.py            | files of finished studies, by age and disk watermark  |
 | pull     | stages/pull.py              | scheduled C-FIND / C-MOVE from the PACS               |
 | seal     | stages/seal.py              | chains the audit trail                                |
+| monitor  | stages/monitor/             | new scanners at once, drift per period (governance)   |
 
 A stage imports no other stage: they talk through the database and the
 scheduler's wake-ups (daemon/service.py wires them). What they all build the

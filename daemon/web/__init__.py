@@ -2,7 +2,8 @@
 
 Blueprints, in the order a reviewer meets them: the worklist
 (daemon/web/worklist.py), a result with its image viewer and the two-step
-decision (result.py, viewer.py), and the admin pages (admin.py). Every
+decision (result.py, viewer.py), and the admin pages (admin.py; a model
+version's drift, drift.py). Every
 decision goes through the review service (daemon/stages/review.py) under the
 logged-in account, as the CLI's do.
 
@@ -128,9 +129,10 @@ def create_app(
         response.delete_cookie(COOKIE)
         return response
 
-    from daemon.web import admin, monitoring, result, viewer, worklist
+    from daemon.web import admin, drift, monitoring, result, viewer, worklist
 
-    for blueprint in (worklist.bp, result.bp, viewer.bp, admin.bp, monitoring.bp):
+    blueprints = (worklist.bp, result.bp, viewer.bp, admin.bp, monitoring.bp, drift.bp)
+    for blueprint in blueprints:
         app.register_blueprint(blueprint)
     return app
 
