@@ -298,6 +298,7 @@ def test_promotion_on_the_web_page_needs_a_reason_and_is_audited(stream: Stream)
     token = csrf(client, page)
     shown = client.get(page).get_data(as_text=True)
     assert "Side by side with version 1.0.0" in shown and "Sensitivity" in shown
+    assert f'href="{page}/drift"' in shown  # the version's drift page, one click away
     refused = client.post(f"{page}/mode", data={"csrf": token, "mode": "silent", "reason": " "})
     assert refused.status_code == 400 and "reason" in refused.get_data(as_text=True)
     reason = "challenger: back to a silent trial"
