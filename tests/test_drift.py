@@ -362,6 +362,17 @@ def test_the_drift_page_shows_periods_new_values_and_plots(
         assert png.data.startswith(b"\x89PNG")
     assert admin.get(f"{page_url}/patient_name.png").status_code == 404
     assert admin.get(f"/admin/monitoring/{MODEL}/9.9/drift").status_code == 404
+    # The committee's report and the list of versions carry it too.
+    report = admin.get(f"/admin/monitoring/{MODEL}/{VERSION}").get_data(as_text=True)
+    assert report.count("alert: ") == WEEKS and "noise" in report
+    assert "New manufacturer “CANON_MEC”" in report
+    monitor = Monitor(db, SETTINGS)  # the list counts what the monitor's jobs reported
+    monitor.new_values()
+    monitor.drift()
+    listed = admin.get("/admin/monitoring").get_data(as_text=True)
+    assert f"{WEEKS} alerting period(s), 3 new scanner value(s)" in listed
+    text = admin.get(f"/admin/monitoring/{MODEL}/{VERSION}/report.txt").get_data(as_text=True)
+    assert text.count("ALERT: ") == WEEKS and "new manufacturer 'CANON_MEC'" in text
 
 
 def test_model_drift_prints_the_periods_and_names_an_unknown_model(

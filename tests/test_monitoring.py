@@ -261,6 +261,8 @@ def test_report_text_names_mode_period_and_figures(stream: Stream) -> None:
     text = "\n".join(report_lines(report))
     assert "mode live (the site's default)" in text
     assert "Sensitivity" in text and "Side by side with 2.0.0" in text
+    # All of the stream fell on one day: the drift baseline is still forming.
+    assert "Drift: baseline" in text and "still forming" in text
     assert pdf(report).startswith(b"%PDF")
 
 

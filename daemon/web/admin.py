@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from collections import Counter
 from datetime import timedelta
 from typing import Any
 
@@ -12,6 +13,7 @@ from daemon.liveness import gone_after, worker_alert
 from daemon.web import admin_required
 from daemon.web.images import agreement_plot
 from daemon.web.site import site
+from db.drift import alerts, new_value_counts
 from db.liveness import processes
 from db.models import utcnow
 from db.outbox import list_items, requeue_dead
@@ -88,8 +90,12 @@ def echo_destination(name: str) -> Any:
 @admin_required
 def monitoring() -> Any:
     here = site()
+    with here.db.session() as s:
+        raised = Counter((a.get("model"), a.get("version")) for a in alerts(s))
+        new = new_value_counts(s)
     return render_template("monitoring.html", rows=here.reviews.stats(),
-                           versions=here.governance.versions())  # fmt: skip
+                           versions=here.governance.versions(), raised=raised,
+                           new=new)  # fmt: skip
 
 
 @bp.get("/monitoring.png")

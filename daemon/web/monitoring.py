@@ -47,7 +47,7 @@ def version(name: str, version: str) -> Any:
     report = _report(name, version)
     return render_template(
         "model_version.html", report=report, ev=report.evidence, v=report.evidence.version,
-        modes=MODES, done=request.args.get("done"), drift=_has("drift.drift"),
+        modes=MODES, done=request.args.get("done"),
         since=request.args.get("since", ""), until=request.args.get("until", ""),
     )  # fmt: skip
 
@@ -100,10 +100,6 @@ def export(fmt: str) -> Any:
     )
     response.headers["Content-Disposition"] = f'attachment; filename="registry-export.{fmt}"'
     return response
-
-
-def _has(endpoint: str) -> bool:
-    return endpoint in current_app.view_functions
 
 
 def _safe(text: str) -> str:

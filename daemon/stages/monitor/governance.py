@@ -15,6 +15,7 @@ from datetime import datetime
 from typing import Any
 
 from daemon.config import Config
+from daemon.stages.monitor.drift import DriftReport
 from daemon.stages.monitor.performance import (
     Concordance,
     Performance,
@@ -23,6 +24,7 @@ from daemon.stages.monitor.performance import (
     performance,
     subgroups,
 )
+from daemon.stages.monitor.watch import Monitor
 from db import accounts, governance
 from db.governance import MODES, ModeChange, VersionSummary
 from db.session import Database
@@ -66,6 +68,7 @@ class MonitoringReport:
     history: list[ModeChange]
     operational: dict[str, Any]
     min_group_size: int
+    drift: DriftReport | None = None  # None: no observation yet
 
     @property
     def turnaround_median(self) -> float | None:
@@ -127,8 +130,9 @@ class GovernanceService:
             found = governance.reviewed_findings(s, name, version, since=since, until=until)
             history = governance.mode_history(s, name, version)
             operational = governance.operational(s, name, version)
+        drift = Monitor(self.db, self.config.monitoring).report(name, version)
         return MonitoringReport(evidence, since, until, subgroups(found, min_group_size=size),
-                                history, operational, size)  # fmt: skip
+                                history, operational, size, drift)  # fmt: skip
 
     def admin(self, username: str) -> str:
         """The user name of an enabled admin account: only an admin changes a mode."""

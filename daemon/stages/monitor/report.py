@@ -113,11 +113,33 @@ def report_lines(report: MonitoringReport) -> list[str]:
                          f"PPV {g.ppv.text():<18} sens {g.sensitivity.text():<18} "
                          f"agree {g.agreement.text()}")  # fmt: skip
     lines.append("")
+    lines.extend(drift_lines(report))
+    lines.append("")
     lines.append("Mode changes:")
     for h in report.history or []:
         lines.append(f"  {h.changed_at:%Y-%m-%d %H:%M} {h.mode} by {h.changed_by}: {h.reason}")
     if not report.history:
         lines.append(f"  none (the site's default mode: {v.mode})")
+    return lines
+
+
+def drift_lines(report: MonitoringReport) -> list[str]:
+    """What drifted: the baseline, each compared period's alerts, the new scanner values."""
+    drift = report.drift
+    if drift is None:
+        return ["Drift: no observation yet."]
+    lines = [f"Drift: baseline {_day(drift.baseline_start)} to {_day(drift.baseline_end)}, "
+             f"{drift.baseline_n} runs" + ("" if drift.ready else " (still forming: nothing "
+             "compared yet)")]  # fmt: skip
+    for period in drift.periods:
+        if not period.enough:
+            state = "too few runs to say"
+        else:
+            state = "ALERT: " + ", ".join(period.alerting) if period.alerting else "no alert"
+        lines.append(f"  {_day(period.start)} to {_day(period.end)}: {period.n} runs, {state}")
+    for value in drift.new_values:
+        lines.append(f"  new {value.variable.replace('_', ' ')} {value.value!r}, first seen "
+                     f"{_day(value.first_seen)}")  # fmt: skip
     return lines
 
 
