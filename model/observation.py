@@ -32,8 +32,11 @@ AGE_BANDS: tuple[tuple[int, str], ...] = (
 )
 # Intensity percentiles of the analysed volume.
 PERCENTILES = (1, 50, 99)
-# A volume's statistics from at most this many voxels (a 300 x 512² CT has 79 M).
-MAX_VOXELS = 2_000_000
+# A volume's statistics from an even sample of at most this many voxels (a
+# 300 x 512² CT has 79 M): percentiles within a few hundredths of a percentile
+# point, in milliseconds instead of the 0.1 s of a full pass on the analysis path.
+MAX_VOXELS = 200_000
+MAX_ROWS = 512  # rows whose neighbour differences give the noise
 
 
 def observe(series: LoadedSeries) -> dict[str, object]:
@@ -86,12 +89,12 @@ def intensity(values: np.ndarray) -> dict[str, object]:
         for p, v in zip(PERCENTILES, np.percentile(sample, PERCENTILES), strict=True)
     }
     rows = values.reshape(-1, values.shape[-1]) if values.ndim > 1 else values.reshape(1, -1)
-    rows = rows[:: max(1, rows.shape[0] // 4096)].astype(np.float64)
+    rows = rows[:: max(1, rows.shape[0] // MAX_ROWS)].astype(np.float64)
     diffs = np.diff(rows, axis=-1).reshape(-1)
     diffs = diffs[np.isfinite(diffs)]
     if diffs.size:
         mad = float(np.median(np.abs(diffs - np.median(diffs))))
-        out["noise"] = round(1.4826 * mad / np.sqrt(2.0), 4)
+        out["noise"] = round(float(1.4826 * mad / np.sqrt(2.0)), 4)
     else:
         out["noise"] = None
     return out
