@@ -12,6 +12,7 @@ into PPV, sensitivity and their intervals.
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from dataclasses import dataclass
 from datetime import datetime
 from typing import Any
@@ -148,8 +149,11 @@ def mode_history(session: Session, model_name: str, model_version: str) -> list[
     ]  # fmt: skip
 
 
-def versions(session: Session, default: str) -> list[VersionSummary]:
-    """Every model version that analysed a study, or whose mode was set, by name and version."""
+def versions(
+    session: Session, default: str, configured: Sequence[tuple[str, str]] = ()
+) -> list[VersionSummary]:
+    """Every model version that analysed a study, whose mode was set, or that is `configured`
+    (name, version) and has not run yet, by name and version."""
     rows = session.execute(
         select(
             AnalysisRun.model_name,
@@ -169,6 +173,8 @@ def versions(session: Session, default: str) -> list[VersionSummary]:
     for name, version in session.execute(
         select(ModelModeChange.model_name, ModelModeChange.model_version).distinct()
     ):
+        seen.setdefault((name, version), (0, 0, None, None))
+    for name, version in configured:
         seen.setdefault((name, version), (0, 0, None, None))
     out = []
     for (name, version), (n, silent, first, last) in sorted(seen.items()):

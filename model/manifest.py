@@ -116,3 +116,30 @@ class ModelManifest(_Strict):
 
     def write(self, path: Path) -> None:
         path.write_text(self.to_toml(), encoding="utf-8")
+
+
+MANIFEST_NAME = "manifest.toml"
+
+
+def builtin_models_root() -> Path:
+    return Path(__file__).resolve().parent / "builtin"
+
+
+def builtin_model_dirs() -> list[Path]:
+    """All shipped model folders, sorted by name."""
+    root = builtin_models_root()
+    if not root.is_dir():
+        return []
+    return sorted(p for p in root.iterdir() if (p / MANIFEST_NAME).is_file())
+
+
+def configured_manifests(folders: list[Path] | None) -> list[ModelManifest]:
+    """The manifests of the configured model folders (None: the built-in ones), read
+    without loading a network: what governance lists before a version has run."""
+    out = []
+    for folder in builtin_model_dirs() if folders is None else folders:
+        try:
+            out.append(ModelManifest.from_file(folder / MANIFEST_NAME))
+        except (OSError, ValueError):
+            continue  # the worker refuses it at start, with the reason
+    return out

@@ -23,12 +23,16 @@ import torch
 from torch import nn
 
 from model.inference import Prediction, predict
-from model.manifest import ModelManifest
+from model.manifest import (
+    MANIFEST_NAME,
+    ModelManifest,
+    builtin_model_dirs,
+    builtin_models_root,
+)
 from model.results import AlgorithmInfo
 
 log = logging.getLogger(__name__)
 
-MANIFEST_NAME = "manifest.toml"
 # Architectures are looked up only here: a manifest must not import arbitrary code.
 _ARCHITECTURE_MODULES = ("model.networks",)
 
@@ -71,10 +75,6 @@ def device_uid_from_sha256(sha256: str) -> str:
     return f"2.25.{int(sha256[:32], 16)}"
 
 
-def builtin_models_root() -> Path:
-    return Path(__file__).resolve().parent / "builtin"
-
-
 def builtin_model_dir(name: str = "ct-nodule") -> Path:
     """The folder of a model shipped with secondreader (default: the CT nodule demo)."""
     folder = builtin_models_root() / name
@@ -83,12 +83,6 @@ def builtin_model_dir(name: str = "ct-nodule") -> Path:
     return folder
 
 
-def builtin_model_dirs() -> list[Path]:
-    """All shipped model folders, sorted by name."""
-    root = builtin_models_root()
-    if not root.is_dir():
-        return []
-    return sorted(p for p in root.iterdir() if (p / MANIFEST_NAME).is_file())
 
 
 def _build_network(manifest: ModelManifest) -> nn.Module:

@@ -370,3 +370,28 @@ outputs = ["sr", "summary"]
         ("sr", "held"), ("summary", "held")}
     # Held objects keep a study's files; withheld ones and unread results do not.
     assert len(finished) == list(selections.values()).count("unsampled_negative") > 0
+
+
+def test_a_configured_version_gets_its_mode_before_its_first_study(tmp_path: Path) -> None:
+    """A new version is set silent before it has seen a study; an unknown one is refused."""
+    from daemon.stages.monitor.governance import GovernanceError
+
+    config = write_config(tmp_path, f"sqlite:///{tmp_path / 'db.sqlite'}")
+    migrate.upgrade(config.database_url)
+    db = Database(config.database_url, audit_key=bytes(range(32)))
+    from daemon.accounts import AccountService
+
+    AccountService(db, config.web).add("chair", PASSWORD, "admin", "test")
+    service = GovernanceService(db, config)
+    listed = {(v.model_name, v.model_version): (v.mode, v.runs) for v in service.versions()}
+    assert listed == {("secondreader-demo-nodule-cr", "1.0.0"): ("live", 0),
+                      ("secondreader-demo-nodule-ct", "1.0.0"): ("live", 0)}  # fmt: skip
+    why = "new version: silent trial"
+    change = service.set_mode("secondreader-demo-nodule-ct", "1.0.0", "silent",
+                              by=service.admin("chair"), reason=why)  # fmt: skip
+    assert change.mode == "silent" and change.evidence["runs"] == 0
+    with pytest.raises(GovernanceError, match="not configured"):
+        service.set_mode("secondreader-demo-nodule-ct", "9.9", "live", by="chair", reason="x")
+    with pytest.raises(GovernanceError, match="already silent"):
+        service.set_mode("secondreader-demo-nodule-ct", "1.0.0", "silent", by="chair", reason="x")
+    db.dispose()

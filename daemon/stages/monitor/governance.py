@@ -28,6 +28,7 @@ from daemon.stages.monitor.watch import Monitor
 from db import accounts, governance
 from db.governance import MODES, ModeChange, VersionSummary
 from db.session import Database
+from model.manifest import configured_manifests
 
 
 class GovernanceError(Exception):
@@ -95,16 +96,25 @@ class GovernanceService:
     def default_mode(self) -> str:
         return self.config.monitoring.default_mode
 
+    def configured(self) -> list[tuple[str, str]]:
+        """The versions this site's workers load (`models.paths`), whether or not they ran:
+        an admin sets a new version's mode before its first study."""
+        folders = list(self.config.models.paths) or None
+        return [(m.name, m.version) for m in configured_manifests(folders)]
+
     def versions(self) -> list[VersionSummary]:
+        configured = self.configured()
         with self.db.session() as s:
-            return governance.versions(s, self.default_mode)
+            return governance.versions(s, self.default_mode, configured)
 
     def version(self, name: str, version: str) -> VersionSummary:
         for v in self.versions():
             if (v.model_name, v.model_version) == (name, version):
                 return v
         known = ", ".join(f"{v.model_name} {v.model_version}" for v in self.versions()) or "none"
-        raise GovernanceError(f"no model version {name} {version} has run here (known: {known})")
+        raise GovernanceError(
+            f"model {name} {version} is not configured here and has not run (known: {known})"
+        )
 
     def evidence(
         self, name: str, version: str, *, since: datetime | None = None,
@@ -114,7 +124,8 @@ class GovernanceService:
         with self.db.session() as s:
             found = governance.reviewed_findings(s, name, version, since=since, until=until)
             others = [v.model_version for v in governance.versions(s, self.default_mode)
-                      if v.model_name == name and v.model_version != version]  # fmt: skip
+                      if v.model_name == name and v.model_version != version
+                      and v.runs]  # fmt: skip
             pairs = {o: governance.paired_calls(s, name, version, o) for o in others}
         size = self.config.monitoring.min_group_size
         side = {o: concordance(p) for o, p in pairs.items() if p}
