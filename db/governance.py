@@ -170,18 +170,25 @@ def versions(
         (name, version): (int(n), int(silent or 0), first, last)
         for name, version, n, silent, first, last in rows
     }
-    for name, version in session.execute(
-        select(ModelModeChange.model_name, ModelModeChange.model_version).distinct()
+    latest = latest_modes(session)
+    for key in [*latest, *configured]:
+        seen.setdefault(key, (0, 0, None, None))
+    return [
+        VersionSummary(name, version, latest.get((name, version), default),
+                       (name, version) in latest, n, silent, first, last)
+        for (name, version), (n, silent, first, last) in sorted(seen.items())
+    ]  # fmt: skip
+
+
+def latest_modes(session: Session) -> dict[tuple[str, str], str]:
+    """(name, version) -> the mode an admin set last, for every version that has one."""
+    latest: dict[tuple[str, str], str] = {}
+    for name, version, mode in session.execute(
+        select(ModelModeChange.model_name, ModelModeChange.model_version, ModelModeChange.mode)
+        .order_by(ModelModeChange.id)
     ):
-        seen.setdefault((name, version), (0, 0, None, None))
-    for name, version in configured:
-        seen.setdefault((name, version), (0, 0, None, None))
-    out = []
-    for (name, version), (n, silent, first, last) in sorted(seen.items()):
-        mode = current_mode(session, name, version, "")
-        out.append(VersionSummary(name, version, mode or default, bool(mode), n, silent,
-                                  first, last))  # fmt: skip
-    return out
+        latest[(name, version)] = mode  # a later change overwrites an earlier one
+    return latest
 
 
 def reviewed_findings(

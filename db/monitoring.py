@@ -26,12 +26,14 @@ from db.models import (
 from db.reviews import latest_decision
 from model.results import AnalysisResult
 
-# model/observation.py's keys that are columns of run_observations.
-_COLUMNS = (
+# The image metadata of an observation (model/observation.py): what the
+# registry export takes of it as it is.
+ACQUISITION = (
     "modality", "body_part", "manufacturer", "manufacturer_model", "kernel",
     "slice_thickness", "kvp", "pixel_spacing", "contrast", "p01", "p50", "p99", "noise",
-    "patient_sex", "age_band",
 )  # fmt: skip
+# model/observation.py's keys that are columns of run_observations.
+_COLUMNS = (*ACQUISITION, "patient_sex", "age_band")
 
 
 def record_observation(
@@ -123,24 +125,7 @@ def registry_rows(
         out.append(
             {
                 "analysed_week": f"{year}-W{week:02d}",
-                **{
-                    k: getattr(o, k)
-                    for k in (
-                        "modality",
-                        "body_part",
-                        "manufacturer",
-                        "manufacturer_model",
-                        "kernel",
-                        "slice_thickness",
-                        "kvp",
-                        "pixel_spacing",
-                        "contrast",
-                        "p01",
-                        "p50",
-                        "p99",
-                        "noise",
-                    )
-                },  # fmt: skip
+                **{k: getattr(o, k) for k in ACQUISITION},
                 "model_name": o.model_name,
                 "model_version": o.model_version,
                 "model_mode": mode,

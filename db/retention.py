@@ -19,7 +19,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 from datetime import datetime
 
-from sqlalchemy import exists, func, or_, select, update
+from sqlalchemy import exists, func, select, update
 from sqlalchemy.orm import Session
 
 from db import audit
@@ -33,13 +33,13 @@ from db.models import (
     JobState,
     OutboxItem,
     ReportState,
-    ReviewSelection,
     Series,
     Study,
     StudyState,
     Verification,
     utcnow,
 )
+from db.reviews import drawn_for_review
 from db.session import changed_rows
 from model.results import Outcome
 
@@ -104,10 +104,7 @@ def finished_studies(
             # Only what the worklist shows waits for a reader: not a silent
             # version's run, not an AI negative left out of the sample.
             AnalysisRun.report_state == ReportState.REPORTED,
-            or_(
-                AnalysisRun.review_selection.is_(None),
-                AnalysisRun.review_selection != ReviewSelection.UNSAMPLED_NEGATIVE,
-            ),
+            drawn_for_review(),
             ~exists().where(Verification.run_id == AnalysisRun.id),
         )
         query = query.where(~unreviewed)

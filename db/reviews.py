@@ -125,6 +125,15 @@ def _reviewable(stmt: Any) -> Any:
     )
 
 
+def drawn_for_review() -> Any:
+    """A run the worklist lists: not an AI negative left out of the quality-control sample
+    (monitoring.negative_sample_fraction); runs from before governance have no selection."""
+    return or_(
+        AnalysisRun.review_selection.is_(None),
+        AnalysisRun.review_selection != ReviewSelection.UNSAMPLED_NEGATIVE,
+    )
+
+
 def load_result(session: Session, run_id: int) -> ResultView | None:
     row = session.execute(
         _reviewable(
@@ -233,13 +242,7 @@ def list_results(
     stmt = _reviewable(
         select(AnalysisRun, Study.study_instance_uid).join(Study, Study.id == AnalysisRun.study_id)
     )
-    # AI negatives not drawn for quality control stay out (monitoring.negative_sample_fraction).
-    stmt = stmt.where(
-        or_(
-            AnalysisRun.review_selection.is_(None),
-            AnalysisRun.review_selection != ReviewSelection.UNSAMPLED_NEGATIVE,
-        )
-    )
+    stmt = stmt.where(drawn_for_review())
     if model is not None:
         stmt = stmt.where(AnalysisRun.model_name == model)
     if since is not None:

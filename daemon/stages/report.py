@@ -196,8 +196,7 @@ class Reporter:
         # A review-only version's objects are written for the reviewers, sent nowhere.
         to_pacs = rules.mode != ModelMode.REVIEW_ONLY
         unread = rules.selection == ReviewSelection.UNSAMPLED_NEGATIVE
-        queued = (self._queue(run, objects, reviewable, unread=unread) if to_pacs
-                  else self._keep(run, objects))  # fmt: skip
+        queued = self._queue(run, objects, reviewable, unread=unread, send=to_pacs)
         sr = next(o.dataset for o in objects if o.kind == "sr")
         tracking = {}
         if run.result.algorithm is not None:
@@ -290,12 +289,6 @@ class Reporter:
             cfg.negative_sample_fraction,
         )
 
-    def _keep(self, run: PendingRun, objects: list[BuiltObject]) -> list[NewOutboxItem]:
-        """Write the objects where the review page reads them, and queue none."""
-        for obj in objects:
-            self._write(run.result.study_instance_uid, obj.dataset)
-        return []
-
     def _queue(
         self,
         run: PendingRun,
@@ -304,6 +297,7 @@ class Reporter:
         *,
         verified: bool = False,
         unread: bool = False,
+        send: bool = True,
     ) -> list[NewOutboxItem]:
         """Write each object, and the outbox rows of the destinations that take its kind.
 
@@ -313,12 +307,14 @@ class Reporter:
         at an `after_review` destination; one built after the review was
         decided (`verified`) follows the decision's release at once. An AI
         negative left out of the review sample (`unread`) will never be
-        verified: an `after_review` destination never gets it.
+        verified: an `after_review` destination never gets it. Without `send`
+        (a review-only version) the files are written for the review page and
+        no row is queued.
         """
         queued: list[NewOutboxItem] = []
         for obj in objects:
             relative = self._write(run.result.study_instance_uid, obj.dataset)
-            for dest in self.config.delivery.destinations:
+            for dest in self.config.delivery.destinations if send else ():
                 if obj.kind not in dest.outputs:
                     continue
                 state = DeliveryState.PENDING

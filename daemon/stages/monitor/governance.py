@@ -26,7 +26,7 @@ from daemon.stages.monitor.performance import (
 )
 from daemon.stages.monitor.watch import Monitor
 from db import accounts, governance
-from db.governance import MODES, ModeChange, VersionSummary
+from db.governance import MODES, ModeChange, ReviewedFinding, VersionSummary
 from db.session import Database
 from model.manifest import configured_manifests
 
@@ -107,25 +107,32 @@ class GovernanceService:
         with self.db.session() as s:
             return governance.versions(s, self.default_mode, configured)
 
-    def version(self, name: str, version: str) -> VersionSummary:
-        for v in self.versions():
+    def version(
+        self, name: str, version: str, known: list[VersionSummary] | None = None
+    ) -> VersionSummary:
+        known = self.versions() if known is None else known
+        for v in known:
             if (v.model_name, v.model_version) == (name, version):
                 return v
-        known = ", ".join(f"{v.model_name} {v.model_version}" for v in self.versions()) or "none"
+        names = ", ".join(f"{v.model_name} {v.model_version}" for v in known) or "none"
         raise GovernanceError(
-            f"model {name} {version} is not configured here and has not run (known: {known})"
+            f"model {name} {version} is not configured here and has not run (known: {names})"
         )
 
     def evidence(
         self, name: str, version: str, *, since: datetime | None = None,
-        until: datetime | None = None,
+        until: datetime | None = None, found: list[ReviewedFinding] | None = None,
+        known: list[VersionSummary] | None = None,
     ) -> Evidence:  # fmt: skip
-        summary = self.version(name, version)
+        """`found`, `known`: the version's reviewed findings in the period and the versions,
+        when the caller has them already."""
+        known = self.versions() if known is None else known
+        summary = self.version(name, version, known)
+        others = [v.model_version for v in known
+                  if v.model_name == name and v.model_version != version and v.runs]  # fmt: skip
         with self.db.session() as s:
-            found = governance.reviewed_findings(s, name, version, since=since, until=until)
-            others = [v.model_version for v in governance.versions(s, self.default_mode)
-                      if v.model_name == name and v.model_version != version
-                      and v.runs]  # fmt: skip
+            if found is None:
+                found = governance.reviewed_findings(s, name, version, since=since, until=until)
             pairs = {o: governance.paired_calls(s, name, version, o) for o in others}
         size = self.config.monitoring.min_group_size
         side = {o: concordance(p) for o, p in pairs.items() if p}
@@ -135,12 +142,14 @@ class GovernanceService:
         self, name: str, version: str, *, since: datetime | None = None,
         until: datetime | None = None,
     ) -> MonitoringReport:  # fmt: skip
-        evidence = self.evidence(name, version, since=since, until=until)
-        size = self.config.monitoring.min_group_size
+        known = self.versions()
+        self.version(name, version, known)  # an unknown version: GovernanceError, no figures
         with self.db.session() as s:
             found = governance.reviewed_findings(s, name, version, since=since, until=until)
             history = governance.mode_history(s, name, version)
             operational = governance.operational(s, name, version)
+        evidence = self.evidence(name, version, found=found, known=known)
+        size = self.config.monitoring.min_group_size
         drift = Monitor(self.db, self.config.monitoring).report(name, version)
         return MonitoringReport(evidence, since, until, subgroups(found, min_group_size=size),
                                 history, operational, size, drift)  # fmt: skip

@@ -195,12 +195,14 @@ class Concordance:
 
 
 def concordance(pairs: Iterable[PairedCall]) -> Concordance:
-    counts = {"bp": 0, "ba": 0, "f": 0, "s": 0}
-    n = 0
+    both = neither = first = second = 0
     for p in pairs:
-        n += 1
-        key = "bp" if p.first and p.second else "ba" if not (p.first or p.second) else (
-            "f" if p.first else "s"
-        )
-        counts[key] += 1
-    return Concordance(n, counts["bp"], counts["ba"], counts["f"], counts["s"])
+        if p.first and p.second:
+            both += 1
+        elif p.first:
+            first += 1
+        elif p.second:
+            second += 1
+        else:
+            neither += 1
+    return Concordance(both + neither + first + second, both, neither, first, second)

@@ -25,20 +25,17 @@ from matplotlib.backends.backend_pdf import PdfPages  # noqa: E402
 
 from daemon.stages.monitor.governance import MonitoringReport  # noqa: E402
 from daemon.stages.monitor.performance import Interval, Performance  # noqa: E402
+from db.monitoring import ACQUISITION  # noqa: E402
 
-# The export's columns, in its categories' order.
-EXPORT_COLUMNS = (
-    # image metadata
-    "analysed_week", "modality", "body_part", "manufacturer", "manufacturer_model", "kernel",
-    "slice_thickness", "kvp", "pixel_spacing", "contrast", "p01", "p50", "p99", "noise",
-    # AI result
-    "model_name", "model_version", "model_mode", "finding", "finding_code", "probability",
-    "threshold", "ai_present",
-    # review
-    "review_selection", "review_decision",
-    # demographics
-    "patient_sex", "patient_age_band",
-)  # fmt: skip
+# The export's columns by ACR Assess-AI data category, in order.
+CATEGORIES: dict[str, tuple[str, ...]] = {
+    "image_metadata": ("analysed_week", *ACQUISITION),
+    "ai_result": ("model_name", "model_version", "model_mode", "finding", "finding_code",
+                  "probability", "threshold", "ai_present"),
+    "review": ("review_selection", "review_decision"),
+    "demographics": ("patient_sex", "patient_age_band"),
+}  # fmt: skip
+EXPORT_COLUMNS = tuple(column for columns in CATEGORIES.values() for column in columns)
 
 
 def export_csv(rows: Sequence[dict[str, Any]]) -> str:
@@ -56,12 +53,7 @@ def export_json(rows: Sequence[dict[str, Any]]) -> str:
         {
             "format": "secondreader registry export, ACR Assess-AI data categories",
             "created": datetime.now(UTC).isoformat(timespec="seconds"),
-            "categories": {
-                "image_metadata": list(EXPORT_COLUMNS[:14]),
-                "ai_result": list(EXPORT_COLUMNS[14:22]),
-                "review": list(EXPORT_COLUMNS[22:24]),
-                "demographics": list(EXPORT_COLUMNS[24:]),
-            },
+            "categories": {name: list(columns) for name, columns in CATEGORIES.items()},
             "records": [{k: row.get(k) for k in EXPORT_COLUMNS} for row in rows],
         },
         indent=1,
