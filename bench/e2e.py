@@ -12,11 +12,18 @@ Twice:
    and N-SET COMPLETED listing them all after; the quiet window is set to an
    hour, so only MPPS can complete the study.
 
+Each twice again, in one run on one machine: with streaming off (every
+image read and analysed at completion, as before issue 26) and on (the
+worker reads, preprocesses and runs the 2D model on each image as it lands
+in the spool: `worker.streaming`).
+
 For each it prints the time from storescu's exit (the last C-STORE response)
 to the SR being visible in Orthanc (polled every 20 ms), and where it went,
 from the daemon's audit trail and the run's provenance: completion, queue
 wait, load, preprocess, inference, the rest of the analysis (saliency,
-region), report build, delivery.
+region), report build, delivery; then how many slices were prepared while
+receiving, and how long storescu took to send the study (streaming shares
+the CPU with the receiver).
 
     .venv/bin/python bench/e2e.py [--slices 300] [--size 512] [--device cpu|cuda]
 """
@@ -118,12 +125,31 @@ class Daemon:
         self.proc.wait(timeout=120)
 
 
-def mpps(port: int, step: str, study_uid: str, files: list[Path] | None) -> None:
+def completed_step(files: list[Path]) -> Dataset:
+    """The N-SET COMPLETED a modality sends: made before the images go, as a modality
+    knows what it acquired; only sending it counts in the time measured."""
+    first = dcmread(files[0], stop_before_pixels=True)
+    series = Dataset()
+    series.SeriesInstanceUID = first.SeriesInstanceUID
+    series.ReferencedImageSequence = []
+    for path in files:
+        h = dcmread(path, stop_before_pixels=True, specific_tags=["SOPInstanceUID"])
+        ref = Dataset()
+        ref.ReferencedSOPClassUID = first.SOPClassUID
+        ref.ReferencedSOPInstanceUID = h.SOPInstanceUID
+        series.ReferencedImageSequence.append(ref)
+    ds = Dataset()
+    ds.PerformedProcedureStepStatus = "COMPLETED"
+    ds.PerformedSeriesSequence = [series]
+    return ds
+
+
+def mpps(port: int, step: str, study_uid: str, completed: Dataset | None) -> None:
     ae = AE(ae_title="MODALITY")
     ae.add_requested_context(ModalityPerformedProcedureStep)
     assoc = ae.associate("127.0.0.1", port, ae_title="SECONDREADER")
     ds = Dataset()
-    if files is None:
+    if completed is None:
         item = Dataset()
         item.StudyInstanceUID = study_uid
         ds.ScheduledStepAttributesSequence = [item]
@@ -132,19 +158,7 @@ def mpps(port: int, step: str, study_uid: str, files: list[Path] | None) -> None
         ds.PerformedSeriesSequence = []
         status, _ = assoc.send_n_create(ds, ModalityPerformedProcedureStep, step)
     else:
-        first = dcmread(files[0], stop_before_pixels=True)
-        series = Dataset()
-        series.SeriesInstanceUID = first.SeriesInstanceUID
-        series.ReferencedImageSequence = []
-        for path in files:
-            h = dcmread(path, stop_before_pixels=True, specific_tags=["SOPInstanceUID"])
-            ref = Dataset()
-            ref.ReferencedSOPClassUID = first.SOPClassUID
-            ref.ReferencedSOPInstanceUID = h.SOPInstanceUID
-            series.ReferencedImageSequence.append(ref)
-        ds.PerformedProcedureStepStatus = "COMPLETED"
-        ds.PerformedSeriesSequence = [series]
-        status, _ = assoc.send_n_set(ds, ModalityPerformedProcedureStep, step)
+        status, _ = assoc.send_n_set(completed, ModalityPerformedProcedureStep, step)
     assoc.release()
     if int(status.Status) != 0:
         raise RuntimeError(f"MPPS status 0x{int(status.Status):04X}")
@@ -160,9 +174,11 @@ def run(label: str, workdir: Path, files: list[Path], env: dict[str, str], use_m
     daemon = Daemon(workdir / f"d-{label}", orthanc, env)
     study_uid = str(dcmread(files[0], stop_before_pixels=True).StudyInstanceUID)
     step = generate_uid()
+    completed = completed_step(files) if use_mpps else None
     try:
         if use_mpps:
             mpps(daemon.port, step, study_uid, None)
+        t_send = time.time()
         send = subprocess.run(
             ["storescu", "-aec", "SECONDREADER", "127.0.0.1", str(daemon.port),
              *map(str, files)], env=DCMTK_ENV, capture_output=True,
@@ -171,7 +187,7 @@ def run(label: str, workdir: Path, files: list[Path], env: dict[str, str], use_m
         if send.returncode != 0:
             raise RuntimeError(send.stderr.decode(errors="replace"))
         if use_mpps:
-            mpps(daemon.port, step, study_uid, files)
+            mpps(daemon.port, step, study_uid, completed)
         while not orthanc.has_sr(study_uid):
             if time.time() - t0 > 600:
                 raise RuntimeError("no SR in Orthanc after 600 s")
@@ -193,6 +209,8 @@ def run(label: str, workdir: Path, files: list[Path], env: dict[str, str], use_m
         return max(times) if last else min(times)
 
     steps = {p["name"]: float(p["seconds"] or 0.0) for p in provenance}
+    early = next((int(p["parameters"].get("computed_while_receiving", 0)) for p in provenance
+                  if p["name"] == "inference"), 0)  # fmt: skip
     load = steps.pop("load", 0.0)
     inference = steps.pop("inference", 0.0)
     preprocess = sum(steps.values())
@@ -211,6 +229,8 @@ def run(label: str, workdir: Path, files: list[Path], env: dict[str, str], use_m
         "rest of analysis (saliency, region, record)": analysis - load - preprocess - inference,
         "report build": at("report.created") - at("analysis.recorded"),
         "delivery (SR stored in Orthanc)": sr_done - at("report.created"),
+        "slices analysed while receiving": float(early),
+        "storescu send time (not in total)": t0 - t_send,
     }
 
 
@@ -221,6 +241,9 @@ def main() -> int:
     parser.add_argument("--device", default="auto", help="worker.device: auto, cpu or cuda")
     parser.add_argument(
         "--only", choices=["window", "mpps"], help="one of the two runs (both by default)"
+    )
+    parser.add_argument(
+        "--streaming", choices=["off", "on"], help="one of the two (both by default)"
     )
     parser.add_argument(
         "--keep", type=Path, help="copy each run's serve.log here (for a closer look)"
@@ -237,22 +260,36 @@ def main() -> int:
         files = write_ct_series(volume, workdir / "ct", spacing=spacing, seed=7)
         mb = sum(p.stat().st_size for p in files) / 1e6
         print(f"study: {len(files)} CT slices of {args.size}x{args.size}, {mb:.0f} MB", flush=True)
-        device = {"SECONDREADER_WORKER__DEVICE": args.device}
         rows: dict[str, dict[str, float]] = {}
-        if args.only != "mpps":
-            rows["quiet window (defaults)"] = run("quiet", workdir, files, device, use_mpps=False)
-        quiet_hour = {**device, "SECONDREADER_COMPLETION__STABLE_SECONDS": "3600"}
-        if args.only != "window":
-            rows["MPPS (quiet window 1 h)"] = run("mpps", workdir, files, quiet_hour, use_mpps=True)
+        for streaming in ("false", "true"):
+            if args.streaming and streaming != {"off": "false", "on": "true"}[args.streaming]:
+                continue
+            device = {"SECONDREADER_WORKER__DEVICE": args.device,
+                      "SECONDREADER_WORKER__STREAMING": streaming}  # fmt: skip
+            tag = "streaming" if streaming == "true" else "at completion"
+            if args.only != "mpps":
+                rows[f"window, {tag}"] = run(f"quiet-{streaming}", workdir, files, device,
+                                             use_mpps=False)  # fmt: skip
+            quiet_hour = {**device, "SECONDREADER_COMPLETION__STABLE_SECONDS": "3600"}
+            if args.only != "window":
+                rows[f"MPPS, {tag}"] = run(f"mpps-{streaming}", workdir, files, quiet_hour,
+                                           use_mpps=True)  # fmt: skip
         if args.keep:
             args.keep.mkdir(parents=True, exist_ok=True)
             for log in workdir.glob("d-*/serve.log"):
                 shutil.copy(log, args.keep / f"{log.parent.name}.log")
     names = list(next(iter(rows.values())))
     print()
-    print(f"{'seconds from the last C-STORE response':<46}" + "".join(f"{k:>26}" for k in rows))
+    print(f"{'seconds from the last C-STORE response':<46}" + "".join(f"{k:>24}" for k in rows))
     for name in names:
-        print(f"{name:<46}" + "".join(f"{row[name]:26.2f}" for row in rows.values()))
+        print(f"{name:<46}" + "".join(f"{row[name]:24.2f}" for row in rows.values()))
+    print()
+    for mode in ("window", "MPPS"):
+        before, after = rows.get(f"{mode}, at completion"), rows.get(f"{mode}, streaming")
+        if before and after:
+            print(f"{mode}: streaming saved {before['total'] - after['total']:.2f} s "
+                  f"({before['total']:.2f} -> {after['total']:.2f} s, "
+                  f"x{before['total'] / after['total']:.2f})")  # fmt: skip
     return 0
 
 

@@ -348,6 +348,27 @@ class WorkerConfig(_Section):
     # "module:callable" building another analyser from the Config, instead of the
     # models. An extension point used by the tests (tests/analysers.py); keep empty.
     analyser: str = ""
+    # Memory (MB) touched once when the worker starts and kept, with every
+    # block a study frees, for the next study: fresh memory costs page faults
+    # that made building one 300-slice volume take up to 1.7 s instead of
+    # 0.04 s (daemon/stages/analyse/worker.py, keep_freed_memory). The
+    # worker's process keeps its largest footprint. 0: memory is given back
+    # to the kernel as it is freed (glibc's defaults).
+    keep_memory_mb: int = Field(1024, ge=0)
+    # Streaming: images of studies still arriving are read, prepared and run
+    # through the 2D models as they land in the spool, so that at completion
+    # only the last few remain (daemon/stages/analyse/stream.py). Nothing is
+    # reported before completion. Off: every image is read at completion.
+    streaming: bool = True
+    # How often the streamer looks for new images (a receiver in the same
+    # process wakes it at once).
+    stream_poll_seconds: float = Field(0.2, gt=0)
+    # Memory the images read ahead may hold (a 300-slice 512x512 CT: about
+    # 180 MB); past it, new images wait for completion.
+    stream_memory_mb: int = Field(2048, ge=0)
+    # A study nothing arrived for this long is forgotten (its job may have
+    # gone to another worker); it is read again from the spool if needed.
+    stream_forget_seconds: float = Field(900.0, gt=0)
 
     @model_validator(mode="after")
     def _heartbeat_within_lease(self) -> WorkerConfig:

@@ -15,6 +15,7 @@ from daemon.config import Config
 from daemon.errors import NotMigrated, check_port_free
 from daemon.factories import open_database, scp_settings
 from daemon.liveness import Heartbeat, gone_after, worker_alert
+from daemon.memory import keep_freed_memory
 from daemon.metrics import serve_metrics
 from daemon.scheduler import Scheduler
 from daemon.stages.analyse.worker import Worker, requeue_expired_jobs, retry_policy
@@ -60,6 +61,9 @@ def _warm_up() -> None:
 
 class Service:
     def __init__(self, config: Config) -> None:
+        if config.worker.in_process and config.worker.keep_memory_mb:
+            # Before any thread starts: they then share the kept memory.
+            keep_freed_memory(config.worker.keep_memory_mb)
         self.config = config
         self.stop_event = threading.Event()
         self.notifier = Notifier()
@@ -121,6 +125,8 @@ class Service:
         self.worker = Worker.from_config(config, self.db) if config.worker.in_process else None
         if self.worker is not None:
             self.worker.on_recorded = self.recorded
+            # Each stored instance wakes the worker's streamer (if it streams).
+            self.receiver.on_stored = self.worker.stream_wake
         # PostgreSQL: runs recorded by `secondreader worker` processes wake the
         # report stage here at once (db/notify.py).
         self.listener = Listener(config.database_url, {RUNS: self.recorded})

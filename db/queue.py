@@ -40,6 +40,7 @@ from db.models import (
     ReportState,
     Series,
     Study,
+    StudyState,
     utcnow,
 )
 from db.notify import RUNS, notify
@@ -460,3 +461,29 @@ def running_jobs(session: Session) -> list[tuple[int, str, str | None]]:
         .where(Job.state == JobState.RUNNING)
     ).all()
     return [(job_id, uid, owner) for job_id, uid, owner in rows]
+
+
+@dataclass(frozen=True)
+class ArrivingInstance:
+    instance_id: int
+    study_instance_uid: str
+    path: str  # relative to the spool root
+
+
+def arriving_instances(
+    session: Session, *, after_id: int, limit: int = 256
+) -> list[ArrivingInstance]:
+    """Instances of studies still receiving, newer than `after_id`, oldest first (the streamer).
+
+    Re-sent instances keep their row id: the streamer sees them only if the
+    file changed, which the read-ahead notices by itself (model/stream.py).
+    """
+    rows = session.execute(
+        select(Instance.id, Study.study_instance_uid, Instance.path)
+        .join(Series, Instance.series_id == Series.id)
+        .join(Study, Series.study_id == Study.id)
+        .where(Instance.id > after_id, Study.state == StudyState.RECEIVING)
+        .order_by(Instance.id)
+        .limit(limit)
+    ).all()
+    return [ArrivingInstance(int(i), str(uid), str(p)) for i, uid, p in rows]

@@ -20,7 +20,7 @@ from __future__ import annotations
 
 import logging
 import threading
-from collections.abc import Iterable, Sequence
+from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -320,12 +320,55 @@ class _File:
     # Where the header ends: the Pixel Data element, read from there alone
     # (`_decode`) instead of parsing the whole header a second time.
     pixel_offset: int
+    # Stored values already decoded (`read_image_file`, read while the study
+    # was still arriving): `_decode` returns them instead of reading again.
+    stored: np.ndarray | None = None
 
 
-def _read_headers(paths: Sequence[Path]) -> tuple[list[Dataset], list[_File]]:
+@dataclass(frozen=True)
+class ImageFile:
+    """One file of a series read ahead of the rest: its header and its stored pixel values.
+
+    `stored` is (frames, rows, cols), a private copy; `frames` the geometry
+    and rescale of each frame. `load_series(..., read_ahead=...)` takes
+    these instead of reading the files again.
+    """
+
+    path: Path
+    header: Dataset
+    pixel_offset: int
+    stored: np.ndarray
+    frames: tuple[_Frame, ...]
+
+    @property
+    def nbytes(self) -> int:
+        return int(self.stored.nbytes)
+
+    def modality_values(self, index: int) -> np.ndarray:
+        """Frame `index` (0-based) in modality units, as `load_series` computes it."""
+        return _rescaled(self.stored[index], self.frames[index])
+
+
+def read_image_file(path: Path | str) -> ImageFile:
+    """Read one image file (header and pixels) on its own; SeriesQCError when unfit."""
+    headers, files = _read_headers([Path(path)])
+    header, file = headers[0], files[0]
+    _check_series(headers)
+    stored = np.array(_decode(file, header), copy=True)  # `_decode` may return scratch memory
+    return ImageFile(file.path, header, file.pixel_offset, stored, tuple(_frames_of(header, 0)))
+
+
+def _read_headers(
+    paths: Sequence[Path], read_ahead: Mapping[Path, ImageFile] | None = None
+) -> tuple[list[Dataset], list[_File]]:
     headers: list[Dataset] = []
     files: list[_File] = []
     for path in paths:
+        known = read_ahead.get(path) if read_ahead else None
+        if known is not None:
+            headers.append(known.header)
+            files.append(_File(known.path, known.pixel_offset, known.stored))
+            continue
         try:
             with open(path, "rb") as fh:
                 headers.append(pydicom.dcmread(fh, stop_before_pixels=True))
@@ -422,6 +465,8 @@ def _native(file: _File, header: Dataset) -> np.ndarray | None:
 
 def _decode(file: _File, header: Dataset) -> np.ndarray:
     """Stored pixel values of one file as (frames, rows, cols)."""
+    if file.stored is not None:
+        return file.stored
     uid = str(header.SOPInstanceUID)
     try:
         native = _native(file, header)
@@ -465,16 +510,18 @@ def _check_series(headers: Sequence[Dataset]) -> None:
         raise SeriesQCError("the series mixes different kinds of image (SOP classes)")
 
 
-def load_series(paths: Sequence[Path | str]) -> LoadedSeries:
+def load_series(
+    paths: Sequence[Path | str], read_ahead: Mapping[Path, ImageFile] | None = None
+) -> LoadedSeries:
     """Read, sort and check the files of one series; raises SeriesQCError when unfit.
 
     ValueError if the files belong to several series (the caller groups them:
-    see `choose_series`).
+    see `choose_series`). A file found in `read_ahead` is not read again.
     """
     if not paths:
         raise SeriesQCError("the series has no images")
     path_list = [Path(p) for p in paths]
-    headers, files, n_duplicates = _deduplicate(*_read_headers(path_list))
+    headers, files, n_duplicates = _deduplicate(*_read_headers(path_list, read_ahead))
     warnings: list[str] = []
     if n_duplicates:
         warnings.append(f"{n_duplicates} repeated instance(s) ignored")
@@ -591,11 +638,7 @@ def _volume(
         stored = _decode(file, headers[file_index])
         for j in range(stored.shape[0]):
             key = (file_index, j + 1)
-            f = frame_of[key]
-            # In place: no temporary arrays per slice (see `_scratch`).
-            out = volume[slot[key]]
-            np.multiply(stored[j], np.float32(f.slope), out=out, casting="unsafe")
-            out += np.float32(f.intercept)
+            _rescaled(stored[j], frame_of[key], out=volume[slot[key]])
     image = sitk.GetImageFromArray(volume)
     image.SetSpacing((in_plane[1], in_plane[0], slice_spacing))
     image.SetOrigin(tuple(float(v) for v in ordered[0].position))
@@ -604,6 +647,20 @@ def _volume(
     direction = np.column_stack([row_dir, col_dir, normal])
     image.SetDirection(tuple(float(v) for v in direction.ravel()))
     return image, ordered
+
+
+def _rescaled(stored: np.ndarray, frame: _Frame, out: np.ndarray | None = None) -> np.ndarray:
+    """Stored values times slope plus intercept, in float32.
+
+    In place into `out` (no temporary array per slice, see `_scratch`). One
+    function for the volume and for slices read ahead (`ImageFile`), so
+    both give the network the very same values.
+    """
+    if out is None:
+        out = np.empty(stored.shape, dtype=np.float32)
+    np.multiply(stored, np.float32(frame.slope), out=out, casting="unsafe")
+    out += np.float32(frame.intercept)
+    return out
 
 
 def _warn_shear(
@@ -629,18 +686,24 @@ def _warn_shear(
         )
 
 
-def choose_series(study_files: Iterable[Path | str]) -> list[SeriesFiles]:
+def choose_series(
+    study_files: Iterable[Path | str], headers: Mapping[Path, Dataset] | None = None
+) -> list[SeriesFiles]:
     """Group a study's files into image series, reading a few header attributes only.
 
     Non-image objects (SR, SEG, PR, KO ...) and unreadable files are left out.
     A projection series (CR, DX, MG ...) gives one entry per image, since each
-    view is analysed on its own. Sorted by series number, then UID.
+    view is analysed on its own. Sorted by series number, then UID. A file
+    whose header is in `headers` (read ahead) is not read again.
     """
     groups: dict[str, list[tuple[Path, Dataset]]] = {}
     for raw in study_files:
         path = Path(raw)
+        known = headers.get(path) if headers else None
         try:
-            ds = pydicom.dcmread(path, stop_before_pixels=True, specific_tags=_HEADER_TAGS)
+            ds = known or pydicom.dcmread(
+                path, stop_before_pixels=True, specific_tags=_HEADER_TAGS
+            )
         except (InvalidDicomError, OSError) as exc:
             log.warning("skipping %s: not a readable DICOM file (%s)", path.name, exc)
             continue

@@ -24,7 +24,7 @@ from __future__ import annotations
 import logging
 import time
 from collections.abc import Sequence
-from typing import Protocol
+from typing import Protocol, cast, runtime_checkable
 
 import numpy as np
 import SimpleITK as sitk
@@ -47,6 +47,8 @@ from model.results import (
     Outcome,
     SaliencyMap,
 )
+from model.slicewise import SlicePlan, assemble, prepare_slices, series_plan, source_order
+from model.stream import Taken, model_key
 
 log = logging.getLogger(__name__)
 
@@ -77,14 +79,35 @@ class AnalysisModel(Protocol):
     ) -> str | None: ...
 
 
-def analyse_series(series: LoadedSeries, model: AnalysisModel) -> AnalysisResult:
-    """Preprocess, predict on all slices, and aggregate into one ANALYSED result."""
-    manifest = model.manifest
-    pre = preprocess(series, manifest.input)
+@runtime_checkable
+class SliceByModel(Protocol):
+    """A model whose probabilities come apart from its saliency: analysed slice by slice."""
 
-    started = time.perf_counter()
-    prediction = model.predict(pre.array)
-    inference_seconds = round(time.perf_counter() - started, 4)
+    def probabilities(self, slices: np.ndarray) -> np.ndarray: ...
+
+    def predict(self, slices: np.ndarray, *, known: np.ndarray | None = None) -> PredictionLike: ...
+
+
+def analyse_series(
+    series: LoadedSeries, model: AnalysisModel, ahead: Taken | None = None
+) -> AnalysisResult:
+    """Preprocess, predict on all slices, and aggregate into one ANALYSED result.
+
+    A 2D model whose input slices are source slices (`model.slicewise`) is
+    run slice by slice, taking from `ahead` the slices prepared while the
+    study arrived; any other, on the whole preprocessed series.
+    """
+    manifest = model.manifest
+    plan = series_plan(series, manifest.input) if isinstance(model, SliceByModel) else None
+    early = 0
+    if plan is None:
+        pre = preprocess(series, manifest.input)
+        started = time.perf_counter()
+        prediction = model.predict(pre.array)
+        inference_seconds = round(time.perf_counter() - started, 4)
+    else:
+        assert isinstance(model, SliceByModel)
+        pre, prediction, early, inference_seconds = _slice_by_slice(series, model, plan, ahead)
     n = pre.array.shape[0]
     labels = manifest.labels
     probabilities = np.asarray(prediction.probabilities, dtype=np.float32)
@@ -125,6 +148,7 @@ def analyse_series(series: LoadedSeries, model: AnalysisModel) -> AnalysisResult
             # The device it ran on (a protocol model may not say): CPU or GPU.
             "parameters": {
                 "slices": n,
+                "computed_while_receiving": early,
                 "aggregation": "max over slices",
                 "device": str(getattr(model, "device", "unknown")),
             },
@@ -150,6 +174,59 @@ def analyse_series(series: LoadedSeries, model: AnalysisModel) -> AnalysisResult
     )
 
 
+def _slice_by_slice(
+    series: LoadedSeries, model: SliceByModel, plan: SlicePlan, ahead: Taken | None
+) -> tuple[Preprocessed, PredictionLike, int, float]:
+    """Network input and prediction, from the slices prepared ahead and the rest done now.
+
+    Returns the preprocessed series, the prediction, how many slices were
+    taken from `ahead`, and the seconds of inference spent here.
+    """
+    manifest = cast(AnalysisModel, model).manifest
+    spec = manifest.input
+    started = time.perf_counter()
+    n = series.n_slices
+    order = source_order(plan, n)
+    rows, cols = spec.size
+    x = np.empty((n, rows, cols), dtype=np.float32)
+    probabilities = np.empty((n, len(manifest.labels)), dtype=np.float32)
+    name = model_key(manifest)
+    missing: list[int] = []
+    for k, src in enumerate(order):
+        frame = series.frame_numbers[src] if series.frame_numbers is not None else 1
+        hit = ahead.slice(name, series.sop_instance_uids[src], frame, plan) if ahead else None
+        if hit is None:
+            missing.append(k)
+        else:
+            x[k], probabilities[k] = hit
+    if len(missing) == n:
+        # Nothing read ahead (streaming off, or the job came to another
+        # worker): the whole series at once, as `preprocess` does it.
+        pre = preprocess(series, spec)
+        started = time.perf_counter()
+        prediction = model.predict(pre.array)
+        return pre, prediction, 0, round(time.perf_counter() - started, 4)
+    values = sitk.GetArrayViewFromImage(series.image)
+    network_index = {src: k for k, src in enumerate(order)}
+    sources = sorted(order[k] for k in missing)
+    # Runs of consecutive source slices: views of the volume, not copies of it.
+    runs: list[np.ndarray] = []
+    if sources:
+        runs = np.split(np.asarray(sources), np.flatnonzero(np.diff(sources) > 1) + 1)
+    for run in runs:
+        first, stop = int(run[0]), int(run[-1]) + 1
+        prepared = prepare_slices(values[first:stop], plan, spec)
+        for offset, src in enumerate(range(first, stop)):
+            x[network_index[src]] = prepared[offset]
+    pre = assemble(series, spec, x, prepared_early=n - len(missing),
+                   seconds=time.perf_counter() - started)  # fmt: skip
+    started = time.perf_counter()
+    if missing:
+        probabilities[missing] = model.probabilities(x[missing])
+    prediction = model.predict(x, known=probabilities)
+    return pre, prediction, n - len(missing), round(time.perf_counter() - started, 4)
+
+
 def _checked_saliency(
     saliency: np.ndarray | None, shape: tuple[int, ...], name: str
 ) -> np.ndarray | None:
@@ -158,8 +235,10 @@ def _checked_saliency(
     values = np.asarray(saliency, dtype=np.float32)
     if values.shape != shape:
         raise ValueError(f"model {name} gave saliency of shape {values.shape}, expected {shape}")
-    values = np.nan_to_num(values, nan=0.0, posinf=1.0, neginf=0.0)
-    return np.clip(values, 0.0, 1.0)
+    # In place (the array is the prediction's, used here only): a 300-slice
+    # map is 20 MB, and two more of them cost page faults.
+    np.nan_to_num(values, copy=False, nan=0.0, posinf=1.0, neginf=0.0)
+    return np.clip(values, 0.0, 1.0, out=values)
 
 
 def _map_saliency(
@@ -246,6 +325,7 @@ def analyse_study(
     models: Sequence[AnalysisModel],
     *,
     study_instance_uid: str | None = None,
+    ahead: Taken | None = None,
 ) -> list[AnalysisResult]:
     """One result per model: ANALYSED, NOT_APPLICABLE or FAILED_QC (with the reason).
 
@@ -284,7 +364,7 @@ def analyse_study(
         chosen = max(candidates, key=lambda s: s.n_slices)
         try:
             started = time.perf_counter()
-            series = _load(chosen, loaded)
+            series = _load(chosen, loaded, ahead)
             load_seconds.setdefault(id(chosen), round(time.perf_counter() - started, 4))
         except SeriesQCError as exc:
             log.warning(
@@ -304,7 +384,7 @@ def analyse_study(
                 )
             )
             continue
-        result = analyse_series(series, model)
+        result = analyse_series(series, model, ahead)
         seconds = load_seconds.get(id(chosen))
         for step in result.provenance:
             if step.get("name") == "load" and step.get("seconds") is None:
@@ -337,14 +417,16 @@ def _without_silent_models(study_uid: str, results: list[AnalysisResult]) -> lis
 
 
 def _load(
-    chosen: SeriesFiles | LoadedSeries, cache: dict[int, LoadedSeries | SeriesQCError]
+    chosen: SeriesFiles | LoadedSeries,
+    cache: dict[int, LoadedSeries | SeriesQCError],
+    ahead: Taken | None = None,
 ) -> LoadedSeries:
     """Load once per study, whether it succeeds or is refused, however many models ask."""
     if isinstance(chosen, LoadedSeries):
         return chosen
     if id(chosen) not in cache:
         try:
-            cache[id(chosen)] = load_series(chosen.paths)
+            cache[id(chosen)] = load_series(chosen.paths, ahead.images if ahead else None)
         except SeriesQCError as exc:
             cache[id(chosen)] = exc
     found = cache[id(chosen)]

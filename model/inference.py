@@ -107,6 +107,16 @@ def forward_logits(
     return np.concatenate(out).astype(np.float32)
 
 
+def probabilities(
+    network: nn.Module, x: np.ndarray, *, device: torch.device, n_labels: int, batch_size: int
+) -> np.ndarray:
+    """Sigmoid of the logits (n, n_labels) of batch-shaped input (see `as_batch`)."""
+    logits = forward_logits(network, x, device, batch_size)
+    if logits.shape[1] != n_labels:
+        raise ValueError(f"network gives {logits.shape[1]} outputs, manifest has {n_labels} labels")
+    return (1.0 / (1.0 + np.exp(-logits.astype(np.float64)))).astype(np.float32)
+
+
 def predict(
     network: nn.Module,
     slices: np.ndarray,
@@ -118,17 +128,26 @@ def predict(
     batch_size: int = 32,
     saliency_top_k: int = 8,
     with_saliency: bool = True,
+    known: np.ndarray | None = None,
 ) -> Prediction:
-    """Probabilities (sigmoid of the logits: one independent output per label) and Grad-CAM."""
+    """Probabilities (sigmoid of the logits: one independent output per label) and Grad-CAM.
+
+    `known`: the slices' probabilities, computed earlier by `probabilities`
+    (slice by slice as the images arrived); only the saliency is computed here.
+    """
     x = as_batch(slices, channels, size)
     n = x.shape[0]
     if n == 0:
         sal = np.zeros((0, *size), dtype=np.float32) if with_saliency else None
         return Prediction(np.zeros((0, n_labels), dtype=np.float32), sal)
-    logits = forward_logits(network, x, device, batch_size)
-    if logits.shape[1] != n_labels:
-        raise ValueError(f"network gives {logits.shape[1]} outputs, manifest has {n_labels} labels")
-    probs = (1.0 / (1.0 + np.exp(-logits.astype(np.float64)))).astype(np.float32)
+    if known is None:
+        probs = probabilities(network, x, device=device, n_labels=n_labels, batch_size=batch_size)
+    else:
+        probs = np.asarray(known, dtype=np.float32)
+        if probs.shape != (n, n_labels):
+            raise ValueError(
+                f"known probabilities of shape {probs.shape}, expected {(n, n_labels)}"
+            )
     if not with_saliency:
         return Prediction(probs, None)
     layer = target_layer(network)

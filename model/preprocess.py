@@ -163,10 +163,31 @@ class _Grid:
         )
 
 
-def _resample(
-    source: sitk.Image, grid: _Grid, spec: InputSpec
-) -> tuple[sitk.Image, dict[str, object]]:
-    """Linear resampling onto the network grid, centre on centre (as in training)."""
+@dataclass(frozen=True)
+class _Output:
+    """The network grid `_resample` makes of an (oriented) source grid."""
+
+    size: np.ndarray  # (x, y, z) voxels
+    spacing: np.ndarray  # mm
+    origin: np.ndarray  # mm, patient coordinates
+    shift: np.ndarray  # mm along the source grid's axes: centre on centre
+    keep_slices: bool
+    fit: str
+
+    def params(self, spec: InputSpec, **extra: object) -> dict[str, object]:
+        out_rows, out_cols = spec.size
+        return {
+            "interpolation": "linear",
+            "fit": self.fit,
+            "size": [out_rows, out_cols, int(self.size[2])],  # rows, columns, slices
+            "spacing_mm": [round(float(v), 6) for v in (self.spacing[1], self.spacing[0],
+                                                         self.spacing[2])],
+            "slices_kept": self.keep_slices,
+            **extra,
+        }  # fmt: skip
+
+
+def _output(grid: _Grid, spec: InputSpec) -> _Output:
     out_rows, out_cols = spec.size
     if spec.spacing is None:
         # Fit the field of view: each axis on its own, as the training transform does.
@@ -190,15 +211,23 @@ def _resample(
     if keep_slices:
         shift[2] = 0.0
     origin = grid.origin + grid.direction @ shift
+    return _Output(size_out, spacing_out, origin, shift, keep_slices, fit)
+
+
+def _resample(
+    source: sitk.Image, grid: _Grid, spec: InputSpec
+) -> tuple[sitk.Image, dict[str, object]]:
+    """Linear resampling onto the network grid, centre on centre (as in training)."""
+    target = _output(grid, spec)
     # NaN marks points outside the source; they get their slice's minimum below,
     # as the training transform pads each slice with its own minimum.
     out = sitk.Resample(
         source,
-        [int(v) for v in size_out],
+        [int(v) for v in target.size],
         sitk.Transform(),
         sitk.sitkLinear,
-        tuple(float(v) for v in origin),
-        tuple(float(v) for v in spacing_out),
+        tuple(float(v) for v in target.origin),
+        tuple(float(v) for v in target.spacing),
         tuple(float(v) for v in grid.direction.ravel()),
         float("nan"),
         sitk.sitkFloat32,
@@ -208,22 +237,14 @@ def _resample(
     padded = bool(outside.any())
     if padded:
         values = sitk.GetArrayViewFromImage(source)
-        if keep_slices:
+        if target.keep_slices:
             array = np.where(outside, _slice_minima(values, grid)[:, None, None], array)
         else:
             array[outside] = float(values.min())
         filled = sitk.GetImageFromArray(array.astype(np.float32, copy=False))
         filled.CopyInformation(out)
         out = filled
-    params: dict[str, object] = {
-        "interpolation": "linear",
-        "fit": fit,
-        "size": [out_rows, out_cols, size_z],  # rows, columns, slices
-        "spacing_mm": [round(float(v), 6) for v in (spacing_xy[1], spacing_xy[0], spacing_z)],
-        "slices_kept": keep_slices,
-        "padded": padded,
-    }
-    return out, params
+    return out, target.params(spec, padded=padded)
 
 
 def _slice_minima(values: np.ndarray, grid: _Grid) -> np.ndarray:
@@ -235,9 +256,38 @@ def _slice_minima(values: np.ndarray, grid: _Grid) -> np.ndarray:
     return minima[::-1] if grid.flipped[2] else minima
 
 
-def _denoise(image: sitk.Image, spec: InputSpec) -> tuple[sitk.Image, dict[str, object]]:
+def denoise_params(spec: InputSpec, spacing: Sequence[float]) -> dict[str, object]:
+    """What `_denoise` does to an image of this in-plane spacing, as the provenance records it."""
     if spec.denoise == "none":
-        return image, {"method": "none"}
+        return {"method": "none"}
+    if spec.denoise == "gaussian":
+        sigma = float(spec.denoise_sigma_mm)
+        return {"method": "gaussian", "sigma_mm": sigma, "dimensions": "in-plane"}
+    # CurvatureFlow: explicit scheme, stable below min spacing / 2^(dim + 1)
+    # (ITK); 2D slices here, so / 8, as in training.
+    return {
+        "method": "curvature_flow",
+        "iterations": int(spec.denoise_iterations),
+        "time_step": round(min(spacing[0], spacing[1]) / 8.0, 6),
+        "dimensions": "in-plane",
+    }
+
+
+def contrast_params(spec: InputSpec) -> dict[str, object]:
+    if spec.contrast == "none":
+        return {"method": "none"}
+    if spec.contrast == "window":
+        if spec.window is None:
+            raise ValueError("contrast 'window' needs input.window in the manifest")
+        center, width = spec.window
+        return {"method": "window", "center": center, "width": width}
+    return {"method": "histogram", "percentiles": list(HISTOGRAM_PERCENTILES)}
+
+
+def _denoise(image: sitk.Image, spec: InputSpec) -> tuple[sitk.Image, dict[str, object]]:
+    params = denoise_params(spec, image.GetSpacing())
+    if spec.denoise == "none":
+        return image, params
     if spec.denoise == "gaussian":
         sigma = float(spec.denoise_sigma_mm)
         # SmoothingRecursiveGaussian in 2D is these two 1D passes (x, then y);
@@ -247,9 +297,7 @@ def _denoise(image: sitk.Image, spec: InputSpec) -> tuple[sitk.Image, dict[str, 
             out = sitk.RecursiveGaussian(
                 out, sigma, False, sitk.RecursiveGaussianImageFilter.ZeroOrder, axis
             )
-        return out, {"method": "gaussian", "sigma_mm": sigma, "dimensions": "in-plane"}
-    # CurvatureFlow: explicit scheme, stable below min spacing / 2^(dim + 1)
-    # (ITK); 2D slices here, so / 8, as in training.
+        return out, params
     spacing = image.GetSpacing()
     step = min(spacing[0], spacing[1]) / 8.0
     iterations = int(spec.denoise_iterations)
@@ -263,32 +311,24 @@ def _denoise(image: sitk.Image, spec: InputSpec) -> tuple[sitk.Image, dict[str, 
         )
     out = sitk.GetImageFromArray(array)
     out.CopyInformation(image)
-    params: dict[str, object] = {
-        "method": "curvature_flow",
-        "iterations": iterations,
-        "time_step": round(step, 6),
-        "dimensions": "in-plane",
-    }
     return out, params
 
 
 def _contrast(array: np.ndarray, spec: InputSpec) -> tuple[np.ndarray, dict[str, object]]:
+    params = contrast_params(spec)
     array = np.asarray(array, dtype=np.float32)
     if spec.contrast == "none":
         # Values as they are (HU for CT). datasets.network_input clips to [0, 1]
         # even here; a model trained with "none" would need that settled first.
-        return np.ascontiguousarray(array), {"method": "none"}
+        return np.ascontiguousarray(array), params
     if spec.contrast == "window":
-        if spec.window is None:
-            raise ValueError("contrast 'window' needs input.window in the manifest")
+        assert spec.window is not None  # contrast_params checked it
         center, width = spec.window
         out = (array - (center - width / 2.0)) / width
-        params: dict[str, object] = {"method": "window", "center": center, "width": width}
     else:
         lo, hi = np.percentile(array, HISTOGRAM_PERCENTILES, axis=(1, 2))
         span = np.maximum(hi - lo, 1e-6)
         out = (array - lo[:, None, None]) / span[:, None, None]
-        params = {"method": "histogram", "percentiles": list(HISTOGRAM_PERCENTILES)}
     return np.ascontiguousarray(np.clip(out, 0.0, 1.0), dtype=np.float32), params
 
 

@@ -22,7 +22,7 @@ import numpy as np
 import torch
 from torch import nn
 
-from model.inference import Prediction, predict
+from model.inference import Prediction, as_batch, predict, probabilities
 from model.manifest import (
     MANIFEST_NAME,
     ModelManifest,
@@ -166,8 +166,12 @@ class LoadedModel:
         batch_size: int = 32,
         saliency_top_k: int = 8,
         with_saliency: bool = True,
+        known: np.ndarray | None = None,
     ) -> Prediction:
-        """Probabilities and saliency for preprocessed slices (n, h, w) or (n, c, h, w)."""
+        """Probabilities and saliency for preprocessed slices (n, h, w) or (n, c, h, w).
+
+        With `known` (from `probabilities`), only the saliency is computed.
+        """
         spec = self.manifest.input
         return predict(
             self.network,
@@ -179,6 +183,18 @@ class LoadedModel:
             batch_size=batch_size,
             saliency_top_k=saliency_top_k,
             with_saliency=with_saliency,
+            known=known,
+        )
+
+    def probabilities(self, slices: np.ndarray, *, batch_size: int = 32) -> np.ndarray:
+        """Per-slice probabilities (n, n_labels) only: no saliency."""
+        spec = self.manifest.input
+        return probabilities(
+            self.network,
+            as_batch(slices, spec.channels, spec.size),
+            device=self.device,
+            n_labels=len(self.manifest.labels),
+            batch_size=batch_size,
         )
 
 

@@ -152,11 +152,18 @@ def test_positive_ct_sr_content_tree(ct_headers: list[Dataset], tmp_path: Path) 
     (procedure,) = _children(sr, "121058")
     assert procedure.ConceptCodeSequence[0].CodeValue == "25045-6"  # CID 100
     library = _library(sr)
-    assert set(library) == {h.SOPInstanceUID for h in ct_headers}
-    # Full descriptors (position, spacing, ...) for the findings' key images only.
+    # The findings' key images, with full descriptors (position, spacing, ...);
+    # every analysed image is in the evidence.
     key_images = {f.location.sop_instance_uid for f in result.findings}
-    assert {uid for uid, n in library.items() if n} == key_images
+    assert set(library) == key_images
     assert all(library[uid] >= 10 for uid in key_images)
+    evidence = {
+        ref.ReferencedSOPInstanceUID
+        for study in sr.CurrentRequestedProcedureEvidenceSequence
+        for series in study.ReferencedSeriesSequence
+        for ref in series.ReferencedSOPSequence
+    }
+    assert evidence == {h.SOPInstanceUID for h in ct_headers}
 
     groups = _groups(sr)
     assert len(groups) == len(result.findings)
@@ -396,7 +403,7 @@ def test_verified_sr(ct_headers: list[Dataset], tmp_path: Path) -> None:
     assert predecessor.ReferencedSOPSequence[0].ReferencedSOPInstanceUID == ai_sr.SOPInstanceUID
     assert verified.StudyInstanceUID == ai_sr.StudyInstanceUID
     assert verified.StudyDescription == ai_sr.StudyDescription
-    assert _library_uids(verified) == {h.SOPInstanceUID for h in ct_headers}
+    assert _library_uids(verified) == _library_uids(ai_sr)
     person = [i for i in verified.ContentSequence if _concept(i) == ("121008", "DCM")]
     assert [str(i.PersonName) for i in person] == ["Reader^Rita"]
     assert any(

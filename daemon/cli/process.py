@@ -9,15 +9,26 @@ from daemon.config import Config
 
 
 def _cmd_serve(config: Config, _args: argparse.Namespace) -> int:
+    if config.worker.in_process and config.worker.keep_memory_mb:
+        _tuned_allocator()
     from daemon.service import Service
 
     return Service(config).run()
 
 
 def _cmd_worker(config: Config, _args: argparse.Namespace) -> int:
+    if config.worker.keep_memory_mb:
+        _tuned_allocator()
     from daemon.stages.analyse.worker import run_worker
 
     return run_worker(config)
+
+
+def _tuned_allocator() -> None:
+    """Re-run once with the allocator settings a worker needs (daemon/memory.py)."""
+    from daemon.memory import exec_with_tunables
+
+    exec_with_tunables()
 
 
 def _cmd_web(config: Config, _args: argparse.Namespace) -> int:

@@ -42,20 +42,41 @@ class ModelAnalyser:
     """The configured models, loaded once, run on a study through model/analysis."""
 
     def __init__(
-        self, model_dirs: Sequence[Path] | None, *, device: str = "auto", batch_size: int = 16
+        self,
+        model_dirs: Sequence[Path] | None,
+        *,
+        device: str = "auto",
+        batch_size: int = 16,
+        stream_memory_mb: int = 2048,
     ) -> None:
         # Imported here: torch is heavy, and the tests' stand-in analysers don't need it.
         from model.registry import ModelRegistry
+        from model.stream import ReadAhead
 
         self.registry = ModelRegistry(model_dirs, device)
         self.models = [_Batched(m, batch_size) for m in self.registry.models]
         if not self.models:
             log.warning("no model configured: every study will be reported as not analysed")
+        self.ahead = ReadAhead(self.models, max_bytes=stream_memory_mb * 2**20)
 
     @classmethod
     def from_config(cls, config: Config) -> ModelAnalyser:
         paths = config.models.paths or None  # None: the models shipped in model/builtin
-        return cls(paths, device=config.worker.device, batch_size=config.worker.batch_size)
+        return cls(
+            paths,
+            device=config.worker.device,
+            batch_size=config.worker.batch_size,
+            stream_memory_mb=config.worker.stream_memory_mb,
+        )
+
+    def prepare(self, study_instance_uid: str, paths: Sequence[Path]) -> int:
+        """Read and prepare images of a study still arriving (the streamer's call)."""
+        if not self.models:
+            return 0
+        return self.ahead.add(study_instance_uid, paths)
+
+    def forget_idle(self, seconds: float) -> list[str]:
+        return self.ahead.drop_idle(seconds)
 
     def analyse(
         self, study_instance_uid: str, series: Mapping[str, Sequence[Path]]
@@ -67,8 +88,17 @@ class ModelAnalyser:
             return [_not_applicable(study_instance_uid, "no AI model is installed")]
         # Regrouped from the headers: a projection series is one analysis per image.
         files = [path for paths in series.values() for path in paths]
-        candidates = choose_series(files)
-        return analyse_study(candidates, self.models, study_instance_uid=study_instance_uid)
+        # The lock pauses the streamer: a completed study goes first.
+        with self.ahead.lock:
+            self.ahead.close(study_instance_uid)
+            taken = self.ahead.take(files)
+            try:
+                candidates = choose_series(files, taken.headers())
+                return analyse_study(
+                    candidates, self.models, study_instance_uid=study_instance_uid, ahead=taken
+                )
+            finally:
+                self.ahead.drop_study(study_instance_uid)
 
 
 def _not_applicable(study_instance_uid: str, reason: str) -> AnalysisResult:
@@ -97,8 +127,11 @@ class _Batched:
         """Where the network runs (the run's provenance records it)."""
         return self._model.device
 
-    def predict(self, slices: np.ndarray) -> Prediction:
-        return self._model.predict(slices, batch_size=self._batch_size)
+    def predict(self, slices: np.ndarray, *, known: np.ndarray | None = None) -> Prediction:
+        return self._model.predict(slices, batch_size=self._batch_size, known=known)
+
+    def probabilities(self, slices: np.ndarray) -> np.ndarray:
+        return self._model.probabilities(slices, batch_size=self._batch_size)
 
     def algorithm_info(self) -> AlgorithmInfo:
         return self._model.algorithm_info()

@@ -29,6 +29,7 @@ from types import FrameType
 
 from daemon.config import Config, WorkerConfig
 from daemon.stages.analyse.analyser import Analyser
+from daemon.stages.analyse.stream import ReadsAhead, Streamer
 from db import queue
 from db.notify import JOBS, Listener
 from db.queue import ClaimedJob, LeaseLost, RetryPolicy
@@ -141,6 +142,8 @@ class Worker:
         self._thread: threading.Thread | None = None
         self._next_reap = 0.0
         self.failed = False
+        # Reads the images of studies still arriving ahead of their job (stream.py).
+        self.streamer: Streamer | None = None
 
     @classmethod
     def from_config(cls, config: Config, db: Database, name: str = "worker") -> Worker:
@@ -185,10 +188,27 @@ class Worker:
         """A job was queued: look now rather than after the poll interval."""
         self._wake.set()
 
+    def stream_wake(self) -> None:
+        """An instance was received: the streamer looks now."""
+        if self.streamer is not None:
+            self.streamer.wake()
+
+    def _start_streaming(self) -> None:
+        if not self.settings.streaming or self.streamer is not None:
+            return
+        if not isinstance(self.analyser, ReadsAhead):
+            return  # a stand-in analyser (tests): nothing to read ahead for
+        self.streamer = Streamer(
+            self.db, self.analyser, self.settings, spool_dir=self.spool_dir
+        ).start()
+        log.info("streaming: images are read and analysed as they arrive")
+
     def stop(self, grace_seconds: float) -> None:
         """Let the current job finish for `grace_seconds`, else give it back to the queue."""
         self._stop.set()
         self._wake.set()
+        if self.streamer is not None:
+            self.streamer.stop()
         if self._thread is not None:
             self._thread.join(grace_seconds)
         with self._lock:
@@ -220,6 +240,7 @@ class Worker:
         # small objects) and doubled its time.
         gc.freeze()
         _no_hugepage_advice()
+        self._start_streaming()
         log.info("worker %s taking jobs", self.owner)
         while not self._stop.is_set():
             try:
@@ -315,7 +336,10 @@ def run_worker(config: Config) -> int:
     """`secondreader worker`: one worker process until SIGTERM/SIGINT. Returns the exit code."""
     from daemon.factories import open_database
     from daemon.liveness import Heartbeat
+    from daemon.memory import keep_freed_memory
 
+    if config.worker.keep_memory_mb:
+        keep_freed_memory(config.worker.keep_memory_mb)
     # With the audit key (its events are signed), checked against the database's;
     # no schema or another key: one line and exit 2 (daemon/cli/).
     db = open_database(config)
@@ -378,3 +402,4 @@ def _no_hugepage_advice() -> None:
             switch(False)
             return
     log.debug("numpy %s: hugepage advice left as it is", np.__version__)
+

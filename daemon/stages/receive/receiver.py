@@ -101,6 +101,9 @@ class Receiver:
         with db.session() as s:
             self._mpps_waiting: set[str] = waiting_studies(s)
         self.on_ready: Callable[[], None] | None = None
+        # Called after each stored instance: the streamer's wake-up (an
+        # in-process worker reads the image ahead of completion).
+        self.on_stored: Callable[[], None] | None = None
         # One spool writer per concurrent association at most.
         self._io = ThreadPoolExecutor(max_associations, thread_name_prefix="spool")
 
@@ -273,6 +276,8 @@ class Receiver:
             ident.study_instance_uid,
             "new" if is_new else "duplicate",
         )
+        if self.on_stored is not None:
+            self.on_stored()
         if ident.study_instance_uid in self._mpps_waiting and self.on_ready is not None:
             self.on_ready()
         return status.SUCCESS
