@@ -30,7 +30,6 @@ import numpy as np
 import SimpleITK as sitk
 
 from dicom_io.series import LoadedSeries, SeriesFiles, SeriesQCError, load_series
-from model.manifest import ModelManifest
 from model.observation import observe
 from model.preprocess import (
     Preprocessed,
@@ -48,7 +47,7 @@ from model.results import (
     SaliencyMap,
 )
 from model.slicewise import SlicePlan, assemble, prepare_slices, series_plan, source_order
-from model.stream import Taken, model_key
+from model.stream import Applicable, Taken, model_key
 
 log = logging.getLogger(__name__)
 
@@ -60,23 +59,12 @@ class PredictionLike(Protocol):
     def saliency(self) -> np.ndarray | None: ...  # (n, h, w) in [0, 1]
 
 
-class AnalysisModel(Protocol):
+class AnalysisModel(Applicable, Protocol):
     """What the analysis needs of a model; `model.registry.LoadedModel` is one."""
-
-    @property
-    def manifest(self) -> ModelManifest: ...
 
     def predict(self, slices: np.ndarray) -> PredictionLike: ...
 
     def algorithm_info(self) -> AlgorithmInfo: ...
-
-    def applicability(
-        self,
-        modality: str | None,
-        body_part: str | None = None,
-        series_description: str | None = None,
-        n_slices: int = 1,
-    ) -> str | None: ...
 
 
 @runtime_checkable

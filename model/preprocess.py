@@ -214,24 +214,31 @@ def _output(grid: _Grid, spec: InputSpec) -> _Output:
     return _Output(size_out, spacing_out, origin, shift, keep_slices, fit)
 
 
-def _resample(
-    source: sitk.Image, grid: _Grid, spec: InputSpec
-) -> tuple[sitk.Image, dict[str, object]]:
-    """Linear resampling onto the network grid, centre on centre (as in training)."""
-    target = _output(grid, spec)
-    # NaN marks points outside the source; they get their slice's minimum below,
-    # as the training transform pads each slice with its own minimum.
-    out = sitk.Resample(
+def _onto(source: sitk.Image, target: _Output, direction: np.ndarray) -> sitk.Image:
+    """`source` resampled (linear) onto the target grid; NaN where the source has no data.
+
+    NaN marks points outside the source; they get their slice's minimum
+    after, as the training transform pads each slice with its own minimum.
+    """
+    return sitk.Resample(
         source,
         [int(v) for v in target.size],
         sitk.Transform(),
         sitk.sitkLinear,
         tuple(float(v) for v in target.origin),
         tuple(float(v) for v in target.spacing),
-        tuple(float(v) for v in grid.direction.ravel()),
+        tuple(float(v) for v in np.asarray(direction, dtype=float).ravel()),
         float("nan"),
         sitk.sitkFloat32,
     )
+
+
+def _resample(
+    source: sitk.Image, grid: _Grid, spec: InputSpec
+) -> tuple[sitk.Image, dict[str, object]]:
+    """Linear resampling onto the network grid, centre on centre (as in training)."""
+    target = _output(grid, spec)
+    out = _onto(source, target, grid.direction)
     array = sitk.GetArrayFromImage(out)
     outside = np.isnan(array)
     padded = bool(outside.any())

@@ -29,6 +29,7 @@ from model.preprocess import (
     _contrast,
     _denoise,
     _Grid,
+    _onto,
     _orientation_code,
     _output,
     contrast_params,
@@ -114,18 +115,7 @@ def prepare_slices(values: np.ndarray, plan: SlicePlan, spec: InputSpec) -> np.n
     target = _output(grid, spec)
     image = sitk.GetImageFromArray(a)
     image.SetSpacing(tuple(float(v) for v in grid.spacing))
-    out = sitk.Resample(
-        image,
-        [int(v) for v in target.size],
-        sitk.Transform(),
-        sitk.sitkLinear,
-        tuple(float(v) for v in target.origin),
-        tuple(float(v) for v in target.spacing),
-        tuple(float(v) for v in np.eye(3).ravel()),
-        float("nan"),
-        sitk.sitkFloat32,
-    )
-    array = sitk.GetArrayFromImage(out)
+    array = sitk.GetArrayFromImage(_onto(image, target, np.eye(3)))
     outside = np.isnan(array)
     if outside.any():
         # Each slice padded with its own minimum, as in training and `preprocess`.

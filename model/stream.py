@@ -45,13 +45,11 @@ _CLOSED_KEPT = 1000
 _PLANS_KEPT = 1000
 
 
-class SliceModel(Protocol):
-    """A model whose per-slice probabilities can be computed apart from its saliency."""
+class Applicable(Protocol):
+    """A model with its manifest, that says whether it applies to a series."""
 
     @property
     def manifest(self) -> ModelManifest: ...
-
-    def probabilities(self, slices: np.ndarray) -> np.ndarray: ...
 
     def applicability(
         self,
@@ -60,6 +58,12 @@ class SliceModel(Protocol):
         series_description: str | None = None,
         n_slices: int = 1,
     ) -> str | None: ...
+
+
+class SliceModel(Applicable, Protocol):
+    """A model whose per-slice probabilities can be computed apart from its saliency."""
+
+    def probabilities(self, slices: np.ndarray) -> np.ndarray: ...
 
 
 def model_key(manifest: ModelManifest) -> str:
