@@ -1,24 +1,25 @@
-"""Running a loaded network on preprocessed slices.
+"""Running a loaded model's runtime on preprocessed slices.
 
-The forward pass runs batched under `torch.inference_mode` (no autograd
-bookkeeping), with float16 autocast on CUDA only: CPU autocast is bfloat16,
-slower than float32 on most CPUs and lossier. A CUDA out-of-memory error (a
-busy shared GPU, a large series) halves the batch and retries, down to one
-slice, rather than failing the study.
+The forward pass runs batched on the model's runtime (`model.runtimes`:
+torch or ONNX Runtime). A CUDA out-of-memory error (a busy shared GPU, a
+large series) halves the batch and retries, down to one slice, rather than
+failing the study. Probabilities are the sigmoid of the logits, through the
+manifest's calibration where it has one.
 """
 
 from __future__ import annotations
 
-import contextlib
 import logging
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from typing import Literal
 
 import numpy as np
 import torch
-from torch import nn
+import torch.nn.functional as F
 
+from model.manifest import Calibration
+from model.runtimes import Outputs, Runtime
 from model.saliency import grad_cam, target_layer
 
 log = logging.getLogger(__name__)
@@ -29,20 +30,15 @@ class Prediction:
     """Per-slice outputs for one series.
 
     `probabilities` (n, n_labels) float32. `saliency` (n, h, w) float32 in
-    [0, 1]: Grad-CAM on the `top_k` most suspicious slices, each map scaled to
-    peak at that slice's probability so a faint map means weak evidence;
-    zeros elsewhere. None when saliency was not asked for, or the network
-    (TorchScript) cannot be explained.
+    [0, 1]: the model's class-activation map, or Grad-CAM, on the `top_k`
+    most suspicious slices, each map scaled to peak at that slice's
+    probability so a faint map means weak evidence; zeros elsewhere. None
+    when saliency was not asked for, or the model exports no map and has no
+    torch network to hook (TorchScript or ONNX without a "cam" output).
     """
 
     probabilities: np.ndarray
     saliency: np.ndarray | None
-
-
-def _autocast(device: torch.device) -> contextlib.AbstractContextManager[None]:
-    if device.type == "cuda":
-        return torch.autocast(device_type="cuda", dtype=torch.float16)
-    return contextlib.nullcontext()
 
 
 def as_batch(slices: np.ndarray, channels: int, size: tuple[int, int]) -> np.ndarray:
@@ -91,37 +87,77 @@ def run_batched(
     return out
 
 
-def forward_logits(
-    network: nn.Module, x: np.ndarray, device: torch.device, batch_size: int = 32
-) -> np.ndarray:
-    """Logits (n, n_out) float32, batched; halves the batch on CUDA out-of-memory."""
+def forward(runtime: Runtime, x: np.ndarray, batch_size: int = 32) -> Outputs:
+    """The runtime's outputs for batch-shaped input, batched; halves the batch on CUDA OOM."""
+    cams: list[np.ndarray] = []
 
     def step(part: slice) -> np.ndarray:
-        with torch.inference_mode(), _autocast(device):
-            batch = torch.from_numpy(x[part]).to(device)
-            return network(batch).float().cpu().numpy()
+        logits, cam = runtime.forward(x[part])
+        if cam is not None:
+            cams.append(cam)
+        return logits
 
-    out = run_batched(x.shape[0], batch_size, device, step)
+    out = run_batched(x.shape[0], batch_size, runtime.device, step)
     if not out:
-        return np.zeros((0, 0), dtype=np.float32)
-    return np.concatenate(out).astype(np.float32)
+        return np.zeros((0, 0), dtype=np.float32), None
+    return np.concatenate(out).astype(np.float32), np.concatenate(cams) if cams else None
+
+
+def forward_logits(runtime: Runtime, x: np.ndarray, batch_size: int = 32) -> np.ndarray:
+    """Logits (n, n_out) float32, batched; halves the batch on CUDA out-of-memory."""
+    return forward(runtime, x, batch_size)[0]
+
+
+def calibrated(logits: np.ndarray, calibration: Calibration | None) -> np.ndarray:
+    """Probabilities from logits: sigmoid(slope * logit + intercept), or the plain sigmoid."""
+    z = np.asarray(logits, dtype=np.float64)
+    if calibration is not None:
+        z = calibration.slope * z + calibration.intercept
+    return (1.0 / (1.0 + np.exp(-z))).astype(np.float32)
+
+
+def _checked_logits(logits: np.ndarray, n: int, n_labels: int) -> np.ndarray:
+    if logits.ndim != 2 or logits.shape != (n, n_labels):
+        raise ValueError(f"network gives logits of shape {logits.shape} for {n} slices, "
+                         f"manifest has {n_labels} labels")
+    return logits
 
 
 def probabilities(
-    network: nn.Module, x: np.ndarray, *, device: torch.device, n_labels: int, batch_size: int
+    runtime: Runtime,
+    x: np.ndarray,
+    *,
+    n_labels: int,
+    batch_size: int,
+    calibration: Calibration | None = None,
 ) -> np.ndarray:
-    """Sigmoid of the logits (n, n_labels) of batch-shaped input (see `as_batch`)."""
-    logits = forward_logits(network, x, device, batch_size)
-    if logits.shape[1] != n_labels:
-        raise ValueError(f"network gives {logits.shape[1]} outputs, manifest has {n_labels} labels")
-    return (1.0 / (1.0 + np.exp(-logits.astype(np.float64)))).astype(np.float32)
+    """Calibrated probabilities (n, n_labels) of batch-shaped input (see `as_batch`)."""
+    logits = _checked_logits(forward_logits(runtime, x, batch_size), x.shape[0], n_labels)
+    return calibrated(logits, calibration)
+
+
+def cam_saliency(cam: np.ndarray, labels: Sequence[int], size: tuple[int, int]) -> np.ndarray:
+    """Maps (k, h, w) in [0, 1] from a model's own class-activation maps (k, labels, h', w').
+
+    As Grad-CAM does it: the chosen label's map, positive part, bilinear to
+    the input size, scaled to peak at 1. For a network whose head is a 1x1
+    convolution before a pooling of the logit map, the bias-free logit map is
+    exactly its Grad-CAM (`model.networks.WithCam`).
+    """
+    if cam.ndim != 4 or cam.shape[0] != len(labels):
+        raise ValueError(f"class-activation maps of shape {cam.shape} for {len(labels)} slices")
+    chosen = torch.from_numpy(cam[np.arange(len(labels)), np.asarray(labels, dtype=np.int64)])
+    maps = F.relu(chosen[:, None].float())
+    maps = F.interpolate(maps, size=tuple(size), mode="bilinear", align_corners=False)[:, 0]
+    peak = maps.amax(dim=(1, 2), keepdim=True)
+    maps = torch.where(peak > 0, maps / peak.clamp_min(1e-12), torch.zeros_like(maps))
+    return maps.clamp_(0.0, 1.0).numpy().astype(np.float32)
 
 
 def predict(
-    network: nn.Module,
+    runtime: Runtime,
     slices: np.ndarray,
     *,
-    device: torch.device,
     channels: int,
     size: tuple[int, int],
     n_labels: int,
@@ -129,11 +165,15 @@ def predict(
     saliency_top_k: int = 8,
     with_saliency: bool = True,
     known: np.ndarray | None = None,
+    calibration: Calibration | None = None,
 ) -> Prediction:
-    """Probabilities (sigmoid of the logits: one independent output per label) and Grad-CAM.
+    """Probabilities (one independent, calibrated output per label) and saliency.
 
-    `known`: the slices' probabilities, computed earlier by `probabilities`
-    (slice by slice as the images arrived); only the saliency is computed here.
+    The saliency is the model's own class-activation map where it exports
+    one, else Grad-CAM where the runtime has a torch network to hook, else
+    None. `known`: the slices' probabilities, computed earlier by
+    `probabilities` (slice by slice as the images arrived); only the
+    saliency is computed here.
     """
     x = as_batch(slices, channels, size)
     n = x.shape[0]
@@ -141,7 +181,8 @@ def predict(
         sal = np.zeros((0, *size), dtype=np.float32) if with_saliency else None
         return Prediction(np.zeros((0, n_labels), dtype=np.float32), sal)
     if known is None:
-        probs = probabilities(network, x, device=device, n_labels=n_labels, batch_size=batch_size)
+        probs = probabilities(runtime, x, n_labels=n_labels, batch_size=batch_size,
+                              calibration=calibration)
     else:
         probs = np.asarray(known, dtype=np.float32)
         if probs.shape != (n, n_labels):
@@ -150,9 +191,11 @@ def predict(
             )
     if not with_saliency:
         return Prediction(probs, None)
-    layer = target_layer(network)
-    if layer is None:
-        log.debug("no layer to explain (TorchScript?): no saliency")
+    network = runtime.explainable()
+    layer = None if network is None else target_layer(network)
+    if not runtime.has_cam and layer is None:
+        log.debug("%s exports no class-activation map and has no layer to hook: no saliency",
+                  runtime.name)
         return Prediction(probs, None)
     saliency = np.zeros((n, *size), dtype=np.float32)
     k = min(saliency_top_k, n)
@@ -164,10 +207,15 @@ def predict(
 
         def explain(part: slice) -> np.ndarray:
             idx = top[part]
-            batch = torch.from_numpy(x[idx]).to(device)
+            if runtime.has_cam:
+                _, cam = runtime.forward(x[idx])
+                assert cam is not None
+                return cam_saliency(cam, best_label[idx].tolist(), size)
+            assert network is not None and layer is not None
+            batch = torch.from_numpy(x[idx]).to(runtime.device)
             return grad_cam(network, layer, batch, best_label[idx].tolist())
 
-        cams = np.concatenate(run_batched(k, batch_size, device, explain))
+        cams = np.concatenate(run_batched(k, batch_size, runtime.device, explain))
         saliency[top] = cams * slice_score[top, None, None]
     return Prediction(probs, saliency)
 

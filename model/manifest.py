@@ -64,13 +64,21 @@ class OutputLabel(_Strict):
     site: Code
 
 
+OutputRole = Literal["logits", "cam"]
+
+
 class WeightsSpec(_Strict):
     file: str  # relative to the model folder
     sha256: str
-    format: Literal["state_dict", "torchscript"] = "state_dict"
+    format: Literal["state_dict", "torchscript", "onnx"] = "state_dict"
     # For state_dict: "module:Class" of the network, built with `arguments`.
     architecture: str | None = None
     arguments: dict[str, int | float | str | bool] = Field(default_factory=dict)
+    # What the network returns, in order: its logits (n, labels) and, if it
+    # exports one, a class-activation map per label (n, labels, h', w') that
+    # drives the saliency objects instead of Grad-CAM (which needs Python hooks,
+    # so TorchScript and ONNX models have no other saliency).
+    outputs: list[OutputRole] = Field(default_factory=lambda: list[OutputRole](["logits"]))
 
     @field_validator("sha256")
     @classmethod
@@ -79,6 +87,37 @@ class WeightsSpec(_Strict):
         if len(v) != 64 or any(c not in "0123456789abcdef" for c in v):
             raise ValueError("must be 64 hexadecimal digits")
         return v
+
+    @field_validator("outputs")
+    @classmethod
+    def _roles(cls, v: list[OutputRole]) -> list[OutputRole]:
+        if v.count("logits") != 1 or v.count("cam") > 1:
+            raise ValueError("needs one 'logits' output and at most one 'cam' output")
+        return v
+
+
+class InferenceSpec(_Strict):
+    """How the network is run: batch size and, on a GPU, reduced precision."""
+
+    batch_size: int = Field(32, ge=1)
+    # Autocast dtype on CUDA ("fp32": none). The CPU always runs float32:
+    # CPU autocast is bfloat16, slower than float32 on most CPUs and lossier.
+    gpu_precision: Literal["fp16", "bf16", "fp32"] = "fp16"
+
+
+class Calibration(_Strict):
+    """Platt scaling of the network's logit: p = sigmoid(slope * logit + intercept).
+
+    Fitted on validation studies at training time (on the study's maximum
+    logit, since a study's probability is the maximum over its slices, and a
+    monotonic map commutes with the maximum), so that "70 %" means that about
+    70 of 100 such studies hold the finding, on data like the validation set.
+    """
+
+    method: Literal["platt"] = "platt"
+    slope: float = Field(gt=0.0)  # > 0: calibration never reverses the ranking
+    intercept: float
+    fitted_on: str = ""  # e.g. "40 synthetic validation studies, seed 0"
 
 
 class ModelManifest(_Strict):
@@ -90,8 +129,11 @@ class ModelManifest(_Strict):
     applies_to: AppliesTo = Field(default_factory=AppliesTo)
     input: InputSpec = Field(default_factory=InputSpec)
     labels: list[OutputLabel]
+    # On the (calibrated, where `calibration` is set) study probability.
     threshold: float = Field(0.5, ge=0.0, le=1.0)
     weights: WeightsSpec
+    inference: InferenceSpec = Field(default_factory=InferenceSpec)
+    calibration: Calibration | None = None
     # Test-set metrics recorded at training time (AUC, sensitivity, ...).
     metrics: dict[str, float] = Field(default_factory=dict)
     # How the weights were made (seed, data, epochs): enough to rebuild the

@@ -22,7 +22,7 @@ import numpy as np
 import torch
 from torch import nn
 
-from model.inference import Prediction, as_batch, predict, probabilities
+from model.inference import Prediction, as_batch, forward_logits, predict, probabilities
 from model.manifest import (
     MANIFEST_NAME,
     ModelManifest,
@@ -30,6 +30,7 @@ from model.manifest import (
     builtin_models_root,
 )
 from model.results import AlgorithmInfo
+from model.runtimes import OnnxRuntime, Runtime, TorchRuntime
 
 log = logging.getLogger(__name__)
 
@@ -109,22 +110,37 @@ def _build_network(manifest: ModelManifest) -> nn.Module:
 class LoadedModel:
     folder: Path
     manifest: ModelManifest
-    network: nn.Module
-    device: torch.device
+    runtime: Runtime
     sha256: str
 
     @property
     def name(self) -> str:
         return self.manifest.name
 
+    @property
+    def device(self) -> torch.device:
+        return self.runtime.device
+
+    @property
+    def network(self) -> nn.Module:
+        """The torch network (state_dict or TorchScript models only)."""
+        if not isinstance(self.runtime, TorchRuntime):
+            raise AttributeError(f"{self.name} runs on {self.runtime.name}, not torch")
+        return self.runtime.network
+
     def algorithm_info(self) -> AlgorithmInfo:
         m = self.manifest
+        parameters = {"threshold": f"{m.threshold:g}", "weights_sha256": self.sha256,
+                      "runtime": self.runtime.name}
+        if m.calibration is not None:
+            parameters["calibration"] = (f"{m.calibration.method} slope {m.calibration.slope:g} "
+                                         f"intercept {m.calibration.intercept:g}")
         return AlgorithmInfo(
             name=m.name,
             version=m.version,
             manufacturer=m.manufacturer,
             device_uid=device_uid_from_sha256(self.sha256),
-            parameters={"threshold": f"{m.threshold:g}", "weights_sha256": self.sha256},
+            parameters=parameters,
         )
 
     def applicability(
@@ -163,39 +179,46 @@ class LoadedModel:
         self,
         slices: np.ndarray,
         *,
-        batch_size: int = 32,
+        batch_size: int | None = None,
         saliency_top_k: int = 8,
         with_saliency: bool = True,
         known: np.ndarray | None = None,
     ) -> Prediction:
-        """Probabilities and saliency for preprocessed slices (n, h, w) or (n, c, h, w).
+        """Calibrated probabilities and saliency for preprocessed slices (n, h, w) or (n, c, h, w).
 
         With `known` (from `probabilities`), only the saliency is computed.
+        The batch size defaults to the manifest's.
         """
-        spec = self.manifest.input
+        m = self.manifest
         return predict(
-            self.network,
+            self.runtime,
             slices,
-            device=self.device,
-            channels=spec.channels,
-            size=spec.size,
-            n_labels=len(self.manifest.labels),
-            batch_size=batch_size,
+            channels=m.input.channels,
+            size=m.input.size,
+            n_labels=len(m.labels),
+            batch_size=batch_size or m.inference.batch_size,
             saliency_top_k=saliency_top_k,
             with_saliency=with_saliency,
             known=known,
+            calibration=m.calibration,
         )
 
-    def probabilities(self, slices: np.ndarray, *, batch_size: int = 32) -> np.ndarray:
-        """Per-slice probabilities (n, n_labels) only: no saliency."""
-        spec = self.manifest.input
+    def probabilities(self, slices: np.ndarray, *, batch_size: int | None = None) -> np.ndarray:
+        """Per-slice calibrated probabilities (n, n_labels) only: no saliency."""
+        m = self.manifest
         return probabilities(
-            self.network,
-            as_batch(slices, spec.channels, spec.size),
-            device=self.device,
-            n_labels=len(self.manifest.labels),
-            batch_size=batch_size,
+            self.runtime,
+            as_batch(slices, m.input.channels, m.input.size),
+            n_labels=len(m.labels),
+            batch_size=batch_size or m.inference.batch_size,
+            calibration=m.calibration,
         )
+
+    def logits(self, slices: np.ndarray, *, batch_size: int | None = None) -> np.ndarray:
+        """Per-slice logits (n, n_labels), before calibration: what a calibration is fitted on."""
+        m = self.manifest
+        x = as_batch(slices, m.input.channels, m.input.size)
+        return forward_logits(self.runtime, x, batch_size or m.inference.batch_size)
 
 
 def load_model(folder: Path, device: str | torch.device = "auto") -> LoadedModel:
@@ -217,8 +240,21 @@ def load_model(folder: Path, device: str | torch.device = "auto") -> LoadedModel
     if actual != manifest.weights.sha256:
         raise ModelIntegrityError(weights_path, manifest.weights.sha256, actual)
 
-    dev = resolve_device(device)
-    if manifest.weights.format == "torchscript":
+    runtime = _runtime(folder, manifest, data, resolve_device(device))
+    _probe(folder, manifest, runtime)
+    log.info("loaded model %s %s from %s on %s (%s)", manifest.name, manifest.version, folder,
+             runtime.device, runtime.name)
+    return LoadedModel(folder, manifest, runtime, actual)
+
+
+def _runtime(folder: Path, manifest: ModelManifest, data: bytes, dev: torch.device) -> Runtime:
+    spec = manifest.weights
+    if spec.format == "onnx":
+        try:
+            return OnnxRuntime(data, dev, spec.outputs)
+        except Exception as exc:  # onnxruntime raises its own types for a bad graph
+            raise ModelLoadError(f"{folder}: ONNX Runtime cannot load {spec.file}: {exc}") from exc
+    if spec.format == "torchscript":
         network = torch.jit.load(io.BytesIO(data), map_location=dev)
     else:
         network = _build_network(manifest)
@@ -226,28 +262,29 @@ def load_model(folder: Path, device: str | torch.device = "auto") -> LoadedModel
         try:
             network.load_state_dict(state, strict=True)
         except RuntimeError as exc:
-            raise ModelLoadError(f"{weights_path} does not fit {manifest.weights.architecture}: "
+            raise ModelLoadError(f"{folder / spec.file} does not fit {spec.architecture}: "
                                  f"{exc}") from exc
         network = network.to(dev)
     network.eval()
+    return TorchRuntime(network, dev, spec.outputs, manifest.inference.gpu_precision)
 
-    # One dummy slice: a manifest that promises other labels or input than the
-    # network has fails here, at startup, rather than on the first study.
+
+def _probe(folder: Path, manifest: ModelManifest, runtime: Runtime) -> None:
+    """Two dummy slices: a manifest that promises other labels, input or outputs than the
+    network has fails here, at startup, rather than on the first study."""
     spec = manifest.input
-    probe = torch.zeros((1, spec.channels, *spec.size), device=dev)
+    n_labels = len(manifest.labels)
+    probe = np.zeros((2, spec.channels, *spec.size), dtype=np.float32)
     try:
-        with torch.inference_mode():
-            out = network(probe)
-    except RuntimeError as exc:
-        shape = tuple(probe.shape)
-        raise ModelLoadError(f"{folder}: network rejects input {shape}: {exc}") from exc
-    if out.ndim != 2 or out.shape[1] != len(manifest.labels):
-        raise ModelLoadError(
-            f"{folder}: network gives outputs {tuple(out.shape)}, "
-            f"manifest lists {len(manifest.labels)} labels"
-        )
-    log.info("loaded model %s %s from %s on %s", manifest.name, manifest.version, folder, dev)
-    return LoadedModel(folder, manifest, network, dev, actual)
+        logits, cam = runtime.forward(probe)
+    except Exception as exc:  # torch, TorchScript and onnxruntime each raise their own
+        raise ModelLoadError(f"{folder}: network rejects input {probe.shape}: {exc}") from exc
+    if logits.shape != (2, n_labels):
+        raise ModelLoadError(f"{folder}: network gives logits {logits.shape} for 2 slices, "
+                             f"manifest lists {n_labels} labels")
+    if cam is not None and (cam.ndim != 4 or cam.shape[:2] != (2, n_labels)):
+        raise ModelLoadError(f"{folder}: class-activation map {cam.shape} for 2 slices: "
+                             f"expected (2, {n_labels}, h, w)")
 
 
 class ModelRegistry:

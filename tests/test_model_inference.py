@@ -10,6 +10,7 @@ from torch import nn
 from model.datasets import sample_seed, synthetic_cr_sample, synthetic_ct_sample
 from model.inference import aggregate_study, forward_logits, predict
 from model.registry import LoadedModel, builtin_model_dir, load_model
+from model.runtimes import TorchRuntime
 
 
 @pytest.fixture(scope="module")
@@ -95,20 +96,20 @@ class _OomAbove(nn.Module):
 
 def test_out_of_memory_halves_the_batch(model: LoadedModel, samples: tuple) -> None:
     x = samples[0][:, None]
-    expected = forward_logits(model.network, x, model.device, batch_size=16)
+    expected = forward_logits(model.runtime, x, batch_size=16)
     flaky = _OomAbove(model.network, limit=3)
-    got = forward_logits(flaky, x, model.device, batch_size=16)
+    got = forward_logits(TorchRuntime(flaky, model.device), x, batch_size=16)
     np.testing.assert_allclose(got, expected, atol=1e-5)
     assert flaky.sizes[:3] == [16, 8, 4] and set(flaky.sizes[3:]) <= {2}
     with pytest.raises(torch.cuda.OutOfMemoryError):
-        forward_logits(_OomAbove(model.network, limit=0), x, model.device, batch_size=4)
+        forward_logits(TorchRuntime(_OomAbove(model.network, limit=0), model.device), x,
+                       batch_size=4)
 
 
 def test_out_of_memory_in_grad_cam_halves_the_batch_too(model: LoadedModel, samples: tuple) -> None:
     x = samples[0][:8]
     spec = model.manifest.input
     kwargs = {
-        "device": model.device,
         "channels": spec.channels,
         "size": spec.size,
         "n_labels": len(model.manifest.labels),
@@ -116,9 +117,10 @@ def test_out_of_memory_in_grad_cam_halves_the_batch_too(model: LoadedModel, samp
         "saliency_top_k": 8,
     }
     # The same wrapper without a limit: Grad-CAM then explains the same layer.
-    expected = predict(_OomAbove(model.network, limit=1000), x, **kwargs)
+    expected = predict(TorchRuntime(_OomAbove(model.network, limit=1000), model.device), x,
+                       **kwargs)
     flaky = _OomAbove(model.network, limit=2)
-    got = predict(flaky, x, **kwargs)
+    got = predict(TorchRuntime(flaky, model.device), x, **kwargs)
     assert expected.saliency is not None and got.saliency is not None
     np.testing.assert_allclose(got.probabilities, expected.probabilities, atol=1e-5)
     np.testing.assert_allclose(got.saliency, expected.saliency, atol=1e-4)

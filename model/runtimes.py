@@ -1,0 +1,136 @@
+"""The runtimes a model's weights run on: torch (state_dict, TorchScript) and ONNX Runtime.
+
+A runtime turns one batch of network input (n, c, h, w) float32 into the
+outputs its manifest names (`weights.outputs`): the logits (n, labels) and,
+where the model exports one, a class-activation map (n, labels, h', w').
+Batching, calibration and saliency are the same for every runtime
+(`model.inference`); only Grad-CAM needs a torch network it can hook.
+
+ONNX Runtime is given the bytes that were hashed, never a path, so the
+file cannot change between the check and the load. It runs on the CUDA
+execution provider where the device is a GPU and onnxruntime-gpu provides
+it, else on the CPU with as many threads as torch uses.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+from collections.abc import Sequence
+from typing import Any, Protocol
+
+import numpy as np
+import torch
+from torch import nn
+
+log = logging.getLogger(__name__)
+
+# (logits (n, labels), cam (n, labels, h', w') or None)
+Outputs = tuple[np.ndarray, np.ndarray | None]
+
+
+class RuntimeOutputError(Exception):
+    """The network's outputs do not fit what its manifest declares."""
+
+
+class Runtime(Protocol):
+    name: str
+    device: torch.device
+
+    @property
+    def has_cam(self) -> bool: ...
+
+    def forward(self, x: np.ndarray) -> Outputs: ...
+
+    def explainable(self) -> nn.Module | None:
+        """A torch network Grad-CAM can hook, or None."""
+        ...
+
+
+def _by_role(outputs: Sequence[Any], roles: Sequence[str]) -> Outputs:
+    if len(outputs) != len(roles):
+        raise RuntimeOutputError(f"the network returns {len(outputs)} outputs, its manifest names "
+                            f"{len(roles)} ({', '.join(roles)})")
+    found = dict(zip(roles, outputs, strict=True))
+    logits = np.asarray(found["logits"], dtype=np.float32)
+    cam = found.get("cam")
+    return logits, None if cam is None else np.asarray(cam, dtype=np.float32)
+
+
+_AUTOCAST = {"fp16": torch.float16, "bf16": torch.bfloat16}
+
+
+class TorchRuntime:
+    """A torch network (state_dict or TorchScript), under `inference_mode`.
+
+    Autocast runs on CUDA only, in the manifest's precision.
+    """
+
+    def __init__(
+        self, network: nn.Module, device: torch.device, roles: Sequence[str] = ("logits",),
+        gpu_precision: str = "fp16",
+    ) -> None:
+        self.network = network
+        self.device = device
+        self.roles = tuple(roles)
+        self.gpu_precision = gpu_precision
+        self.name = "torchscript" if isinstance(network, torch.jit.ScriptModule) else "torch"
+
+    @property
+    def has_cam(self) -> bool:
+        return "cam" in self.roles
+
+    def _autocast(self) -> contextlib.AbstractContextManager[Any]:
+        dtype = _AUTOCAST.get(self.gpu_precision)
+        if self.device.type == "cuda" and dtype is not None:
+            return torch.autocast(device_type="cuda", dtype=dtype)
+        return contextlib.nullcontext()
+
+    def forward(self, x: np.ndarray) -> Outputs:
+        with torch.inference_mode(), self._autocast():
+            out = self.network(torch.from_numpy(np.ascontiguousarray(x)).to(self.device))
+            parts = out if isinstance(out, (tuple, list)) else (out,)
+            return _by_role([p.float().cpu().numpy() for p in parts], self.roles)
+
+    def explainable(self) -> nn.Module | None:
+        return None if isinstance(self.network, torch.jit.ScriptModule) else self.network
+
+
+class OnnxRuntime:
+    """An ONNX model in an onnxruntime InferenceSession: one input, outputs by role."""
+
+    name = "onnxruntime"
+
+    def __init__(self, model_bytes: bytes, device: torch.device, roles: Sequence[str]) -> None:
+        import onnxruntime as ort  # only a deployment with ONNX models pays for the import
+
+        options = ort.SessionOptions()
+        options.intra_op_num_threads = max(1, torch.get_num_threads())
+        options.inter_op_num_threads = 1
+        options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
+        providers = ["CPUExecutionProvider"]
+        if device.type == "cuda":
+            if "CUDAExecutionProvider" in ort.get_available_providers():
+                providers.insert(0, "CUDAExecutionProvider")
+            else:
+                log.warning("onnxruntime has no CUDA execution provider here "
+                            "(install onnxruntime-gpu): the ONNX model runs on the CPU")
+        self.session = ort.InferenceSession(model_bytes, options, providers=providers)
+        inputs = self.session.get_inputs()
+        if len(inputs) != 1:
+            raise RuntimeOutputError(f"an ONNX model must take one input, not {len(inputs)}")
+        self.input_name = inputs[0].name
+        self.roles = tuple(roles)
+        used = self.session.get_providers()[0]
+        self.device = torch.device("cuda" if used == "CUDAExecutionProvider" else "cpu")
+
+    @property
+    def has_cam(self) -> bool:
+        return "cam" in self.roles
+
+    def forward(self, x: np.ndarray) -> Outputs:
+        feed = {self.input_name: np.ascontiguousarray(x, dtype=np.float32)}
+        return _by_role(self.session.run(None, feed), self.roles)
+
+    def explainable(self) -> nn.Module | None:
+        return None
