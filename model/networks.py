@@ -78,3 +78,31 @@ class SliceClassifier(nn.Module):
         r = self.lse_r
         # log(mean(exp(r * m))) / r, written with logsumexp to stay finite.
         return (torch.logsumexp(r * m, dim=2) - math.log(m.shape[2])) / r
+
+
+class WithCam(nn.Module):
+    """A `SliceClassifier` that also returns its class-activation map: what an export carries.
+
+    Its logit for label l pools, by log-sum-exp, the map of a 1x1 convolution
+    over the last block's output. The gradient of that logit with respect to
+    channel c of the block at any location is the head's weight w[l, c] times
+    a softmax weight, and the softmax weights sum to 1 over the locations: so
+    Grad-CAM's channel weights are w[l, c] / (h' w'), and its map is the
+    head's map less its bias, up to a positive factor that Grad-CAM's peak
+    normalisation removes. A runtime with no autograd (ONNX Runtime,
+    TorchScript) then shows the saliency Grad-CAM shows in torch.
+    Outputs: logits (n, labels) and the map (n, labels, h', w').
+    """
+
+    def __init__(self, network: SliceClassifier) -> None:
+        super().__init__()
+        self.network = network
+
+    def forward(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        net = self.network
+        m = net.logit_map(x)
+        flat = m.flatten(2)
+        logits = (torch.logsumexp(net.lse_r * flat, dim=2) - math.log(flat.shape[2])) / net.lse_r
+        bias = net.head.bias
+        cam = m if bias is None else m - bias[None, :, None, None]
+        return logits, cam

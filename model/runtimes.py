@@ -108,6 +108,10 @@ class OnnxRuntime:
         options.intra_op_num_threads = max(1, torch.get_num_threads())
         options.inter_op_num_threads = 1
         options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
+        # Its pool's threads otherwise spin after each run, taking the cores
+        # from the receiver, the streamer and torch models in the same worker
+        # (bench/models.py measured torch's Grad-CAM 3x slower beside them).
+        options.add_session_config_entry("session.intra_op.allow_spinning", "0")
         providers = ["CPUExecutionProvider"]
         if device.type == "cuda":
             if "CUDAExecutionProvider" in ort.get_available_providers():

@@ -70,6 +70,82 @@ def _cmd_model_evaluate(_config: Config, args: argparse.Namespace) -> int:
     return 0
 
 
+def _model_errors() -> tuple[type[Exception], ...]:
+    """What a model folder, file or manifest can get wrong: one line, not a traceback."""
+    from pydantic import ValidationError
+
+    from model.export import ExportError
+    from model.registry import ModelIntegrityError, ModelLoadError
+
+    return (ModelLoadError, ModelIntegrityError, ExportError, ValidationError, OSError)
+
+
+def _refused(exc: Exception) -> int:
+    print(f"secondreader: {exc}", file=sys.stderr)
+    return EXIT_CONFIG
+
+
+def _cmd_model_export_onnx(_config: Config, args: argparse.Namespace) -> int:
+    from model.export import export_onnx
+
+    try:
+        folder = export_onnx(args.model, args.output, version=args.version)
+    except _model_errors() as exc:
+        return _refused(exc)
+    print(f"ONNX model folder written to {folder} (logits and class-activation map; "
+          "checked against torch)")
+    return 0
+
+
+def _cmd_model_import_onnx(config: Config, args: argparse.Namespace) -> int:
+    from model.export import import_onnx
+    from model.manifest import ModelManifest
+
+    try:
+        into = args.into
+        if into is None:
+            m = ModelManifest.model_validate({**_toml(args.manifest), "weights": {
+                "file": "model.onnx", "sha256": "0" * 64, "format": "onnx"}})
+            into = config.storage.state_dir / "models" / f"{m.name}-{m.version}"
+        folder = import_onnx(args.file, args.manifest, into)
+    except _model_errors() as exc:
+        return _refused(exc)
+    print(f"model folder written to {folder}")
+    print(f"to run it, add it to [models] paths in the configuration: \"{folder}\"")
+    return 0
+
+
+def _toml(path: Path) -> dict[str, Any]:
+    import tomllib
+
+    with path.open("rb") as fh:
+        return tomllib.load(fh)
+
+
+def _cmd_model_check(_config: Config, args: argparse.Namespace) -> int:
+    from model.export import check_model
+
+    try:
+        r = check_model(args.model, args.device)
+    except _model_errors() as exc:
+        return _refused(exc)
+    print(f"{r.folder}: {r.name} {r.version}")
+    rows = [
+        ("runtime", f"{r.runtime} on {r.device}"),
+        ("input", " x ".join(map(str, r.input_shape))),
+        ("logits", " x ".join(map(str, r.logits_shape))),
+        ("class-activation map", " x ".join(map(str, r.cam_shape)) if r.cam_shape else "none"),
+        ("saliency from", r.saliency),
+        ("time per slice", f"{r.milliseconds_per_slice:.3f} ms (median of 3 batches)"),
+        ("calibration", r.calibration),
+        ("intended use", r.intended_use),
+    ]
+    rows += [("label", label) for label in r.labels]
+    for key, value in rows:
+        print(f"  {key:<22}{value}")
+    return 0
+
+
 def _cmd_model_drift(config: Config, args: argparse.Namespace) -> int:
     from daemon.factories import open_database
     from daemon.stages.monitor.watch import Monitor
@@ -157,6 +233,24 @@ def add_model(sub: Subparsers) -> None:
     q.add_argument("--dicom-root", type=Path)
     q.add_argument("--device", default="auto")
     q.set_defaults(func=_cmd_model_evaluate)
+    q = msub.add_parser("export-onnx", help="write a built-in-architecture model as ONNX, "
+                        "with its class-activation map")
+    q.add_argument("model", type=Path, help="model folder (state_dict)")
+    q.add_argument("output", type=Path, help="ONNX model folder to write")
+    q.add_argument("--version", help="version of the new folder (default: the same)")
+    q.set_defaults(func=_cmd_model_export_onnx)
+    q = msub.add_parser("import-onnx", help="make a model folder from an ONNX file and a "
+                        "manifest TOML")
+    q.add_argument("file", type=Path, help="the .onnx file")
+    q.add_argument("--manifest", type=Path, required=True, help="manifest TOML (see README)")
+    q.add_argument("--into", type=Path, help="folder to write (default: "
+                   "<state_dir>/models/<name>-<version>)")
+    q.set_defaults(func=_cmd_model_import_onnx)
+    q = msub.add_parser("check", help="load a model folder, run it on a synthetic input, and "
+                        "print its shapes, time and codes")
+    q.add_argument("model", type=Path, help="model folder")
+    q.add_argument("--device", default="auto")
+    q.set_defaults(func=_cmd_model_check)
     q = msub.add_parser("drift", help="a model version's inputs and outputs, week by week, "
                         "against its baseline: drift alerts and new scanners")  # fmt: skip
     q.add_argument("name", help="model name (as in its manifest)")
