@@ -30,6 +30,7 @@ import numpy as np
 import SimpleITK as sitk
 
 from dicom_io.series import LoadedSeries, SeriesFiles, SeriesQCError, load_series
+from model import expectations
 from model.observation import observe
 from model.preprocess import (
     Preprocessed,
@@ -77,7 +78,10 @@ class SliceByModel(Protocol):
 
 
 def analyse_series(
-    series: LoadedSeries, model: AnalysisModel, ahead: Taken | None = None
+    series: LoadedSeries,
+    model: AnalysisModel,
+    ahead: Taken | None = None,
+    observation: dict[str, object] | None = None,
 ) -> AnalysisResult:
     """Preprocess, predict on all slices, and aggregate into one ANALYSED result.
 
@@ -158,7 +162,7 @@ def analyse_series(
         findings=findings,
         saliency=_saliency_map(series, planes),
         provenance=provenance,
-        observation=observe(series),
+        observation=observation if observation is not None else observe(series),
     )
 
 
@@ -372,7 +376,29 @@ def analyse_study(
                 )
             )
             continue
-        result = analyse_series(series, model, ahead)
+        observation = observe(series)
+        unknown = expectations.check(
+            model.manifest.expects,
+            expectations.statistics(series, observation),
+            name,
+            " HU" if series.modality == "CT" else "",
+        )
+        if unknown is not None:
+            # A confident number on an input the model never saw is worse than none.
+            log.warning("study %s series %s: %s not run: %s", study_uid,
+                        series.series_instance_uid, name, unknown)  # fmt: skip
+            results.append(
+                AnalysisResult(
+                    study_instance_uid=study_uid,
+                    series_instance_uid=series.series_instance_uid,
+                    outcome=Outcome.FAILED_QC,
+                    algorithm=model.algorithm_info(),
+                    reason=unknown,
+                    observation=observation,
+                )
+            )
+            continue
+        result = analyse_series(series, model, ahead, observation)
         seconds = load_seconds.get(id(chosen))
         for step in result.provenance:
             if step.get("name") == "load" and step.get("seconds") is None:

@@ -138,12 +138,7 @@ def synthetic_cr_sample(
     (detectors are often portrait), so the fit-the-field-of-view resample
     stretches some images more than others, as it will in production.
     """
-    rng = np.random.default_rng(ss)
-    fov = rng.uniform(350.0, 430.0)
-    rows = 256
-    cols = int(round(rows * rng.uniform(0.8, 1.0)))
-    spacing = (fov / rows, fov / rows)
-    img, center = phantom_radiograph(rng, rows, cols, spacing, lesion=lesion)
+    img, spacing, center = synthetic_cr_image(ss, lesion)
     x = network_input(img.astype(np.float32), spacing, spec)
     c = to_network_pixel(center, img.shape, spec) if center is not None else None
     return x, c
@@ -189,14 +184,35 @@ def synthetic_ct_study(ss: np.random.SeedSequence, lesion: bool, spec: InputSpec
     Slice spacing 2, 3 or 5 mm and the same matrices as the training slices:
     a study-level check of what the daemon does, the maximum over slices.
     """
+    vol, spacing, center = synthetic_ct_volume(ss, lesion, n_slices)
+    x = network_input_stack(vol, (spacing[1], spacing[2]), spec)
+    return SyntheticStudy(x, int(lesion), center[0] if center is not None else None)
+
+
+def synthetic_ct_volume(
+    ss: np.random.SeedSequence, lesion: bool, n_slices: int = 24
+) -> tuple[np.ndarray, tuple[float, float, float], tuple[int, int, int] | None]:
+    """The HU volume (z, y, x) of `synthetic_ct_study`, its spacing (z, y, x) and nodule centre."""
     rng = np.random.default_rng(ss)
     fov = rng.uniform(330.0, 420.0)
     matrix = int(rng.choice([256, 384, 512]))
     sz = float(rng.choice([2.0, 3.0, 5.0]))
-    vol, center = phantom_volume(rng, n_slices, matrix, matrix, (sz, fov / matrix, fov / matrix),
-                                 lesion=lesion)
-    x = network_input_stack(vol, (fov / matrix, fov / matrix), spec)
-    return SyntheticStudy(x, int(lesion), center[0] if center is not None else None)
+    spacing = (sz, fov / matrix, fov / matrix)
+    vol, center = phantom_volume(rng, n_slices, matrix, matrix, spacing, lesion=lesion)
+    return vol, spacing, center
+
+
+def synthetic_cr_image(
+    ss: np.random.SeedSequence, lesion: bool
+) -> tuple[np.ndarray, tuple[float, float], tuple[int, int] | None]:
+    """The stored radiograph (y, x) of `synthetic_cr_sample`, its pixel spacing, lesion centre."""
+    rng = np.random.default_rng(ss)
+    fov = rng.uniform(350.0, 430.0)
+    rows = 256
+    cols = int(round(rows * rng.uniform(0.8, 1.0)))
+    spacing = (fov / rows, fov / rows)
+    img, center = phantom_radiograph(rng, rows, cols, spacing, lesion=lesion)
+    return img, spacing, center
 
 
 def synthetic_studies(

@@ -12,7 +12,7 @@ from pathlib import Path
 from typing import Literal
 
 import tomli_w
-from pydantic import BaseModel, ConfigDict, Field, field_validator
+from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 
 from model.results import CodedConcept
 
@@ -120,6 +120,33 @@ class Calibration(_Strict):
     fitted_on: str = ""  # e.g. "40 synthetic validation studies, seed 0"
 
 
+class Range(_Strict):
+    low: float
+    high: float
+
+    @model_validator(mode="after")
+    def _ordered(self) -> Range:
+        if self.low > self.high:
+            raise ValueError(f"low {self.low} is above high {self.high}")
+        return self
+
+
+class Expectations(_Strict):
+    """What the model was made for, beyond `applies_to`: outside it, the AI does not run.
+
+    Recorded from the training studies (`model.expectations.record`); each
+    range unset is not checked. Intensities are in modality units (HU on CT).
+    """
+
+    planes: list[Literal["axial", "coronal", "sagittal"]] = Field(default_factory=list)
+    field_of_view: Range | None = None  # mm, the larger in-plane extent
+    p01: Range | None = None
+    p50: Range | None = None
+    p99: Range | None = None
+    noise: Range | None = None
+    recorded_from: str = ""  # e.g. "200 synthetic training studies, seed 0"
+
+
 class ModelManifest(_Strict):
     name: str
     version: str
@@ -134,6 +161,7 @@ class ModelManifest(_Strict):
     weights: WeightsSpec
     inference: InferenceSpec = Field(default_factory=InferenceSpec)
     calibration: Calibration | None = None
+    expects: Expectations | None = None
     # Test-set metrics recorded at training time (AUC, sensitivity, ...).
     metrics: dict[str, float] = Field(default_factory=dict)
     # How the weights were made (seed, data, epochs): enough to rebuild the

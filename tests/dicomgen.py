@@ -29,6 +29,7 @@ from db.models import AuditEvent, Instance, Job, Series, Study
 from db.session import Database
 from db.studies import get_study, study_instances
 from dicom_io.synthetic import write_ct_series
+from model.phantom import phantom_volume
 from tests.conftest import dcmtk_env, free_port, require_tool, storescu
 
 PATIENT_NAME = "Test^Phantom"
@@ -131,6 +132,10 @@ def header(path: Path) -> Header:
 # -- generated studies --------------------------------------------------------
 
 
+# A chest CT's reconstruction diameter: inside what the built-in CT model was made for.
+CT_FIELD_OF_VIEW_MM = 358.4
+
+
 def ct_study(
     out_dir: Path,
     n_slices: int,
@@ -140,19 +145,19 @@ def ct_study(
     study_uid: str | None = None,
     series_uid: str | None = None,
 ) -> list[Path]:
-    """A CT series of `n_slices` slices of `size`x`size` with random-ish content.
+    """A chest CT series of `n_slices` slices of `size`x`size`, no nodule (model/phantom.py).
 
-    Noise over a smooth body-like ellipse: not compressible to nothing, and
+    A phantom, not plain noise: the built-in CT model analyses only series
+    like those it was made for (model/expectations.py: field of view,
+    intensities, noise), and the pipeline tests need it to run. Noisy and
     different in every slice, so a swapped or stale slice shows in a byte compare.
     """
-    rng = np.random.default_rng(seed)
-    yy, xx = np.mgrid[0:size, 0:size].astype(np.float32) / size - 0.5
-    body = np.where((xx / 0.45) ** 2 + (yy / 0.35) ** 2 < 1.0, 40.0, -1000.0).astype(np.float32)
-    noise = rng.normal(0.0, 30.0, size=(n_slices, size, size)).astype(np.float32)
-    volume = body[None, :, :] + noise
+    spacing = (2.5, CT_FIELD_OF_VIEW_MM / size, CT_FIELD_OF_VIEW_MM / size)
+    volume, _ = phantom_volume(seed, n_slices=n_slices, rows=size, cols=size, spacing=spacing)
     return write_ct_series(
         volume,
         out_dir,
+        spacing=spacing,
         study_uid=study_uid or generate_uid(),
         series_uid=series_uid,
         patient_name=PATIENT_NAME,

@@ -146,6 +146,37 @@ def _cmd_model_check(_config: Config, args: argparse.Namespace) -> int:
     return 0
 
 
+def _cmd_model_expectations(_config: Config, args: argparse.Namespace) -> int:
+    from model import expectations
+    from model.manifest import MANIFEST_NAME, ModelManifest
+
+    if (args.csv is None) != (args.dicom_root is None):
+        print("secondreader: --csv and --dicom-root go together", file=sys.stderr)
+        return EXIT_CONFIG
+    try:
+        manifest = ModelManifest.from_file(args.model / MANIFEST_NAME)
+        if args.csv is not None:
+            rows = expectations.site_rows(args.csv, args.dicom_root)
+            source = f"{len(rows)} studies listed in {args.csv.name}"
+        else:
+            kind = str(manifest.training.get("kind", ""))
+            seed = int(manifest.training.get("seed", 0)) if args.seed is None else args.seed
+            rows = expectations.synthetic_rows(kind, seed, args.studies)
+            source = f"{len(rows)} studies of the synthetic training generator, seed {seed}"
+        expects = expectations.record(rows, source)
+    except (*_model_errors(), ValueError) as exc:
+        return _refused(exc)
+    expectations.write_expectations(args.model, expects)
+    print(f"{args.model}: a series outside these ranges is not analysed ({source})")
+    if expects.planes:
+        print(f"  {'planes':<22}{', '.join(expects.planes)}")
+    for key in ("field_of_view", "p01", "p50", "p99", "noise"):
+        r = getattr(expects, key)
+        if r is not None:
+            print(f"  {key:<22}{r.low:g} to {r.high:g}")
+    return 0
+
+
 def _cmd_model_drift(config: Config, args: argparse.Namespace) -> int:
     from daemon.factories import open_database
     from daemon.stages.monitor.watch import Monitor
@@ -251,6 +282,14 @@ def add_model(sub: Subparsers) -> None:
     q.add_argument("model", type=Path, help="model folder")
     q.add_argument("--device", default="auto")
     q.set_defaults(func=_cmd_model_check)
+    q = msub.add_parser("expectations", help="record what a model was made for (plane, field "
+                        "of view, intensities, noise): a series outside it is not analysed")
+    q.add_argument("model", type=Path, help="model folder (its manifest is rewritten)")
+    q.add_argument("--studies", type=int, default=200, help="synthetic studies (default 200)")
+    q.add_argument("--seed", type=int, help="synthetic seed (default: the training seed)")
+    q.add_argument("--csv", type=Path, help="site data: the training CSV of study_uid,label")
+    q.add_argument("--dicom-root", type=Path)
+    q.set_defaults(func=_cmd_model_expectations)
     q = msub.add_parser("drift", help="a model version's inputs and outputs, week by week, "
                         "against its baseline: drift alerts and new scanners")  # fmt: skip
     q.add_argument("name", help="model name (as in its manifest)")
