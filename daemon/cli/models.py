@@ -164,7 +164,7 @@ def _cmd_model_expectations(_config: Config, args: argparse.Namespace) -> int:
             rows = expectations.synthetic_rows(kind, seed, args.studies)
             source = f"{len(rows)} studies of the synthetic training generator, seed {seed}"
         expects = expectations.record(rows, source)
-    except (*_model_errors(), ValueError) as exc:
+    except _model_errors() + (ValueError,) as exc:
         return _refused(exc)
     expectations.write_expectations(args.model, expects)
     print(f"{args.model}: a series outside these ranges is not analysed ({source})")
