@@ -30,7 +30,7 @@ import numpy as np
 import SimpleITK as sitk
 
 from dicom_io.series import LoadedSeries, SeriesFiles, SeriesQCError, load_series
-from model import expectations
+from model import channels, expectations
 from model.observation import observe
 from model.preprocess import (
     Preprocessed,
@@ -82,6 +82,7 @@ def analyse_series(
     model: AnalysisModel,
     ahead: Taken | None = None,
     observation: dict[str, object] | None = None,
+    others: Sequence[LoadedSeries] = (),
 ) -> AnalysisResult:
     """Preprocess, predict on all slices, and aggregate into one ANALYSED result.
 
@@ -93,9 +94,12 @@ def analyse_series(
     plan = series_plan(series, manifest.input) if isinstance(model, SliceByModel) else None
     early = 0
     if plan is None:
-        pre = preprocess(series, manifest.input)
+        if manifest.input.channel_series:
+            pre = channels.stack(series, others, manifest.input)
+        else:
+            pre = preprocess(series, manifest.input)
         started = time.perf_counter()
-        prediction = model.predict(pre.array)
+        prediction = model.predict(pre.network_input)
         inference_seconds = round(time.perf_counter() - started, 4)
     else:
         assert isinstance(model, SliceByModel)
@@ -332,6 +336,9 @@ def analyse_study(
     results: list[AnalysisResult] = []
     for model in models:
         name = model.manifest.name
+        if model.manifest.input.channel_series:
+            results.append(_analyse_channels(study_uid, series_list, model, loaded, ahead))
+            continue
         candidates: list[SeriesFiles | LoadedSeries] = []
         reasons: list[str] = []
         for s in series_list:
@@ -405,6 +412,43 @@ def analyse_study(
                 step["seconds"] = seconds  # read once, shared by the models that use it
         results.append(result)
     return _without_silent_models(study_uid, results)
+
+
+def _analyse_channels(
+    study_uid: str,
+    series_list: Sequence[SeriesFiles | LoadedSeries],
+    model: AnalysisModel,
+    cache: dict[int, LoadedSeries | SeriesQCError],
+    ahead: Taken | None,
+) -> AnalysisResult:
+    """A model fed several series of the study, one per channel (`model.channels`)."""
+    name = model.manifest.name
+    rules = model.manifest.input.channel_series
+    fitting = [s for s in series_list
+               if model.applicability(s.modality, s.body_part, None, s.n_slices) is None]
+    chosen, missing = channels.choose(fitting, rules)
+
+    def not_run(outcome: Outcome, reason: str, series_uid: str | None = None) -> AnalysisResult:
+        log.info("study %s: %s not run (%s)", study_uid, name, reason)
+        return AnalysisResult(study_instance_uid=study_uid, series_instance_uid=series_uid,
+                              outcome=outcome, algorithm=model.algorithm_info(), reason=reason)
+
+    if missing is not None:
+        return not_run(Outcome.NOT_APPLICABLE, f"{name} needs {missing}")
+    try:
+        series = [_load(s, cache, ahead) for s in chosen]
+    except SeriesQCError as exc:
+        return not_run(Outcome.FAILED_QC, exc.reason)
+    reference = series[0]
+    problem = channels.frame_of_reference_problem(series, [r.name for r in rules])
+    if problem is not None:
+        return not_run(Outcome.FAILED_QC, problem, reference.series_instance_uid)
+    observation = observe(reference)
+    unknown = expectations.check(model.manifest.expects,
+                                 expectations.statistics(reference, observation), name)
+    if unknown is not None:
+        return not_run(Outcome.FAILED_QC, unknown, reference.series_instance_uid)
+    return analyse_series(reference, model, None, observation, series[1:])
 
 
 def _without_silent_models(study_uid: str, results: list[AnalysisResult]) -> list[AnalysisResult]:

@@ -40,6 +40,24 @@ class AppliesTo(_Strict):
     min_slices: int = 1
 
 
+class SeriesRule(_Strict):
+    """Which series of a study feeds one input channel: every non-empty field must match.
+
+    Matches are case-insensitive; the patterns are fnmatch-style. The
+    acquisition fields are the MR Image Module's (PS3.3 C.8.3.1).
+    """
+
+    name: str  # "T1", "T2", "FLAIR": what a reason calls the series it lacks
+    series_description: list[str] = Field(default_factory=list)  # (0008,103E), fnmatch
+    # ... and matching none of these: "*t2*" but not "*flair*".
+    not_series_description: list[str] = Field(default_factory=list)
+    sequence_name: list[str] = Field(default_factory=list)  # (0018,0024), fnmatch
+    # (0018,0020) Scanning Sequence: each listed value must be present, e.g. ["IR"].
+    scanning_sequence: list[str] = Field(default_factory=list)
+    # (0008,0008) Image Type: each listed value must be present, e.g. ["ORIGINAL"].
+    image_type: list[str] = Field(default_factory=list)
+
+
 class InputSpec(_Strict):
     """How the preprocessing stage must shape a series for this model."""
 
@@ -56,6 +74,18 @@ class InputSpec(_Strict):
     # CT window (center, width) in HU, for contrast = "window".
     window: tuple[float, float] | None = (-400.0, 1500.0)
     channels: int = 1
+    # Several series as the channels of one input (e.g. T1, T2, FLAIR), in this
+    # order: the first is the reference, whose grid the others are resampled
+    # onto through patient coordinates (one frame of reference required).
+    # Empty: one series, `channels` from it.
+    channel_series: list[SeriesRule] = Field(default_factory=list)
+
+    @model_validator(mode="after")
+    def _one_series_per_channel(self) -> InputSpec:
+        if self.channel_series and len(self.channel_series) != self.channels:
+            raise ValueError(f"channels is {self.channels} but channel_series lists "
+                             f"{len(self.channel_series)} series")  # fmt: skip
+        return self
 
 
 class OutputLabel(_Strict):

@@ -52,6 +52,13 @@ class Preprocessed:
     image: sitk.Image
     array: np.ndarray
     steps: list[dict[str, object]] = field(default_factory=list)
+    # (slices, channels, rows, cols) when several series are the channels
+    # (`model.channels.stack`); `array` is then the reference's channel.
+    channels: np.ndarray | None = None
+
+    @property
+    def network_input(self) -> np.ndarray:
+        return self.channels if self.channels is not None else self.array
 
 
 class _Steps:
@@ -105,6 +112,21 @@ def preprocess(series: LoadedSeries, spec: InputSpec) -> Preprocessed:
     out.CopyInformation(image)
     steps.done("contrast", **contrast_params)
     return Preprocessed(out, array, steps.records)
+
+
+def process_resampled(image: sitk.Image, series: LoadedSeries, spec: InputSpec) -> np.ndarray:
+    """Another series already resampled onto a network grid (NaN outside it): padded with
+    its minimum, then denoised and scaled as `preprocess` does. (slices, rows, cols)."""
+    array = sitk.GetArrayFromImage(image)
+    outside = np.isnan(array)
+    if outside.any():
+        array[outside] = float(np.nanmin(sitk.GetArrayViewFromImage(series.image)))
+        filled = sitk.GetImageFromArray(array.astype(np.float32, copy=False))
+        filled.CopyInformation(image)
+        image = filled
+    image, _ = _denoise(image, spec)
+    out, _ = _contrast(sitk.GetArrayFromImage(image), spec)
+    return np.asarray(out, dtype=np.float32)
 
 
 def _orientation_code(direction: np.ndarray) -> str:

@@ -63,8 +63,8 @@ def plan_for(
 ) -> SlicePlan | None:
     """The plan for slices of this geometry (direction: columns row, column, normal), or
     None when the model's input slice is not one source slice (slices resampled along
-    the normal, or an orientation that changes the slice axis)."""
-    if spec.slice_spacing is not None:
+    the normal, an orientation that changes the slice axis, or several series)."""
+    if spec.slice_spacing is not None or spec.channel_series:
         return None
     grid = _Grid(
         np.asarray([columns, rows, 1], dtype=float),
