@@ -65,6 +65,9 @@ def network_input(hu: np.ndarray, spacing_yx: tuple[float, float], spec: InputSp
         step = min(out_spacing) / 8.0
         img = sitk.CurvatureFlow(img, timeStep=step, numberOfIterations=spec.denoise_iterations)
     arr = sitk.GetArrayFromImage(img).astype(np.float32)
+    if spec.contrast == "zscore":
+        # Unclipped, unlike the rest: only imported MONAI bundles use it, none trained here.
+        raise ValueError("contrast 'zscore' is for imported MONAI bundles, not for training here")
     if spec.contrast == "window":
         if spec.window is None:
             raise ValueError("contrast 'window' needs input.window")

@@ -70,10 +70,18 @@ class InputSpec(_Strict):
     denoise: Literal["none", "gaussian", "curvature_flow"] = "gaussian"
     denoise_sigma_mm: float = 0.7  # for "gaussian"
     denoise_iterations: int = 3  # for "curvature_flow"
-    contrast: Literal["window", "histogram", "none"] = "window"
+    # "zscore": each network slice minus its mean, over its standard deviation
+    # (MONAI's NormalizeIntensity on the 2D image a 2D bundle is given).
+    contrast: Literal["window", "histogram", "zscore", "none"] = "window"
     # CT window (center, width) in HU, for contrast = "window".
     window: tuple[float, float] | None = (-400.0, 1500.0)
+    # For "zscore": statistics over the nonzero pixels only, zeros left at 0 (MONAI's nonzero).
+    zscore_nonzero: bool = False
     channels: int = 1
+    # The order of the network's two spatial axes. MONAI's image readers give
+    # arrays in ITK index order (x, y) = (columns, rows), so a network trained
+    # in MONAI reads each slice transposed relative to ours ("columns_rows").
+    layout: Literal["rows_columns", "columns_rows"] = "rows_columns"
     # Several series as the channels of one input (e.g. T1, T2, FLAIR), in this
     # order: the first is the reference, whose grid the others are resampled
     # onto through patient coordinates (one frame of reference required).
@@ -103,7 +111,8 @@ class WeightsSpec(_Strict):
     format: Literal["state_dict", "torchscript", "onnx"] = "state_dict"
     # For state_dict: "module:Class" of the network, built with `arguments`.
     architecture: str | None = None
-    arguments: dict[str, int | float | str | bool] = Field(default_factory=dict)
+    # Literal values only (lists of integers for MONAI's block configurations).
+    arguments: dict[str, int | float | str | bool | list[int]] = Field(default_factory=dict)
     # What the network returns, in order: its logits (n, labels) and, if it
     # exports one, a class-activation map per label (n, labels, h', w') that
     # drives the saliency objects instead of Grad-CAM (which needs Python hooks,

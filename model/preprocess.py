@@ -17,7 +17,10 @@ same order, so the network sees in production what it saw in training.
    smoothing across slices would make the input depend on it;
 4. contrast: window (center, width) mapped linearly to [0, 1] and clipped;
    "histogram": each slice's 1st..99th percentile mapped to [0, 1] and
-   clipped (projection X-ray, MR); or none (values left as they are).
+   clipped (projection X-ray, MR); "zscore": each slice minus its mean,
+   over its standard deviation, unclipped (MONAI's NormalizeIntensity, which
+   a 2D bundle applies to the one slice it is given: a per-slice statistic,
+   so the slice-wise path stays exact); or none (values left as they are).
 
 Resampling comes before denoising: a 512x512 CT becomes 128x128 first, so
 the filters touch 16 times fewer pixels. Every step is timed and recorded
@@ -310,6 +313,8 @@ def contrast_params(spec: InputSpec) -> dict[str, object]:
             raise ValueError("contrast 'window' needs input.window in the manifest")
         center, width = spec.window
         return {"method": "window", "center": center, "width": width}
+    if spec.contrast == "zscore":
+        return {"method": "zscore", "per": "slice", "nonzero": spec.zscore_nonzero}
     return {"method": "histogram", "percentiles": list(HISTOGRAM_PERCENTILES)}
 
 
@@ -350,6 +355,8 @@ def _contrast(array: np.ndarray, spec: InputSpec) -> tuple[np.ndarray, dict[str,
         # Values as they are (HU for CT). datasets.network_input clips to [0, 1]
         # even here; a model trained with "none" would need that settled first.
         return np.ascontiguousarray(array), params
+    if spec.contrast == "zscore":
+        return _zscore(array, spec.zscore_nonzero), params
     if spec.contrast == "window":
         assert spec.window is not None  # contrast_params checked it
         center, width = spec.window
@@ -359,6 +366,21 @@ def _contrast(array: np.ndarray, spec: InputSpec) -> tuple[np.ndarray, dict[str,
         span = np.maximum(hi - lo, 1e-6)
         out = (array - lo[:, None, None]) / span[:, None, None]
     return np.ascontiguousarray(np.clip(out, 0.0, 1.0), dtype=np.float32), params
+
+
+def _zscore(array: np.ndarray, nonzero: bool) -> np.ndarray:
+    """MONAI's NormalizeIntensity on each slice: (x - mean) / std, population std, a std
+    of 0 read as 1; with `nonzero`, statistics over the nonzero pixels, zeros kept."""
+    out = np.array(array, dtype=np.float32, order="C")
+    for k in range(out.shape[0]):  # per slice: a slice's numbers never depend on another's
+        plane = out[k]
+        mask = plane != 0 if nonzero else np.ones(plane.shape, dtype=bool)
+        if not mask.any():
+            continue
+        values = plane[mask].astype(np.float64)
+        std = float(values.std()) or 1.0
+        plane[mask] = ((values - values.mean()) / std).astype(np.float32)
+    return out
 
 
 def to_source_grid(

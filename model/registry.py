@@ -30,12 +30,16 @@ from model.manifest import (
     builtin_models_root,
 )
 from model.results import AlgorithmInfo
-from model.runtimes import OnnxRuntime, Runtime, TorchRuntime
+from model.runtimes import OnnxRuntime, Runtime, TorchRuntime, Transposed
 
 log = logging.getLogger(__name__)
 
 # Architectures are looked up only here: a manifest must not import arbitrary code.
-_ARCHITECTURE_MODULES = ("model.networks",)
+_ARCHITECTURE_MODULES = ("model.networks", "monai.networks.nets")
+# The MONAI networks a manifest (or an imported bundle) may name: 2D/3D
+# classifiers that build offline from literal arguments. Networks whose
+# constructors download weights (EfficientNet, the torchvision wrappers) are not here.
+MONAI_NETWORKS = frozenset({"DenseNet121", "DenseNet169", "DenseNet201", "ResNet"})
 
 
 class ModelIntegrityError(Exception):
@@ -96,6 +100,14 @@ def _build_network(manifest: ModelManifest) -> nn.Module:
             f"architecture module {module_name!r} is not one of {_ARCHITECTURE_MODULES}; "
             "ship other architectures as TorchScript"
         )
+    if module_name == "monai.networks.nets":
+        if class_name not in MONAI_NETWORKS:
+            raise ModelLoadError(f"MONAI network {class_name!r} is not one of "
+                                 f"{sorted(MONAI_NETWORKS)}; ship it as TorchScript")
+        if any("pretrain" in key and value for key, value in manifest.weights.arguments.items()):
+            raise ModelLoadError(f"{spec}: pretrained weights would be downloaded; the weights "
+                                 "are the model folder's file")
+    # monai is imported here only, when a manifest names one of its networks.
     cls = getattr(importlib.import_module(module_name), class_name, None)
     if not (isinstance(cls, type) and issubclass(cls, nn.Module)):
         raise ModelLoadError(f"{spec} is not a torch.nn.Module class")
@@ -251,7 +263,8 @@ def _runtime(folder: Path, manifest: ModelManifest, data: bytes, dev: torch.devi
     spec = manifest.weights
     if spec.format == "onnx":
         try:
-            return OnnxRuntime(data, dev, spec.outputs)
+            onnx = OnnxRuntime(data, dev, spec.outputs)
+            return Transposed(onnx) if manifest.input.layout == "columns_rows" else onnx
         except Exception as exc:  # onnxruntime raises its own types for a bad graph
             raise ModelLoadError(f"{folder}: ONNX Runtime cannot load {spec.file}: {exc}") from exc
     if spec.format == "torchscript":
@@ -266,7 +279,8 @@ def _runtime(folder: Path, manifest: ModelManifest, data: bytes, dev: torch.devi
                                  f"{exc}") from exc
         network = network.to(dev)
     network.eval()
-    return TorchRuntime(network, dev, spec.outputs, manifest.inference.gpu_precision)
+    runtime = TorchRuntime(network, dev, spec.outputs, manifest.inference.gpu_precision)
+    return Transposed(runtime) if manifest.input.layout == "columns_rows" else runtime
 
 
 def _probe(folder: Path, manifest: ModelManifest, runtime: Runtime) -> None:

@@ -138,3 +138,28 @@ class OnnxRuntime:
 
     def explainable(self) -> nn.Module | None:
         return None
+
+
+class Transposed:
+    """A runtime whose network reads each slice with its two axes swapped (`layout =
+    "columns_rows"`: a network trained in MONAI, whose readers give (x, y) arrays).
+
+    The input is transposed on the way in and the class-activation map back on
+    the way out, so the rest of the daemon sees (rows, columns) throughout.
+    """
+
+    def __init__(self, inner: Runtime) -> None:
+        self.inner = inner
+        self.name = inner.name
+        self.device = inner.device
+
+    @property
+    def has_cam(self) -> bool:
+        return self.inner.has_cam
+
+    def forward(self, x: np.ndarray) -> Outputs:
+        logits, cam = self.inner.forward(np.ascontiguousarray(np.swapaxes(x, -1, -2)))
+        return logits, None if cam is None else np.ascontiguousarray(np.swapaxes(cam, -1, -2))
+
+    def explainable(self) -> nn.Module | None:
+        return None  # Grad-CAM's hooks would see the transposed slice: no saliency that way

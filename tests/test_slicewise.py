@@ -61,6 +61,31 @@ def test_slice_by_slice_gives_the_whole_series_numbers_bit_for_bit(
     assert np.array_equal(in_threes, whole)
 
 
+@pytest.mark.parametrize("nonzero", [False, True], ids=["zscore", "zscore-nonzero"])
+def test_zscore_slice_by_slice_is_the_whole_series_bit_for_bit(
+    tmp_path: Path, nonzero: bool
+) -> None:
+    # MONAI's NormalizeIntensity on a 2D bundle's slice: a per-slice statistic, so
+    # each slice alone gives the whole series' numbers. A rotated series, fixed
+    # spacing (the pad fills some pixels) and no denoising: the bundles' case.
+    spec = ModelManifest.from_file(CT_MANIFEST).input.model_copy(update={
+        "contrast": "zscore", "zscore_nonzero": nonzero, "denoise": "none",
+        "spacing": (1.9, 1.7), "size": (96, 64), "window": None})
+    series = load_series(ct(tmp_path / "ct", row_direction=(-1.0, 0.0, 0.0),
+                            column_direction=(0.0, -1.0, 0.0)))
+    whole = preprocess(series, spec).array
+    plan = series_plan(series, spec)
+    assert plan is not None and plan.flip_x
+    values = sitk.GetArrayViewFromImage(series.image)
+    order = source_order(plan, series.n_slices)
+    alone = np.concatenate([prepare_slices(values[[k]], plan, spec) for k in order])
+    assert np.array_equal(alone, whole)
+    # Each slice: mean 0, deviation 1 (over its nonzero pixels with `nonzero`).
+    for plane in whole:
+        used = plane[plane != 0] if nonzero else plane
+        assert abs(float(used.mean())) < 1e-4 and abs(float(used.std()) - 1.0) < 1e-4
+
+
 def test_a_file_read_ahead_is_used_only_while_it_is_the_same_file(tmp_path: Path) -> None:
     model = load_model(CT_MANIFEST.parent, "cpu")
     files = ct(tmp_path / "ct")

@@ -115,6 +115,28 @@ def _cmd_model_import_onnx(config: Config, args: argparse.Namespace) -> int:
     return 0
 
 
+def _cmd_model_import_bundle(config: Config, args: argparse.Namespace) -> int:
+    from model.bundle import bundle_manifest, folder_name, import_bundle
+
+    try:
+        into = args.into
+        if into is None:
+            manifest, _ = bundle_manifest(args.bundle, args.manifest)
+            into = config.storage.state_dir / "models" / folder_name(manifest)
+        manifest = import_bundle(args.bundle, args.manifest, into)
+    except _model_errors() as exc:
+        return _refused(exc)
+    except ValueError as exc:  # a TOML that does not parse (tomllib.TOMLDecodeError)
+        return _refused(exc)
+    print(f"model folder written to {into} (from MONAI bundle {manifest.training['bundle']} "
+          f"{manifest.training['bundle_version']})")
+    print(f"  preprocessing: {manifest.training['preprocessing']}")
+    if manifest.training["differences"] != "none known":
+        print(f"  differences from MONAI: {manifest.training['differences']}")
+    print(f"to run it, add it to [models] paths in the configuration: \"{into}\"")
+    return 0
+
+
 def _toml(path: Path) -> dict[str, Any]:
     import tomllib
 
@@ -277,6 +299,14 @@ def add_model(sub: Subparsers) -> None:
     q.add_argument("--into", type=Path, help="folder to write (default: "
                    "<state_dir>/models/<name>-<version>)")
     q.set_defaults(func=_cmd_model_import_onnx)
+    q = msub.add_parser("import-bundle", help="make a model folder from a MONAI bundle (folder "
+                        "or zip) without executing its config")
+    q.add_argument("bundle", type=Path, help="the bundle folder or .zip")
+    q.add_argument("--manifest", type=Path, required=True, help="TOML with the labels' SNOMED CT "
+                   "codes, applies_to, threshold, intended_use (see README)")
+    q.add_argument("--into", type=Path, help="folder to write (default: "
+                   "<state_dir>/models/<name>-<version>)")
+    q.set_defaults(func=_cmd_model_import_bundle)
     q = msub.add_parser("check", help="load a model folder, run it on a synthetic input, and "
                         "print its shapes, time and codes")
     q.add_argument("model", type=Path, help="model folder")
