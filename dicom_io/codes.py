@@ -66,14 +66,13 @@ OUTCOME_FAILED_QC = hd.sr.CodedConcept(
 # ordered procedure, so the modality-level entries of CID 100; a modality
 # CID 100 has none for gets its generic "Imaging procedure". (The SNOMED CT
 # "Computed Tomography" we wrote before is not in CID 100: PixelMed's
-# DicomSRValidator reported it as an error.)
-_XR = hd.sr.CodedConcept("43468-8", "LN", "XR unspecified body region")
+# DicomSRValidator reported it as an error.) Radiographs (CR, DX, MG) get
+# "Imaging procedure" too: LOINC's "XR unspecified body region" is not in the
+# CID 100 that validators in the field carry (PixelMed's, 2019), and an SR a
+# PACS's validator refuses helps nobody.
 _PROCEDURE_BY_MODALITY: dict[str, hd.sr.CodedConcept] = {
     "CT": hd.sr.CodedConcept("25045-6", "LN", "CT unspecified body region"),
     "MR": hd.sr.CodedConcept("25056-3", "LN", "MRI unspecified body region"),
-    "CR": _XR,
-    "DX": _XR,
-    "MG": _XR,
     "PT": hd.sr.CodedConcept("44136-0", "LN", "PET unspecified body region"),
     "NM": hd.sr.CodedConcept("49118-3", "LN", "NM unspecified body region"),
 }

@@ -291,11 +291,9 @@ def test_cr_sr_with_point(cr_header: Dataset, tmp_path: Path) -> None:
     )
     sr = _save_valid(build_ai_result_sr(result, [cr_header], series_number=77), tmp_path / "cr.dcm")
     (procedure,) = _children(sr, "121058")
-    assert procedure.ConceptCodeSequence[0].CodeValue == "43468-8"  # CID 100
-    # PixelMed's copy of CID 100 (version 20190121) predates "XR unspecified
-    # body region"; apart from that it finds nothing wrong.
-    outdated = "Code (43468-8,LN,\"XR unspecified body region\") not found in context group 100"
-    assert [e for e in pixelmed_sr_errors(tmp_path / "cr.dcm") if outdated not in e] == []
+    # CID 100's "Imaging procedure": in every edition validators carry.
+    assert procedure.ConceptCodeSequence[0].CodeValue == "363679005"
+    assert pixelmed_sr_errors(tmp_path / "cr.dcm") == []
     assert _library_uids(sr) == {cr_header.SOPInstanceUID}
     (found,) = read_findings(sr)
     assert found["graphic_type"] == "POINT"
