@@ -46,11 +46,20 @@ def threshold_percent(threshold: float) -> str:
     return f"{whole} %" if abs(value - whole) < 0.05 else f"{value:.1f} %"
 
 
+SIDES = {"L": "left", "R": "right"}
+
+
 def finding_phrase(finding: Finding) -> str:
-    """"Nodule present, 97 % (threshold 95 %)"."""
+    """"Nodule present, 97 % (threshold 95 %)"; "Mass, right, present on R CC, R MLO, ..."."""
     state = "present" if finding.present else "absent"
+    side = f", {SIDES.get(finding.laterality, finding.laterality)}" if finding.laterality else ""
+    seen = ""
+    if finding.present and finding.views:
+        seen = f" on {', '.join(finding.views)}"
+    elif finding.view:
+        seen = f" ({finding.view})"
     return (
-        f"{finding.finding_type.meaning} {state}, "
+        f"{finding.finding_type.meaning}{side} {state}{seen}, "
         f"{percent(finding.probability, finding.threshold)} "
         f"(threshold {threshold_percent(finding.threshold)})"
     )

@@ -29,8 +29,14 @@ from typing import Protocol, cast, runtime_checkable
 import numpy as np
 import SimpleITK as sitk
 
-from dicom_io.series import LoadedSeries, SeriesFiles, SeriesQCError, load_series
-from model import channels, expectations
+from dicom_io.series import (
+    PROJECTION_MODALITIES,
+    LoadedSeries,
+    SeriesFiles,
+    SeriesQCError,
+    load_series,
+)
+from model import channels, expectations, projections
 from model.observation import observe
 from model.preprocess import (
     Preprocessed,
@@ -360,6 +366,9 @@ def analyse_study(
                 )
             )
             continue
+        if all(_is_projection(c) for c in candidates):
+            results.append(_analyse_projections(study_uid, candidates, model, loaded, ahead))
+            continue
         chosen = max(candidates, key=lambda s: s.n_slices)
         try:
             started = time.perf_counter()
@@ -383,35 +392,84 @@ def analyse_study(
                 )
             )
             continue
-        observation = observe(series)
-        unknown = expectations.check(
-            model.manifest.expects,
-            expectations.statistics(series, observation),
-            name,
-            " HU" if series.modality == "CT" else "",
-        )
-        if unknown is not None:
-            # A confident number on an input the model never saw is worse than none.
-            log.warning("study %s series %s: %s not run: %s", study_uid,
-                        series.series_instance_uid, name, unknown)  # fmt: skip
-            results.append(
-                AnalysisResult(
-                    study_instance_uid=study_uid,
-                    series_instance_uid=series.series_instance_uid,
-                    outcome=Outcome.FAILED_QC,
-                    algorithm=model.algorithm_info(),
-                    reason=unknown,
-                    observation=observation,
-                )
-            )
-            continue
-        result = analyse_series(series, model, ahead, observation)
+        result = _gated(study_uid, series, model, ahead)
         seconds = load_seconds.get(id(chosen))
         for step in result.provenance:
             if step.get("name") == "load" and step.get("seconds") is None:
                 step["seconds"] = seconds  # read once, shared by the models that use it
         results.append(result)
     return _without_silent_models(study_uid, results)
+
+
+def _gated(
+    study_uid: str, series: LoadedSeries, model: AnalysisModel, ahead: Taken | None
+) -> AnalysisResult:
+    """The series analysed, or, outside what the model was made for, the reason it is not."""
+    name = model.manifest.name
+    observation = observe(series)
+    unknown = expectations.check(
+        model.manifest.expects,
+        expectations.statistics(series, observation),
+        name,
+        " HU" if series.modality == "CT" else "",
+    )
+    if unknown is None:
+        return analyse_series(series, model, ahead, observation)
+    # A confident number on an input the model never saw is worse than none.
+    log.warning("study %s series %s: %s not run: %s", study_uid,
+                series.series_instance_uid, name, unknown)  # fmt: skip
+    return AnalysisResult(
+        study_instance_uid=study_uid,
+        series_instance_uid=series.series_instance_uid,
+        outcome=Outcome.FAILED_QC,
+        algorithm=model.algorithm_info(),
+        reason=unknown,
+        observation=observation,
+    )
+
+
+def _is_projection(series: SeriesFiles | LoadedSeries) -> bool:
+    return series.modality.upper() in PROJECTION_MODALITIES and series.n_slices == 1
+
+
+def _analyse_projections(
+    study_uid: str,
+    images: Sequence[SeriesFiles | LoadedSeries],
+    model: AnalysisModel,
+    cache: dict[int, LoadedSeries | SeriesQCError],
+    ahead: Taken | None,
+) -> AnalysisResult:
+    """Every image of a projection study, one finding per label and side (`model.projections`).
+
+    An image that fails QC, or that the model was not made for, is left out
+    and named in the provenance; the study is not run only if every image is.
+    """
+    analysed: list[tuple[LoadedSeries, AnalysisResult]] = []
+    left_out: list[str] = []
+    for image in images:
+        try:
+            series = _load(image, cache, ahead)
+        except SeriesQCError as exc:
+            left_out.append(exc.reason)
+            continue
+        result = _gated(study_uid, series, model, ahead)
+        if result.outcome == Outcome.ANALYSED:
+            analysed.append((series, result))
+        else:
+            left_out.append(f"{projections.view_name(series.headers[0])}: {result.reason}")
+    if not analysed:
+        return AnalysisResult(
+            study_instance_uid=study_uid,
+            series_instance_uid=images[0].series_instance_uid,
+            outcome=Outcome.FAILED_QC,
+            algorithm=model.algorithm_info(),
+            reason="; ".join(dict.fromkeys(left_out)),
+        )
+    combined = projections.combine([s for s, _ in analysed], [r for _, r in analysed])
+    if left_out:
+        combined.provenance.append({"name": "images left out", "parameters": {
+            "reasons": left_out}, "seconds": None})  # fmt: skip
+    return combined
 
 
 def _analyse_channels(

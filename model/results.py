@@ -58,10 +58,21 @@ class Finding:
     probability: float
     threshold: float
     location: ImageLocation | None
+    # Projection studies (CR, DX, MG): the side the finding is on ("L", "R";
+    # None where images have no laterality, as a chest radiograph), the view of
+    # its key image ("PA", "CC", ...) and the views it is present on.
+    laterality: str | None = None
+    view: str | None = None
+    views: tuple[str, ...] = ()
 
     @property
     def present(self) -> bool:
         return self.probability >= self.threshold
+
+    @property
+    def key(self) -> str:
+        """What tells one finding of a result from another: its label, and its side."""
+        return self.label if self.laterality is None else f"{self.label} {self.laterality}"
 
 
 class Outcome(StrEnum):
