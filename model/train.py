@@ -4,9 +4,11 @@ Recipe: a seeded train/validation/test split (synthetic phantoms, or a site's
 labelled studies split by study), random affine and intensity augmentation,
 Adam on binary cross-entropy with logits (one independent sigmoid output per
 label, so a model can carry several labels), early stopping on validation
-loss, the decision threshold set on validation studies (Youden's J on the
-study probability, as the daemon computes it), and metrics measured once on
-the untouched test sets through the same loading path the daemon uses
+loss, Platt scaling fitted on the validation studies' maximum logit (so
+that the study probability the daemon reports is calibrated), the decision
+threshold set on the calibrated validation study probabilities (Youden's J),
+and metrics (discrimination, and calibration: ECE and Brier score) measured
+once on the untouched test sets through the same loading path the daemon uses
 (`registry.load_model`).
 
 Reproducible: the seed fixes data, initialisation, shuffling, augmentation
@@ -26,6 +28,7 @@ import torch
 import torch.nn.functional as F
 from tqdm import tqdm
 
+from model.calibration import brier_score, expected_calibration_error, fit_platt
 from model.datasets import (
     Kind,
     LabelledStudy,
@@ -38,9 +41,10 @@ from model.datasets import (
     synthetic_split,
     synthetic_studies,
 )
-from model.inference import aggregate_study
+from model.inference import calibrated
 from model.manifest import (
     AppliesTo,
+    Calibration,
     Code,
     InputSpec,
     ModelManifest,
@@ -78,9 +82,15 @@ CR_INPUT = InputSpec(
     denoise="gaussian", denoise_sigma_mm=0.7, contrast="histogram", channels=1,
 )
 _DEMO = "Demonstration model trained on synthetic phantoms. Not for clinical use. "
+# The calibration's limit, where a user reads the probability: `model calibrate` fits
+# it on the generator's validation data, which says nothing of other data.
+_CALIBRATED = (" Its probability is calibrated on synthetic validation data from the same "
+               "generator; on real or otherwise shifted data it is not.")
 DEMO_INTENDED_USE = {
-    "ct": _DEMO + "Flags chest CT series showing a solid lung nodule of about 8-20 mm.",
-    "cr": _DEMO + "Flags frontal chest radiographs showing a lung nodule of about 10-30 mm.",
+    "ct": _DEMO + "Flags chest CT series showing a solid lung nodule of about 8-20 mm."
+    + _CALIBRATED,
+    "cr": _DEMO + "Flags frontal chest radiographs showing a lung nodule of about 10-30 mm."
+    + _CALIBRATED,
 }
 # Per-kind training defaults (the built-in models were trained with these).
 KIND_DEFAULTS: dict[str, dict[str, int]] = {
@@ -290,7 +300,8 @@ def train(
                                                batch_size=batch_size, lr=lr, patience=patience,
                                                min_epochs=min_epochs, progress=progress)
         net.load_state_dict(best_state)
-        threshold, threshold_from = _choose_threshold(net, dev, data["val"], val_studies)
+        calibration, threshold, threshold_from = _calibrate(
+            net, dev, data["val"], val_studies, f"{source} {kind}, seed {seed}")
     finally:
         torch.set_num_threads(old_threads)
         torch.use_deterministic_algorithms(old_deterministic)
@@ -304,26 +315,22 @@ def train(
         "epochs_max": epochs, "epochs_run": len(history), "best_epoch": best_epoch,
         "batch_size": batch_size, "learning_rate": lr, "loss": "BCEWithLogits",
         "optimizer": "Adam", "threshold_from": threshold_from, "study_aggregation": "max",
+        "calibration_from": calibration.fitted_on if calibration else "none (too few cases)",
         "torch": torch.__version__, "seconds": round(time.monotonic() - t0, 1),
     }
     manifest = _manifest(name, version, kind, source, csv, spec, threshold, weights, width,
-                         training)
+                         training).model_copy(update={"calibration": calibration})
     manifest.write(output_dir / MANIFEST_NAME)
 
     # Test metrics through the daemon's own loading and inference path.
     loaded = load_model(output_dir, dev)
-    slice_labels, slice_scores = data["test"].y, _scores(loaded, data["test"].x)
-    study_labels, study_scores = _study_scores(loaded, test_studies)
-    metrics = {
-        **_metrics(slice_labels, slice_scores, threshold, prefix="", n_key="n_test"),
-        **_metrics(study_labels, study_scores, threshold, prefix="study_", n_key="n_test_studies"),
-    }
+    test = HeldOutLogits.of(loaded, data["test"], test_studies)
+    metrics = measure(test, calibration, threshold, n_keys=("n_test", "n_test_studies"))
     manifest = manifest.model_copy(update={"metrics": metrics})
     manifest.write(output_dir / MANIFEST_NAME)
     _plot_learning_curves(history, best_epoch, output_dir / "learning_curves.png")
     unit = "slice" if kind == "ct" else "image"
-    _plot_roc([(unit, slice_labels, slice_scores), ("study", study_labels, study_scores)],
-              threshold, output_dir / "roc.png")
+    plot_roc(test, calibration, threshold, unit, output_dir / "roc.png")
     seconds = time.monotonic() - t0
     log.info("trained %s in %.0f s: test AUC %.4f per slice, %s per study", manifest.name,
              seconds, metrics.get("auc", float("nan")), metrics.get("study_auc", float("nan")))
@@ -338,7 +345,7 @@ def _synthetic_study_set(
         return synthetic_studies(seed, split, n, spec, progress=bar.update)
 
 
-def _net_probabilities(net: torch.nn.Module, x: np.ndarray, dev: torch.device) -> np.ndarray:
+def _net_logits(net: torch.nn.Module, x: np.ndarray, dev: torch.device) -> np.ndarray:
     net.eval()
     out = []
     with torch.inference_mode():
@@ -346,22 +353,35 @@ def _net_probabilities(net: torch.nn.Module, x: np.ndarray, dev: torch.device) -
             xb = torch.from_numpy(np.ascontiguousarray(x[start:start + 64])).to(dev)
             if xb.ndim == 3:
                 xb = xb[:, None]
-            out.append(torch.sigmoid(net(xb))[:, 0].cpu().numpy())
+            out.append(net(xb)[:, 0].cpu().numpy())
     return np.concatenate(out) if out else np.zeros(0, np.float32)
 
 
-def _choose_threshold(
+def _calibrate(
     net: torch.nn.Module, dev: torch.device, val: SliceSet,
-    val_studies: list[LabelledStudy] | list[SyntheticStudy],
-) -> tuple[float, str]:
+    val_studies: list[LabelledStudy] | list[SyntheticStudy], source: str,
+) -> tuple[Calibration | None, float, str]:
+    """Platt scaling on the validation studies' maximum logits (slices when there are no
+    studies), then the threshold on the calibrated probabilities: (calibration, threshold,
+    where from). Too few validation cases of a label: no calibration, plain sigmoid."""
     labels = np.array([s.label for s in val_studies], dtype=np.float32)
     if 0 < labels.sum() < labels.size:
-        scores = np.array([_net_probabilities(net, s.slices, dev).max() for s in val_studies])
-        return youden_threshold(labels, scores), "validation studies"
-    if 0 < val.y.sum() < len(val):
-        # Too few labelled studies to split: fall back to slices.
-        return youden_threshold(val.y, _net_probabilities(net, val.x, dev)), "validation slices"
-    return 0.5, "default"
+        # A study's probability is the maximum over its slices; calibration is
+        # monotonic, so it commutes with that maximum and is fitted on it.
+        logits = np.array([_net_logits(net, s.slices, dev).max() for s in val_studies])
+        unit = "validation studies"
+    elif 0 < val.y.sum() < len(val):
+        # No studies (radiographs: one image each), or too few to split: slices.
+        labels, logits, unit = val.y, _net_logits(net, val.x, dev), "validation slices"
+    else:
+        return None, 0.5, "default"
+    try:
+        calibration: Calibration | None = fit_platt(
+            logits, labels, fitted_on=f"{labels.size} {unit} ({source})")
+    except ValueError as exc:
+        log.warning("probabilities left uncalibrated: %s", exc)
+        calibration = None
+    return calibration, youden_threshold(labels, calibrated(logits, calibration)), unit
 
 
 def _fit(
@@ -433,7 +453,8 @@ def _manifest(
         source_name = csv.name if csv else "site data"
         description = f"2D CNN classifier for lung nodules in {what}, trained on {source_name}."
         intended_use = ("Trained on a site's own labelled studies. Validate locally before any "
-                        "use; not a cleared medical device.")
+                        "use; not a cleared medical device. Its probability is calibrated on "
+                        "the site's validation studies; on other data it is not.")
     return ModelManifest(
         name=name,
         version=version,
@@ -459,41 +480,116 @@ def _manifest(
 # --- Evaluation --------------------------------------------------------------------
 
 
-def _scores(loaded: LoadedModel, x: np.ndarray) -> np.ndarray:
+def slice_logits(loaded: LoadedModel, x: np.ndarray) -> np.ndarray:
+    """The first label's raw logit per slice, through the daemon's runtime."""
     if x.shape[0] == 0:
         return np.zeros(0, np.float32)
-    return loaded.predict(x, batch_size=64, with_saliency=False).probabilities[:, 0]
+    return loaded.logits(x, batch_size=64)[:, 0]
 
 
-def _study_scores(
+def study_logits(
     loaded: LoadedModel, studies: list[LabelledStudy] | list[SyntheticStudy]
 ) -> tuple[np.ndarray, np.ndarray]:
-    """Study labels and probabilities: `aggregate_study` (max) over each study's slices."""
-    labels, scores = [], []
-    for s in studies:
-        probs = loaded.predict(s.slices, batch_size=64, with_saliency=False).probabilities
-        labels.append(float(s.label))
-        scores.append(float(aggregate_study(probs)[0]))
-    return np.asarray(labels, np.float32), np.asarray(scores, np.float64)
+    """Study labels and logits: the maximum over each study's slices.
+
+    The daemon's study probability is the maximum of the slice probabilities;
+    a calibration is increasing, so it is the calibrated maximum logit.
+    """
+    labels = np.asarray([float(s.label) for s in studies], np.float32)
+    logits = np.asarray([slice_logits(loaded, s.slices).max() for s in studies], np.float64)
+    return labels, logits
+
+
+@dataclass(frozen=True)
+class HeldOutLogits:
+    """A test set's labels and raw logits, per slice and per study (no studies: empty)."""
+
+    slice_labels: np.ndarray
+    slice_logits: np.ndarray
+    study_labels: np.ndarray
+    study_logits: np.ndarray
+
+    @classmethod
+    def of(
+        cls, loaded: LoadedModel, slices: SliceSet,
+        studies: list[LabelledStudy] | list[SyntheticStudy],
+    ) -> HeldOutLogits:
+        return cls(slices.y, slice_logits(loaded, slices.x), *study_logits(loaded, studies))
+
+
+def held_out_logits(
+    loaded: LoadedModel,
+    *,
+    seed: int | None = None,
+    n_test: int | None = None,
+    n_test_studies: int | None = None,
+    studies: bool = True,
+    csv: Path | None = None,
+    dicom_root: Path | None = None,
+) -> HeldOutLogits:
+    """The test set of `evaluate`, through the model: see there."""
+    m = loaded.manifest
+    if csv is not None and dicom_root is not None:
+        labelled = load_labelled_studies(csv, dicom_root, m.input)
+        return HeldOutLogits.of(loaded, studies_to_slices(labelled), labelled if studies else [])
+    if csv is not None or dicom_root is not None:
+        raise ValueError("csv and dicom_root go together")
+    kind = str(m.training.get("kind", "ct"))
+    if kind not in ("ct", "cr"):
+        raise ValueError(f"{loaded.folder}: unknown synthetic data kind {kind!r}")
+    seed = int(m.training.get("seed", 0)) if seed is None else seed
+    n_test = int(m.training.get("n_test", 600)) if n_test is None else n_test
+    if n_test_studies is None:
+        n_test_studies = int(m.training.get("n_test_studies", 40))
+    test = synthetic_split(seed, "test", n_test, m.input, "ct" if kind == "ct" else "cr")
+    # Radiographs: one image per study, so no separate study set.
+    with_series = studies and kind == "ct"
+    series = synthetic_studies(seed, "test", n_test_studies, m.input) if with_series else []
+    return HeldOutLogits.of(loaded, test, series)
 
 
 def _metrics(
-    labels: np.ndarray, scores: np.ndarray, threshold: float, *, prefix: str, n_key: str
+    labels: np.ndarray, logits: np.ndarray, calibration: Calibration | None, threshold: float,
+    *, prefix: str, n_key: str,
 ) -> dict[str, float]:
-    """Rounded metrics for a manifest; AUC left out when one label is missing (undefined)."""
+    """Rounded metrics for a manifest; AUC left out when one label is missing (undefined).
+
+    Discrimination at the threshold, and calibration: ECE and Brier score of
+    the reported probabilities, and, for a calibrated model, of the plain
+    sigmoid too (`*_uncalibrated`), so that the gain shows.
+    """
     y = np.asarray(labels, dtype=bool)
     if y.size == 0:
         return {}
-    pred = np.asarray(scores) >= threshold
+    scores = calibrated(logits, calibration)
+    pred = scores >= threshold
     out = {
         f"{prefix}sensitivity": float((pred & y).sum() / max(int(y.sum()), 1)),
         f"{prefix}specificity": float((~pred & ~y).sum() / max(int((~y).sum()), 1)),
         n_key: float(y.size),
         f"{n_key}_positive": float(y.sum()),
+        f"{prefix}ece": expected_calibration_error(y, scores),
+        f"{prefix}brier": brier_score(y, scores),
     }
+    if calibration is not None:
+        plain = calibrated(logits, None)
+        out[f"{prefix}ece_uncalibrated"] = expected_calibration_error(y, plain)
+        out[f"{prefix}brier_uncalibrated"] = brier_score(y, plain)
     if 0 < y.sum() < y.size:
         out[f"{prefix}auc"] = roc_auc(y, scores)
     return {k: round(v, 6) for k, v in sorted(out.items())}
+
+
+def measure(
+    test: HeldOutLogits, calibration: Calibration | None, threshold: float,
+    *, n_keys: tuple[str, str] = ("n", "n_studies"),
+) -> dict[str, float]:
+    """Per-slice and (where there are studies) per-study metrics of a test set."""
+    out = _metrics(test.slice_labels, test.slice_logits, calibration, threshold, prefix="",
+                   n_key=n_keys[0])
+    out |= _metrics(test.study_labels, test.study_logits, calibration, threshold,
+                    prefix="study_", n_key=n_keys[1])
+    return out
 
 
 def evaluate(
@@ -507,42 +603,22 @@ def evaluate(
     dicom_root: Path | None = None,
     device: str = "auto",
 ) -> dict[str, float]:
-    """Measure a model folder at its manifest threshold.
+    """Measure a model folder at its manifest threshold, with its calibration.
 
-    Returns auc, sensitivity, specificity, n, n_positive per slice and, with
-    `studies`, study_auc, study_sensitivity, study_specificity, n_studies,
-    n_studies_positive per study (maximum over slices). Without `csv`: the
-    synthetic test sets, by default those recorded in the manifest (training
-    seed, n_test, n_test_studies), so the recorded metrics can be reproduced.
-    With `csv` and `dicom_root`: every listed study (slices carry their
-    study's label).
+    Returns auc, sensitivity, specificity, ece, brier, n, n_positive per slice
+    and, with `studies`, study_auc, study_sensitivity, study_specificity,
+    study_ece, study_brier, n_studies, n_studies_positive per study (maximum
+    over slices); a calibrated model adds the plain sigmoid's ece and brier
+    (`*_uncalibrated`). Without `csv`: the synthetic test sets, by default
+    those recorded in the manifest (training seed, n_test, n_test_studies), so
+    the recorded metrics can be reproduced. With `csv` and `dicom_root`: every
+    listed study (slices carry their study's label).
     """
     loaded = load_model(Path(model_dir), device)
     m = loaded.manifest
-    test_studies: list[LabelledStudy] | list[SyntheticStudy]
-    if csv is not None and dicom_root is not None:
-        test_studies = load_labelled_studies(csv, dicom_root, m.input)
-        sl = studies_to_slices(test_studies)
-        slice_labels, slice_scores = sl.y, _scores(loaded, sl.x)
-    elif csv is None and dicom_root is None:
-        kind = str(m.training.get("kind", "ct"))
-        if kind not in ("ct", "cr"):
-            raise ValueError(f"{model_dir}: unknown synthetic data kind {kind!r}")
-        seed = int(m.training.get("seed", 0)) if seed is None else seed
-        n_test = int(m.training.get("n_test", 600)) if n_test is None else n_test
-        if n_test_studies is None:
-            n_test_studies = int(m.training.get("n_test_studies", 40))
-        test = synthetic_split(seed, "test", n_test, m.input, "ct" if kind == "ct" else "cr")
-        slice_labels, slice_scores = test.y, _scores(loaded, test.x)
-        # Radiographs: one image per study, so no separate study set.
-        studies = studies and kind == "ct"
-        test_studies = synthetic_studies(seed, "test", n_test_studies, m.input) if studies else []
-    else:
-        raise ValueError("csv and dicom_root go together")
-    out = _metrics(slice_labels, slice_scores, m.threshold, prefix="", n_key="n")
-    if studies:
-        study_labels, study_scores = _study_scores(loaded, test_studies)
-        out |= _metrics(study_labels, study_scores, m.threshold, prefix="study_", n_key="n_studies")
+    test = held_out_logits(loaded, seed=seed, n_test=n_test, n_test_studies=n_test_studies,
+                       studies=studies, csv=csv, dicom_root=dicom_root)
+    out = measure(test, m.calibration, m.threshold)
     log.info("evaluated %s: %s", m.name, out)
     return out
 
@@ -568,6 +644,14 @@ def _plot_learning_curves(history: list[dict[str, float]], best_epoch: int, path
     fig.tight_layout()
     fig.savefig(path, dpi=100)
     plt.close(fig)
+
+
+def plot_roc(
+    test: HeldOutLogits, calibration: Calibration | None, threshold: float, unit: str, path: Path
+) -> None:
+    curves = [(unit, test.slice_labels, test.slice_logits),
+              ("study", test.study_labels, test.study_logits)]
+    _plot_roc([(u, y, calibrated(z, calibration)) for u, y, z in curves], threshold, path)
 
 
 def _plot_roc(

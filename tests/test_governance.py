@@ -21,7 +21,7 @@ from tests.orthanc import Orthanc
 from tests.test_orthanc import open_db
 from tests.test_review_orthanc import delivery, demo_ct, result_of, srs_in_orthanc
 
-CT = ("secondreader-demo-nodule-ct", "1.0.0")
+CT = ("secondreader-demo-nodule-ct", "1.1.0")
 
 
 def _run(db, study_uid: str) -> AnalysisRun | None:

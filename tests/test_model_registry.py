@@ -155,12 +155,12 @@ def test_registry_refuses_duplicate_names(builtin: Path) -> None:
 def test_two_versions_of_one_model_run_side_by_side(builtin: Path, tmp_path: Path) -> None:
     """Champion and challenger: the same name, two versions, both selected for a series."""
     challenger = _copy(builtin, tmp_path / "challenger")
-    _rewrite(challenger, version="1.1.0", threshold=0.5)
+    _rewrite(challenger, version="2.0.0", threshold=0.5)
     registry = ModelRegistry([builtin, challenger], device="cpu")
     chosen = registry.select("CT", "CHEST", "Thorax", 80)
     assert [(m.name, m.manifest.version) for m in chosen] == [
-        ("secondreader-demo-nodule-ct", "1.0.0"),
         ("secondreader-demo-nodule-ct", "1.1.0"),
+        ("secondreader-demo-nodule-ct", "2.0.0"),
     ]
     infos = [m.algorithm_info() for m in chosen]
     assert infos[0].version != infos[1].version

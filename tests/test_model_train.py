@@ -58,10 +58,11 @@ def test_builtin_model_reproduces_its_recorded_test_metrics(folder: Path) -> Non
     recorded = manifest.metrics
     measured = evaluate(folder, device="cpu")
     assert measured["n"] == recorded["n_test"] == manifest.training["n_test"]
-    keys = ["auc", "sensitivity", "specificity"]
+    keys = ["auc", "sensitivity", "specificity", "ece", "brier", "ece_uncalibrated"]
     if manifest.training["kind"] == "ct":  # whole series as well as slices
         assert measured["n_studies"] == recorded["n_test_studies"]
-        keys += ["study_auc", "study_sensitivity", "study_specificity"]
+        keys += ["study_auc", "study_sensitivity", "study_specificity", "study_ece",
+                 "study_brier", "study_ece_uncalibrated"]
         assert measured["study_auc"] >= 0.9
     for key in keys:
         assert measured[key] == pytest.approx(recorded[key], abs=1e-6), key
@@ -80,7 +81,7 @@ def test_short_training_run_is_complete_and_reproducible(tmp_path: Path) -> None
         n_train=48,
         n_val=24,
         n_test=24,
-        n_val_studies=4,
+        n_val_studies=10,  # 5 of each label: the fewest a calibration is fitted on
         n_test_studies=4,
         epochs=2,
         batch_size=16,
@@ -99,6 +100,10 @@ def test_short_training_run_is_complete_and_reproducible(tmp_path: Path) -> None
     assert manifest.metrics["n_test_studies"] == 4
     assert manifest.training["threshold_from"] == "validation studies"
     assert manifest.threshold == pytest.approx(report.threshold, abs=1e-6)
+    # Calibrated on the validation series, the threshold on the calibrated probability.
+    assert manifest.calibration is not None
+    assert manifest.calibration.fitted_on == "10 validation studies (synthetic ct, seed 3)"
+    assert manifest.training["calibration_from"] == manifest.calibration.fitted_on
     assert manifest.input == CT_INPUT
     model = load_model(folder, "cpu")
     assert model.sha256 == manifest.weights.sha256
@@ -106,6 +111,8 @@ def test_short_training_run_is_complete_and_reproducible(tmp_path: Path) -> None
     measured = evaluate(folder, device="cpu")
     assert measured["auc"] == pytest.approx(manifest.metrics["auc"], abs=1e-6)
     assert measured["study_sensitivity"] == pytest.approx(manifest.metrics["study_sensitivity"])
+    for key in ("ece", "brier", "study_ece", "study_brier", "study_ece_uncalibrated"):
+        assert measured[key] == pytest.approx(manifest.metrics[key], abs=1e-6), key
     # Same seed, same weights, bit for bit.
     train(tmp_path / "b", **kwargs)
     assert sha256_bytes((tmp_path / "b" / "weights.pt").read_bytes()) == model.sha256

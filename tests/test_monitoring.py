@@ -384,14 +384,14 @@ def test_a_configured_version_gets_its_mode_before_its_first_study(tmp_path: Pat
     AccountService(db, config.web).add("chair", PASSWORD, "admin", "test")
     service = GovernanceService(db, config)
     listed = {(v.model_name, v.model_version): (v.mode, v.runs) for v in service.versions()}
-    assert listed == {("secondreader-demo-nodule-cr", "1.0.0"): ("live", 0),
-                      ("secondreader-demo-nodule-ct", "1.0.0"): ("live", 0)}  # fmt: skip
+    assert listed == {("secondreader-demo-nodule-cr", "1.1.0"): ("live", 0),
+                      ("secondreader-demo-nodule-ct", "1.1.0"): ("live", 0)}  # fmt: skip
     why = "new version: silent trial"
-    change = service.set_mode("secondreader-demo-nodule-ct", "1.0.0", "silent",
+    change = service.set_mode("secondreader-demo-nodule-ct", "1.1.0", "silent",
                               by=service.admin("chair"), reason=why)  # fmt: skip
     assert change.mode == "silent" and change.evidence["runs"] == 0
     with pytest.raises(GovernanceError, match="not configured"):
         service.set_mode("secondreader-demo-nodule-ct", "9.9", "live", by="chair", reason="x")
     with pytest.raises(GovernanceError, match="already silent"):
-        service.set_mode("secondreader-demo-nodule-ct", "1.0.0", "silent", by="chair", reason="x")
+        service.set_mode("secondreader-demo-nodule-ct", "1.1.0", "silent", by="chair", reason="x")
     db.dispose()

@@ -252,7 +252,7 @@ def test_ohif_hydrates_the_sr_overlays_the_map_and_shows_the_summary(
     neg_sr, neg_sr_path = fetch(orthanc, neg_sr_entry, from_orthanc)
     (neg_finding,) = read_findings(neg_sr)
     assert neg_finding["present"] is False
-    # "AI, NOT VERIFIED: Nodule absent, 3 % (threshold 98.5 %) - ..." -> "3 %"
+    # "AI, NOT VERIFIED: Nodule absent, 3 % (threshold 30.6 %) - ..." -> "3 %"
     neg_percent = neg_finding["comment"].split("absent, ")[1].split(" (")[0]
     # Both SRs as the PACS holds them: valid for dciodvfy and, as TID 1500, for PixelMed.
     for path in (sr_path, neg_sr_path):

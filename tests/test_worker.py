@@ -241,8 +241,8 @@ def test_sigterm_finishes_or_releases_the_current_job(
 # -- end to end: `secondreader serve` with the built-in model -----------------
 
 SPACING = (2.5, 1.4, 1.4)  # (slice, row, column) mm, as the phantom is drawn
-# Phantoms the shipped model reads clearly (nodule: p = 1.00 on the slice of its
-# centre; clear: p < 0.1, threshold ~0.98). Re-check them when the model is retrained.
+# Phantoms the shipped model reads clearly (nodule: far above the threshold on the slice of its
+# centre; clear: well below the threshold). Re-check them when the model is retrained.
 LESION_SEED = 15
 CLEAR_SEED = 10
 

@@ -1,4 +1,4 @@
-"""`model train`, `model evaluate`, `model drift` and `demo`."""
+"""`model train`, `model evaluate`, `model calibrate`, `model drift` and `demo`."""
 
 from __future__ import annotations
 
@@ -51,22 +51,46 @@ def _cmd_model_evaluate(_config: Config, args: argparse.Namespace) -> int:
     )
     print(f"{folder}:")
     for key in (
-        "auc",
-        "sensitivity",
-        "specificity",
-        "n",
-        "study_auc",
-        "study_sensitivity",
-        "study_specificity",
-        "n_studies",
-    ):
+        "auc", "sensitivity", "specificity", "ece", "ece_uncalibrated", "brier",
+        "brier_uncalibrated", "n",
+        "study_auc", "study_sensitivity", "study_specificity", "study_ece",
+        "study_ece_uncalibrated", "study_brier", "study_brier_uncalibrated", "n_studies",
+    ):  # fmt: skip
         if key in metrics:
             value = metrics[key]
-            print(
-                f"  {key:<20}{value:.4f}"
-                if key not in ("n", "n_studies")
-                else f"  {key:<20}{int(value)}"
-            )
+            print(f"  {key:<26}{int(value)}" if key.startswith("n")
+                  else f"  {key:<26}{value:.4f}")  # fmt: skip
+    return 0
+
+
+# What `model calibrate` shows before and after: the measures calibration changes.
+_CALIBRATION_KEYS = ("ece", "brier", "study_ece", "study_brier")
+
+
+def _cmd_model_calibrate(_config: Config, args: argparse.Namespace) -> int:
+    from model.recalibrate import recalibrate
+
+    if (args.csv is None) != (args.dicom_root is None):
+        print("secondreader: --csv and --dicom-root go together", file=sys.stderr)
+        return EXIT_CONFIG
+    try:
+        r = recalibrate(args.folder, n_val_studies=args.n_val_studies, seed=args.seed,
+                        csv=args.csv, dicom_root=args.dicom_root, version=args.version,
+                        device=args.device)  # fmt: skip
+    except ValueError as exc:
+        print(f"secondreader: {exc}", file=sys.stderr)
+        return EXIT_CONFIG
+    cal = r.new.calibration
+    assert cal is not None
+    print(f"{r.folder}: {r.new.name} {r.old.version} -> {r.new.version}")
+    print(f"  Platt scaling on {cal.fitted_on}: slope {cal.slope:.4f}, "
+          f"intercept {cal.intercept:.4f}")  # fmt: skip
+    print(f"  threshold {r.old.threshold:.6g} -> {r.new.threshold:.6g} (the same decisions)")
+    print(f"  on {r.test_set}:{'':<8}before     after")
+    for key in _CALIBRATION_KEYS:
+        if key in r.after:
+            n = int(r.after["n_studies" if key.startswith("study_") else "n"])
+            print(f"  {key:<14}(n={n:<4}) {r.before[key]:>10.4f}{r.after[key]:>10.4f}")
     return 0
 
 
@@ -279,7 +303,8 @@ def add_model(sub: Subparsers) -> None:
     q.add_argument("--name", help="model name in the manifest")
     q.add_argument("--version", default="1.0.0")
     q.set_defaults(func=_cmd_model_train)
-    q = msub.add_parser("evaluate", help="AUC, sensitivity, specificity on the test set")
+    q = msub.add_parser("evaluate", help="AUC, sensitivity, specificity, calibration (ECE, "
+                        "Brier) on the test set")  # fmt: skip
     q.add_argument("model", type=Path, nargs="?", help="model folder (default: built-in)")
     q.add_argument("--seed", type=int, help="synthetic test set seed (default: the manifest's)")
     q.add_argument("--csv", type=Path)
@@ -320,6 +345,17 @@ def add_model(sub: Subparsers) -> None:
     q.add_argument("--csv", type=Path, help="site data: the training CSV of study_uid,label")
     q.add_argument("--dicom-root", type=Path)
     q.set_defaults(func=_cmd_model_expectations)
+    q = msub.add_parser("calibrate", help="fit a model folder's Platt scaling again, on "
+                        "validation data: same decisions, calibrated probabilities")  # fmt: skip
+    q.add_argument("folder", type=Path, help="model folder (its manifest is rewritten)")
+    q.add_argument("--n-val-studies", type=int, help="synthetic validation series (CT) or "
+                   "images (CR) (default: as many as in training)")  # fmt: skip
+    q.add_argument("--seed", type=int, help="data seed (default: the manifest's)")
+    q.add_argument("--csv", type=Path, help="site data: CSV of study_uid,label")
+    q.add_argument("--dicom-root", type=Path, help="site data: folder of the CSV's studies")
+    q.add_argument("--version", help="new version (default: the next minor, 1.0.0 -> 1.1.0)")
+    q.add_argument("--device", default="auto")
+    q.set_defaults(func=_cmd_model_calibrate)
     q = msub.add_parser("drift", help="a model version's inputs and outputs, week by week, "
                         "against its baseline: drift alerts and new scanners")  # fmt: skip
     q.add_argument("name", help="model name (as in its manifest)")
