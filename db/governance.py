@@ -245,7 +245,7 @@ class PairedCall:
 def paired_calls(
     session: Session, model_name: str, first_version: str, second_version: str
 ) -> list[PairedCall]:
-    """Findings of both versions run by the same job, matched by label."""
+    """Findings of both versions run by the same job, matched by label (and side)."""
     a, b = aliased(AnalysisRun), aliased(AnalysisRun)
     fa, fb = aliased(FindingRecord), aliased(FindingRecord)
     rows = session.execute(
@@ -253,7 +253,8 @@ def paired_calls(
         .select_from(a)
         .join(b, and_(b.job_id == a.job_id, b.model_name == a.model_name))
         .join(fa, fa.run_id == a.id)
-        .join(fb, and_(fb.run_id == b.id, fb.label == fa.label))
+        .join(fb, and_(fb.run_id == b.id, fb.label == fa.label,
+                       fb.laterality.is_not_distinct_from(fa.laterality)))
         .join(Job, Job.id == a.job_id)
         .where(
             a.model_name == model_name,

@@ -244,6 +244,10 @@ class FindingRecord(Base):
     point: Mapped[dict[str, Any] | None] = mapped_column(JSON)  # {"col": x, "row": y}
     box: Mapped[dict[str, Any] | None] = mapped_column(JSON)  # {"col0","row0","col1","row1"}
     tracking_uid: Mapped[str | None] = mapped_column(UID)  # set by the report stage
+    # Projection studies: the side ("L", "R"), the key image's view, the views it is present on.
+    laterality: Mapped[str | None] = mapped_column(String(1))
+    view: Mapped[str | None] = mapped_column(String(64))
+    views: Mapped[list[str] | None] = mapped_column(JSON)
 
     run: Mapped[AnalysisRun] = relationship(back_populates="findings")
 

@@ -127,6 +127,9 @@ def record_run(
                 frame_number=loc.frame_number if loc else None,
                 point=_point(loc.point) if loc else None,
                 box=_box(loc.box) if loc and loc.box else None,
+                laterality=f.laterality,
+                view=f.view,
+                views=list(f.views) if f.views else None,
             )
         )
     session.flush()
@@ -143,7 +146,7 @@ def record_run(
         series_instance_uid=result.series_instance_uid,
         model=f"{algo.name} {algo.version}" if algo else None,
         findings=[
-            {"label": f.label, "probability": round(float(f.probability), 4), "present": f.present}
+            {"label": f.key, "probability": round(float(f.probability), 4), "present": f.present}
             for f in result.findings
         ],
         # Provenance: each preprocessing step with its parameters and timing.
@@ -189,6 +192,9 @@ def _finding_from_record(f: FindingRecord) -> Finding:
         probability=f.probability,
         threshold=f.threshold,
         location=location,
+        laterality=f.laterality,
+        view=f.view,
+        views=tuple(f.views or ()),
     )
 
 

@@ -147,6 +147,18 @@ def load_result(session: Session, run_id: int) -> ResultView | None:
     return _view(session, row[0], row[1])
 
 
+def _site(f: FindingRecord) -> str:
+    """"Lung"; a projection finding with its side and views: "Breast, right (R CC, R MLO)"."""
+    site = str(f.site_code.get("meaning", ""))
+    if f.laterality:
+        site += f", {_SIDES.get(f.laterality, f.laterality)}"
+    views = f.views or ([f.view] if f.view else [])
+    return f"{site} ({', '.join(views)})" if views else site
+
+
+_SIDES = {"L": "left", "R": "right"}
+
+
 def _view(session: Session, run: AnalysisRun, study_uid: str) -> ResultView:
     modality = None
     if run.series_instance_uid:
@@ -159,7 +171,7 @@ def _view(session: Session, run: AnalysisRun, study_uid: str) -> ResultView:
             finding_id=f.id,
             label=f.label,
             finding=str(f.finding_code.get("meaning", f.label)),
-            site=str(f.site_code.get("meaning", "")),
+            site=_site(f),
             probability=float(f.probability),
             threshold=float(f.threshold),
             present=bool(f.present),

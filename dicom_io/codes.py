@@ -78,6 +78,12 @@ _PROCEDURE_BY_MODALITY: dict[str, hd.sr.CodedConcept] = {
 }
 IMAGING_PROCEDURE = hd.sr.CodedConcept("363679005", "SCT", "Imaging procedure")
 
+# CID 244 Laterality, for the finding site of a finding on one side.
+LATERALITY = {
+    "L": hd.sr.CodedConcept("7771000", "SCT", "Left"),
+    "R": hd.sr.CodedConcept("24028007", "SCT", "Right"),
+}
+
 
 def procedure_for_modality(modality: str) -> hd.sr.CodedConcept:
     """The Procedure Reported code for a study of this modality."""

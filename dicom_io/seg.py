@@ -166,8 +166,8 @@ def _segmentation(
             version=algorithm.version,
             parameters=algorithm.parameters or None,
         ),
-        tracking_uid=finding_tracking_uid(study_instance_uid, algorithm.device_uid, finding.label),
-        tracking_id=f"AI {finding.label}",
+        tracking_uid=finding_tracking_uid(study_instance_uid, algorithm.device_uid, finding.key),
+        tracking_id=f"AI {finding.key}",
         anatomic_regions=[seg_codes.to_hd(finding.finding_site)],
     )
     fractional = segmentation_type == hd.seg.SegmentationTypeValues.FRACTIONAL

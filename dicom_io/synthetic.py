@@ -217,3 +217,86 @@ def _write_series(
         ds.save_as(path, enforce_file_format=True)
         paths.append(path)
     return paths
+
+
+# CID 4014 (mammography) and CID 4010 views, as the View Code Sequence codes them.
+_VIEW_CODES = {
+    "CC": ("399162004", "cranio-caudal"),
+    "MLO": ("399368009", "medio-lateral oblique"),
+    "PA": ("399348003", "postero-anterior"),
+    "AP": ("399232001", "antero-posterior"),
+    "LL": ("260461000", "lateral"),
+}
+
+
+def write_projection(
+    image: np.ndarray,
+    path: Path,
+    *,
+    modality: str = "CR",
+    view: str = "PA",
+    laterality: str | None = None,
+    spacing: tuple[float, float] = (0.2, 0.2),
+    study_uid: str,
+    series_uid: str,
+    instance_number: int = 1,
+    patient_id: str = "SR-TEST-0001",
+    patient_name: str = "Test^Phantom",
+) -> Path:
+    """One projection radiograph (CR, DX or MG "for presentation"), MONOCHROME2, 16 bit.
+
+    MG images carry what the mammography IOD asks of a view: Image Laterality,
+    View Position and the View Code Sequence, the breast as anatomic region.
+    """
+    from pydicom.uid import UID
+
+    classes = {"CR": UID("1.2.840.10008.5.1.4.1.1.1"), "DX": UID("1.2.840.10008.5.1.4.1.1.1.1"),
+               "MG": UID("1.2.840.10008.5.1.4.1.1.1.2")}  # fmt: skip
+    now = datetime.now()
+    ds = Dataset()
+    ds.file_meta = FileMetaDataset()
+    sop_uid = generate_uid()
+    ds.file_meta.MediaStorageSOPClassUID = ds.SOPClassUID = classes[modality]
+    ds.file_meta.MediaStorageSOPInstanceUID = ds.SOPInstanceUID = sop_uid
+    ds.file_meta.TransferSyntaxUID = ExplicitVRLittleEndian
+    ds.file_meta.ImplementationClassUID = PYDICOM_IMPLEMENTATION_UID
+    ds.SpecificCharacterSet = "ISO_IR 100"
+    ds.ImageType = ["ORIGINAL", "PRIMARY"]
+    ds.StudyDate = ds.SeriesDate = ds.ContentDate = now.strftime("%Y%m%d")
+    ds.StudyTime = ds.SeriesTime = ds.ContentTime = now.strftime("%H%M%S")
+    ds.AccessionNumber = "A" + study_uid[-8:].replace(".", "")
+    ds.Modality = modality
+    ds.Manufacturer = "secondreader synthetic"
+    ds.ReferringPhysicianName = ""
+    ds.PatientName, ds.PatientID = patient_name, patient_id
+    ds.PatientBirthDate, ds.PatientSex = "19700101", "F" if modality == "MG" else "O"
+    ds.StudyInstanceUID, ds.SeriesInstanceUID = study_uid, series_uid
+    ds.StudyID, ds.SeriesNumber, ds.InstanceNumber = "1", 1, instance_number
+    ds.PatientOrientation = ""
+    ds.BodyPartExamined = "BREAST" if modality == "MG" else "CHEST"
+    ds.ViewPosition = view
+    code = _VIEW_CODES.get(view)
+    if code is not None:
+        item = Dataset()
+        item.CodeValue, item.CodingSchemeDesignator, item.CodeMeaning = code[0], "SCT", code[1]
+        ds.ViewCodeSequence = [item]
+    if modality == "MG":
+        region = Dataset()
+        region.CodeValue, region.CodingSchemeDesignator, region.CodeMeaning = (
+            "76752008", "SCT", "Breast")
+        ds.AnatomicRegionSequence = [region]
+        ds.PresentationIntentType = "FOR PRESENTATION"
+        ds.BreastImplantPresent = "NO"
+        ds.PartialView = "NO"
+    if laterality is not None:
+        ds.ImageLaterality = laterality
+    pixels = np.clip(np.round(image), 0, 65535).astype(np.uint16)
+    ds.SamplesPerPixel = 1
+    ds.PhotometricInterpretation = "MONOCHROME2"
+    ds.Rows, ds.Columns = pixels.shape
+    ds.PixelSpacing = ds.ImagerPixelSpacing = [f"{spacing[0]:g}", f"{spacing[1]:g}"]
+    ds.BitsAllocated, ds.BitsStored, ds.HighBit, ds.PixelRepresentation = 16, 16, 15, 0
+    ds.PixelData = pixels.tobytes()
+    path.parent.mkdir(parents=True, exist_ok=True)
+    ds.save_as(path, enforce_file_format=True)
+    return path

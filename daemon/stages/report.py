@@ -202,7 +202,7 @@ class Reporter:
         if run.result.algorithm is not None:
             for finding_id, finding in zip(run.finding_ids, run.result.findings, strict=True):
                 tracking[finding_id] = finding_tracking_uid(
-                    study_uid, run.result.algorithm.device_uid, finding.label
+                    study_uid, run.result.algorithm.device_uid, finding.key
                 )
         with self.db.session() as s:
             done = record_report(

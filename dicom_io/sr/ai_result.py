@@ -150,12 +150,16 @@ def _measurement_group(
     finding_type = sr_codes.to_hd(finding.finding_type)
     common: dict[str, Any] = {
         "tracking_identifier": hd.sr.TrackingIdentifier(
-            uid=finding_tracking_uid(study_instance_uid, algorithm.device_uid, finding.label),
-            identifier=f"AI {finding.label}",
+            uid=finding_tracking_uid(study_instance_uid, algorithm.device_uid, finding.key),
+            identifier=f"AI {finding.key}",
         ),
         "finding_type": finding_type,
         "algorithm_id": algorithm_id,
-        "finding_sites": [hd.sr.FindingSite(sr_codes.to_hd(finding.finding_site))],
+        # The side as TID 1500 says it: a Laterality modifier of the finding site.
+        "finding_sites": [hd.sr.FindingSite(
+            sr_codes.to_hd(finding.finding_site),
+            laterality=sr_codes.LATERALITY.get(finding.laterality or ""),
+        )],
         "qualitative_evaluations": [
             hd.sr.QualitativeEvaluation(
                 finding_type, sr_codes.PRESENT if finding.present else sr_codes.ABSENT

@@ -29,6 +29,7 @@ class SRFinding(TypedDict):
     tracking_uid: str | None
     finding_type: CodedConcept | None
     finding_site: CodedConcept | None
+    laterality: str | None  # "L" or "R": the finding site's Laterality modifier
     present: bool | None  # qualitative evaluation Present / Absent
     probability: float | None
     referenced_sop_instance_uid: str | None  # image of the SCOORD, if any
@@ -72,6 +73,7 @@ def read_findings(sr: Dataset) -> list[SRFinding]:
             tracking_uid=None if read.tracking_uid is None else str(read.tracking_uid),
             finding_type=None if finding_type is None else _plain(finding_type),
             finding_site=_plain(sites[0].value) if sites else None,
+            laterality=_side(sites[0].laterality) if sites else None,
             present=concept_key(evaluations[0]) == PRESENT_KEY if evaluations else None,
             probability=_probability(probability[0]) if probability else None,
             referenced_sop_instance_uid=None,
@@ -93,6 +95,15 @@ def read_findings(sr: Dataset) -> list[SRFinding]:
                 found["referenced_frame_numbers"] = [int(f) for f in frames]
         findings.append(found)
     return findings
+
+
+def _side(code: hd.sr.CodedConcept | None) -> str | None:
+    if code is None:
+        return None
+    for side, concept in sr_codes.LATERALITY.items():
+        if concept_key(concept) == concept_key(code):
+            return side
+    return None
 
 
 def _probability(measurement: hd.sr.Measurement) -> float:
