@@ -123,6 +123,8 @@ def _json(members: dict[str, bytes], name: str) -> dict[str, Any]:
         value = json.loads(members[name])
     except (ValueError, UnicodeDecodeError) as exc:
         raise BundleError(f"{name} is not JSON: {exc}") from exc
+    except RecursionError:  # nested deeper than any real config: walking it would fail too
+        raise BundleError(f"{name} is nested too deeply to read") from None
     if not isinstance(value, dict):
         raise BundleError(f"{name} is not a JSON object")
     return value
