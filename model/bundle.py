@@ -28,7 +28,7 @@ from typing import Any
 
 from pydantic import ValidationError
 
-from model.export import _make_folder
+from model.export import _make_folder, vouched_manifest
 from model.manifest import InputSpec, ModelManifest
 from model.registry import MONAI_NETWORKS, ModelLoadError, sha256_bytes
 
@@ -450,17 +450,10 @@ def bundle_manifest(path: Path, extra_file: Path) -> tuple[ModelManifest, bytes]
         raise BundleError(f"{path}: metadata.json has no version, and {extra_file} gives none")
     try:
         InputSpec.model_validate(raw["input"])
-        manifest = ModelManifest.model_validate(raw)
     except ValidationError as exc:
         raise BundleError(f"{extra_file}: {exc}") from exc
-    if not manifest.intended_use.strip():
-        raise BundleError(f"{extra_file}: intended_use is empty and the bundle's metadata has "
-                          "none; say what the model is for and its limits")
+    manifest = vouched_manifest(raw, extra_file, BundleError)
     return manifest, data
-
-
-def folder_name(manifest: ModelManifest) -> str:
-    return re.sub(r"[^A-Za-z0-9._-]+", "-", f"{manifest.name}-{manifest.version}")
 
 
 def import_bundle(path: Path, extra_file: Path, into: Path) -> ModelManifest:

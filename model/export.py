@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import io
 import logging
+import re
 import shutil
 import statistics
 import tempfile
@@ -23,6 +24,7 @@ import time
 import tomllib
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import torch
@@ -108,15 +110,28 @@ def import_onnx(onnx_file: Path, manifest_file: Path, into: Path) -> Path:
     if weights.get("format", "onnx") != "onnx":
         raise ModelLoadError(f"{manifest_file} says format {weights['format']!r}, not onnx")
     raw["weights"] = weights | {"file": ONNX_FILE, "sha256": digest, "format": "onnx"}
+    _make_folder(into, vouched_manifest(raw, manifest_file), data)
+    return into
+
+
+def folder_name(manifest: ModelManifest) -> str:
+    """NAME-VERSION as one safe folder name (a name may hold "/" or spaces)."""
+    return re.sub(r"[^A-Za-z0-9._-]+", "-", f"{manifest.name}-{manifest.version}")
+
+
+def vouched_manifest(
+    raw: dict[str, Any], source: Path, error: type[ModelLoadError] = ModelLoadError
+) -> ModelManifest:
+    """The manifest an ML engineer wrote for a model from elsewhere: valid, and saying what
+    the model is for (a model without its stated use and limits is not imported)."""
     try:
         manifest = ModelManifest.model_validate(raw)
     except ValidationError as exc:
-        raise ModelLoadError(f"{manifest_file}: {exc}") from exc
+        raise error(f"{source}: {exc}") from exc
     if not manifest.intended_use.strip():
-        raise ModelLoadError(f"{manifest_file}: intended_use is empty; say what the model is "
-                             "for and its limits (and 'not for clinical use' if so)")
-    _make_folder(into, manifest, data)
-    return into
+        raise error(f"{source}: intended_use is empty; say what the model is for and its "
+                    "limits (and 'not for clinical use' if so)")
+    return manifest
 
 
 def _make_folder(into: Path, manifest: ModelManifest, data: bytes) -> LoadedModel:

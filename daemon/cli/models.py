@@ -14,7 +14,10 @@ from daemon.stages.monitor.governance import GovernanceError, GovernanceService
 from db.governance import MODES
 
 if TYPE_CHECKING:
+    from collections.abc import Callable
+
     from daemon.stages.monitor.drift import DriftReport
+    from model.manifest import ModelManifest
 
 
 def _cmd_model_train(_config: Config, args: argparse.Namespace) -> int:
@@ -125,14 +128,13 @@ def _cmd_model_import_onnx(config: Config, args: argparse.Namespace) -> int:
     from model.export import import_onnx
     from model.manifest import ModelManifest
 
+    def named() -> ModelManifest:  # the manifest as written, before the file is pinned
+        return ModelManifest.model_validate({**_toml(args.manifest), "weights": {
+            "file": "model.onnx", "sha256": "0" * 64, "format": "onnx"}})  # fmt: skip
+
     try:
-        into = args.into
-        if into is None:
-            m = ModelManifest.model_validate({**_toml(args.manifest), "weights": {
-                "file": "model.onnx", "sha256": "0" * 64, "format": "onnx"}})
-            into = config.storage.state_dir / "models" / f"{m.name}-{m.version}"
-        folder = import_onnx(args.file, args.manifest, into)
-    except _model_errors() as exc:
+        folder = import_onnx(args.file, args.manifest, _into(config, args.into, named))
+    except _model_errors() + (ValueError,) as exc:  # ValueError: a TOML that does not parse
         return _refused(exc)
     print(f"model folder written to {folder}")
     print(f"to run it, add it to [models] paths in the configuration: \"{folder}\"")
@@ -140,17 +142,12 @@ def _cmd_model_import_onnx(config: Config, args: argparse.Namespace) -> int:
 
 
 def _cmd_model_import_bundle(config: Config, args: argparse.Namespace) -> int:
-    from model.bundle import bundle_manifest, folder_name, import_bundle
+    from model.bundle import bundle_manifest, import_bundle
 
     try:
-        into = args.into
-        if into is None:
-            manifest, _ = bundle_manifest(args.bundle, args.manifest)
-            into = config.storage.state_dir / "models" / folder_name(manifest)
+        into = _into(config, args.into, lambda: bundle_manifest(args.bundle, args.manifest)[0])
         manifest = import_bundle(args.bundle, args.manifest, into)
-    except _model_errors() as exc:
-        return _refused(exc)
-    except ValueError as exc:  # a TOML that does not parse (tomllib.TOMLDecodeError)
+    except _model_errors() + (ValueError,) as exc:  # ValueError: a TOML that does not parse
         return _refused(exc)
     print(f"model folder written to {into} (from MONAI bundle {manifest.training['bundle']} "
           f"{manifest.training['bundle_version']})")
@@ -159,6 +156,15 @@ def _cmd_model_import_bundle(config: Config, args: argparse.Namespace) -> int:
         print(f"  differences from MONAI: {manifest.training['differences']}")
     print(f"to run it, add it to [models] paths in the configuration: \"{into}\"")
     return 0
+
+
+def _into(config: Config, given: Path | None, named: Callable[[], ModelManifest]) -> Path:
+    """Where an imported model goes: as given, else <state_dir>/models/NAME-VERSION."""
+    if given is not None:
+        return given
+    from model.export import folder_name
+
+    return config.storage.state_dir / "models" / folder_name(named())
 
 
 def _toml(path: Path) -> dict[str, Any]:
