@@ -107,11 +107,14 @@ def _write(root: Path, metadata: dict[str, Any], config: dict[str, Any],
 
 
 def _extra(path: Path, **changes: Any) -> Path:
-    """What the bundle cannot say: SNOMED CT codes, whom it is for, the threshold."""
+    """What the bundle cannot say: SNOMED CT codes, whom it is for, the threshold and the
+    calibration that goes with it (the built-in's: the network is the built-in's)."""
+    assert BUILTIN.calibration is not None
     raw = {
         "intended_use": "Test bundle: the demonstration CT model. Not for clinical use.",
         "applies_to": BUILTIN.applies_to.model_dump(),
         "threshold": BUILTIN.threshold,
+        "calibration": BUILTIN.calibration.model_dump(),
         "labels": [lb.model_dump() for lb in BUILTIN.labels],
         "weights": {"outputs": ["logits", "cam"]},
     } | changes
@@ -161,6 +164,7 @@ def test_a_ct_bundle_imports_through_the_cli_and_finds_what_the_builtin_finds(
     same = BUILTIN.input.model_copy(update={"denoise": "none", "layout": "columns_rows"})
     assert m.input == same and m.weights.format == "torchscript"
     assert m.labels == BUILTIN.labels and m.threshold == BUILTIN.threshold
+    assert m.calibration == BUILTIN.calibration
 
     reference = tmp_path / "builtin-no-denoise"
     reference.mkdir()
