@@ -35,6 +35,7 @@ test: install
 bench: install
 	$(VENV)/bin/python bench/ingest.py
 	$(VENV)/bin/python bench/pipeline.py
+	$(VENV)/bin/python bench/models.py
 
 clean:
 	rm -rf $(VENV) state

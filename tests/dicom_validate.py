@@ -86,12 +86,13 @@ _XPATH_LIMITS = ("xpathExprOpLimit", "xpathExprGrpLimit", "xpathTotalOpLimit")
 _JAVA_XPATH_UNLIMITED = [f"-Djdk.xml.{limit}=0" for limit in _XPATH_LIMITS]
 
 
-def pixelmed_sr_report(path: Path) -> list[str]:
+def pixelmed_sr_report(path: Path, *, template: bool = True) -> list[str]:
     """The Error: and Warning: lines of PixelMed's DicomSRValidator for an SR file.
 
     dciodvfy checks the SR's attributes; PixelMed also walks the content tree
     against the templates (TID 1500 and those it includes) and their context
-    groups. A run that never reached the root template is a failure of its own.
+    groups. A run that never reached the root template is a failure of its own,
+    unless the SR follows none (`template=False`: the "AI not run" SR).
     """
     java = _tool("java")
     if not Path("/usr/share/java/pixelmed.jar").exists():
@@ -102,12 +103,13 @@ def pixelmed_sr_report(path: Path) -> list[str]:
         capture_output=True, text=True, timeout=300, check=False,
     )  # fmt: skip
     output = (run.stdout + run.stderr).splitlines()
-    if not any(line.startswith("Found Root Template") for line in output):
+    if template and not any(line.startswith("Found Root Template") for line in output):
         tail = "\n".join(output[-20:])
         raise RuntimeError(f"PixelMed found no root template in {path}:\n{tail}")
     return [line for line in output if line.startswith(("Error:", "Warning:"))]
 
 
-def pixelmed_sr_errors(path: Path) -> list[str]:
+def pixelmed_sr_errors(path: Path, *, template: bool = True) -> list[str]:
     """PixelMed's Error: lines for an SR file (warnings left out)."""
-    return [line for line in pixelmed_sr_report(path) if line.startswith("Error:")]
+    return [line for line in pixelmed_sr_report(path, template=template)
+            if line.startswith("Error:")]  # fmt: skip

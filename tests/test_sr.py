@@ -363,6 +363,8 @@ def test_not_run_sr(ct_headers: list[Dataset], tmp_path: Path) -> None:
     assert read_findings(sr) == []
     dumped = dsrdump(tmp_path / "not_run.dcm").stdout
     assert "AI analysis not performed" in dumped
+    # No template to follow (nothing was measured): PixelMed finds no error in it either.
+    assert pixelmed_sr_errors(tmp_path / "not_run.dcm", template=False) == []
 
 
 def test_not_run_sr_without_algorithm(cr_header: Dataset, tmp_path: Path) -> None:
