@@ -203,3 +203,46 @@ def test_a_folder_runs_in_the_registry_beside_the_torch_model(exported: Path) ->
         ModelRegistry([CT, exported], device="cpu")
     models: list[LoadedModel] = ModelRegistry([exported], device="cpu").models
     assert [m.runtime.name for m in models] == ["onnxruntime"]
+
+
+def _texts(item: pydicom.Dataset) -> list[str]:
+    """Every TEXT value of an SR content tree."""
+    out = [str(item.TextValue)] if "TextValue" in item else []
+    for child in item.get("ContentSequence", []):
+        out.extend(_texts(child))
+    return out
+
+
+def test_an_onnx_model_through_the_daemon_to_the_pacs(
+    exported: Path, tmp_path: Path, daemon_factory, orthanc_factory  # type: ignore[no-untyped-def]
+) -> None:
+    """storescu -> `secondreader serve` with the ONNX folder as its model -> Orthanc."""
+    from tests.conftest import storescu
+    from tests.dicomgen import ct_study
+    from tests.test_orthanc import by_class, delivery_config, fetch, open_db, outbox, runs
+
+    orthanc = orthanc_factory().start()
+    config = delivery_config(orthanc) + f'\n[models]\npaths = ["{exported}"]\n'
+    daemon = daemon_factory(config, env={"SECONDREADER_WORKER__POLL_SECONDS": "0.3",
+                                         "SECONDREADER_WORKER__DEVICE": "cpu"}).start()
+    files = ct_study(tmp_path / "ct", 20, size=128, seed=3)
+    sent = storescu(daemon.port, files)
+    assert sent.returncode == 0, sent.stderr
+    db = open_db(daemon)
+    daemon.wait_for(lambda: outbox(db) and all(i.state == "done" for i in outbox(db)),
+                    timeout=120)  # fmt: skip
+    [run] = runs(db)
+    assert run.outcome == "analysed" and run.model_name == "secondreader-demo-nodule-ct"
+    study_uid = str(pydicom.dcmread(files[0], stop_before_pixels=True).StudyInstanceUID)
+    [entry] = by_class(orthanc.study_instances(study_uid), "1.2.840.10008.5.1.4.1.1.88.34")
+    sr, _ = fetch(orthanc, entry, tmp_path / "from-orthanc")
+    [read] = read_findings(sr)
+    # What the torch model finds in the same images, as the PACS got it from ONNX Runtime.
+    [expected] = analyse_series(load_series(files), load_model(CT, "cpu")).findings
+    assert read["probability"] is not None
+    assert abs(read["probability"] - expected.probability) <= 1e-4
+    assert read["present"] == expected.present
+    # The SR's algorithm parameters say which runtime computed it.
+    assert "runtime=onnxruntime" in _texts(sr)
+    assert daemon.stop() == 0
+    db.dispose()
