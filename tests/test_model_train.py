@@ -19,6 +19,7 @@ from model.datasets import (
     read_series,
     split_studies,
 )
+from model.intervals import wilson
 from model.manifest import ModelManifest
 from model.phantom import phantom_radiograph, phantom_volume
 from model.registry import builtin_model_dirs, load_model, sha256_bytes
@@ -67,6 +68,17 @@ def test_builtin_model_reproduces_its_recorded_test_metrics(folder: Path) -> Non
     for key in keys:
         assert measured[key] == pytest.approx(recorded[key], abs=1e-6), key
     assert measured["auc"] >= 0.95
+    # Each rate with its 95 % Wilson interval, from the counts behind it.
+    prefixes = ["", "study_"] if manifest.training["kind"] == "ct" else [""]
+    for prefix in prefixes:
+        n = "n_studies" if prefix else "n"
+        positives = int(measured[f"{n}_positive"])
+        found = round(measured[f"{prefix}sensitivity"] * positives)
+        interval = wilson(found, positives)
+        assert measured[f"{prefix}sensitivity_low"] == pytest.approx(interval.low, abs=1e-6)
+        assert measured[f"{prefix}sensitivity_high"] == pytest.approx(interval.high, abs=1e-6)
+        assert (measured[f"{prefix}specificity_low"] <= measured[f"{prefix}specificity"]
+                <= measured[f"{prefix}specificity_high"])  # fmt: skip
     for png in ("learning_curves.png", "roc.png"):
         assert (folder / png).read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
 

@@ -61,8 +61,10 @@ def _cmd_model_evaluate(_config: Config, args: argparse.Namespace) -> int:
     ):  # fmt: skip
         if key in metrics:
             value = metrics[key]
+            low, high = metrics.get(f"{key}_low"), metrics.get(f"{key}_high")
+            interval = f"  (95 % CI {low:.4f} to {high:.4f})" if low is not None else ""
             print(f"  {key:<26}{int(value)}" if key.startswith("n")
-                  else f"  {key:<26}{value:.4f}")  # fmt: skip
+                  else f"  {key:<26}{value:.4f}{interval}")  # fmt: skip
     return 0
 
 

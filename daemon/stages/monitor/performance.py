@@ -27,42 +27,17 @@ the positives in worklist order, not by how hard a case looks.
 
 from __future__ import annotations
 
-import math
 from collections import defaultdict
 from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass, field
 
 from db.governance import PairedCall, ReviewedFinding
 from db.models import Decision, ReviewSelection
+from model.intervals import Z95, Interval, wilson
 
-Z95 = 1.959964  # two-sided 95 %
+__all__ = ["Z95", "Interval", "wilson", "Performance"]
+
 Z975 = 2.241403  # two-sided 97.5 %: two intervals that hold together at 95 %
-
-
-@dataclass(frozen=True)
-class Interval:
-    estimate: float | None
-    low: float | None
-    high: float | None
-    numerator: float
-    denominator: float
-
-    def text(self) -> str:
-        if self.estimate is None or self.low is None or self.high is None:
-            return "n/a"
-        return f"{self.estimate:.0%} ({self.low:.0%}-{self.high:.0%})".replace("%", " %")
-
-
-def wilson(successes: int, n: int, z: float = Z95) -> Interval:
-    """The Wilson score interval of a proportion."""
-    if n <= 0:
-        return Interval(None, None, None, successes, n)
-    p = successes / n
-    denominator = 1 + z * z / n
-    centre = (p + z * z / (2 * n)) / denominator
-    half = z * math.sqrt(p * (1 - p) / n + z * z / (4 * n * n)) / denominator
-    return Interval(p, max(0.0, centre - half), min(1.0, centre + half), successes, n)
-
 
 @dataclass
 class Performance:
