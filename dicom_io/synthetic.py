@@ -81,7 +81,7 @@ def write_mr_series(
 
     def mr(ds: Dataset, k: int) -> np.ndarray:
         ds.file_meta.MediaStorageSOPClassUID = ds.SOPClassUID = MRImageStorage
-        ds.ImageType = ["ORIGINAL", "PRIMARY", "M", "ND"]
+        ds.ImageType = ["ORIGINAL", "PRIMARY", "OTHER"]
         ds.Modality = "MR"
         ds.StudyDescription = "Synthetic brain MR"
         ds.ScanningSequence = sequence.scanning_sequence
@@ -275,28 +275,57 @@ def write_projection(
     ds.PatientOrientation = ""
     ds.BodyPartExamined = "BREAST" if modality == "MG" else "CHEST"
     ds.ViewPosition = view
-    code = _VIEW_CODES.get(view)
-    if code is not None:
-        item = Dataset()
-        item.CodeValue, item.CodingSchemeDesignator, item.CodeMeaning = code[0], "SCT", code[1]
-        ds.ViewCodeSequence = [item]
-    if modality == "MG":
-        region = Dataset()
-        region.CodeValue, region.CodingSchemeDesignator, region.CodeMeaning = (
-            "76752008", "SCT", "Breast")
-        ds.AnatomicRegionSequence = [region]
-        ds.PresentationIntentType = "FOR PRESENTATION"
-        ds.BreastImplantPresent = "NO"
-        ds.PartialView = "NO"
-    if laterality is not None:
-        ds.ImageLaterality = laterality
+    if modality in ("DX", "MG"):
+        _digital_xray(ds, modality, view, laterality)
     pixels = np.clip(np.round(image), 0, 65535).astype(np.uint16)
     ds.SamplesPerPixel = 1
     ds.PhotometricInterpretation = "MONOCHROME2"
     ds.Rows, ds.Columns = pixels.shape
     ds.PixelSpacing = ds.ImagerPixelSpacing = [f"{spacing[0]:g}", f"{spacing[1]:g}"]
+    ds.WindowCenter = f"{float(pixels.mean()):.0f}"
+    ds.WindowWidth = f"{max(1, int(np.ptp(pixels))):d}"
     ds.BitsAllocated, ds.BitsStored, ds.HighBit, ds.PixelRepresentation = 16, 16, 15, 0
     ds.PixelData = pixels.tobytes()
     path.parent.mkdir(parents=True, exist_ok=True)
     ds.save_as(path, enforce_file_format=True)
     return path
+
+
+# Patient Orientation (0020,0020) of each view as a mammography unit displays it.
+_MG_ORIENTATION = {("R", "CC"): ["P", "L"], ("L", "CC"): ["A", "R"],
+                   ("R", "MLO"): ["P", "F"], ("L", "MLO"): ["A", "F"]}
+
+
+def _code(value: str, scheme: str, meaning: str) -> Dataset:
+    item = Dataset()
+    item.CodeValue, item.CodingSchemeDesignator, item.CodeMeaning = value, scheme, meaning
+    return item
+
+
+def _digital_xray(ds: Dataset, modality: str, view: str, laterality: str | None) -> None:
+    """The DX Series, DX Anatomy Imaged, DX Image, DX Detector and DX Positioning modules,
+    and for MG the Mammography Series and Image modules (PS3.3 C.8.11, C.8.11.7)."""
+    mammography = modality == "MG"
+    ds.PresentationIntentType = "FOR PRESENTATION"
+    ds.ImageLaterality = laterality or "U"
+    region = ("76752008", "SCT", "Breast") if mammography else ("51185008", "SCT", "Thorax")
+    ds.AnatomicRegionSequence = [_code(*region)]
+    ds.PixelIntensityRelationship = "LIN"
+    ds.PixelIntensityRelationshipSign = 1
+    ds.RescaleIntercept, ds.RescaleSlope, ds.RescaleType = "0", "1", "US"
+    ds.PresentationLUTShape = "IDENTITY"
+    ds.LossyImageCompression = "00"
+    ds.BurnedInAnnotation = "NO"
+    ds.PatientOrientation = _MG_ORIENTATION.get((laterality or "", view), ["L", "F"])
+    ds.DetectorType = "DIRECT"
+    ds.PositionerType = "MAMMOGRAPHIC" if mammography else ""
+    ds.AcquisitionContextSequence = []
+    code = _VIEW_CODES.get(view)
+    if code is not None:
+        item = _code(code[0], "SCT", code[1])
+        item.ViewModifierCodeSequence = []
+        ds.ViewCodeSequence = [item]
+    if mammography:
+        ds.OrganExposed = "BREAST"
+        ds.BreastImplantPresent = "NO"
+        ds.PartialView = "NO"

@@ -27,6 +27,7 @@ from model.analysis import analyse_study
 from model.manifest import MANIFEST_NAME, InputSpec, ModelManifest
 from model.registry import load_model, sha256_bytes
 from model.results import Outcome
+from tests.dicom_validate import dciodvfy_errors
 
 RULES = [
     {"name": "T1", "series_description": ["*t1*"]},
@@ -151,3 +152,8 @@ def test_a_missing_series_or_another_frame_of_reference_is_refused(
     [result] = analyse_study([*without_flair, load_series(moved)], [model])
     assert result.outcome == Outcome.FAILED_QC
     assert result.reason is not None and "not in one frame of reference" in result.reason
+
+
+def test_the_synthetic_mr_series_are_valid_dicom(study: dict) -> None:
+    for paths in study.values():
+        assert dciodvfy_errors(paths[0]) == []

@@ -155,3 +155,13 @@ def test_a_two_view_chest_radiograph_is_read_on_both_views(tmp_path: Path) -> No
     best = max(images, key=lambda i: i["probabilities"]["nodule"])
     assert finding.view == best["view"] and finding.laterality is None
     assert abs(finding.probability - best["probabilities"]["nodule"]) < 1e-4
+
+
+@pytest.mark.parametrize(("modality", "view", "side"),
+                         [("MG", "MLO", "L"), ("CR", "PA", None), ("DX", "LL", None)])
+def test_the_synthetic_radiographs_are_valid_dicom(
+    tmp_path: Path, modality: str, view: str, side: str | None
+) -> None:
+    path = write_projection(_breast(False), tmp_path / "x.dcm", modality=modality, view=view,
+                            laterality=side, study_uid=generate_uid(), series_uid=generate_uid())
+    assert dciodvfy_errors(path) == []
