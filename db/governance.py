@@ -254,7 +254,8 @@ def paired_calls(
         .join(b, and_(b.job_id == a.job_id, b.model_name == a.model_name))
         .join(fa, fa.run_id == a.id)
         .join(fb, and_(fb.run_id == b.id, fb.label == fa.label,
-                       fb.laterality.is_not_distinct_from(fa.laterality)))
+                       fb.laterality.is_not_distinct_from(fa.laterality),
+                       fb.lesion.is_not_distinct_from(fa.lesion)))
         .join(Job, Job.id == a.job_id)
         .where(
             a.model_name == model_name,

@@ -248,6 +248,9 @@ class FindingRecord(Base):
     laterality: Mapped[str | None] = mapped_column(String(1))
     view: Mapped[str | None] = mapped_column(String(64))
     views: Mapped[list[str] | None] = mapped_column(JSON)
+    # Detection models: which lesion of its label (1 = most suspicious), its diameter.
+    lesion: Mapped[int | None] = mapped_column(Integer)
+    diameter_mm: Mapped[float | None]
 
     run: Mapped[AnalysisRun] = relationship(back_populates="findings")
 

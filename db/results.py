@@ -130,6 +130,8 @@ def record_run(
                 laterality=f.laterality,
                 view=f.view,
                 views=list(f.views) if f.views else None,
+                lesion=f.lesion,
+                diameter_mm=f.diameter_mm,
             )
         )
     session.flush()
@@ -195,6 +197,8 @@ def _finding_from_record(f: FindingRecord) -> Finding:
         laterality=f.laterality,
         view=f.view,
         views=tuple(f.views or ()),
+        lesion=f.lesion,
+        diameter_mm=f.diameter_mm,
     )
 
 

@@ -152,6 +152,8 @@ def _site(f: FindingRecord) -> str:
     site = str(f.site_code.get("meaning", ""))
     if f.laterality:
         site += f", {_SIDES.get(f.laterality, f.laterality)}"
+    if f.lesion is not None:  # a detector's: which lesion, how large
+        site += f", lesion {f.lesion}" + (f", {f.diameter_mm:.0f} mm" if f.diameter_mm else "")
     views = f.views or ([f.view] if f.view else [])
     return f"{site} ({', '.join(views)})" if views else site
 

@@ -53,6 +53,10 @@ def finding_phrase(finding: Finding) -> str:
     """"Nodule present, 97 % (threshold 95 %)"; "Mass, right, present on R CC, R MLO, ..."."""
     state = "present" if finding.present else "absent"
     side = f", {SIDES.get(finding.laterality, finding.laterality)}" if finding.laterality else ""
+    if finding.lesion is not None:
+        side += f" {finding.lesion}"
+    if finding.diameter_mm is not None and finding.present:
+        state += f", {finding.diameter_mm:.0f} mm"
     seen = ""
     if finding.present and finding.views:
         seen = f" on {', '.join(finding.views)}"

@@ -97,6 +97,11 @@ def analyse_series(
     study arrived; any other, on the whole preprocessed series.
     """
     manifest = model.manifest
+    if manifest.kind == "detection":
+        from model.detection import Detector, analyse_detections  # it uses this module
+
+        return analyse_detections(series, cast(Detector, model),
+                                  observation if observation is not None else observe(series))
     plan = series_plan(series, manifest.input) if isinstance(model, SliceByModel) else None
     early = 0
     if plan is None:
@@ -270,6 +275,13 @@ def _map_saliency(
         for offset in range(stop - first):
             planes[first + offset] = mapped[offset]
     return planes
+
+
+def saliency_map_of(
+    saliency: np.ndarray, pre: Preprocessed, series: LoadedSeries
+) -> SaliencyMap | None:
+    """A map on the network grid (slices, rows, cols) as the saliency objects take it."""
+    return _saliency_map(series, _map_saliency(saliency, pre, series))
 
 
 def _saliency_map(series: LoadedSeries, planes: dict[int, np.ndarray]) -> SaliencyMap | None:

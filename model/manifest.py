@@ -102,7 +102,7 @@ class OutputLabel(_Strict):
     site: Code
 
 
-OutputRole = Literal["logits", "cam"]
+OutputRole = Literal["logits", "cam", "detections"]
 
 
 class WeightsSpec(_Strict):
@@ -130,8 +130,11 @@ class WeightsSpec(_Strict):
     @field_validator("outputs")
     @classmethod
     def _roles(cls, v: list[OutputRole]) -> list[OutputRole]:
-        if v.count("logits") != 1 or v.count("cam") > 1:
-            raise ValueError("needs one 'logits' output and at most one 'cam' output")
+        if v == ["detections"]:
+            return v
+        if v.count("logits") != 1 or v.count("cam") > 1 or "detections" in v:
+            raise ValueError("needs one 'logits' output and at most one 'cam' output "
+                             "(a classifier), or one 'detections' output alone (a detector)")
         return v
 
 
@@ -189,6 +192,13 @@ class Expectations(_Strict):
 class ModelManifest(_Strict):
     name: str
     version: str
+    # "classification": one probability per label and study (logits per slice).
+    # "detection": boxes with scores on each slice (weights.outputs =
+    # ["detections"], (n, k, 6): x0, y0, x1, y1 in network pixels, score logit,
+    # label index), several lesions per label and study.
+    kind: Literal["classification", "detection"] = "classification"
+    # Detection: at most this many lesions per label reported, the most suspicious.
+    max_findings: int = Field(5, ge=1)
     manufacturer: str = "secondreader"
     description: str = ""
     intended_use: str = ""  # shown to users: say plainly if not for clinical use
@@ -206,6 +216,14 @@ class ModelManifest(_Strict):
     # How the weights were made (seed, data, epochs): enough to rebuild the
     # test set the metrics came from. Added after 0.1; optional.
     training: dict[str, int | float | str | bool] = Field(default_factory=dict)
+
+    @model_validator(mode="after")
+    def _kind_fits_outputs(self) -> ModelManifest:
+        detector = self.weights.outputs == ["detections"]
+        if detector != (self.kind == "detection"):
+            raise ValueError(f"kind {self.kind!r} with weights.outputs {self.weights.outputs}: a "
+                             "detection model gives ['detections'], a classifier its logits")
+        return self
 
     @classmethod
     def from_file(cls, path: Path) -> ModelManifest:

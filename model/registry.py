@@ -30,7 +30,7 @@ from model.manifest import (
     builtin_models_root,
 )
 from model.results import AlgorithmInfo
-from model.runtimes import OnnxRuntime, Runtime, TorchRuntime, Transposed
+from model.runtimes import OnnxRuntime, Runtime, TorchRuntime, Transposed, classification
 
 log = logging.getLogger(__name__)
 
@@ -226,6 +226,17 @@ class LoadedModel:
             calibration=m.calibration,
         )
 
+    def detections(self, slices: np.ndarray, *, batch_size: int | None = None) -> np.ndarray:
+        """A detector's boxes per slice (n, k, 6): x0, y0, x1, y1 (network pixels), score
+        logit, label index; batched as the manifest says."""
+        m = self.manifest
+        x = as_batch(slices, m.input.channels, m.input.size)
+        size = batch_size or m.inference.batch_size
+        parts = [self.runtime.named(x[i:i + size])["detections"] for i in range(0, len(x), size)]
+        if not parts:
+            return np.zeros((0, 0, 6), dtype=np.float32)
+        return np.concatenate(parts).astype(np.float32)
+
     def logits(self, slices: np.ndarray, *, batch_size: int | None = None) -> np.ndarray:
         """Per-slice logits (n, n_labels), before calibration: what a calibration is fitted on."""
         m = self.manifest
@@ -290,9 +301,16 @@ def _probe(folder: Path, manifest: ModelManifest, runtime: Runtime) -> None:
     n_labels = len(manifest.labels)
     probe = np.zeros((2, spec.channels, *spec.size), dtype=np.float32)
     try:
-        logits, cam = runtime.forward(probe)
+        found = runtime.named(probe)
     except Exception as exc:  # torch, TorchScript and onnxruntime each raise their own
         raise ModelLoadError(f"{folder}: network rejects input {probe.shape}: {exc}") from exc
+    if manifest.kind == "detection":
+        boxes = found["detections"]
+        if boxes.ndim != 3 or boxes.shape[0] != 2 or boxes.shape[2] != 6:
+            raise ModelLoadError(f"{folder}: detections {boxes.shape} for 2 slices: expected "
+                                 "(2, k, 6): x0, y0, x1, y1, score logit, label index")
+        return
+    logits, cam = classification(found)
     if logits.shape != (2, n_labels):
         raise ModelLoadError(f"{folder}: network gives logits {logits.shape} for 2 slices, "
                              f"manifest lists {n_labels} labels")

@@ -64,6 +64,10 @@ class Finding:
     laterality: str | None = None
     view: str | None = None
     views: tuple[str, ...] = ()
+    # Detection models: which lesion of this label (1 = the most suspicious).
+    lesion: int | None = None
+    # Detection models: the box's longer side on its key image, in mm.
+    diameter_mm: float | None = None
 
     @property
     def present(self) -> bool:
@@ -71,8 +75,10 @@ class Finding:
 
     @property
     def key(self) -> str:
-        """What tells one finding of a result from another: its label, and its side."""
-        return self.label if self.laterality is None else f"{self.label} {self.laterality}"
+        """What tells one finding of a result from another: its label, its side, its lesion."""
+        side = "" if self.laterality is None else f" {self.laterality}"
+        lesion = "" if self.lesion is None else f" {self.lesion}"
+        return f"{self.label}{side}{lesion}"
 
 
 class Outcome(StrEnum):

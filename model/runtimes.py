@@ -27,6 +27,8 @@ log = logging.getLogger(__name__)
 
 # (logits (n, labels), cam (n, labels, h', w') or None)
 Outputs = tuple[np.ndarray, np.ndarray | None]
+# Each output by its role: "logits", "cam", "detections" (n, k, 6).
+Named = dict[str, np.ndarray]
 
 
 class RuntimeOutputError(Exception):
@@ -42,19 +44,26 @@ class Runtime(Protocol):
 
     def forward(self, x: np.ndarray) -> Outputs: ...
 
+    def named(self, x: np.ndarray) -> Named: ...
+
     def explainable(self) -> nn.Module | None:
         """A torch network Grad-CAM can hook, or None."""
         ...
 
 
-def _by_role(outputs: Sequence[Any], roles: Sequence[str]) -> Outputs:
+def _by_role(outputs: Sequence[Any], roles: Sequence[str]) -> Named:
     if len(outputs) != len(roles):
         raise RuntimeOutputError(f"the network returns {len(outputs)} outputs, its manifest names "
-                            f"{len(roles)} ({', '.join(roles)})")
-    found = dict(zip(roles, outputs, strict=True))
-    logits = np.asarray(found["logits"], dtype=np.float32)
-    cam = found.get("cam")
-    return logits, None if cam is None else np.asarray(cam, dtype=np.float32)
+                                 f"{len(roles)} ({', '.join(roles)})")  # fmt: skip
+    return {role: np.asarray(out, dtype=np.float32)
+            for role, out in zip(roles, outputs, strict=True)}  # fmt: skip
+
+
+def classification(found: Named) -> Outputs:
+    """A classifier's logits and class-activation map (None where it exports none)."""
+    if "logits" not in found:
+        raise RuntimeOutputError("the network gives no logits: not a classification model")
+    return found["logits"], found.get("cam")
 
 
 _AUTOCAST = {"fp16": torch.float16, "bf16": torch.bfloat16}
@@ -87,6 +96,9 @@ class TorchRuntime:
         return contextlib.nullcontext()
 
     def forward(self, x: np.ndarray) -> Outputs:
+        return classification(self.named(x))
+
+    def named(self, x: np.ndarray) -> Named:
         with torch.inference_mode(), self._autocast():
             out = self.network(torch.from_numpy(np.ascontiguousarray(x)).to(self.device))
             parts = out if isinstance(out, (tuple, list)) else (out,)
@@ -133,6 +145,9 @@ class OnnxRuntime:
         return "cam" in self.roles
 
     def forward(self, x: np.ndarray) -> Outputs:
+        return classification(self.named(x))
+
+    def named(self, x: np.ndarray) -> Named:
         feed = {self.input_name: np.ascontiguousarray(x, dtype=np.float32)}
         return _by_role(self.session.run(None, feed), self.roles)
 
@@ -158,8 +173,15 @@ class Transposed:
         return self.inner.has_cam
 
     def forward(self, x: np.ndarray) -> Outputs:
-        logits, cam = self.inner.forward(np.ascontiguousarray(np.swapaxes(x, -1, -2)))
-        return logits, None if cam is None else np.ascontiguousarray(np.swapaxes(cam, -1, -2))
+        return classification(self.named(x))
+
+    def named(self, x: np.ndarray) -> Named:
+        found = self.inner.named(np.ascontiguousarray(np.swapaxes(x, -1, -2)))
+        if "cam" in found:
+            found["cam"] = np.ascontiguousarray(np.swapaxes(found["cam"], -1, -2))
+        if "detections" in found:  # (x0, y0, x1, y1) of the transposed slice: y and x swap
+            found["detections"] = found["detections"][..., [1, 0, 3, 2, 4, 5]]
+        return found
 
     def explainable(self) -> nn.Module | None:
         return None  # Grad-CAM's hooks would see the transposed slice: no saliency that way

@@ -132,7 +132,8 @@ class ReadAhead:
     """
 
     def __init__(self, models: Sequence[SliceModel], *, max_bytes: int) -> None:
-        self.models = list(models)
+        # Classifiers only: a detector's boxes are grouped over the whole series.
+        self.models = [m for m in models if m.manifest.kind == "classification"]
         self.max_bytes = max_bytes
         self.lock = threading.RLock()
         self._entries: dict[Path, _Entry] = {}

@@ -176,11 +176,18 @@ def _measurement_group(
         # ("ContentSequence array contains no SCOORD ... skipping").
         algorithm_id=algorithm_id if located else None,
     )
+    measurements = [probability]
+    if finding.diameter_mm is not None:
+        # A detector's box: its longer side, as TID 1500 measures a lesion.
+        measurements.append(hd.sr.Measurement(
+            name=codes.SCT.Diameter, value=float(finding.diameter_mm),
+            unit=codes.UCUM.Millimeter, algorithm_id=algorithm_id if located else None,
+        ))
     # A finding without a location: a TID 1501 group that still carries type,
     # site, probability and Present/Absent (OHIF cannot show it: `_region_of`).
     group: Template
     if location is None:
-        group = hd.sr.MeasurementsAndQualitativeEvaluations(measurements=[probability], **common)
+        group = hd.sr.MeasurementsAndQualitativeEvaluations(measurements=measurements, **common)
     else:
         # The region twice: as the group's Image Region (TID 1410), and as
         # what the probability was INFERRED FROM (TID 300). The cornerstone
@@ -191,7 +198,7 @@ def _measurement_group(
         # so it is added to the built group.)
         region = image_region(location)
         group = hd.sr.PlanarROIMeasurementsAndQualitativeEvaluations(
-            referenced_region=region, measurements=[probability], **common
+            referenced_region=region, measurements=measurements, **common
         )
         for item in group[0].ContentSequence:
             if item.ValueType == "NUM":

@@ -1,4 +1,4 @@
-"""projection findings: the side and the views of a finding
+"""projection and detection findings: the side, the views, the lesion and its diameter
 
 Revision ID: 0012
 Revises: 0011
@@ -20,10 +20,14 @@ def upgrade() -> None:
         batch_op.add_column(sa.Column("laterality", sa.String(length=1), nullable=True))
         batch_op.add_column(sa.Column("view", sa.String(length=64), nullable=True))
         batch_op.add_column(sa.Column("views", sa.JSON(), nullable=True))
+        batch_op.add_column(sa.Column("lesion", sa.Integer(), nullable=True))
+        batch_op.add_column(sa.Column("diameter_mm", sa.Float(), nullable=True))
 
 
 def downgrade() -> None:
     with op.batch_alter_table("findings", schema=None) as batch_op:
+        batch_op.drop_column("diameter_mm")
+        batch_op.drop_column("lesion")
         batch_op.drop_column("views")
         batch_op.drop_column("view")
         batch_op.drop_column("laterality")
