@@ -37,13 +37,9 @@ from dicom_io.series import (
     load_series,
 )
 from model import channels, expectations, projections
+from model.detection import Detector, analyse_detections
 from model.observation import observe
-from model.preprocess import (
-    Preprocessed,
-    preprocess,
-    source_slices_covering,
-    to_source_grid,
-)
+from model.preprocess import Preprocessed, preprocess
 from model.region import locate_region
 from model.results import (
     AlgorithmInfo,
@@ -51,8 +47,8 @@ from model.results import (
     Finding,
     ImageLocation,
     Outcome,
-    SaliencyMap,
 )
+from model.saliency_map import map_saliency, saliency_map
 from model.slicewise import SlicePlan, assemble, prepare_slices, series_plan, source_order
 from model.stream import Applicable, Taken, model_key
 
@@ -98,8 +94,6 @@ def analyse_series(
     """
     manifest = model.manifest
     if manifest.kind == "detection":
-        from model.detection import Detector, analyse_detections  # it uses this module
-
         return analyse_detections(series, cast(Detector, model),
                                   observation if observation is not None else observe(series))
     plan = series_plan(series, manifest.input) if isinstance(model, SliceByModel) else None
@@ -125,7 +119,7 @@ def analyse_series(
         )
     saliency = _checked_saliency(prediction.saliency, pre.array.shape, manifest.name)
 
-    planes = _map_saliency(saliency, pre, series)
+    planes = map_saliency(saliency, pre, series)
     findings: list[Finding] = []
     for index, label in enumerate(labels):
         key = int(np.argmax(probabilities[:, index]))
@@ -175,7 +169,7 @@ def analyse_series(
         outcome=Outcome.ANALYSED,
         algorithm=model.algorithm_info(),
         findings=findings,
-        saliency=_saliency_map(series, planes),
+        saliency=saliency_map(series, planes),
         provenance=provenance,
         observation=observation if observation is not None else observe(series),
     )
@@ -246,57 +240,6 @@ def _checked_saliency(
     # map is 20 MB, and two more of them cost page faults.
     np.nan_to_num(values, copy=False, nan=0.0, posinf=1.0, neginf=0.0)
     return np.clip(values, 0.0, 1.0, out=values)
-
-
-def _map_saliency(
-    saliency: np.ndarray | None, pre: Preprocessed, series: LoadedSeries
-) -> dict[int, np.ndarray]:
-    """Saliency on the source images it reaches: source slice index -> (rows, cols).
-
-    Grad-CAM fills a few slices only; each run of consecutive network slices
-    is resampled onto the few source slices it reaches, rather than mapping
-    a mostly empty map onto every slice of a 300-slice series (1.5 s).
-    """
-    if saliency is None:
-        return {}
-    nonzero = np.flatnonzero(saliency.reshape(saliency.shape[0], -1).max(axis=1) > 0.0)
-    slabs: list[tuple[int, int]] = []
-    for run in np.split(nonzero, np.flatnonzero(np.diff(nonzero) > 1) + 1):
-        if run.size == 0:
-            continue
-        first, stop = source_slices_covering(pre, series, [int(run[0]), int(run[-1])])
-        if slabs and first <= slabs[-1][1]:
-            slabs[-1] = (min(slabs[-1][0], first), max(slabs[-1][1], stop))
-        else:
-            slabs.append((first, stop))
-    planes: dict[int, np.ndarray] = {}
-    for first, stop in slabs:
-        mapped = np.clip(to_source_grid(saliency, pre, series, slices=(first, stop)), 0.0, 1.0)
-        for offset in range(stop - first):
-            planes[first + offset] = mapped[offset]
-    return planes
-
-
-def saliency_map_of(
-    saliency: np.ndarray, pre: Preprocessed, series: LoadedSeries
-) -> SaliencyMap | None:
-    """A map on the network grid (slices, rows, cols) as the saliency objects take it."""
-    return _saliency_map(series, _map_saliency(saliency, pre, series))
-
-
-def _saliency_map(series: LoadedSeries, planes: dict[int, np.ndarray]) -> SaliencyMap | None:
-    """The source images the saliency reaches, in slice order; empty images are left out."""
-    ks = sorted(k for k, plane in planes.items() if float(plane.max()) > 0.0)
-    if not ks:
-        return None
-    return SaliencyMap(
-        series_instance_uid=series.series_instance_uid,
-        source_sop_instance_uids=[series.sop_instance_uids[k] for k in ks],
-        frames=np.ascontiguousarray(np.stack([planes[k] for k in ks]), dtype=np.float32),
-        source_frame_numbers=(
-            [series.frame_numbers[k] for k in ks] if series.frame_numbers is not None else None
-        ),
-    )
 
 
 def _locate(

@@ -22,11 +22,11 @@ from typing import Protocol
 import numpy as np
 
 from dicom_io.series import LoadedSeries
-from model.analysis import saliency_map_of
 from model.inference import calibrated
 from model.manifest import ModelManifest
 from model.preprocess import Preprocessed, preprocess
 from model.results import AlgorithmInfo, AnalysisResult, Finding, ImageLocation, Outcome
+from model.saliency_map import saliency_map_of
 
 IOU_SAME_LESION = 0.3
 
