@@ -10,6 +10,7 @@ import pytest
 
 from daemon.cli import main
 from daemon.cli.parsing import EXIT_CONFIG
+from dicom_io.synthetic import write_ct_series
 from model.calibration import (
     MIN_PER_CLASS,
     brier_score,
@@ -20,6 +21,7 @@ from model.calibration import (
 )
 from model.inference import calibrated
 from model.manifest import Calibration, ModelManifest
+from model.phantom import phantom_volume
 from model.recalibrate import next_version, raw_threshold, recalibrate
 from model.registry import builtin_model_dir, builtin_model_dirs, load_model, sha256_bytes
 
@@ -140,3 +142,38 @@ def test_calibrate_command_usage_errors(tmp_path: Path, capsys: pytest.CaptureFi
     version = ModelManifest.from_file(folder / "manifest.toml").version
     assert main([*argv, "--version", version]) == EXIT_CONFIG
     assert "current one" in capsys.readouterr().err
+
+
+def _site_studies(root: Path, n: int = 24) -> Path:
+    """n small labelled chest CT studies (half with a nodule) and their CSV of labels."""
+    rows = []
+    for i in range(n):
+        lesion = i % 2 == 0
+        vol, _ = phantom_volume(500 + i, 6, 96, 96, (2.5, 3.75, 3.75), lesion=lesion)
+        uid = f"1.2.826.0.1.3680043.8.498.{5000 + i}"
+        write_ct_series(vol, root / f"study{i}", spacing=(2.5, 3.75, 3.75), study_uid=uid, seed=i)
+        rows.append(f"{uid},{int(lesion)}")
+    labels = root.parent / "labels.csv"
+    labels.write_text("study_uid,label\n" + "\n".join(rows) + "\n")
+    return labels
+
+
+def test_calibrate_on_a_sites_labelled_studies(tmp_path: Path) -> None:
+    folder = tmp_path / "ct"
+    shutil.copytree(builtin_model_dir("ct-nodule"), folder)
+    old = ModelManifest.from_file(folder / "manifest.toml")
+    labels = _site_studies(tmp_path / "dicom")
+    assert main(["model", "calibrate", str(folder), "--csv", str(labels), "--dicom-root",
+                 str(tmp_path / "dicom"), "--device", "cpu"]) == 0  # fmt: skip
+    new = ModelManifest.from_file(folder / "manifest.toml")
+    assert new.calibration is not None and new.calibration != old.calibration
+    # Not the site's own model: half of each label fits, the other half measures.
+    assert new.calibration.fitted_on == "12 labelled studies from labels.csv, seed 0"
+    assert new.metrics["site_n_studies"] == 12 and new.metrics["site_n_studies_positive"] == 6
+    # The recorded figures of the shipped test set stay, less their calibration measures.
+    assert new.metrics["study_auc"] == old.metrics["study_auc"]
+    assert "study_ece" not in new.metrics and "site_study_ece" in new.metrics
+    # The decisions are the old ones at every logit: only the probability's meaning moved.
+    z = np.linspace(-10, 10, 2001)
+    assert ((calibrated(z, old.calibration) >= old.threshold)
+            == (calibrated(z, new.calibration) >= new.threshold)).all()  # fmt: skip
