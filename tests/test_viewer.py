@@ -119,6 +119,11 @@ def _open_study(page: Any, viewer: ViewerServer, study_uid: str, first: bool) ->
         page.get_by_text("Skip all", exact=True).click(timeout=WAIT_MS)
     # The investigational-use banner: shown once in every new page (session).
     page.get_by_text("Confirm and hide", exact=True).click(timeout=WAIT_MS)
+    # The series OHIF opens by itself has loaded before a test opens another:
+    # switching while its images are in flight cancels them, and OHIF 3.13.2's
+    # IMAGE_LOAD_ERROR listener then throws ("handler is not a function"), as a
+    # CI run saw once on a loaded machine.
+    page.wait_for_load_state("networkidle", timeout=WAIT_MS)
 
 
 def _open_series(page: Any, description: str) -> None:
