@@ -33,6 +33,7 @@ from db.models import (
     Verification,
     utcnow,
 )
+from dicom_io.wording import SIDES
 from model.results import Outcome
 
 
@@ -151,14 +152,11 @@ def _site(f: FindingRecord) -> str:
     """"Lung"; a projection finding with its side and views: "Breast, right (R CC, R MLO)"."""
     site = str(f.site_code.get("meaning", ""))
     if f.laterality:
-        site += f", {_SIDES.get(f.laterality, f.laterality)}"
+        site += f", {SIDES.get(f.laterality, f.laterality)}"
     if f.lesion is not None:  # a detector's: which lesion, how large
         site += f", lesion {f.lesion}" + (f", {f.diameter_mm:.0f} mm" if f.diameter_mm else "")
     views = f.views or ([f.view] if f.view else [])
     return f"{site} ({', '.join(views)})" if views else site
-
-
-_SIDES = {"L": "left", "R": "right"}
 
 
 def _view(session: Session, run: AnalysisRun, study_uid: str) -> ResultView:

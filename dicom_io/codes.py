@@ -78,6 +78,19 @@ _PROCEDURE_BY_MODALITY: dict[str, hd.sr.CodedConcept] = {
 }
 IMAGING_PROCEDURE = hd.sr.CodedConcept("363679005", "SCT", "Imaging procedure")
 
+# View Code Sequence values (CID 4014 mammography, CID 4010 radiography) by the
+# short name View Position uses: what the synthetic images write and what the
+# analysis reads back when a header names its view by code only.
+VIEW_CODES = {
+    "CC": ("399162004", "cranio-caudal"),
+    "MLO": ("399368009", "medio-lateral oblique"),
+    "ML": ("399260004", "medial-lateral"),
+    "LM": ("399352003", "lateral-medial"),
+    "PA": ("399348003", "postero-anterior"),
+    "AP": ("399232001", "antero-posterior"),
+    "LL": ("260461000", "lateral"),
+}
+
 # CID 244 Laterality, for the finding site of a finding on one side.
 LATERALITY = {
     "L": hd.sr.CodedConcept("7771000", "SCT", "Left"),

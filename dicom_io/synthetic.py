@@ -22,6 +22,8 @@ from pydicom.uid import (
     generate_uid,
 )
 
+from dicom_io.codes import VIEW_CODES
+
 
 @dataclass(frozen=True)
 class MRSequence:
@@ -219,16 +221,6 @@ def _write_series(
     return paths
 
 
-# CID 4014 (mammography) and CID 4010 views, as the View Code Sequence codes them.
-_VIEW_CODES = {
-    "CC": ("399162004", "cranio-caudal"),
-    "MLO": ("399368009", "medio-lateral oblique"),
-    "PA": ("399348003", "postero-anterior"),
-    "AP": ("399232001", "antero-posterior"),
-    "LL": ("260461000", "lateral"),
-}
-
-
 def write_projection(
     image: np.ndarray,
     path: Path,
@@ -320,7 +312,7 @@ def _digital_xray(ds: Dataset, modality: str, view: str, laterality: str | None)
     ds.DetectorType = "DIRECT"
     ds.PositionerType = "MAMMOGRAPHIC" if mammography else ""
     ds.AcquisitionContextSequence = []
-    code = _VIEW_CODES.get(view)
+    code = VIEW_CODES.get(view)
     if code is not None:
         item = _code(code[0], "SCT", code[1])
         item.ViewModifierCodeSequence = []

@@ -357,9 +357,14 @@ def analyse_study(
 
 
 def _gated(
-    study_uid: str, series: LoadedSeries, model: AnalysisModel, ahead: Taken | None
+    study_uid: str,
+    series: LoadedSeries,
+    model: AnalysisModel,
+    ahead: Taken | None,
+    others: Sequence[LoadedSeries] = (),
 ) -> AnalysisResult:
-    """The series analysed, or, outside what the model was made for, the reason it is not."""
+    """The series (with the `others` a multi-series model takes) analysed, or, outside
+    what the model was made for, the reason it is not."""
     name = model.manifest.name
     observation = observe(series)
     unknown = expectations.check(
@@ -369,7 +374,7 @@ def _gated(
         " HU" if series.modality == "CT" else "",
     )
     if unknown is None:
-        return analyse_series(series, model, ahead, observation)
+        return analyse_series(series, model, ahead, observation, others)
     # A confident number on an input the model never saw is worse than none.
     log.warning("study %s series %s: %s not run: %s", study_uid,
                 series.series_instance_uid, name, unknown)  # fmt: skip
@@ -452,16 +457,10 @@ def _analyse_channels(
         series = [_load(s, cache, ahead) for s in chosen]
     except SeriesQCError as exc:
         return not_run(Outcome.FAILED_QC, exc.reason)
-    reference = series[0]
     problem = channels.frame_of_reference_problem(series, [r.name for r in rules])
     if problem is not None:
-        return not_run(Outcome.FAILED_QC, problem, reference.series_instance_uid)
-    observation = observe(reference)
-    unknown = expectations.check(model.manifest.expects,
-                                 expectations.statistics(reference, observation), name)
-    if unknown is not None:
-        return not_run(Outcome.FAILED_QC, unknown, reference.series_instance_uid)
-    return analyse_series(reference, model, None, observation, series[1:])
+        return not_run(Outcome.FAILED_QC, problem, series[0].series_instance_uid)
+    return _gated(study_uid, series[0], model, None, series[1:])
 
 
 def _without_silent_models(study_uid: str, results: list[AnalysisResult]) -> list[AnalysisResult]:

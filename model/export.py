@@ -22,7 +22,7 @@ import statistics
 import tempfile
 import time
 import tomllib
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any
 
@@ -144,12 +144,12 @@ def _make_folder(into: Path, manifest: ModelManifest, data: bytes) -> LoadedMode
     try:
         (staging / manifest.weights.file).write_bytes(data)
         manifest.write(staging / MANIFEST_NAME)
-        load_model(staging, "cpu")  # refuses a graph that does not fit the manifest
+        loaded = load_model(staging, "cpu")  # refuses a graph that does not fit the manifest
         staging.rename(into)
     except BaseException:
         shutil.rmtree(staging, ignore_errors=True)
         raise
-    return load_model(into, "cpu")
+    return replace(loaded, folder=into)  # the same bytes, checked once
 
 
 @dataclass(frozen=True)

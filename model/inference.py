@@ -19,7 +19,7 @@ import torch
 import torch.nn.functional as F
 
 from model.manifest import Calibration
-from model.runtimes import Outputs, Runtime
+from model.runtimes import Runtime, RuntimeOutputError
 from model.saliency import grad_cam, target_layer
 
 log = logging.getLogger(__name__)
@@ -87,25 +87,25 @@ def run_batched(
     return out
 
 
-def forward(runtime: Runtime, x: np.ndarray, batch_size: int = 32) -> Outputs:
-    """The runtime's outputs for batch-shaped input, batched; halves the batch on CUDA OOM."""
-    cams: list[np.ndarray] = []
+def forward_output(runtime: Runtime, x: np.ndarray, role: str, batch_size: int = 32) -> np.ndarray:
+    """One of the runtime's outputs, by its role, for batch-shaped input; batched, halving
+    the batch on CUDA out-of-memory."""
 
     def step(part: slice) -> np.ndarray:
-        logits, cam = runtime.forward(x[part])
-        if cam is not None:
-            cams.append(cam)
-        return logits
+        found = runtime.named(x[part])
+        if role not in found:
+            raise RuntimeOutputError(f"the network gives no {role!r} output")
+        return found[role]
 
     out = run_batched(x.shape[0], batch_size, runtime.device, step)
     if not out:
-        return np.zeros((0, 0), dtype=np.float32), None
-    return np.concatenate(out).astype(np.float32), np.concatenate(cams) if cams else None
+        return np.zeros((0, 0), dtype=np.float32)
+    return np.concatenate(out).astype(np.float32)
 
 
 def forward_logits(runtime: Runtime, x: np.ndarray, batch_size: int = 32) -> np.ndarray:
     """Logits (n, n_out) float32, batched; halves the batch on CUDA out-of-memory."""
-    return forward(runtime, x, batch_size)[0]
+    return forward_output(runtime, x, "logits", batch_size)
 
 
 def calibrated(logits: np.ndarray, calibration: Calibration | None) -> np.ndarray:

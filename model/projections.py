@@ -23,19 +23,12 @@ from typing import Any
 
 from pydicom.dataset import Dataset
 
+from dicom_io.codes import VIEW_CODES
 from dicom_io.series import LoadedSeries
 from model.results import AnalysisResult, Finding, Outcome
 
-# View Code Sequence (CID 4014) meanings to the short names View Position uses.
-_VIEW_CODES = {
-    "399162004": "CC",  # cranio-caudal
-    "399368009": "MLO",  # medio-lateral oblique
-    "399260004": "ML",  # medial-lateral
-    "399352003": "LM",  # lateral-medial
-    "399348003": "PA",  # postero-anterior (CID 4010)
-    "399232001": "AP",  # antero-posterior
-    "260461000": "LL",  # lateral
-}
+# View Code Sequence values to the short names View Position uses.
+_VIEW_BY_CODE = {value: name for name, (value, _) in VIEW_CODES.items()}
 
 
 def image_laterality(header: Dataset) -> str | None:
@@ -53,8 +46,8 @@ def image_view(header: Dataset) -> str | None:
     codes: Any = header.get("ViewCodeSequence") or []
     for item in codes:
         value = str(item.get("CodeValue", "") or "")
-        if value in _VIEW_CODES:
-            return _VIEW_CODES[value]
+        if value in _VIEW_BY_CODE:
+            return _VIEW_BY_CODE[value]
         meaning = str(item.get("CodeMeaning", "") or "").strip()
         if meaning:
             return meaning

@@ -22,7 +22,14 @@ import numpy as np
 import torch
 from torch import nn
 
-from model.inference import Prediction, as_batch, forward_logits, predict, probabilities
+from model.inference import (
+    Prediction,
+    as_batch,
+    forward_logits,
+    forward_output,
+    predict,
+    probabilities,
+)
 from model.manifest import (
     MANIFEST_NAME,
     ModelManifest,
@@ -231,11 +238,9 @@ class LoadedModel:
         logit, label index; batched as the manifest says."""
         m = self.manifest
         x = as_batch(slices, m.input.channels, m.input.size)
-        size = batch_size or m.inference.batch_size
-        parts = [self.runtime.named(x[i:i + size])["detections"] for i in range(0, len(x), size)]
-        if not parts:
+        if len(x) == 0:
             return np.zeros((0, 0, 6), dtype=np.float32)
-        return np.concatenate(parts).astype(np.float32)
+        return forward_output(self.runtime, x, "detections", batch_size or m.inference.batch_size)
 
     def logits(self, slices: np.ndarray, *, batch_size: int | None = None) -> np.ndarray:
         """Per-slice logits (n, n_labels), before calibration: what a calibration is fitted on."""
