@@ -269,6 +269,12 @@ class ReportConfig(_Section):
     region_seg_series_description: str = Field(
         "AI REGION - NOT VERIFIED - secondreader", max_length=64
     )
+    # A segmentation model's regions (the "seg" output of its results: the
+    # SR's volumetric groups reference its segments).
+    regions_seg_series_number: int = Field(9908, ge=1)
+    regions_seg_series_description: str = Field(
+        "AI SEGMENTATION - NOT VERIFIED - secondreader", max_length=64
+    )
     manufacturer: str = Field("secondreader", max_length=64)
     manufacturer_model_name: str = Field("secondreader", max_length=64)
     institution_name: str | None = Field(None, max_length=64)

@@ -249,8 +249,13 @@ class FindingRecord(Base):
     view: Mapped[str | None] = mapped_column(String(64))
     views: Mapped[list[str] | None] = mapped_column(JSON)
     # Detection models: which lesion of its label (1 = most suspicious), its diameter.
+    # Segmentation models: which region (1 = the largest), its longest axial diameter.
     lesion: Mapped[int | None] = mapped_column(Integer)
     diameter_mm: Mapped[float | None]
+    # Segmentation models: the region's volume, the mean and maximum of the image over it.
+    volume_ml: Mapped[float | None]
+    mean_intensity: Mapped[float | None]
+    max_intensity: Mapped[float | None]
 
     run: Mapped[AnalysisRun] = relationship(back_populates="findings")
 

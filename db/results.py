@@ -25,7 +25,7 @@ from db.models import (
     Study,
 )
 from db.monitoring import record_observation
-from db.saliency import read_saliency, write_saliency
+from db.saliency import read_label_map, read_saliency, write_saliency
 from model.results import (
     AlgorithmInfo,
     AnalysisResult,
@@ -67,6 +67,10 @@ def load_run_result(
     saliency_map = (
         read_saliency(state_dir / run.saliency_path) if run.saliency_path and saliency else None
     )
+    # A segmentation's regions travel in the same file; small (only the images they reach).
+    label_map = (
+        read_label_map(state_dir / run.saliency_path) if run.saliency_path and saliency else None
+    )
     return AnalysisResult(
         study_instance_uid=study_uid,
         series_instance_uid=run.series_instance_uid,
@@ -75,6 +79,7 @@ def load_run_result(
         findings=findings,
         reason=run.reason,
         saliency=saliency_map,
+        label_map=label_map,
         provenance=list(run.provenance.get("steps", [])),
     )
 
@@ -132,6 +137,9 @@ def record_run(
                 views=list(f.views) if f.views else None,
                 lesion=f.lesion,
                 diameter_mm=f.diameter_mm,
+                volume_ml=f.volume_ml,
+                mean_intensity=f.mean_intensity,
+                max_intensity=f.max_intensity,
             )
         )
     session.flush()
@@ -199,6 +207,9 @@ def _finding_from_record(f: FindingRecord) -> Finding:
         views=tuple(f.views or ()),
         lesion=f.lesion,
         diameter_mm=f.diameter_mm,
+        volume_ml=f.volume_ml,
+        mean_intensity=f.mean_intensity,
+        max_intensity=f.max_intensity,
     )
 
 

@@ -153,8 +153,10 @@ def _site(f: FindingRecord) -> str:
     site = str(f.site_code.get("meaning", ""))
     if f.laterality:
         site += f", {SIDES.get(f.laterality, f.laterality)}"
-    if f.lesion is not None:  # a detector's: which lesion, how large
+    if f.lesion is not None:  # a detector's or a segmentation's: which lesion, how large
         site += f", lesion {f.lesion}" + (f", {f.diameter_mm:.0f} mm" if f.diameter_mm else "")
+    if f.volume_ml is not None:
+        site += f", {f.volume_ml:.2f} mL"
     views = f.views or ([f.view] if f.view else [])
     return f"{site} ({', '.join(views)})" if views else site
 

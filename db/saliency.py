@@ -1,7 +1,8 @@
 """The saliency file format: one compressed NumPy archive per run, under the state folder.
 
 Written by the analyse stage with the run (db/results.py), read by the report stage
-and the web page; the folder is `SALIENCY_DIR` of db/layout.py."""
+and the web page; the folder is `SALIENCY_DIR` of db/layout.py. A segmentation
+model's regions (`LabelMap`) travel in the same archive, under `label_*` keys."""
 
 from __future__ import annotations
 
@@ -16,6 +17,7 @@ import numpy as np
 from db.layout import SALIENCY_DIR
 from model.results import (
     AnalysisResult,
+    LabelMap,
     SaliencyMap,
 )
 
@@ -30,6 +32,20 @@ def read_saliency(path: Path) -> SaliencyMap:
             series_instance_uid=str(npz["series_instance_uid"]),
             source_sop_instance_uids=[str(u) for u in npz["source_sop_instance_uids"]],
             frames=npz["frames"].astype(np.float32),
+            source_frame_numbers=None if frame_numbers is None else frame_numbers.tolist(),
+        )
+
+
+def read_label_map(path: Path) -> LabelMap | None:
+    """A segmentation's regions from the run's archive; None where the run has none."""
+    with np.load(path, allow_pickle=False) as npz:
+        if "label_frames" not in npz:
+            return None
+        frame_numbers = npz.get("label_source_frame_numbers")
+        return LabelMap(
+            series_instance_uid=str(npz["label_series_instance_uid"]),
+            source_sop_instance_uids=[str(u) for u in npz["label_source_sop_instance_uids"]],
+            frames=npz["label_frames"].astype(np.uint16),
             source_frame_numbers=None if frame_numbers is None else frame_numbers.tolist(),
         )
 
@@ -57,6 +73,18 @@ def write_saliency(state_dir: Path, study_uid: str, run_id: int, result: Analysi
     }
     if sal.source_frame_numbers is not None:
         arrays["source_frame_numbers"] = np.asarray(sal.source_frame_numbers, dtype=np.int32)
+    regions = result.label_map
+    if regions is not None:
+        if regions.frames.ndim != 3 or regions.frames.shape[0] != len(
+                regions.source_sop_instance_uids):  # fmt: skip
+            raise ValueError("label map frames must be (n, rows, cols), one per source image")
+        arrays["label_frames"] = np.asarray(regions.frames, dtype=np.uint16)
+        arrays["label_series_instance_uid"] = np.array(regions.series_instance_uid)
+        arrays["label_source_sop_instance_uids"] = np.array(regions.source_sop_instance_uids,
+                                                            dtype=str)
+        if regions.source_frame_numbers is not None:
+            arrays["label_source_frame_numbers"] = np.asarray(regions.source_frame_numbers,
+                                                              dtype=np.int32)
     fd, tmp = tempfile.mkstemp(dir=target.parent, suffix=".part")
     try:
         with os.fdopen(fd, "wb") as fh:

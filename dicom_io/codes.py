@@ -92,6 +92,17 @@ VIEW_CODES = {
 }
 
 # CID 244 Laterality, for the finding site of a finding on one side.
+# A segmented region's measurements (TID 1411, CID 7469/7470): its volume, its
+# longest diameter in an axial plane (RECIST's long axis), and the CT numbers
+# over it, as Attenuation Coefficient with a Mean or Maximum derivation.
+VOLUME = codes.SCT.Volume  # 118565006
+MILLILITER = hd.sr.CodedConcept("ml", "UCUM", "milliliter")
+LONG_AXIS = hd.sr.CodedConcept("103339001", "SCT", "Long Axis")
+ATTENUATION_COEFFICIENT = hd.sr.CodedConcept("112031", "DCM", "Attenuation Coefficient")
+HOUNSFIELD_UNIT = codes.UCUM.HounsfieldUnit  # [hnsf'U]
+MEAN = codes.SCT.Mean  # 373098007
+MAXIMUM = codes.SCT.Maximum  # 56851009
+
 LATERALITY = {
     "L": hd.sr.CodedConcept("7771000", "SCT", "Left"),
     "R": hd.sr.CodedConcept("24028007", "SCT", "Right"),

@@ -1,8 +1,11 @@
-"""The model's saliency map as DICOM Segmentations.
+"""The model's saliency map, and a segmentation model's regions, as DICOM Segmentations.
 
 `build_saliency_seg`: the map itself, FRACTIONAL (probability), for viewers
 that show fractional segmentations; `build_region_seg`: the map thresholded
-at half its peak, BINARY, for viewers that load binary ones only.
+at half its peak, BINARY, for viewers that load binary ones only;
+`build_segmentation_seg`: a segmentation model's regions, BINARY, one
+segment per measured region (each lesion its own, so that the SR's
+volumetric group of that lesion references exactly the voxels it measured).
 
 One segment per SEG, on the source images' own grid (SEG cannot resample),
 in the study of its images and in a new series. The segment carries the
@@ -24,10 +27,11 @@ from pydicom.sr.codedict import codes
 from dicom_io import codes as seg_codes
 from dicom_io.identity import NewObject, identity, station
 from dicom_io.sr import algorithm_equipment, finding_tracking_uid
-from model.results import AlgorithmInfo, CodedConcept, Finding, SaliencyMap
+from model.results import AlgorithmInfo, CodedConcept, Finding, LabelMap, SaliencyMap, segmented
 
 SALIENCY_SERIES_DESCRIPTION = "AI SALIENCY - NOT VERIFIED"
 REGION_SERIES_DESCRIPTION = "AI REGION - NOT VERIFIED"
+SEGMENTATION_SERIES_DESCRIPTION = "AI SEGMENTATION - NOT VERIFIED"
 # The BINARY SEG's region: saliency at or above this fraction of its peak.
 REGION_FRACTION = 0.5
 
@@ -72,8 +76,7 @@ def build_saliency_seg(
         pixel_array,
         hd.seg.SegmentationTypeValues.FRACTIONAL,
         algorithm,
-        finding,
-        segment_label=f"AI saliency: {finding.label}",
+        [(finding, f"AI saliency: {finding.label}")],
         content_label="AI_SALIENCY",
         content_description=f"AI saliency map for {finding.label}, not verified",
         segmented_property_category=segmented_property_category,
@@ -112,10 +115,53 @@ def build_region_seg(
         mask,
         hd.seg.SegmentationTypeValues.BINARY,
         algorithm,
-        finding,
-        segment_label=f"AI region: {finding.label}",
+        [(finding, f"AI region: {finding.label}")],
         content_label="AI_REGION",
         content_description=f"AI region for {finding.label}, not verified",
+        segmented_property_category=segmented_property_category,
+        series_description=series_description,
+        device_serial_number=device_serial_number,
+        new=new,
+    )
+
+
+def build_segmentation_seg(
+    label_map: LabelMap,
+    source_headers: Sequence[Dataset],
+    algorithm: AlgorithmInfo,
+    findings: list[Finding],
+    *,
+    series_description: str = SEGMENTATION_SERIES_DESCRIPTION,
+    segmented_property_category: CodedConcept | None = None,
+    device_serial_number: str | None = None,
+    **new: Unpack[NewObject],
+) -> hd.seg.Segmentation:
+    """A segmentation model's regions as a BINARY SEG: segment k is the k-th measured finding.
+
+    Each segment is labelled with its finding ("AI nodule 1"), typed with its
+    finding code, placed at its finding site, and carries the finding's
+    Tracking UID, as the SR's volumetric group of that finding does.
+    """
+    regions = segmented(findings)
+    if not regions:
+        raise ValueError("no measured region: build no SEG")
+    labels = np.asarray(label_map.frames)
+    if labels.ndim != 3 or labels.shape[0] != len(label_map.source_sop_instance_uids):
+        raise ValueError("label map frames must be (n, rows, cols), one per source UID")
+    images, aligned = align_saliency(label_map, labels, source_headers)
+    pixel_array = np.stack([aligned == index + 1 for index, _ in regions], axis=-1)
+    empty = [f.key for (_, f), k in zip(regions, range(pixel_array.shape[-1]), strict=True)
+             if not pixel_array[..., k].any()]  # fmt: skip
+    if empty:
+        raise ValueError(f"the label map holds no voxel of {', '.join(empty)}")
+    return _segmentation(
+        images,
+        pixel_array.astype(np.uint8),
+        hd.seg.SegmentationTypeValues.BINARY,
+        algorithm,
+        [(f, f"AI {f.key}") for _, f in regions],
+        content_label="AI_SEGMENTATION",
+        content_description=f"AI segmentation by {algorithm.name}, not verified",
         segmented_property_category=segmented_property_category,
         series_description=series_description,
         device_serial_number=device_serial_number,
@@ -138,9 +184,8 @@ def _segmentation(
     pixel_array: np.ndarray,
     segmentation_type: hd.seg.SegmentationTypeValues,
     algorithm: AlgorithmInfo,
-    finding: Finding,
+    segments: list[tuple[Finding, str]],
     *,
-    segment_label: str,
     content_label: str,
     content_description: str,
     segmented_property_category: CodedConcept | None,
@@ -154,22 +199,26 @@ def _segmentation(
         if segmented_property_category is not None
         else seg_codes.MORPHOLOGICALLY_ABNORMAL_STRUCTURE
     )
-    segment = hd.seg.SegmentDescription(
-        segment_number=1,
-        segment_label=segment_label[:64],
-        segmented_property_category=category,
-        segmented_property_type=seg_codes.to_hd(finding.finding_type),
-        algorithm_type=hd.seg.SegmentAlgorithmTypeValues.AUTOMATIC,
-        algorithm_identification=hd.AlgorithmIdentificationSequence(
-            name=algorithm.name,
-            family=codes.DCM.ArtificialIntelligence,
-            version=algorithm.version,
-            parameters=algorithm.parameters or None,
-        ),
-        tracking_uid=finding_tracking_uid(study_instance_uid, algorithm.device_uid, finding.key),
-        tracking_id=f"AI {finding.key}",
-        anatomic_regions=[seg_codes.to_hd(finding.finding_site)],
-    )
+    descriptions = [
+        hd.seg.SegmentDescription(
+            segment_number=number,
+            segment_label=segment_label[:64],
+            segmented_property_category=category,
+            segmented_property_type=seg_codes.to_hd(finding.finding_type),
+            algorithm_type=hd.seg.SegmentAlgorithmTypeValues.AUTOMATIC,
+            algorithm_identification=hd.AlgorithmIdentificationSequence(
+                name=algorithm.name,
+                family=codes.DCM.ArtificialIntelligence,
+                version=algorithm.version,
+                parameters=algorithm.parameters or None,
+            ),
+            tracking_uid=finding_tracking_uid(study_instance_uid, algorithm.device_uid,
+                                              finding.key),  # fmt: skip
+            tracking_id=f"AI {finding.key}",
+            anatomic_regions=[seg_codes.to_hd(finding.finding_site)],
+        )
+        for number, (finding, segment_label) in enumerate(segments, start=1)
+    ]
     fractional = segmentation_type == hd.seg.SegmentationTypeValues.FRACTIONAL
     seg = hd.seg.Segmentation(
         source_images=[without_bogus_spacing(i) for i in images],
@@ -178,7 +227,7 @@ def _segmentation(
         fractional_type=(
             hd.seg.SegmentationFractionalTypeValues.PROBABILITY if fractional else None
         ),
-        segment_descriptions=[segment],
+        segment_descriptions=descriptions,
         **identity(new),
         # Type 1 in the SEG's Enhanced General Equipment: which installation
         # made it. The daemon should pass its configured station identifier.
@@ -198,7 +247,7 @@ def _segmentation(
 
 
 def align_saliency(
-    saliency: SaliencyMap, frames: np.ndarray, source_headers: Sequence[Dataset]
+    saliency: SaliencyMap | LabelMap, frames: np.ndarray, source_headers: Sequence[Dataset]
 ) -> tuple[list[Dataset], np.ndarray]:
     """Source images and a pixel array in the order highdicom pairs them (SEG and PM)."""
     by_uid = {h.SOPInstanceUID: h for h in source_headers}
@@ -219,7 +268,7 @@ def align_saliency(
         raise ValueError("one source frame number per saliency frame")
     image = by_uid[saliency.source_sop_instance_uids[0]]
     _check_shape(image, frames)
-    full = np.zeros((int(image.NumberOfFrames), *frames.shape[1:]), dtype=np.float32)
+    full = np.zeros((int(image.NumberOfFrames), *frames.shape[1:]), dtype=frames.dtype)
     for k, number in enumerate(saliency.source_frame_numbers):
         full[number - 1] = frames[k]
     return [image], full

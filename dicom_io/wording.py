@@ -49,6 +49,11 @@ def threshold_percent(threshold: float) -> str:
 SIDES = {"L": "left", "R": "right"}
 
 
+def volume(ml: float) -> str:
+    """"4.27 mL"; "0.052 mL": three significant figures, no more than the voxels can say."""
+    return f"{ml:.3g} mL" if ml < 100 else f"{ml:.0f} mL"
+
+
 def finding_phrase(finding: Finding) -> str:
     """"Nodule present, 97 % (threshold 95 %)"; "Mass, right, present on R CC, R MLO, ..."."""
     state = "present" if finding.present else "absent"
@@ -57,6 +62,8 @@ def finding_phrase(finding: Finding) -> str:
         side += f" {finding.lesion}"
     if finding.diameter_mm is not None and finding.present:
         state += f", {finding.diameter_mm:.0f} mm"
+    if finding.volume_ml is not None and finding.present:
+        state += f", {volume(finding.volume_ml)}"
     seen = ""
     if finding.present and finding.views:
         seen = f" on {', '.join(finding.views)}"

@@ -49,6 +49,7 @@ from model.results import (
     Outcome,
 )
 from model.saliency_map import map_saliency, saliency_map
+from model.segmentation import Segmenter, analyse_segmentation
 from model.slicewise import SlicePlan, assemble, prepare_slices, series_plan, source_order
 from model.stream import Applicable, Taken, model_key
 
@@ -96,6 +97,9 @@ def analyse_series(
     if manifest.kind == "detection":
         return analyse_detections(series, cast(Detector, model),
                                   observation if observation is not None else observe(series))
+    if manifest.kind == "segmentation":
+        return analyse_segmentation(series, cast(Segmenter, model),
+                                    observation if observation is not None else observe(series))
     plan = series_plan(series, manifest.input) if isinstance(model, SliceByModel) else None
     early = 0
     if plan is None:

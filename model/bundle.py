@@ -11,7 +11,10 @@ plain look-ups in the same file. YAML configs are not read.
 
 The preprocessing transforms are translated into an `InputSpec`, which the
 daemon's own SimpleITK steps carry out; a transform that cannot be
-translated exactly enough is refused with its key, never skipped.
+translated exactly enough is refused with its key, never skipped. Two
+kinds of bundle are hosted: 2D per-slice classifiers, and 3D segmentation
+networks run by a SlidingWindowInferer (its window, overlap and blending
+become `[inference]`, its softmax/argmax or sigmoid/threshold `[segmentation]`).
 The bundle cannot say which SNOMED CT codes its outputs mean, nor whom it
 is for: a small TOML gives the labels and the intended use.
 """
@@ -40,11 +43,14 @@ _NO_OPS = {"LoadImage", "EnsureChannelFirst", "EnsureType", "ToTensor", "CastToT
 _SPATIAL = {"Orientation", "Spacing", "Resize", "ResizeWithPadOrCrop"}
 _INTENSITY = {"ScaleIntensityRange", "NormalizeIntensity"}
 _POST = {"Activations", "AsDiscrete"}
-_TRANSFORMS = _NO_OPS | _SPATIAL | _INTENSITY | _POST | {"CropForeground"}
+# Postprocessing a bundle needs to write files, which the daemon does its own
+# way (it maps the label map back onto the source images and writes a SEG).
+_POST_NO_OPS = {"Invert", "SaveImage"}
+_TRANSFORMS = _NO_OPS | _SPATIAL | _INTENSITY | _POST | _POST_NO_OPS | {"CropForeground"}
 # ... and the workflow objects a bundle's inference.json names that the daemon
 # never builds (it has its own loading and inference loop): known, so allowed.
-_WORKFLOW = {"Compose", "Dataset", "DataLoader", "SimpleInferer", "SupervisedEvaluator",
-             "CheckpointLoader", "StatsHandler"}
+_WORKFLOW = {"Compose", "Dataset", "DataLoader", "SimpleInferer", "SlidingWindowInferer",
+             "SupervisedEvaluator", "CheckpointLoader", "StatsHandler"}
 _PREFIXES = ("monai.transforms.", "monai.networks.nets.", "monai.data.", "monai.inferers.",
              "monai.engines.", "monai.handlers.")
 _SCALAR = (bool, int, float, str)
@@ -177,6 +183,8 @@ class Translation:
 
     input: dict[str, Any] = field(default_factory=dict)
     threshold: float | None = None
+    inference: dict[str, Any] = field(default_factory=dict)  # a 3D bundle's sliding window
+    segmentation: dict[str, Any] | None = None
     steps: list[str] = field(default_factory=list)
     notes: list[str] = field(default_factory=list)
 
@@ -229,8 +237,9 @@ def _size(t: _Transform, key: str) -> tuple[int, int]:
     return size[1], size[0]  # MONAI's (x, y) -> our (rows, columns)
 
 
-def translate(config: dict[str, Any]) -> Translation:
-    """The bundle's preprocessing and postprocessing as an InputSpec (as a dict) and a threshold.
+def translate(config: dict[str, Any], three_d: bool = False) -> Translation:
+    """The bundle's preprocessing and postprocessing as an InputSpec (as a dict) and a threshold
+    (and, for a 3D segmentation bundle, its sliding window and activation).
 
     secondreader orients, resamples, then maps intensities: a bundle whose
     intensity step comes before a resampling step is refused, since clipping
@@ -262,12 +271,19 @@ def translate(config: dict[str, Any]) -> Translation:
             if not (isinstance(pixdim, list) and len(pixdim) in (2, 3)
                     and all(isinstance(v, (int, float)) for v in pixdim)):
                 raise t.refuse("pixdim", f"{pixdim!r}: two or three numbers")
+            if three_d and not (len(pixdim) == 3 and all(v > 0 for v in pixdim)):
+                raise t.refuse("pixdim", f"{pixdim!r}: a 3D network's grid needs three "
+                               "positive spacings (secondreader keeps no axis as acquired)")
             if all(v > 0 for v in pixdim[:2]):  # MONAI: <= 0 keeps the axis as it is
                 spec["spacing"], inplane = (float(pixdim[1]), float(pixdim[0])), True
             if len(pixdim) == 3 and pixdim[2] > 0:
                 spec["slice_spacing"] = float(pixdim[2])
             tr.steps.append(f"{t.name} {pixdim}: spacing {spec.get('spacing')}, "
                             f"slice spacing {spec.get('slice_spacing')}")
+        elif t.base in ("Resize", "ResizeWithPadOrCrop") and three_d:
+            raise t.refuse("_target_", "a 3D network reads windows of the inferer's roi_size "
+                           "on the Spacing grid; a resize would change the spacing it was "
+                           "trained on")
         elif t.base == "Resize":
             if inplane:
                 raise t.refuse("_target_", "after an in-plane Spacing: two resamplings, "
@@ -304,17 +320,95 @@ def translate(config: dict[str, Any]) -> Translation:
             spec["contrast"], intensity = "zscore", t.path
             spec["zscore_nonzero"] = bool(t.arg("nonzero", False))
             tr.steps.append(f"{t.name} nonzero={spec['zscore_nonzero']}: zscore per slice")
+        elif t.base == "CropForeground" and three_d:
+            _crop_foreground(t, spec, intensity)
+            tr.steps.append(f"{t.name} margin {spec['crop_margin']}: the windows cover the "
+                            "box of voxels above 0, the rest is background")
         elif t.base == "CropForeground":
             raise t.refuse("_target_", "a crop to the image's content would give every series "
                            "its own grid; secondreader's grid follows the series' geometry "
                            "alone (slice by slice while it arrives, maps back onto it)")
         else:
             raise t.refuse("_target_", "not a preprocessing transform secondreader translates")
+    if three_d:
+        if "orientation" not in spec or "slice_spacing" not in spec:
+            raise BundleError("inference.json preprocessing: a 3D bundle needs an Orientation(d) "
+                              "and a Spacing(d) with three spacings, to know the network's grid")
+        spec["dims"] = "3d"
+        _inferer(config, tr)
+        _segmentation_postprocessing(config, tr)
+        return tr
     if "orientation" not in spec or "size" not in spec:
         raise BundleError("inference.json preprocessing: needs an Orientation(d) and a "
                           "Resize(d) or ResizeWithPadOrCrop(d), to know the network's grid")
     _postprocessing(config, tr)
     return tr
+
+
+def _crop_foreground(t: _Transform, spec: dict[str, Any], intensity: str) -> None:
+    """CropForeground(d) with MONAI's defaults: the box of voxels above 0, plus a margin."""
+    if not intensity:
+        raise t.refuse("_target_", "before the intensity step: secondreader crops the "
+                       "scaled volume, where MONAI's default (voxels above 0) means tissue")
+    for key in ("select_fn", "channel_indices", "k_divisible", "start_coord_key"):
+        if t.node.get(key) not in (None, 1) or (key == "k_divisible" and t.arg(key, 1) != 1):
+            raise t.refuse(key, "only MONAI's defaults (voxels above 0, no rounding up)")
+    margin = t.arg("margin", 0)
+    if not (isinstance(margin, int) and not isinstance(margin, bool) and margin >= 0):
+        raise t.refuse("margin", f"{margin!r}: one whole number of voxels for every axis")
+    spec["crop_foreground"], spec["crop_margin"] = True, margin
+
+
+def _inferer(config: dict[str, Any], tr: Translation) -> None:
+    node = _resolve(config, config.get("inferer"), "inferer")
+    t = _Transform(config, node, "inferer")
+    if t.name != "SlidingWindowInferer":
+        raise t.refuse("_target_", "a 3D bundle needs a SlidingWindowInferer: secondreader "
+                       "runs 3D networks in windows, never on a whole volume at once")
+    roi = t.arg("roi_size")
+    if not (isinstance(roi, list) and len(roi) == 3 and all(
+            isinstance(v, int) and not isinstance(v, bool) and v > 0 for v in roi)):
+        raise t.refuse("roi_size", f"{roi!r}: three positive sizes")
+    mode = t.arg("mode", "constant")
+    if mode not in ("gaussian", "constant"):
+        raise t.refuse("mode", f"{mode!r}: gaussian or constant blending")
+    for key in ("padding_mode", "cval", "roi_weight_map", "buffer_steps", "with_coord"):
+        if t.node.get(key) not in (None, "constant", 0, 0.0, False):
+            raise t.refuse(key, "only MONAI's default")
+    tr.inference = {"roi_size": roi, "batch_size": t.arg("sw_batch_size", 1),
+                    "overlap": t.arg("overlap", 0.25), "blend": mode,
+                    "sigma_scale": t.arg("sigma_scale", 0.125)}
+    tr.steps.append(f"SlidingWindowInferer roi {roi}, overlap {tr.inference['overlap']}, "
+                    f"{mode} blending, {tr.inference['batch_size']} windows a batch")
+
+
+def _segmentation_postprocessing(config: dict[str, Any], tr: Translation) -> None:
+    activation = ""
+    for t in _transforms(config, "postprocessing"):
+        if t.base in _NO_OPS - {"LoadImage", "EnsureChannelFirst"} or t.base in _POST_NO_OPS:
+            tr.steps.append(f"{t.name}: the daemon maps the label map back and writes a SEG")
+        elif t.base == "Activations" and t.arg("softmax") and not t.arg("sigmoid"):
+            activation = "softmax"
+        elif t.base == "Activations" and t.arg("sigmoid") and not t.arg("softmax"):
+            activation = "sigmoid"
+        elif t.base == "AsDiscrete" and activation == "softmax" and t.arg("argmax"):
+            if t.arg("threshold") is not None or t.arg("to_onehot"):
+                raise t.refuse("argmax", "argmax alone after a softmax")
+            tr.segmentation = {"activation": "softmax"}
+        elif t.base == "AsDiscrete" and activation == "sigmoid":
+            threshold = t.arg("threshold")
+            if t.arg("argmax") or not isinstance(threshold, (int, float)):
+                raise t.refuse("threshold", "a threshold alone after a sigmoid")
+            tr.segmentation, tr.threshold = {"activation": "sigmoid"}, float(threshold)
+        else:
+            raise t.refuse("_target_", "not a segmentation postprocessing secondreader "
+                           "translates (Activations softmax then AsDiscrete argmax, or "
+                           "sigmoid then threshold)")
+    if tr.segmentation is None:
+        raise BundleError("inference.json postprocessing: a segmentation bundle must say how "
+                          "its output becomes labels (Activations then AsDiscrete)")
+    tr.steps.append(f"{tr.segmentation['activation']} then "
+                    f"{'argmax' if activation == 'softmax' else 'threshold'}: the label map")
 
 
 def _postprocessing(config: dict[str, Any], tr: Translation) -> None:
@@ -344,8 +438,9 @@ def _postprocessing(config: dict[str, Any], tr: Translation) -> None:
 # -- the model folder --------------------------------------------------------------------
 
 
-def _refuse_unhostable(meta: dict[str, Any], config: dict[str, Any]) -> tuple[int, int]:
-    """(input channels, output channels); refuses what is not a 2D per-slice classifier."""
+def _refuse_unhostable(meta: dict[str, Any], config: dict[str, Any]) -> tuple[int, int, bool]:
+    """(input channels, output channels, 3D segmentation?); refuses what is neither a 2D
+    per-slice classifier nor a 3D segmentation network."""
     fmt = meta.get("network_data_format") or {}
     inputs, outputs = fmt.get("inputs") or {}, fmt.get("outputs") or {}
     if len(inputs) != 1 or len(outputs) != 1:
@@ -353,14 +448,16 @@ def _refuse_unhostable(meta: dict[str, Any], config: dict[str, Any]) -> tuple[in
     (in_key, image), (out_key, pred) = next(iter(inputs.items())), next(iter(outputs.items()))
     shape = image.get("spatial_shape") or []
     net = config.get("network_def") or {}
-    dims = net.get("spatial_dims", 2) if isinstance(net, dict) else 2
+    dims = net.get("spatial_dims", len(shape) or 2) if isinstance(net, dict) else len(shape) or 2
     kind = f"{pred.get('type', '?')}/{pred.get('format', '?')}"
-    if len(shape) == 3 or dims == 3 or pred.get("type") == "image" or "segment" in kind:
+    segmentation = pred.get("type") == "image" and pred.get("format") == "segmentation"
+    three_d = len(shape) == 3 or dims == 3
+    if three_d != segmentation:
         raise BundleError(f"metadata.json: {meta.get('name', 'this bundle')} is a "
                           f"{len(shape) or dims}D {kind} bundle (input {in_key!r} spatial shape "
                           f"{shape}, output {out_key!r} {kind}): not hostable yet; secondreader "
-                          "hosts 2D per-slice classifiers (logits per label) for now")
-    return int(image.get("num_channels", 1)), int(pred.get("num_channels", 1))
+                          "hosts 2D per-slice classifiers and 3D segmentation networks")
+    return int(image.get("num_channels", 1)), int(pred.get("num_channels", 1)), segmentation
 
 
 def _network(config: dict[str, Any]) -> tuple[str, dict[str, Any]]:
@@ -388,7 +485,7 @@ def _network(config: dict[str, Any]) -> tuple[str, dict[str, Any]]:
 
 
 _EXTRA_KEYS = {"name", "version", "manufacturer", "intended_use", "applies_to", "labels",
-               "threshold", "inference", "calibration", "weights"}
+               "threshold", "inference", "calibration", "weights", "segmentation", "max_findings"}
 
 
 def bundle_manifest(path: Path, extra_file: Path) -> tuple[ModelManifest, bytes]:
@@ -400,9 +497,11 @@ def bundle_manifest(path: Path, extra_file: Path) -> tuple[ModelManifest, bytes]
     meta, config = _json(members, _MEMBERS[0]), _json(members, _MEMBERS[1])
     # What the bundle is comes first: a 3D segmentation bundle hears that, not
     # that its workflow's targets are unknown. Only literal keys are read for it.
-    in_channels, out_channels = _refuse_unhostable(meta, config)
+    in_channels, out_channels, segmentation = _refuse_unhostable(meta, config)
     check_config(config)
-    tr = translate(config)
+    tr = translate(config, three_d=segmentation)
+    if tr.segmentation is not None and tr.segmentation["activation"] == "softmax":
+        out_channels -= 1  # channel 0 is the background
     with Path(extra_file).open("rb") as fh:
         extra = tomllib.load(fh)
     unknown = sorted(set(extra) - _EXTRA_KEYS)
@@ -427,7 +526,8 @@ def bundle_manifest(path: Path, extra_file: Path) -> tuple[ModelManifest, bytes]
                    "arguments": arguments}
     else:
         raise BundleError(f"{path}: neither models/model.ts nor models/model.pt")
-    extra_weights = extra.get("weights") or {}
+    extra_weights = extra.get("weights") or (
+        {"outputs": ["segmentation"]} if tr.segmentation is not None else {})
     if set(extra_weights) - {"outputs"}:
         raise BundleError(f"{extra_file}: [weights] takes only outputs; the bundle has the rest")
     name = str(extra.get("name") or meta.get("name") or Path(path).stem)
@@ -440,6 +540,10 @@ def bundle_manifest(path: Path, extra_file: Path) -> tuple[ModelManifest, bytes]
         "threshold": extra.get("threshold", 0.5 if tr.threshold is None else tr.threshold),
         "input": tr.input | {"channels": in_channels},
         "weights": weights | extra_weights | {"sha256": sha256_bytes(data)},
+        **({"kind": "segmentation", "segmentation": tr.segmentation | dict(
+                extra.get("segmentation") or {}),
+            "inference": tr.inference | dict(extra.get("inference") or {})}
+           if tr.segmentation is not None else {}),
         "training": {"source": "MONAI bundle", "bundle": str(meta.get("name", name)),
                      "bundle_version": str(meta.get("version", "")),
                      "bundle_config_sha256": sha256_bytes(members[_MEMBERS[1]]),

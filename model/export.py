@@ -1,8 +1,9 @@
 """Model folders made from other formats: `model export-onnx`, `import-onnx` and `check`.
 
 - `export_onnx` writes a state_dict model of `model.networks` as ONNX, with
-  its class-activation map as a second output (`WithCam`), and refuses the
-  export unless ONNX Runtime gives the torch logits within `EXPORT_TOLERANCE`.
+  its class-activation map as a second output (`WithCam`), or a segmentation
+  model (TorchScript too: an imported MONAI bundle), and refuses the export
+  unless ONNX Runtime gives torch's outputs within `EXPORT_TOLERANCE`.
 - `import_onnx` makes a model folder from an ONNX file and a manifest that
   the ML engineer writes; the file's SHA-256 is computed here and pinned.
   The folder is loaded and probed before it is kept: a manifest that does
@@ -22,6 +23,7 @@ import statistics
 import tempfile
 import time
 import tomllib
+import warnings
 from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any
@@ -49,6 +51,8 @@ def export_onnx(folder: Path, output: Path, *, version: str | None = None) -> Pa
     """Write `folder`'s state_dict model as an ONNX model folder at `output` (must not exist)."""
     loaded = load_model(folder, "cpu")
     network = loaded.network
+    if loaded.manifest.kind == "segmentation":
+        return _export_segmentation(loaded, output, version)
     if isinstance(network, torch.jit.ScriptModule) or not isinstance(network, SliceClassifier):
         raise ExportError(f"{folder}: only state_dict models of model.networks.SliceClassifier "
                           "export here; other networks export from their own code")
@@ -73,6 +77,41 @@ def export_onnx(folder: Path, output: Path, *, version: str | None = None) -> Pa
     })
     made = _make_folder(output, manifest, data)
     _check_export(loaded, made)
+    return output
+
+
+def _export_segmentation(loaded: LoadedModel, output: Path, version: str | None) -> Path:
+    """A 3D segmentation network (state_dict or TorchScript) as ONNX, batch axis free.
+
+    TorchScript-based export: the dynamo exporter cannot trace a ScriptModule,
+    which is what MONAI bundles ship. Checked on two random windows.
+    """
+    m = loaded.manifest
+    assert m.inference.roi_size is not None
+    example = torch.zeros((1, m.input.channels, *m.inference.roi_size))
+    with tempfile.TemporaryDirectory() as scratch, warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # the legacy exporter's deprecation and norm notes
+        path = Path(scratch) / ONNX_FILE
+        torch.onnx.export(
+            loaded.network, (example,), path, input_names=["image"],
+            output_names=["segmentation"], opset_version=OPSET, dynamo=False,
+            dynamic_axes={"image": {0: "n"}, "segmentation": {0: "n"}},
+        )
+        data = path.read_bytes()
+    manifest = m.model_copy(update={
+        "version": version or m.version,
+        "weights": WeightsSpec(file=ONNX_FILE, sha256=sha256_bytes(data), format="onnx",
+                               outputs=["segmentation"]),
+    })
+    made = _make_folder(output, manifest, data)
+    x = np.random.default_rng(0).random((2, m.input.channels, *m.inference.roi_size),
+                                         dtype=np.float32)  # fmt: skip
+    worst = float(np.abs(loaded.runtime.named(x)["segmentation"]
+                         - made.runtime.named(x)["segmentation"]).max())  # fmt: skip
+    if worst > EXPORT_TOLERANCE:
+        shutil.rmtree(made.folder, ignore_errors=True)
+        raise ExportError(f"the ONNX export differs from torch by {worst:.2g} "
+                          f"(tolerance {EXPORT_TOLERANCE}): not written")
     return output
 
 
@@ -163,26 +202,42 @@ class CheckReport:
     logits_shape: tuple[int, ...]
     cam_shape: tuple[int, ...] | None
     saliency: str  # where the saliency objects come from
-    milliseconds_per_slice: float
+    milliseconds_per_slice: float  # per window, for a 3D model
     labels: list[str]  # "nodule: finding 27925004 (SCT) Nodule, site 39607008 (SCT) Lung"
     calibration: str
     intended_use: str
+    kind: str = "classification"
 
 
 def check_model(folder: Path, device: str = "auto", n: int = 8) -> CheckReport:
     """Load a model folder, run it on a seeded synthetic batch, and describe what it gave."""
     loaded = load_model(folder, device)
     m = loaded.manifest
-    x = np.random.default_rng(0).normal(size=(n, m.input.channels, *m.input.size))
-    x = x.astype(np.float32)
-    loaded.runtime.forward(x[:1])  # warm-up: first-call allocation is not the model's speed
-    times, outputs = [], loaded.runtime.forward(x)
+    three_d = m.input.dims == "3d"
+    grid: tuple[int, ...] = m.input.size
+    if three_d:  # windows of the sliding-window inference
+        assert m.inference.roi_size is not None
+        n, grid = min(n, m.inference.batch_size), m.inference.roi_size
+    shape = (n, m.input.channels, *grid)
+    x = np.random.default_rng(0).normal(size=shape).astype(np.float32)
+
+    def run(batch: np.ndarray) -> tuple[np.ndarray, np.ndarray | None]:
+        if m.kind == "segmentation":
+            return loaded.runtime.named(batch)["segmentation"], None
+        if m.kind == "detection":
+            return loaded.runtime.named(batch)["detections"], None
+        return loaded.runtime.forward(batch)
+
+    run(x[:1])  # warm-up: first-call allocation is not the model's speed
+    times, outputs = [], run(x)
     for _ in range(3):
         started = time.perf_counter()
-        loaded.runtime.forward(x)
+        run(x)
         times.append(time.perf_counter() - started)
     logits, cam = outputs
-    if loaded.runtime.has_cam:
+    if m.kind == "segmentation":
+        saliency = "the segmentation's per-voxel probabilities"
+    elif loaded.runtime.has_cam:
         saliency = "the model's class-activation map"
     elif loaded.runtime.explainable() is not None:
         saliency = "Grad-CAM"
@@ -200,7 +255,7 @@ def check_model(folder: Path, device: str = "auto", n: int = 8) -> CheckReport:
         labels=[f"{lb.name}: finding {lb.finding.value} ({lb.finding.scheme}) "
                 f"{lb.finding.meaning}, site {lb.site.value} ({lb.site.scheme}) {lb.site.meaning}"
                 for lb in m.labels],
-        calibration=calibration, intended_use=m.intended_use,
+        calibration=calibration, intended_use=m.intended_use, kind=m.kind,
     )
 
 

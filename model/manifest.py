@@ -78,6 +78,15 @@ class InputSpec(_Strict):
     # For "zscore": statistics over the nonzero pixels only, zeros left at 0 (MONAI's nonzero).
     zscore_nonzero: bool = False
     channels: int = 1
+    # "2d": the network reads slices (n, c, rows, cols). "3d": it reads the
+    # whole volume resampled to `spacing` and `slice_spacing`, in windows of
+    # `inference.roi_size` (sliding-window inference, `model.volume`).
+    dims: Literal["2d", "3d"] = "2d"
+    # "3d": run the network on the box of voxels above 0 after the contrast
+    # step (MONAI's CropForeground), `crop_margin` voxels wider, clipped to the
+    # volume; outside it every voxel is background.
+    crop_foreground: bool = False
+    crop_margin: int = Field(0, ge=0)
     # The order of the network's two spatial axes. MONAI's image readers give
     # arrays in ITK index order (x, y) = (columns, rows), so a network trained
     # in MONAI reads each slice transposed relative to ours ("columns_rows").
@@ -93,6 +102,9 @@ class InputSpec(_Strict):
         if self.channel_series and len(self.channel_series) != self.channels:
             raise ValueError(f"channels is {self.channels} but channel_series lists "
                              f"{len(self.channel_series)} series")  # fmt: skip
+        if self.dims == "3d" and (self.spacing is None or self.slice_spacing is None):
+            raise ValueError("a 3d input needs spacing and slice_spacing: the grid the network "
+                             "was trained on")
         return self
 
 
@@ -100,9 +112,13 @@ class OutputLabel(_Strict):
     name: str  # short, e.g. "nodule"
     finding: Code
     site: Code
+    # Segmentation: "lesions", each connected region of the label is a finding
+    # of its own; "structure", the label is one finding (an organ, the
+    # ventricles), however many pieces it falls into.
+    segment_as: Literal["lesions", "structure"] = "lesions"
 
 
-OutputRole = Literal["logits", "cam", "detections"]
+OutputRole = Literal["logits", "cam", "detections", "segmentation"]
 
 
 class WeightsSpec(_Strict):
@@ -130,11 +146,12 @@ class WeightsSpec(_Strict):
     @field_validator("outputs")
     @classmethod
     def _roles(cls, v: list[OutputRole]) -> list[OutputRole]:
-        if v == ["detections"]:
+        if v in (["detections"], ["segmentation"]):
             return v
-        if v.count("logits") != 1 or v.count("cam") > 1 or "detections" in v:
+        if v.count("logits") != 1 or v.count("cam") > 1 or {"detections", "segmentation"} & set(v):
             raise ValueError("needs one 'logits' output and at most one 'cam' output "
-                             "(a classifier), or one 'detections' output alone (a detector)")
+                             "(a classifier), or one 'detections' output alone (a detector), "
+                             "or one 'segmentation' output alone")
         return v
 
 
@@ -145,6 +162,25 @@ class InferenceSpec(_Strict):
     # Autocast dtype on CUDA ("fp32": none). The CPU always runs float32:
     # CPU autocast is bfloat16, slower than float32 on most CPUs and lossier.
     gpu_precision: Literal["fp16", "bf16", "fp32"] = "fp16"
+    # A 3d model: the window it reads, in the network array's axis order, and
+    # how windows overlap and are blended (MONAI's SlidingWindowInferer; the
+    # batch size is then windows per forward pass).
+    roi_size: tuple[int, int, int] | None = None
+    overlap: float = Field(0.25, ge=0.0, lt=1.0)
+    blend: Literal["gaussian", "constant"] = "gaussian"
+    sigma_scale: float = Field(0.125, gt=0.0)
+
+
+class SegmentationSpec(_Strict):
+    """How a segmentation network's output becomes a label map, and which regions count."""
+
+    # "softmax": output channel 0 is the background, channel i label i, each
+    # voxel takes its most probable channel (MONAI's Activations(softmax) then
+    # AsDiscrete(argmax)). "sigmoid": one channel per label, a voxel is in a
+    # label where its probability reaches the manifest's threshold.
+    activation: Literal["softmax", "sigmoid"] = "softmax"
+    # Regions smaller than this are dropped as noise (they are not lesions anyone acts on).
+    min_volume_ml: float = Field(0.0, ge=0.0)
 
 
 class Calibration(_Strict):
@@ -196,7 +232,9 @@ class ModelManifest(_Strict):
     # "detection": boxes with scores on each slice (weights.outputs =
     # ["detections"], (n, k, 6): x0, y0, x1, y1 in network pixels, score logit,
     # label index), several lesions per label and study.
-    kind: Literal["classification", "detection"] = "classification"
+    # "segmentation": a label map from a 3d network (weights.outputs =
+    # ["segmentation"], (n, channels, ...)), one finding per region, measured.
+    kind: Literal["classification", "detection", "segmentation"] = "classification"
     # Detection: at most this many lesions per label reported, the most suspicious.
     max_findings: int = Field(5, ge=1)
     manufacturer: str = "secondreader"
@@ -209,6 +247,7 @@ class ModelManifest(_Strict):
     threshold: float = Field(0.5, ge=0.0, le=1.0)
     weights: WeightsSpec
     inference: InferenceSpec = Field(default_factory=InferenceSpec)
+    segmentation: SegmentationSpec | None = None
     calibration: Calibration | None = None
     expects: Expectations | None = None
     # Test-set metrics recorded at training time (AUC, sensitivity, ...).
@@ -220,9 +259,20 @@ class ModelManifest(_Strict):
     @model_validator(mode="after")
     def _kind_fits_outputs(self) -> ModelManifest:
         detector = self.weights.outputs == ["detections"]
-        if detector != (self.kind == "detection"):
+        segmenter = self.weights.outputs == ["segmentation"]
+        if detector != (self.kind == "detection") or segmenter != (self.kind == "segmentation"):
             raise ValueError(f"kind {self.kind!r} with weights.outputs {self.weights.outputs}: a "
-                             "detection model gives ['detections'], a classifier its logits")
+                             "detection model gives ['detections'], a segmentation model "
+                             "['segmentation'], a classifier its logits")
+        three_d = self.input.dims == "3d"
+        if segmenter != three_d:
+            raise ValueError("a segmentation model reads 3d input, and only a segmentation model "
+                             "does for now (input.dims)")
+        if three_d and self.inference.roi_size is None:
+            raise ValueError("a 3d model needs inference.roi_size: the window it reads")
+        if segmenter and self.calibration is not None:
+            raise ValueError("calibration is for a classifier's or detector's score; a "
+                             "segmentation's voxel probabilities are reported as they are")
         return self
 
     @classmethod

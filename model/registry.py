@@ -33,11 +33,13 @@ from model.inference import (
 from model.manifest import (
     MANIFEST_NAME,
     ModelManifest,
+    SegmentationSpec,
     builtin_model_dirs,
     builtin_models_root,
 )
 from model.results import AlgorithmInfo
 from model.runtimes import OnnxRuntime, Runtime, TorchRuntime, Transposed, classification
+from model.volume import from_network, network_volume, sliding_window
 
 log = logging.getLogger(__name__)
 
@@ -242,11 +244,40 @@ class LoadedModel:
             return np.zeros((0, 0, 6), dtype=np.float32)
         return forward_output(self.runtime, x, "detections", batch_size or m.inference.batch_size)
 
+    def segment(self, volume: np.ndarray) -> np.ndarray:
+        """A segmentation model's per-voxel probabilities (channels, z, y, x) for a
+        preprocessed volume (z, y, x): sliding windows, blended, then the activation."""
+        m = self.manifest
+        batch = m.inference.batch_size
+
+        def forward(windows: np.ndarray) -> np.ndarray:
+            return forward_output(self.runtime, windows, "segmentation", batch)
+
+        blended = from_network(sliding_window(network_volume(volume, m.input), forward,
+                                              m.inference), m.input)  # fmt: skip
+        return activate(blended, m.segmentation or SegmentationSpec())
+
     def logits(self, slices: np.ndarray, *, batch_size: int | None = None) -> np.ndarray:
         """Per-slice logits (n, n_labels), before calibration: what a calibration is fitted on."""
         m = self.manifest
         x = as_batch(slices, m.input.channels, m.input.size)
         return forward_logits(self.runtime, x, batch_size or m.inference.batch_size)
+
+
+def activate(blended: np.ndarray, spec: SegmentationSpec) -> np.ndarray:
+    """Blended logits (channels, ...) as probabilities: softmax over channels, or sigmoids."""
+    z = blended.astype(np.float64)
+    if spec.activation == "sigmoid":
+        return (1.0 / (1.0 + np.exp(-z))).astype(np.float32)
+    z -= z.max(axis=0, keepdims=True)
+    e = np.exp(z)
+    return (e / e.sum(axis=0, keepdims=True)).astype(np.float32)
+
+
+def output_channels(manifest: ModelManifest) -> int:
+    """How many channels a segmentation network gives: a background channel first for softmax."""
+    spec = manifest.segmentation or SegmentationSpec()
+    return len(manifest.labels) + (1 if spec.activation == "softmax" else 0)
 
 
 def load_model(folder: Path, device: str | torch.device = "auto") -> LoadedModel:
@@ -280,7 +311,7 @@ def _runtime(folder: Path, manifest: ModelManifest, data: bytes, dev: torch.devi
     if spec.format == "onnx":
         try:
             onnx = OnnxRuntime(data, dev, spec.outputs)
-            return Transposed(onnx) if manifest.input.layout == "columns_rows" else onnx
+            return Transposed(onnx) if _transposed(manifest) else onnx
         except Exception as exc:  # onnxruntime raises its own types for a bad graph
             raise ModelLoadError(f"{folder}: ONNX Runtime cannot load {spec.file}: {exc}") from exc
     if spec.format == "torchscript":
@@ -296,7 +327,12 @@ def _runtime(folder: Path, manifest: ModelManifest, data: bytes, dev: torch.devi
         network = network.to(dev)
     network.eval()
     runtime = TorchRuntime(network, dev, spec.outputs, manifest.inference.gpu_precision)
-    return Transposed(runtime) if manifest.input.layout == "columns_rows" else runtime
+    return Transposed(runtime) if _transposed(manifest) else runtime
+
+
+def _transposed(manifest: ModelManifest) -> bool:
+    """A 2D network reading (x, y) slices; a 3D one's axes are turned by `model.volume`."""
+    return manifest.input.layout == "columns_rows" and manifest.input.dims == "2d"
 
 
 def _probe(folder: Path, manifest: ModelManifest, runtime: Runtime) -> None:
@@ -304,6 +340,9 @@ def _probe(folder: Path, manifest: ModelManifest, runtime: Runtime) -> None:
     network has fails here, at startup, rather than on the first study."""
     spec = manifest.input
     n_labels = len(manifest.labels)
+    if manifest.kind == "segmentation":
+        _probe_segmentation(folder, manifest, runtime)
+        return
     probe = np.zeros((2, spec.channels, *spec.size), dtype=np.float32)
     try:
         found = runtime.named(probe)
@@ -322,6 +361,21 @@ def _probe(folder: Path, manifest: ModelManifest, runtime: Runtime) -> None:
     if cam is not None and (cam.ndim != 4 or cam.shape[:2] != (2, n_labels)):
         raise ModelLoadError(f"{folder}: class-activation map {cam.shape} for 2 slices: "
                              f"expected (2, {n_labels}, h, w)")
+
+
+def _probe_segmentation(folder: Path, manifest: ModelManifest, runtime: Runtime) -> None:
+    roi = manifest.inference.roi_size
+    assert roi is not None
+    probe = np.zeros((1, manifest.input.channels, *roi), dtype=np.float32)
+    try:
+        out = runtime.named(probe)["segmentation"]
+    except Exception as exc:  # torch, TorchScript and onnxruntime each raise their own
+        raise ModelLoadError(f"{folder}: network rejects a window {probe.shape}: {exc}") from exc
+    expected = (1, output_channels(manifest), *roi)
+    if out.shape != expected:
+        raise ModelLoadError(f"{folder}: segmentation {out.shape} for a window {probe.shape}: "
+                             f"expected {expected} ({len(manifest.labels)} labels, "
+                             f"{(manifest.segmentation or SegmentationSpec()).activation})")
 
 
 class ModelRegistry:

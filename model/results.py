@@ -67,7 +67,14 @@ class Finding:
     # Detection models: which lesion of this label (1 = the most suspicious).
     lesion: int | None = None
     # Detection models: the box's longer side on its key image, in mm.
+    # Segmentation models: the region's longest diameter in an axial plane, in mm.
     diameter_mm: float | None = None
+    # Segmentation models: the region's volume, and the mean and maximum of the
+    # source image over it, in modality units (HU on CT). `lesion` numbers
+    # the regions of a "lesions" label, largest first.
+    volume_ml: float | None = None
+    mean_intensity: float | None = None
+    max_intensity: float | None = None
 
     @property
     def present(self) -> bool:
@@ -79,6 +86,15 @@ class Finding:
         side = "" if self.laterality is None else f" {self.laterality}"
         lesion = "" if self.lesion is None else f" {self.lesion}"
         return f"{self.label}{side}{lesion}"
+
+
+def segmented(findings: list[Finding]) -> list[tuple[int, Finding]]:
+    """The findings a segmentation measured on a region, with their index in `findings`.
+
+    In this order they are the segments of the result's SEG: segment k is
+    the k-th, and holds the label map's voxels of value index + 1.
+    """
+    return [(i, f) for i, f in enumerate(findings) if f.volume_ml is not None]
 
 
 class Outcome(StrEnum):
@@ -105,6 +121,22 @@ class SaliencyMap:
 
 
 @dataclass
+class LabelMap:
+    """A segmentation on the source series' own grid: which finding each voxel belongs to.
+
+    `frames[i]` lies on the image `source_sop_instance_uids[i]` (frame
+    `source_frame_numbers[i]` of a multi-frame source), shape (rows, cols);
+    a voxel holds 1 + the index of its finding in `AnalysisResult.findings`,
+    0 for none. Only the images some region reaches are listed.
+    """
+
+    series_instance_uid: str
+    source_sop_instance_uids: list[str]
+    frames: np.ndarray  # uint16, (n, rows, cols)
+    source_frame_numbers: list[int] | None = None
+
+
+@dataclass
 class AnalysisResult:
     study_instance_uid: str
     series_instance_uid: str | None
@@ -113,6 +145,8 @@ class AnalysisResult:
     findings: list[Finding] = field(default_factory=list)
     reason: str | None = None  # why the AI did not run (NOT_APPLICABLE / FAILED_QC)
     saliency: SaliencyMap | None = None
+    # Segmentation models: the regions the findings were measured on.
+    label_map: LabelMap | None = None
     # Each preprocessing step with its parameters, for the audit trail.
     provenance: list[dict[str, object]] = field(default_factory=list)
     # What governance watches (model/observation.py): acquisition headers,

@@ -187,10 +187,12 @@ def _cmd_model_check(_config: Config, args: argparse.Namespace) -> int:
     rows = [
         ("runtime", f"{r.runtime} on {r.device}"),
         ("input", " x ".join(map(str, r.input_shape))),
-        ("logits", " x ".join(map(str, r.logits_shape))),
+        ("kind", r.kind),
+        ({"classification": "logits"}.get(r.kind, r.kind), " x ".join(map(str, r.logits_shape))),
         ("class-activation map", " x ".join(map(str, r.cam_shape)) if r.cam_shape else "none"),
         ("saliency from", r.saliency),
-        ("time per slice", f"{r.milliseconds_per_slice:.3f} ms (median of 3 batches)"),
+        ("time per window" if r.kind == "segmentation" else "time per slice",
+         f"{r.milliseconds_per_slice:.3f} ms (median of 3 batches)"),
         ("calibration", r.calibration),
         ("intended use", r.intended_use),
     ]

@@ -53,7 +53,7 @@ from dicom_io.identify import valid_uid
 from dicom_io.pixels import read_modality_pixels
 from dicom_io.pmap import build_saliency_map
 from dicom_io.pr import build_presentation_state
-from dicom_io.seg import build_region_seg, build_saliency_seg
+from dicom_io.seg import build_region_seg, build_saliency_seg, build_segmentation_seg
 from dicom_io.spool import Spool
 from dicom_io.sr import (
     build_ai_result_sr,
@@ -387,11 +387,15 @@ class Reporter:
         seg = []
         if cfg.segmentation:
             seg = self._optional(run, "seg", wanted, lambda: self._seg(run, headers))
+        # A segmentation model's SEG holds what its SR measured (volumetric
+        # groups reference it); any other model's, the saliency beside it.
+        regions = result.label_map is not None
         sr = build_ai_result_sr(
             result,
             headers,
             series_description=cfg.series_description,
-            segmentation=seg[0].dataset if seg else None,
+            segmentation=seg[0].dataset if seg and not regions else None,
+            regions=seg[0].dataset if seg and regions else None,
             **self._common(run),
         )
         # The SR last: it lists the SEG as evidence, so that should be there first.
@@ -405,7 +409,10 @@ class Reporter:
             return summary
         extras: list[BuiltObject] = []
         if self.config.report.segmentation:
-            for kind, builder in (("binary-seg", self._region_seg), ("pmap", self._pmap)):
+            # A segmentation's own SEG is binary already: no thresholded saliency beside it.
+            kinds = (("pmap", self._pmap),) if run.result.label_map is not None else (
+                ("binary-seg", self._region_seg), ("pmap", self._pmap))
+            for kind, builder in kinds:
                 extras += self._optional(run, kind, wanted, partial(builder, run, headers))
         extras += self._optional(run, "gsps", wanted, lambda: self._gsps(run, headers))
         return [*extras, *summary]
@@ -450,8 +457,20 @@ class Reporter:
         }
 
     def _seg(self, run: PendingRun, headers: list[Dataset]) -> Dataset | None:
-        """The saliency map as a FRACTIONAL SEG for the run's top present finding."""
+        """The saliency map as a FRACTIONAL SEG for the run's top present finding; a
+        segmentation model's regions as a BINARY SEG, a segment per measured finding."""
         cfg = self.config.report
+        result = run.result
+        if result.label_map is not None:
+            assert result.algorithm is not None
+            return build_segmentation_seg(
+                result.label_map, headers, result.algorithm, result.findings,
+                series_number=cfg.regions_seg_series_number,
+                series_description=cfg.regions_seg_series_description,
+                manufacturer=cfg.manufacturer,
+                manufacturer_model_name=cfg.manufacturer_model_name,
+                **self._object_uids(run, "seg"),
+            )  # fmt: skip
         return self._saliency_object(
             run, headers, "seg", build_saliency_seg,
             cfg.seg_series_number, cfg.seg_series_description,

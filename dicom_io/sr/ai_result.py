@@ -28,6 +28,7 @@ from model.results import (
     Finding,
     ImageLocation,
     Outcome,
+    segmented,
 )
 
 _SOURCE = hd.sr.CodedConcept("260753009", "SCT", "Source")  # an Image Library entry
@@ -42,6 +43,7 @@ def build_ai_result_sr(
     institutional_department_name: str | None = None,
     predecessor: Dataset | None = None,
     segmentation: Dataset | None = None,
+    regions: Dataset | None = None,
     **new: Unpack[NewObject],
 ) -> hd.sr.Comprehensive3DSR:
     """The AI result of one analysed series as a TID 1500 Measurement Report.
@@ -51,6 +53,10 @@ def build_ai_result_sr(
     evidence. `predecessor` is an earlier SR of
     this study that the new one supersedes (a re-run). `segmentation` is the
     saliency SEG made for this result, recorded as evidence (see below).
+    `regions` is a segmentation model's SEG of its regions
+    (`build_segmentation_seg`): each measured finding is then a TID 1411
+    volumetric group that references its segment; without it, a planar group
+    on the region's key image that still carries the measurements.
     """
     if result.outcome != Outcome.ANALYSED:
         raise ValueError(f"outcome is {result.outcome}: use build_not_run_sr")
@@ -63,18 +69,24 @@ def build_ai_result_sr(
     for finding in result.findings:
         if finding.location and finding.location.sop_instance_uid not in by_uid:
             raise ValueError(f"finding {finding.label!r} points at an image not in source_headers")
-    for name, extra in (("predecessor", predecessor), ("segmentation", segmentation)):
+    for name, extra in (("predecessor", predecessor), ("segmentation", segmentation),
+                        ("regions", regions)):
         if extra is not None and extra.StudyInstanceUID != result.study_instance_uid:
             raise ValueError(f"{name} belongs to another study")
 
     algorithm = result.algorithm
     modality = str(headers[0].Modality)
+    segments = {index: number for number, (index, _) in
+                enumerate(segmented(result.findings), start=1)} if regions is not None else {}
     report = hd.sr.MeasurementReport(
         observation_context=device_observation_context(algorithm),
         procedure_reported=sr_codes.procedure_for_modality(modality),
         imaging_measurements=[
-            _measurement_group(result.study_instance_uid, algorithm, f, _region_of(f, by_uid))
-            for f in result.findings
+            _measurement_group(result.study_instance_uid, algorithm, f, _region_of(f, by_uid),
+                               modality=modality,
+                               segment=(_segment(regions, segments[i], result)
+                                        if regions is not None and i in segments else None))
+            for i, f in enumerate(result.findings)
         ],
     )
     key_images = {f.location.sop_instance_uid for f in result.findings if f.location}
@@ -85,7 +97,7 @@ def build_ai_result_sr(
     # into the groups: TID 1410 takes either an Image Region (SCOORD) or a
     # Referenced Segment, and OHIF draws only SCOORD. The segment shares the
     # finding's Tracking UID, which ties each group to its saliency segment.
-    evidence = [*headers, *([segmentation] if segmentation is not None else [])]
+    evidence = [*headers, *(extra for extra in (segmentation, regions) if extra is not None)]
     return hd.sr.Comprehensive3DSR(
         evidence=evidence,
         content=report[0],
@@ -128,16 +140,53 @@ def _region_of(finding: Finding, headers: dict[str, Dataset]) -> ImageLocation |
     )
 
 
+def _segment(seg: Dataset, number: int, result: AnalysisResult) -> hd.sr.ReferencedSegment:
+    return hd.sr.ReferencedSegment(
+        sop_class_uid=seg.SOPClassUID, sop_instance_uid=seg.SOPInstanceUID,
+        segment_number=number,
+        source_series=hd.sr.SourceSeriesForSegmentation(str(result.series_instance_uid)))
+
+
+def _size_measurements(
+    finding: Finding, modality: str, algorithm_id: hd.sr.AlgorithmIdentification | None
+) -> list[hd.sr.Measurement]:
+    """A lesion's size (and, for a segmented region on CT, its CT numbers) as NUMs."""
+    out: list[hd.sr.Measurement] = []
+    if finding.volume_ml is not None:
+        out.append(hd.sr.Measurement(name=sr_codes.VOLUME, value=float(finding.volume_ml),
+                                     unit=sr_codes.MILLILITER, algorithm_id=algorithm_id))
+    if finding.diameter_mm is not None:
+        # A detector's box: its longer side; a segmented region: its longest
+        # diameter in an axial plane, RECIST's long axis.
+        name = sr_codes.LONG_AXIS if finding.volume_ml is not None else codes.SCT.Diameter
+        out.append(hd.sr.Measurement(name=name, value=float(finding.diameter_mm),
+                                     unit=codes.UCUM.Millimeter, algorithm_id=algorithm_id))
+    if modality.upper() == "CT":  # other modalities' values have no unit to state
+        for derivation, value in ((sr_codes.MEAN, finding.mean_intensity),
+                                  (sr_codes.MAXIMUM, finding.max_intensity)):
+            if value is not None:
+                out.append(hd.sr.Measurement(
+                    name=sr_codes.ATTENUATION_COEFFICIENT, value=float(value),
+                    unit=sr_codes.HOUNSFIELD_UNIT, derivation=derivation,
+                    algorithm_id=algorithm_id))  # fmt: skip
+    return out
+
+
 def _measurement_group(
     study_instance_uid: str,
     algorithm: AlgorithmInfo,
     finding: Finding,
     location: ImageLocation | None,
+    *,
+    modality: str = "",
+    segment: hd.sr.ReferencedSegment | None = None,
 ) -> (
     hd.sr.PlanarROIMeasurementsAndQualitativeEvaluations
+    | hd.sr.VolumetricROIMeasurementsAndQualitativeEvaluations
     | hd.sr.MeasurementsAndQualitativeEvaluations
 ):
-    """One finding's group: TID 1410 with `location` as its region, TID 1501 without one."""
+    """One finding's group: TID 1411 referencing `segment`; else TID 1410 with `location`
+    as its region; TID 1501 without either."""
     algorithm_id = hd.sr.AlgorithmIdentification(
         name=algorithm.name,
         version=algorithm.version,
@@ -176,18 +225,22 @@ def _measurement_group(
         # ("ContentSequence array contains no SCOORD ... skipping").
         algorithm_id=algorithm_id if located else None,
     )
-    measurements = [probability]
-    if finding.diameter_mm is not None:
-        # A detector's box: its longer side, as TID 1500 measures a lesion.
-        measurements.append(hd.sr.Measurement(
-            name=codes.SCT.Diameter, value=float(finding.diameter_mm),
-            unit=codes.UCUM.Millimeter, algorithm_id=algorithm_id if located else None,
-        ))
+    measurements = [probability,
+                    *_size_measurements(finding, modality, algorithm_id if located else None)]
     # A finding without a location: a TID 1501 group that still carries type,
     # site, probability and Present/Absent (OHIF cannot show it: `_region_of`).
     group: Template
     if location is None:
         group = hd.sr.MeasurementsAndQualitativeEvaluations(measurements=measurements, **common)
+    elif segment is not None:
+        # The segment is the region measured. The key image's region goes
+        # into each NUM as what it was INFERRED FROM, as in the planar group.
+        group = hd.sr.VolumetricROIMeasurementsAndQualitativeEvaluations(
+            referenced_segment=segment, measurements=measurements, **common)
+        region = image_region(location)
+        for item in group[0].ContentSequence:
+            if item.ValueType == "NUM":
+                item.ContentSequence = [*item.get("ContentSequence", []), inferred_from(region)]
     else:
         # The region twice: as the group's Image Region (TID 1410), and as
         # what the probability was INFERRED FROM (TID 300). The cornerstone
