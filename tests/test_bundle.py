@@ -260,15 +260,19 @@ def test_hostile_bundles_are_refused_by_key_and_nothing_runs(tmp_path: Path, kin
     assert not (tmp_path / "models").exists() or list((tmp_path / "models").iterdir()) == []
 
 
-def test_a_3d_segmentation_bundle_is_not_hostable_yet(tmp_path: Path) -> None:
-    meta = _metadata([96, 96, 96], type="image", format="segmentation", num_channels=2,
-                     spatial_shape=[96, 96, 96])
-    meta["network_data_format"]["outputs"]["pred"]["channel_def"] = {"0": "background",
-                                                                     "1": "spleen"}
+@pytest.mark.parametrize(("shape", "pred", "dims"), [
+    ([96, 96, 96], {"type": "probabilities", "format": "classification"}, 3),
+    ([128, 128], {"type": "image", "format": "segmentation", "spatial_shape": [128, 128]}, 2),
+])  # fmt: skip
+def test_a_3d_classifier_or_a_2d_segmentation_bundle_is_not_hostable_yet(
+    tmp_path: Path, shape: list[int], pred: dict[str, Any], dims: int
+) -> None:
+    meta = _metadata(shape, num_channels=2, **pred)
     config = _ct_config()
-    config["network_def"] = {"_target_": "UNet", "spatial_dims": 3}
-    bundle = _write(tmp_path / "spleen", meta, config, {"model.ts": b"x"})
-    with pytest.raises(BundleError, match=r"3D image/segmentation bundle .* not hostable yet"):
+    config["network_def"] = {"_target_": "UNet", "spatial_dims": dims}
+    bundle = _write(tmp_path / "other", meta, config, {"model.ts": b"x"})
+    with pytest.raises(BundleError, match=r"not hostable yet; secondreader hosts 2D per-slice "
+                                          r"classifiers and 3D segmentation networks"):
         bundle_manifest(bundle, _extra(tmp_path / "x.toml"))
 
 

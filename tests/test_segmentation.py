@@ -23,14 +23,13 @@ import pytest
 import SimpleITK as sitk
 import torch
 from pydantic import ValidationError
-from pydicom import dcmread
 from pydicom.dataset import Dataset
 from pydicom.uid import generate_uid
 from torch import nn
 
 from dicom_io.seg import build_segmentation_seg
 from dicom_io.series import LoadedSeries, load_series
-from dicom_io.sr import build_ai_result_sr
+from dicom_io.sr import build_ai_result_sr, build_verified_sr, read_findings
 from dicom_io.synthetic import write_ct_series
 from model.analysis import analyse_series
 from model.manifest import ModelManifest
@@ -132,7 +131,7 @@ def test_two_spheres_are_two_lesions_largest_first_measured_on_the_source(
     series, masks = spheres
     found = [f for f in segmented.findings if f.present]
     assert [f.lesion for f in found] == [1, 2]
-    for finding, (cz, cy, cx, r), mask in zip(found, SPHERES, masks, strict=True):
+    for finding, (cz, cy, cx, r) in zip(found, SPHERES, strict=True):
         truth = 4 / 3 * math.pi * r**3 / 1000
         # The network's 2 mm grid, mapped back by nearest neighbour: a few per cent.
         assert finding.volume_ml == pytest.approx(truth, rel=0.12)
@@ -249,3 +248,32 @@ def test_a_manifest_that_does_not_fit_a_segmentation_is_refused(
 ) -> None:
     with pytest.raises(ValidationError, match=says):
         model_folder(tmp_path / "bad", Threshold(), **changes)
+
+
+def test_the_verified_sr_of_a_segmentation_validates_and_draws_no_rejected_region(
+    segmented: AnalysisResult, spheres: tuple[LoadedSeries, list[np.ndarray]], tmp_path: Path
+) -> None:
+    seg, sr = _objects(segmented, spheres[0])
+    first, second = (f for f in read_findings(sr) if f["present"])
+    assert (first["segment_number"], second["segment_number"]) == (1, 2)
+    assert first["segmentation_sop_instance_uid"] == seg.SOPInstanceUID
+    assert first["volume_ml"] == pytest.approx(segmented.findings[0].volume_ml)
+    decisions = [(str(f["tracking_uid"]), f["tracking_uid"] != second["tracking_uid"], None)
+                 for f in read_findings(sr)]
+    verified = build_verified_sr(sr, decisions, verifying_observer_name="Reader^Rita",
+                                 verifying_organization="Test hospital", series_number=9903,
+                                 series_instance_uid=generate_uid(),
+                                 sop_instance_uid=generate_uid())  # fmt: skip
+    verified.save_as(tmp_path / "verified.dcm")
+    assert dciodvfy_errors(tmp_path / "verified.dcm") == []
+    assert pixelmed_sr_errors(tmp_path / "verified.dcm") == []
+    kept, rejected = (f for f in read_findings(verified)
+                      if f["tracking_uid"] in (first["tracking_uid"], second["tracking_uid"]))
+    assert kept["segment_number"] == 1 and kept["present"]
+    # Rejected: absent; the numbers still say which voxels they were measured on (the
+    # segment), but what a viewer draws is the whole key image, not the AI's spot.
+    assert rejected["segment_number"] == 2 and rejected["present"] is False
+    header = next(h for h in spheres[0].headers
+                  if h.SOPInstanceUID == rejected["referenced_sop_instance_uid"])
+    assert rejected["graphic_data"] is not None
+    assert max(c for c, _ in rejected["graphic_data"]) == float(header.Columns)

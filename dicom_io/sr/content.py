@@ -34,6 +34,9 @@ TRACKING_UID = ("112040", "DCM")
 FINDING = ("121071", "DCM")
 FINDING_SITE = ("363698007", "SCT")
 IMAGE_REGION = ("111030", "DCM")
+# A volumetric group's (TID 1411) segment, and the series it was made from.
+REFERENCED_SEGMENT = ("121191", "DCM")
+SEGMENTATION_SERIES = ("121232", "DCM")  # Source series for segmentation
 COMMENT = ("121106", "DCM")
 PIXEL_ROWS = hd.sr.CodedConcept.from_code(codes.DCM.PixelDataRows)
 PIXEL_COLUMNS = hd.sr.CodedConcept.from_code(codes.DCM.PixelDataColumns)

@@ -13,6 +13,7 @@ from dicom_io.sr.content import (
     ABSENT_KEY,
     IMAGE_REGION,
     PRESENT_KEY,
+    REFERENCED_SEGMENT,
     concept_key,
     concept_name,
     measurement_groups,
@@ -20,6 +21,8 @@ from dicom_io.sr.content import (
 from model.results import (
     CodedConcept,
 )
+
+IMAGE_REGION_NAME = hd.sr.CodedConcept("111030", "DCM", "Image Region")
 
 
 class SRFinding(TypedDict):
@@ -37,6 +40,10 @@ class SRFinding(TypedDict):
     graphic_type: str | None
     graphic_data: list[tuple[float, float]] | None  # (column, row)
     comment: str | None  # the label: the AI's sentence, or the reviewer's (verified SR)
+    # A volumetric group (TID 1411): the SEG and segment it measured, and its volume.
+    segmentation_sop_instance_uid: str | None
+    segment_number: int | None
+    volume_ml: float | None
 
 
 def read_findings(sr: Dataset) -> list[SRFinding]:
@@ -53,10 +60,14 @@ def read_findings(sr: Dataset) -> list[SRFinding]:
             item.ValueType == "SCOORD" and concept_name(item) == IMAGE_REGION
             for item in group.ContentSequence
         )
+        volumetric = any(item.ValueType == "IMAGE" and concept_name(item) == REFERENCED_SEGMENT
+                         for item in group.ContentSequence)  # fmt: skip
         template: type[hd.sr.MeasurementsAndQualitativeEvaluations] | type[
             hd.sr.PlanarROIMeasurementsAndQualitativeEvaluations
-        ] = (
-            hd.sr.PlanarROIMeasurementsAndQualitativeEvaluations
+        ] | type[hd.sr.VolumetricROIMeasurementsAndQualitativeEvaluations] = (
+            hd.sr.VolumetricROIMeasurementsAndQualitativeEvaluations
+            if volumetric
+            else hd.sr.PlanarROIMeasurementsAndQualitativeEvaluations
             if located
             else hd.sr.MeasurementsAndQualitativeEvaluations
         )
@@ -81,10 +92,25 @@ def read_findings(sr: Dataset) -> list[SRFinding]:
             graphic_type=None,
             graphic_data=None,
             comment=str(comments[0].value) if comments else None,
+            segmentation_sop_instance_uid=None,
+            segment_number=None,
+            volume_ml=None,
         )
         region = None
         if isinstance(read, hd.sr.PlanarROIMeasurementsAndQualitativeEvaluations):
             region = read.roi
+        elif isinstance(read, hd.sr.VolumetricROIMeasurementsAndQualitativeEvaluations):
+            segment = read.referenced_segment
+            if segment is not None:
+                found["segmentation_sop_instance_uid"] = segment.referenced_sop_instance_uid
+                numbers = segment.referenced_segment_numbers
+                found["segment_number"] = int(numbers[0]) if numbers else None
+            volume = read.get_measurements(name=sr_codes.VOLUME)
+            found["volume_ml"] = float(volume[0].value) if volume else None
+            # The key image's region, which each NUM says it was INFERRED FROM.
+            inferred = find_content_items(probability[0][0], name=IMAGE_REGION_NAME,
+                                          value_type="SCOORD") if probability else []
+            region = hd.sr.ImageRegion.from_dataset(inferred[0]) if inferred else None
         if isinstance(region, hd.sr.ImageRegion):
             found["graphic_type"] = region.graphic_type.value
             found["graphic_data"] = [(float(c), float(r)) for c, r in region.value]

@@ -19,6 +19,7 @@ from dicom_io.sr.content import (
     PIXEL_COLUMNS,
     PIXEL_ROWS,
     PRESENT_KEY,
+    REFERENCED_SEGMENT,
     TRACKING_IDENTIFIER,
     TRACKING_UID,
     VERIFIED_SERIES_DESCRIPTION,
@@ -152,32 +153,58 @@ def _apply_decision(
                 flipped = sr_codes.ABSENT if code_value(item) == PRESENT_KEY else sr_codes.PRESENT
                 item.ConceptCodeSequence = [hd.sr.CodedConcept.from_code(flipped)]
         whole = _whole_key_image(items, sizes)
+        volumetric = _is_volumetric(items)
         items = _without_regions(items)
         if whole is not None:
-            items = _with_region(items, whole)
-        elif "ContentTemplateSequence" in group:
-            # Without a region the group is a TID 1501 group, and says so.
-            group.ContentTemplateSequence[0].TemplateIdentifier = "1501"
+            items = _with_region(items, whole, inferred_only=volumetric)
+        if "ContentTemplateSequence" in group and not volumetric:
+            # Without a region the group is a TID 1501 group, and says so. A
+            # volumetric group (TID 1411) keeps its segment: the voxels its
+            # numbers were measured on, which the reviewer judged (Absent).
+            group.ContentTemplateSequence[0].TemplateIdentifier = (
+                "1410" if whole is not None else "1501")
     verdict = "confirmed" if decision.confirmed else "rejected"
     items = _with_review_comment(items, f"Reviewer {verdict} the AI finding.", decision.comment)
     group.ContentSequence = items
 
 
-def _with_region(items: list[Dataset], location: ImageLocation) -> list[Dataset]:
+def _is_volumetric(items: list[Dataset]) -> bool:
+    return any(concept_name(i) == REFERENCED_SEGMENT for i in items)
+
+
+def _with_region(items: list[Dataset], location: ImageLocation, *,
+                 inferred_only: bool = False) -> list[Dataset]:  # fmt: skip
     """The group's items with `location` as its Image Region, which the probability NUM
-    also points at, so that OHIF tracks it (see ai_result._measurement_group)."""
+    also points at, so that OHIF tracks it (see ai_result._measurement_group).
+
+    `inferred_only`: in the NUMs alone, as a volumetric group (TID 1411)
+    takes it: its region of interest is its segment, and a group with a 2D
+    Image Region of its own beside volumetric ones makes template validators
+    (PixelMed) read the whole report as planar, failing the others.
+    """
     region = image_region(location)
     for item in items:
-        if item.ValueType == "NUM" and concept_name(item) == concept_key(sr_codes.PROBABILITY):
+        if item.ValueType == "NUM" and (
+                inferred_only or concept_name(item) == concept_key(sr_codes.PROBABILITY)):
             item.ContentSequence = [*item.get("ContentSequence", []), inferred_from(region)]
-    return [*items, region]
+    if inferred_only:
+        return items
+    # TID 1410 row order: the Image Region before the measurements (a
+    # template validator reads rows in order, and misses it after them).
+    at = next((i for i, item in enumerate(items) if item.ValueType == "NUM"), len(items))
+    return [*items[:at], region, *items[at:]]
 
 
 def _whole_key_image(
     items: list[Dataset], sizes: dict[str, tuple[int, int]]
 ) -> ImageLocation | None:
-    """The whole image the group's region is on, or None (no region, or its size unknown)."""
-    for item in items:
+    """The whole image the group's region is on, or None (no region, or its size unknown).
+
+    A volumetric group's region is the key image its NUMs were INFERRED FROM.
+    """
+    nested = [child for item in items if item.ValueType == "NUM"
+              for child in item.get("ContentSequence", [])]  # fmt: skip
+    for item in [*items, *nested]:
         if item.ValueType == "SCOORD" and concept_name(item) == IMAGE_REGION:
             ref = item.ContentSequence[0].ReferencedSOPSequence[0]
             uid = str(ref.ReferencedSOPInstanceUID)
@@ -255,8 +282,12 @@ def _apply_correction(group: Dataset, items: list[Dataset], decision: ReviewDeci
             item.TextValue = f"{item.TextValue} - LOCATION CORRECTED BY REVIEWER"
         elif item.ValueType == "CODE" and code_value(item) == ABSENT_KEY:
             item.ConceptCodeSequence = [hd.sr.CodedConcept.from_code(sr_codes.PRESENT)]
-    items = _with_region(_without_regions(items), decision.corrected_location)
-    if "ContentTemplateSequence" in group:
+    # A volumetric group keeps the segment its numbers were measured on; the
+    # reviewer's location is what its NUMs now point at (and OHIF draws).
+    volumetric = _is_volumetric(items)
+    items = _with_region(_without_regions(items), decision.corrected_location,
+                         inferred_only=volumetric)  # fmt: skip
+    if "ContentTemplateSequence" in group and not volumetric:
         group.ContentTemplateSequence[0].TemplateIdentifier = "1410"
     items = _with_review_comment(
         items, "Reviewer corrected the location of the AI finding.", decision.comment
