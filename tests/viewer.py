@@ -255,12 +255,11 @@ _VIEW = f"""() => {{
   const cam = vp.getCamera();
   const n = cam.viewPlaneNormal;
   const f = cam.focalPoint;
-  if (!window.__renders) {{
-    window.__renders = {{}};
-  }}
-  if (!(vp.id in window.__renders)) {{
-    window.__renders[vp.id] = 0;
-    vp.element.addEventListener('CORNERSTONE_IMAGE_RENDERED', () => window.__renders[vp.id]++);
+  // Counted on the element: OHIF may replace a viewport's element under the
+  // same id (it does when it hydrates a SEG), and the old one renders no more.
+  if (vp.element.__renders === undefined) {{
+    vp.element.__renders = 0;
+    vp.element.addEventListener('CORNERSTONE_IMAGE_RENDERED', () => vp.element.__renders++);
   }}
   return {{
     box: [box.x, box.y, box.width, box.height],
@@ -269,7 +268,7 @@ _VIEW = f"""() => {{
     down: Array.from(vp.canvasToWorld([0, 1])),
     normal: Array.from(n),
     plane: f[0] * n[0] + f[1] * n[1] + f[2] * n[2],
-    renders: window.__renders[vp.id],
+    renders: vp.element.__renders,
     voi: vp.getProperties ? (vp.getProperties().voiRange || null) : null,
     actors: vp.getActors().length,
     slice: vp.getSliceIndex(),
@@ -389,15 +388,15 @@ def coloured(rgb: np.ndarray, spread: int = 80) -> np.ndarray:
     return (rgb.max(axis=2) - rgb.min(axis=2)) > spread
 
 
-def colour_through_volume(page: Any) -> list[tuple[float, np.ndarray]]:
+def colour_through_volume(page: Any, spread: int = 80) -> list[tuple[float, np.ndarray]]:
     """Every plane of the active viewport: (its position in mm, its coloured pixels in mm).
 
     The second array holds the patient coordinates (n, 3) of the coloured
-    pixels of that plane's rendered canvas.
+    pixels of that plane's rendered canvas (see `coloured` for `spread`).
     """
     planes = []
     for index in range(view(page).slices):
         shown = show_slice(page, index)
-        rows, columns = np.nonzero(coloured(canvas_pixels(page)))
+        rows, columns = np.nonzero(coloured(canvas_pixels(page), spread))
         planes.append((shown.plane, shown.to_world(columns, rows)))
     return planes
