@@ -46,9 +46,11 @@ log = logging.getLogger(__name__)
 # Architectures are looked up only here: a manifest must not import arbitrary code.
 _ARCHITECTURE_MODULES = ("model.networks", "monai.networks.nets")
 # The MONAI networks a manifest (or an imported bundle) may name: 2D/3D
-# classifiers that build offline from literal arguments. Networks whose
+# classifiers and segmentation networks that build offline from literal arguments. Networks whose
 # constructors download weights (EfficientNet, the torchvision wrappers) are not here.
-MONAI_NETWORKS = frozenset({"DenseNet121", "DenseNet169", "DenseNet201", "ResNet"})
+MONAI_NETWORKS = frozenset({"DenseNet121", "DenseNet169", "DenseNet201", "ResNet",
+                            # 3D segmentation networks (output channels, not logits)
+                            "UNet", "BasicUNet", "SegResNet"})
 
 
 class ModelIntegrityError(Exception):
