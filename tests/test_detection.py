@@ -166,3 +166,14 @@ def test_the_lesions_reach_the_database_the_sr_and_the_review_page(
     assert len(srs) == 1
     assert [f["tracking_uid"] for f in read_findings(pydicom.dcmread(srs[0]))] == [
         f.tracking_uid for f in records]
+
+
+def test_the_workers_analyser_runs_a_detector(detector: LoadedModel, tmp_path: Path) -> None:
+    """What `secondreader serve` runs: the configured models behind the worker's batch size."""
+    from daemon.stages.analyse.analyser import ModelAnalyser
+
+    files = _ct(tmp_path / "ct", [(range(3, 6), 20, 44, 500.0)])
+    study = str(pydicom.dcmread(files[0], stop_before_pixels=True).StudyInstanceUID)
+    [result] = ModelAnalyser([detector.folder], device="cpu").analyse(study, {"s": files})
+    assert result.outcome == Outcome.ANALYSED, result.reason
+    assert [f.lesion for f in result.findings] == [1]

@@ -35,7 +35,7 @@ from model.analysis import analyse_series
 from model.manifest import ModelManifest
 from model.measure import feret_diameter, measure
 from model.registry import load_model
-from model.results import AnalysisResult
+from model.results import AnalysisResult, Outcome
 from tests.dicom_validate import dciodvfy_errors, pixelmed_sr_errors
 
 SPACING = (1.25, 0.7, 0.7)  # (slice, row, column) mm
@@ -277,3 +277,17 @@ def test_the_verified_sr_of_a_segmentation_validates_and_draws_no_rejected_regio
                   if h.SOPInstanceUID == rejected["referenced_sop_instance_uid"])
     assert rejected["graphic_data"] is not None
     assert max(c for c, _ in rejected["graphic_data"]) == float(header.Columns)
+
+
+def test_the_workers_analyser_runs_a_segmentation_model(tmp_path: Path) -> None:
+    """What `secondreader serve` runs: the configured models behind the worker's batch size."""
+    from daemon.stages.analyse.analyser import ModelAnalyser
+
+    hu, _ = sphere_volume((72, 160, 160))
+    files = write_ct_series(hu, tmp_path / "ct", spacing=SPACING)
+    folder = model_folder(tmp_path / "threshold", Threshold())
+    study = str(load_series(files).study_instance_uid)
+    [result] = ModelAnalyser([folder], device="cpu").analyse(study, {"s": files})
+    assert result.outcome == Outcome.ANALYSED, result.reason
+    assert [f.lesion for f in result.findings if f.present] == [1, 2]
+    assert result.label_map is not None

@@ -1,49 +1,50 @@
 """A segmentation model's lesion in OHIF 3.13.2: the SEG as an overlay, the volume as a measurement.
 
-A demo CT with a phantom nodule at a known place goes to Orthanc with two
-objects built here from the nodule's true mask (tests/lesion_objects.py):
-a BINARY SEG (one segment) and a TID 1500 SR measuring it (TID 1411 with
-the segment, and a TID 1411 twin by the lesion's box on each slice). OHIF,
-served on loopback (tests/viewer.py), opens the study in headless Chromium:
+The demonstration 3D bundle (model/bundles/ct-nodule-seg), imported with
+`secondreader model import-bundle`, is the real daemon's only model. A demo
+CT with a phantom nodule goes to the daemon and to Orthanc by storescu; the
+daemon delivers its SEG (a segment per lesion) and its AI SR (a TID 1411
+volumetric group per lesion, referencing its segment, whose numbers point at
+the lesion's box on its largest slice). OHIF, served on loopback
+(tests/viewer.py), opens the study in headless Chromium:
 
-* the SEG's colour lies where the nodule is, in millimetres: from the pixels
-  OHIF renders and its own canvas-to-patient mapping, slice by slice,
-  against the phantom's mask;
-* the SR shows the volume we wrote beside the lesion ("Volume: 2.43 ml"),
-  and once tracked OHIF's one measurement carries it in its label, its box
-  lying around the nodule on its largest slice, in millimetres;
-* the SR passes dciodvfy and PixelMed's TID 1500 check, the SEG dciodvfy;
-* OHIF prints no console error. (It warns "Unable to generate tool state"
-  for the segment group when tracking: its adapters want a SCOORD.)
+* the SEG's colour lies where the SEG's voxels are, in millimetres: from the
+  pixels OHIF renders and its own canvas-to-patient mapping, slice by slice;
+  and those voxels are the phantom's nodule (Dice), so OHIF shows the nodule;
+* the SR opens on the lesion's largest slice and shows the numbers of its
+  group beside it, the volume the daemon measured among them ("Volume: 2.15
+  ml"); the annotation OHIF draws for the group lies around the lesion's
+  voxels on that slice, in millimetres (OHIF places a group only by a
+  SCOORD: each NUM of ours points at the lesion's box on that slice). OHIF
+  3.13.2 does not offer to track it: its measurement adapters rehydrate
+  group-level regions only, which a volumetric group by segment has not;
+* SR and SEG, as Orthanc holds them, pass dciodvfy, the SR PixelMed's TID
+  1500 check;
+* OHIF prints no console error.
 
 Screenshots go to the test's folder.
 """
 
 from __future__ import annotations
 
-import json
 import time
-import urllib.request
 from pathlib import Path
 from typing import Any
 
+import highdicom as hd
 import numpy as np
+import pytest
 from pydicom import dcmread
 from pydicom.dataset import Dataset
 
+from dicom_io.sr import read_findings
 from model.phantom import phantom_nodule_mask
-from tests.conftest import storescu
+from tests.conftest import DaemonProcess, storescu
 from tests.dicom_validate import dciodvfy_errors, pixelmed_sr_errors
-from tests.lesion_objects import (
-    SEG_DESCRIPTION,
-    SR_DESCRIPTION,
-    largest_slice,
-    lesion_label,
-    lesion_seg,
-    lesion_sr,
-)
 from tests.orthanc import Orthanc
+from tests.test_orthanc import by_class, delivery_config, fetch
 from tests.test_review_orthanc import demo_ct
+from tests.test_segmentation_bundle import import_bundle
 from tests.viewer import (
     ORTHANC_DICOMWEB,
     View,
@@ -56,6 +57,10 @@ from tests.viewer import (
     view_when_shown,
 )
 
+SEG_CLASS = "1.2.840.10008.5.1.4.1.1.66.4"
+SR_CLASS = "1.2.840.10008.5.1.4.1.1.88.34"
+SEG_DESCRIPTION = "AI SEGMENTATION - NOT VERIFIED"
+SR_DESCRIPTION = "AI RESULT - NOT VERIFIED"
 WAIT_MS = 90_000  # SwiftShader on two cores: a ceiling, not a wait
 SEED = 3
 SPACING = (2.5, 1.4, 1.4)  # slice, row, column (mm), as demo_ct writes them
@@ -84,29 +89,18 @@ def _patient_points(header: Dataset, rows: np.ndarray, columns: np.ndarray) -> n
     )
 
 
-def _measures(sources: list[Dataset], mask: np.ndarray) -> dict[str, float]:
-    """The lesion's true volume (ml), longest axial diameter (mm), mean and maximum HU."""
-    hu = np.stack([s.pixel_array * float(s.RescaleSlope) + float(s.RescaleIntercept)
-                   for s in sources])  # fmt: skip
-    longest = 0.0
-    for k in np.nonzero(mask.any(axis=(1, 2)))[0]:
-        rows, columns = np.nonzero(mask[k])
-        points = _patient_points(sources[k], rows, columns)
-        gaps = np.linalg.norm(points[:, None, :] - points[None, :, :], axis=-1)
-        longest = max(longest, float(gaps.max()))
-    return {
-        "volume_ml": float(mask.sum()) * float(np.prod(SPACING)) / 1000.0,
-        "diameter_mm": longest,
-        "mean_hu": float(hu[mask].mean()),
-        "max_hu": float(hu[mask].max()),
-    }
+def _seg_voxels(seg: Dataset, sources: list[Dataset]) -> np.ndarray:
+    """Segment 1 of the SEG on the source grid (z, y, x), slice k on source file k."""
+    read = hd.seg.Segmentation.from_dataset(seg)
+    pixels = read.get_pixels_by_source_instance(
+        [str(s.SOPInstanceUID) for s in sources], segment_numbers=[1],
+        assert_missing_frames_are_empty=True,
+        ignore_spatial_locations=True)  # fmt: skip
+    return np.asarray(pixels[..., 0], dtype=bool)
 
 
-def _upload(orthanc: Orthanc, path: Path) -> None:
-    """Store a file through Orthanc's REST API (storescu proposes no SEG context by default)."""
-    request = urllib.request.Request(orthanc.url + "/instances", data=path.read_bytes())
-    with urllib.request.urlopen(request, timeout=60) as rsp:
-        assert json.loads(rsp.read())["Status"] == "Success"
+def _study_count(orthanc: Orthanc, study_uid: str) -> int:
+    return len(orthanc.study_instances(study_uid))
 
 
 def _shown(page: Any, wanted: Any) -> View | None:
@@ -169,36 +163,50 @@ def _check_seg_position(
     return figures
 
 
-def _tracked(page: Any) -> list[dict[str, Any]]:
-    """OHIF's measurements: tool, label and the annotation's points in patient mm."""
+def _sr_annotations(page: Any) -> list[list[list[float]]]:
+    """The points (patient mm) of what OHIF's SR viewport draws for our groups."""
     return list(page.evaluate(
-        """() => window.services.measurementService.getMeasurements().map(m => ({
-          toolName: m.toolName, label: m.label,
-          points: m.points || (m.data && m.data.handles && m.data.handles.points) || [],
-        }))"""
+        """() => window.cornerstoneTools.annotation.state.getAllAnnotations()
+              .filter(a => a.metadata.toolName === 'DICOMSRDisplay')
+              .map(a => a.data.handles.points)"""
     ))  # fmt: skip
 
 
-def test_ohif_overlays_the_seg_and_shows_the_volume(tmp_path: Path, orthanc_factory) -> None:
+def test_the_daemons_seg_and_volume_are_where_ohif_draws_them(
+    tmp_path: Path, daemon_factory, orthanc_factory
+) -> None:
     orthanc = orthanc_factory(extra=ORTHANC_DICOMWEB).start()
+    models = tmp_path / "models" / "ct-nodule-seg"
+    done = import_bundle(models)
+    assert done.returncode == 0, done.stderr
+    config = delivery_config(orthanc, outputs=["sr", "seg"]) + f'\n[models]\npaths = ["{models}"]\n'
+    d: DaemonProcess = daemon_factory(config, env={"SECONDREADER_WORKER__DEVICE": "cpu"}).start()
     files = demo_ct(tmp_path / "ct", seed=SEED)
     sources: list[Dataset] = [dcmread(f) for f in files]  # slice k in file k
-    mask = phantom_nodule_mask(SEED, n_slices=len(files), rows=256, cols=256, spacing=SPACING)
-    numbers = _measures(sources, mask)
-    seg = lesion_seg(sources, mask, **numbers)
-    sr = lesion_sr(sources, seg, mask, **numbers)
-    paths = {"seg": tmp_path / "seg.dcm", "sr": tmp_path / "sr.dcm"}
-    seg.save_as(paths["seg"])
-    sr.save_as(paths["sr"])
-    assert dciodvfy_errors(paths["seg"]) == []
-    assert dciodvfy_errors(paths["sr"]) == []
-    assert pixelmed_sr_errors(paths["sr"]) == []
+    # The modality sends to the PACS and to us; we send our results to the PACS.
+    assert storescu(d.port, files).returncode == 0
     assert storescu(orthanc.dicom_port, files, aec=orthanc.aet).returncode == 0
-    for path in paths.values():
-        _upload(orthanc, path)
     study_uid = str(sources[0].StudyInstanceUID)
-    largest = largest_slice(mask)
-    volume = f"Volume: {numbers['volume_ml']:.2f} ml"
+    d.wait_for(lambda: _study_count(orthanc, study_uid) == len(files) + 2, timeout=300)
+    objects = orthanc.study_instances(study_uid)
+    (seg_entry,), (sr_entry,) = by_class(objects, SEG_CLASS), by_class(objects, SR_CLASS)
+    seg, seg_path = fetch(orthanc, seg_entry, tmp_path / "from-orthanc")
+    sr, sr_path = fetch(orthanc, sr_entry, tmp_path / "from-orthanc")
+    assert dciodvfy_errors(seg_path) == []
+    assert dciodvfy_errors(sr_path) == []
+    assert pixelmed_sr_errors(sr_path) == []
+    (finding,) = [f for f in read_findings(sr) if f["present"]]
+    assert finding["segmentation_sop_instance_uid"] == seg.SOPInstanceUID
+    assert finding["segment_number"] == 1 and finding["volume_ml"] is not None
+    mask = _seg_voxels(seg, sources)
+    # The SEG holds the volume the SR states, and it is the phantom's nodule.
+    assert float(mask.sum()) * float(np.prod(SPACING)) / 1000.0 == pytest.approx(
+        finding["volume_ml"], abs=5e-4)
+    truth = phantom_nodule_mask(SEED, n_slices=len(files), rows=256, cols=256, spacing=SPACING)
+    assert 2 * (mask & truth).sum() / (mask.sum() + truth.sum()) > 0.6
+    largest = int(np.argmax(mask.sum(axis=(1, 2))))
+    assert finding["referenced_sop_instance_uid"] == sources[largest].SOPInstanceUID
+    volume = f"Volume: {finding['volume_ml']:.2f} ml"
 
     with ViewerServer(orthanc.url) as viewer, browser() as page:
         # -- The SEG: OHIF asks, then draws it over its CT.
@@ -218,40 +226,26 @@ def test_ohif_overlays_the_seg_and_shows_the_volume(tmp_path: Path, orthanc_fact
         errors = [m for m in page.console if m.startswith(("error", "pageerror"))]
         assert errors == [], errors
 
-        # -- The SR: the volume beside the lesion, then one tracked measurement.
+        # -- The SR: the lesion's numbers, the volume among them, drawn at the lesion.
         page.close()
         page = new_page(page)
         _open_study(page, viewer, study_uid, first=False)
-        panel = page.locator('[data-cy="trackedMeasurements-panel"]').first
-        if not panel.is_visible():
-            page.locator('[data-cy="trackedMeasurements-btn"]').click()
-        panel.wait_for(timeout=WAIT_MS)
         page.get_by_text(SR_DESCRIPTION, exact=False).first.dblclick()
         pane = page.locator('[data-cy="viewport-pane"]').first
         assert _until(lambda: volume in pane.inner_text()), pane.inner_text()
-        assert f"Long axis: {numbers['diameter_mm']:.2f} mm" in pane.inner_text()
-        # On the lesion's largest slice.
-        shown = view(page)
-        key_plane = float(np.dot(shown.normal, sources[largest].ImagePositionPatient))
-        assert abs(shown.plane - key_plane) < 0.01, (shown.plane, key_plane)
+        print(f"OHIF's SR viewport: {pane.inner_text()!r}")
+        # What OHIF draws for the group: its annotation, in patient mm, around the
+        # lesion's voxels on that slice (the box the group's numbers point at).
+        (drawn,) = _until(lambda: _sr_annotations(page))
+        _check_box(np.asarray(drawn[:4], dtype=float), sources[largest], mask[largest])
         page.screenshot(path=str(tmp_path / "ohif-sr.png"))
-        page.get_by_role("button", name="Yes").click(timeout=WAIT_MS)  # track it
-        title = page.locator('[data-cy="data-row-title"]')
-        title.first.wait_for(timeout=WAIT_MS)
-        label = lesion_label(numbers["volume_ml"], numbers["diameter_mm"])
-        assert title.count() == 1 and title.inner_text().strip() == label
-        (tracked,) = _until(lambda: _tracked(page))
-        print(f"OHIF tracks: {tracked}")
-        assert tracked["toolName"] == "RectangleROI" and tracked["label"] == label
-        _check_box(np.asarray(tracked["points"], dtype=float), sources[largest], mask[largest])
-        page.screenshot(path=str(tmp_path / "ohif-sr-tracked.png"))
         errors = [m for m in page.console if m.startswith(("error", "pageerror"))]
         assert errors == [], errors
-        print("\n".join(m for m in page.console if m.startswith("warning")))
+    assert d.stop() == 0
 
 
 def _check_box(points: np.ndarray, image: Dataset, on_slice: np.ndarray) -> None:
-    """The tracked box: on the largest slice's plane, around the nodule's pixels there, in mm."""
+    """The drawn box: on the largest slice's plane, around the lesion's pixels there, in mm."""
     assert points.shape == (4, 3), points
     normal = np.cross(*np.asarray(image.ImageOrientationPatient, dtype=float).reshape(2, 3))
     plane = float(np.dot(normal, image.ImagePositionPatient))

@@ -133,6 +133,14 @@ class _Batched:
     def probabilities(self, slices: np.ndarray) -> np.ndarray:
         return self._model.probabilities(slices, batch_size=self._batch_size)
 
+    def detections(self, slices: np.ndarray) -> np.ndarray:
+        return self._model.detections(slices, batch_size=self._batch_size)
+
+    def segment(self, volume: np.ndarray) -> np.ndarray:
+        # Windows a forward pass, as the manifest says: a window is a whole
+        # 3D patch, and worker.batch_size counts 2D slices.
+        return self._model.segment(volume)
+
     def algorithm_info(self) -> AlgorithmInfo:
         return self._model.algorithm_info()
 
