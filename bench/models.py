@@ -1,4 +1,4 @@
-"""Model runtimes side by side on one 300-slice CT: ONNX Runtime against torch eager.
+"""Models side by side on one 300-slice CT: ONNX Runtime against torch eager; 3D against MONAI.
 
     .venv/bin/python bench/models.py [--slices 300] [--repeats 5] [--device cpu|cuda]
 
@@ -12,10 +12,19 @@ that neither gets the warmer machine:
 - probabilities and saliency (Grad-CAM in torch, the exported map in ONNX);
 - both again on one thread, as a worker that shares its host would run.
 
-Goal (issue 21): ONNX Runtime >= 1.5x faster than torch eager on the CPU.
+The 3D rows: the demonstration segmentation bundle (model/bundles/ct-nodule-seg),
+imported as the daemon imports it, on the same CT, against MONAI's own
+pipeline for it (bench/monai_reference.py: MONAI's Orientation, Spacing,
+ScaleIntensityRange, SlidingWindowInferer, then the label map back onto the
+source grid):
+- from the DICOM files to the label map on the source images: secondreader's
+  `load_series` and `analyse_series` (which also measures each region and
+  maps the probabilities back for the saliency objects) against MONAI's;
+- the sliding-window inference alone, on each one's preprocessed volume.
+
+Goals (issue 21): ONNX Runtime >= 1.5x faster than torch eager on the CPU;
+the 3D model through secondreader <= 1.1x MONAI's time.
 With `--device cuda` (a GPU host with onnxruntime-gpu), the GPU rows.
-The 3D row (secondreader's sliding window against MONAI's) waits for the
-3D models of issue 21.
 """
 
 from __future__ import annotations
@@ -41,12 +50,15 @@ from model.phantom import phantom_volume  # noqa: E402
 from model.preprocess import preprocess  # noqa: E402
 from model.registry import LoadedModel, builtin_model_dir, load_model  # noqa: E402
 
+BUNDLE = ROOT / "model" / "bundles" / "ct-nodule-seg"
+
 
 def _median_pair(
     a: Callable[[], object], b: Callable[[], object], repeats: int
 ) -> tuple[float, float]:
     a(), b()  # warm-up: first-call allocations and graph setup are not speed
-    ta, tb = [], []
+    ta: list[float] = []
+    tb: list[float] = []
     for _ in range(repeats):
         for fn, out in ((a, ta), (b, tb)):
             started = time.perf_counter()
@@ -64,6 +76,32 @@ def _rows(torch_model: LoadedModel, onnx_model: LoadedModel, x: np.ndarray, repe
     t, o = _median_pair(lambda: torch_model.predict(x), lambda: onnx_model.predict(x), repeats)
     rows.append((f"probabilities + saliency, {threads}", t, o))
     return rows
+
+
+def _rows_3d(series_dir: Path, work: Path, repeats: int,
+             device: str) -> list[tuple[str, float, float]]:  # fmt: skip
+    """secondreader's 3D pipeline (first) against MONAI's own (second)."""
+    from bench.monai_reference import monai_label_map_on_source, monai_probabilities
+    from model.analysis import analyse_series
+    from model.bundle import import_bundle
+    from model.volume import preprocess_volume
+
+    import_bundle(BUNDLE, BUNDLE / "codes.toml", work / "seg")
+    model = load_model(work / "seg", device)
+    files = sorted(series_dir.iterdir())
+    ours_total, theirs_total = _median_pair(
+        lambda: analyse_series(load_series(files), model),
+        lambda: monai_label_map_on_source(series_dir, BUNDLE), repeats)  # fmt: skip
+    volume = preprocess_volume(load_series(files), model.manifest.input).array
+    theirs: dict[str, float] = {}
+    monai_probabilities(series_dir, BUNDLE, theirs)
+    infer = []
+    for _ in range(repeats):
+        started = time.perf_counter()
+        model.segment(volume)
+        infer.append(time.perf_counter() - started)
+    return [("3D: DICOM to label map on the source", ours_total, theirs_total),
+            ("3D: sliding-window inference", statistics.median(infer), theirs["infer"])]
 
 
 def main() -> int:
@@ -94,10 +132,15 @@ def main() -> int:
             one = load_model(onnx_folder, "cpu")  # its session takes torch's thread count
             rows += _rows(torch_model, one, x, args.repeats, "1 thread")
             torch.set_num_threads(cores)
+        rows_3d = _rows_3d(work / "ct", work, args.repeats, args.device)
     print(f"\n{'':<40}{'torch eager':>12}{'ONNX Runtime':>14}{'speed-up':>10}")
     for label, t, o in rows:
         print(f"{label:<40}{t:>11.3f}s{o:>13.3f}s{t / o:>9.2f}x")
     print("\ngoal: ONNX Runtime >= 1.5x torch eager on the CPU")
+    print(f"\n{'':<40}{'secondreader':>13}{'MONAI':>10}{'ratio':>9}")
+    for label, ours, theirs in rows_3d:
+        print(f"{label:<40}{ours:>12.3f}s{theirs:>9.3f}s{ours / theirs:>8.2f}x")
+    print("\ngoal: the 3D model through secondreader <= 1.1x MONAI's time (ratio)")
     return 0
 
 

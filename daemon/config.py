@@ -190,11 +190,13 @@ class DestinationTLS(_Section):
     key_file: Path | None = None
 
 
-OutputKind = Literal["sr", "pmap", "seg", "binary-seg", "gsps", "summary"]
-OUTPUT_KINDS: tuple[str, ...] = ("sr", "pmap", "seg", "binary-seg", "gsps", "summary")
+OutputKind = Literal["sr", "regions", "pmap", "seg", "binary-seg", "gsps", "summary"]
+OUTPUT_KINDS: tuple[str, ...] = ("sr", "regions", "pmap", "seg", "binary-seg", "gsps",
+                                 "summary")
 # What OHIF 3.13 shows (SR, parametric map) and what any PACS shows (GSPS,
 # summary). The FRACTIONAL SEG stays off: OHIF 3.13 hangs on "Loading SEG...".
-DEFAULT_OUTPUTS: tuple[OutputKind, ...] = ("sr", "pmap", "gsps", "summary")
+# "regions" only exists for a segmentation model, whose SR it goes with.
+DEFAULT_OUTPUTS: tuple[OutputKind, ...] = ("sr", "regions", "pmap", "gsps", "summary")
 # What the report stage's second pass builds; the SR, and the SEG it cites,
 # come first (daemon/stages/report.py).
 EXTRA_KINDS = frozenset({"pmap", "binary-seg", "gsps", "summary"})
@@ -209,8 +211,10 @@ class Destination(_Section):
     release: Literal["immediate", "after_review"] = "immediate"
     send_ai_result_after_review: bool = False
     # Which AI objects this destination receives (see OUTPUT_KINDS):
-    # "sr" the TID 1500 SR; "pmap" the saliency as a Parametric Map (OHIF
-    # overlays it; CT/MR only); "seg" the saliency as a FRACTIONAL SEG;
+    # "sr" the TID 1500 SR; "regions" a segmentation model's BINARY SEG of
+    # the regions its SR measures (its volumetric groups reference it; without
+    # it the SR measures each region on its key image); "pmap" the saliency
+    # as a Parametric Map (OHIF overlays it; CT/MR only); "seg" the saliency as a FRACTIONAL SEG;
     # "binary-seg" the thresholded region as a BINARY SEG; "gsps" the region
     # and its label as a presentation state on the key image (most PACS
     # viewers show it); "summary" a Secondary Capture of the result, for

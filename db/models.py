@@ -256,6 +256,8 @@ class FindingRecord(Base):
     volume_ml: Mapped[float | None]
     mean_intensity: Mapped[float | None]
     max_intensity: Mapped[float | None]
+    # 3D detection models: the box's section in the key plane, [[x, y, z], ...] mm (LPS).
+    region_3d: Mapped[list[list[float]] | None] = mapped_column(JSON)
 
     run: Mapped[AnalysisRun] = relationship(back_populates="findings")
 

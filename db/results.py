@@ -67,10 +67,10 @@ def load_run_result(
     saliency_map = (
         read_saliency(state_dir / run.saliency_path) if run.saliency_path and saliency else None
     )
-    # A segmentation's regions travel in the same file; small (only the images they reach).
-    label_map = (
-        read_label_map(state_dir / run.saliency_path) if run.saliency_path and saliency else None
-    )
+    # A segmentation's regions travel in the same file, under their own keys:
+    # read without the map (a small part of it), for the SEG the SR cites.
+    path = state_dir / run.saliency_path if run.saliency_path else None
+    label_map = read_label_map(path) if path is not None and path.is_file() else None
     return AnalysisResult(
         study_instance_uid=study_uid,
         series_instance_uid=run.series_instance_uid,
@@ -140,6 +140,7 @@ def record_run(
                 volume_ml=f.volume_ml,
                 mean_intensity=f.mean_intensity,
                 max_intensity=f.max_intensity,
+                region_3d=[list(point) for point in f.region_3d] if f.region_3d else None,
             )
         )
     session.flush()
@@ -210,6 +211,8 @@ def _finding_from_record(f: FindingRecord) -> Finding:
         volume_ml=f.volume_ml,
         mean_intensity=f.mean_intensity,
         max_intensity=f.max_intensity,
+        region_3d=(tuple((float(x), float(y), float(z)) for x, y, z in f.region_3d)
+                   if f.region_3d else None),
     )
 
 

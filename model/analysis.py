@@ -38,6 +38,7 @@ from dicom_io.series import (
 )
 from model import channels, expectations, projections
 from model.detection import Detector, analyse_detections
+from model.detection3d import Detector3D, analyse_detections_3d
 from model.observation import observe
 from model.preprocess import Preprocessed, preprocess
 from model.region import locate_region
@@ -94,6 +95,9 @@ def analyse_series(
     study arrived; any other, on the whole preprocessed series.
     """
     manifest = model.manifest
+    if manifest.kind == "detection" and manifest.input.dims == "3d":
+        return analyse_detections_3d(series, cast(Detector3D, model),
+                                     observation if observation is not None else observe(series))
     if manifest.kind == "detection":
         return analyse_detections(series, cast(Detector, model),
                                   observation if observation is not None else observe(series))

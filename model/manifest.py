@@ -231,7 +231,11 @@ class ModelManifest(_Strict):
     # "classification": one probability per label and study (logits per slice).
     # "detection": boxes with scores on each slice (weights.outputs =
     # ["detections"], (n, k, 6): x0, y0, x1, y1 in network pixels, score logit,
-    # label index), several lesions per label and study.
+    # label index), several lesions per label and study; with input.dims "3d"
+    # boxes in the whole volume, (1, k, 8): the low and the high corner in
+    # network voxels, in the network array's own axis order ((x, y, z) for a
+    # MONAI network, layout "columns_rows"; (z, y, x) otherwise), score logit,
+    # label index.
     # "segmentation": a label map from a 3d network (weights.outputs =
     # ["segmentation"], (n, channels, ...)), one finding per region, measured.
     kind: Literal["classification", "detection", "segmentation"] = "classification"
@@ -265,11 +269,13 @@ class ModelManifest(_Strict):
                              "detection model gives ['detections'], a segmentation model "
                              "['segmentation'], a classifier its logits")
         three_d = self.input.dims == "3d"
-        if segmenter != three_d:
-            raise ValueError("a segmentation model reads 3d input, and only a segmentation model "
-                             "does for now (input.dims)")
-        if three_d and self.inference.roi_size is None:
-            raise ValueError("a 3d model needs inference.roi_size: the window it reads")
+        if segmenter and not three_d:
+            raise ValueError("a segmentation model reads 3d input (input.dims)")
+        if three_d and not (segmenter or detector):
+            raise ValueError("a 3d input is for a segmentation or a detection model (kind)")
+        if segmenter and self.inference.roi_size is None:
+            raise ValueError("a 3d segmentation model needs inference.roi_size: the window "
+                             "it reads")
         if segmenter and self.calibration is not None:
             raise ValueError("calibration is for a classifier's or detector's score; a "
                              "segmentation's voxel probabilities are reported as they are")

@@ -246,6 +246,19 @@ class LoadedModel:
             return np.zeros((0, 0, 6), dtype=np.float32)
         return forward_output(self.runtime, x, "detections", batch_size or m.inference.batch_size)
 
+    def detections_3d(self, volume: np.ndarray) -> np.ndarray:
+        """A 3D detector's boxes (k, 8) in a preprocessed volume (z, y, x): x0, y0, z0, x1,
+        y1, z1 (network voxels, x along columns: ITK's index order), score logit, label."""
+        m = self.manifest
+        found = self.runtime.named(network_volume(volume, m.input))["detections"]
+        if found.ndim != 3 or found.shape[0] != 1 or found.shape[2] != 8:
+            raise ValueError(f"model {m.name} gave detections {found.shape} for one volume: "
+                             "expected (1, k, 8)")
+        boxes = found[0].copy()
+        if m.input.layout == "rows_columns":  # its array is (z, y, x): its boxes say z, y, x
+            boxes[:, [0, 1, 2, 3, 4, 5]] = boxes[:, [2, 1, 0, 5, 4, 3]]
+        return boxes
+
     def segment(self, volume: np.ndarray) -> np.ndarray:
         """A segmentation model's per-voxel probabilities (channels, z, y, x) for a
         preprocessed volume (z, y, x): sliding windows, blended, then the activation."""
@@ -345,6 +358,9 @@ def _probe(folder: Path, manifest: ModelManifest, runtime: Runtime) -> None:
     if manifest.kind == "segmentation":
         _probe_segmentation(folder, manifest, runtime)
         return
+    if manifest.input.dims == "3d":
+        _probe_detection_3d(folder, manifest, runtime)
+        return
     probe = np.zeros((2, spec.channels, *spec.size), dtype=np.float32)
     try:
         found = runtime.named(probe)
@@ -378,6 +394,17 @@ def _probe_segmentation(folder: Path, manifest: ModelManifest, runtime: Runtime)
         raise ModelLoadError(f"{folder}: segmentation {out.shape} for a window {probe.shape}: "
                              f"expected {expected} ({len(manifest.labels)} labels, "
                              f"{(manifest.segmentation or SegmentationSpec()).activation})")
+
+
+def _probe_detection_3d(folder: Path, manifest: ModelManifest, runtime: Runtime) -> None:
+    probe = np.zeros((1, manifest.input.channels, 32, 32, 32), dtype=np.float32)
+    try:
+        boxes = runtime.named(probe)["detections"]
+    except Exception as exc:  # torch, TorchScript and onnxruntime each raise their own
+        raise ModelLoadError(f"{folder}: network rejects a volume {probe.shape}: {exc}") from exc
+    if boxes.ndim != 3 or boxes.shape[0] != 1 or boxes.shape[2] != 8:
+        raise ModelLoadError(f"{folder}: detections {boxes.shape} for one volume: expected "
+                             "(1, k, 8): x0, y0, z0, x1, y1, z1, score logit, label index")
 
 
 class ModelRegistry:

@@ -75,6 +75,9 @@ class Finding:
     volume_ml: float | None = None
     mean_intensity: float | None = None
     max_intensity: float | None = None
+    # 3D detection models: the box's section in its key image's plane, as a
+    # closed polyline in patient coordinates (mm, LPS): the SR's SCOORD3D.
+    region_3d: tuple[tuple[float, float, float], ...] | None = None
 
     @property
     def present(self) -> bool:

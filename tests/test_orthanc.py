@@ -140,6 +140,7 @@ KIND_CLASSES = {
     "sr": Comprehensive3DSRStorage,
     "seg": SegmentationStorage,
     "binary-seg": SegmentationStorage,
+    "regions": SegmentationStorage,
     "pmap": "1.2.840.10008.5.1.4.1.1.30",  # Parametric Map, deflated
     "gsps": "1.2.840.10008.5.1.4.1.1.11.1",
     "summary": "1.2.840.10008.5.1.4.1.1.7",  # Secondary Capture

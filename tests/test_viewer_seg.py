@@ -37,12 +37,13 @@ import pytest
 from pydicom import dcmread
 from pydicom.dataset import Dataset
 
+from daemon.config import DEFAULT_OUTPUTS
 from dicom_io.sr import read_findings
 from model.phantom import phantom_nodule_mask
 from tests.conftest import DaemonProcess, storescu
 from tests.dicom_validate import dciodvfy_errors, pixelmed_sr_errors
 from tests.orthanc import Orthanc
-from tests.test_orthanc import by_class, delivery_config, fetch
+from tests.test_orthanc import KIND_CLASSES, by_class, delivery_config, fetch
 from tests.test_review_orthanc import demo_ct
 from tests.test_segmentation_bundle import import_bundle
 from tests.viewer import (
@@ -179,7 +180,9 @@ def test_the_daemons_seg_and_volume_are_where_ohif_draws_them(
     models = tmp_path / "models" / "ct-nodule-seg"
     done = import_bundle(models)
     assert done.returncode == 0, done.stderr
-    config = delivery_config(orthanc, outputs=["sr", "seg"]) + f'\n[models]\npaths = ["{models}"]\n'
+    # The default outputs: SR and its SEG, map, GSPS and summary.
+    config = delivery_config(orthanc, outputs=DEFAULT_OUTPUTS)
+    config += f'\n[models]\npaths = ["{models}"]\n'
     d: DaemonProcess = daemon_factory(config, env={"SECONDREADER_WORKER__DEVICE": "cpu"}).start()
     files = demo_ct(tmp_path / "ct", seed=SEED)
     sources: list[Dataset] = [dcmread(f) for f in files]  # slice k in file k
@@ -187,8 +190,10 @@ def test_the_daemons_seg_and_volume_are_where_ohif_draws_them(
     assert storescu(d.port, files).returncode == 0
     assert storescu(orthanc.dicom_port, files, aec=orthanc.aet).returncode == 0
     study_uid = str(sources[0].StudyInstanceUID)
-    d.wait_for(lambda: _study_count(orthanc, study_uid) == len(files) + 2, timeout=300)
+    d.wait_for(lambda: _study_count(orthanc, study_uid) == len(files) + 5, timeout=300)
     objects = orthanc.study_instances(study_uid)
+    assert {kind: len(by_class(objects, KIND_CLASSES[kind])) for kind in DEFAULT_OUTPUTS} == {
+        "sr": 1, "regions": 1, "pmap": 1, "gsps": 1, "summary": 1}
     (seg_entry,), (sr_entry,) = by_class(objects, SEG_CLASS), by_class(objects, SR_CLASS)
     seg, seg_path = fetch(orthanc, seg_entry, tmp_path / "from-orthanc")
     sr, sr_path = fetch(orthanc, sr_entry, tmp_path / "from-orthanc")

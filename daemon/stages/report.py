@@ -169,7 +169,8 @@ class Reporter:
             return done
         fallback = False
         try:
-            headers = self._headers(run, light=not with_seg)
+            # A segmentation's SEG lies on every image its regions reach.
+            headers = self._headers(run, light=not with_seg and run.result.label_map is None)
             objects = self._build(run, headers)
         except ReportError as exc:
             self._fail(run_id, study_uid, str(exc))
@@ -384,22 +385,24 @@ class Reporter:
         if result.outcome != Outcome.ANALYSED:
             reason = result.reason or f"outcome: {result.outcome}"
             return [self._not_run(run, headers, reason)]
-        seg = []
-        if cfg.segmentation:
+        seg, regions = [], []
+        if result.label_map is not None:
+            # A segmentation model's SEG holds what its SR measures: its
+            # volumetric groups reference it (not subject to `segmentation`,
+            # which is about saliency objects).
+            regions = self._optional(run, "regions", wanted, lambda: self._regions(run, headers))
+        elif cfg.segmentation:
             seg = self._optional(run, "seg", wanted, lambda: self._seg(run, headers))
-        # A segmentation model's SEG holds what its SR measured (volumetric
-        # groups reference it); any other model's, the saliency beside it.
-        regions = result.label_map is not None
         sr = build_ai_result_sr(
             result,
             headers,
             series_description=cfg.series_description,
-            segmentation=seg[0].dataset if seg and not regions else None,
-            regions=seg[0].dataset if seg and regions else None,
+            segmentation=seg[0].dataset if seg else None,
+            regions=regions[0].dataset if regions else None,
             **self._common(run),
         )
         # The SR last: it lists the SEG as evidence, so that should be there first.
-        return [*seg, BuiltObject("sr", sr)]
+        return [*seg, *regions, BuiltObject("sr", sr)]
 
     def _build_extras(self, run: PendingRun, headers: list[Dataset]) -> list[BuiltObject]:
         """The objects beside the SR (second pass); each one optional (`_optional`)."""
@@ -456,21 +459,24 @@ class Reporter:
             "sop_instance_uid": self._uid(run, kind),
         }
 
-    def _seg(self, run: PendingRun, headers: list[Dataset]) -> Dataset | None:
-        """The saliency map as a FRACTIONAL SEG for the run's top present finding; a
-        segmentation model's regions as a BINARY SEG, a segment per measured finding."""
+    def _regions(self, run: PendingRun, headers: list[Dataset]) -> Dataset | None:
+        """A segmentation model's regions as a BINARY SEG, a segment per measured finding."""
         cfg = self.config.report
         result = run.result
-        if result.label_map is not None:
-            assert result.algorithm is not None
-            return build_segmentation_seg(
-                result.label_map, headers, result.algorithm, result.findings,
-                series_number=cfg.regions_seg_series_number,
-                series_description=cfg.regions_seg_series_description,
-                manufacturer=cfg.manufacturer,
-                manufacturer_model_name=cfg.manufacturer_model_name,
-                **self._object_uids(run, "seg"),
-            )  # fmt: skip
+        if result.label_map is None or result.algorithm is None:
+            return None
+        return build_segmentation_seg(
+            result.label_map, headers, result.algorithm, result.findings,
+            series_number=cfg.regions_seg_series_number,
+            series_description=cfg.regions_seg_series_description,
+            manufacturer=cfg.manufacturer,
+            manufacturer_model_name=cfg.manufacturer_model_name,
+            **self._object_uids(run, "regions"),
+        )  # fmt: skip
+
+    def _seg(self, run: PendingRun, headers: list[Dataset]) -> Dataset | None:
+        """The saliency map as a FRACTIONAL SEG for the run's top present finding."""
+        cfg = self.config.report
         return self._saliency_object(
             run, headers, "seg", build_saliency_seg,
             cfg.seg_series_number, cfg.seg_series_description,

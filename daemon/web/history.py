@@ -18,7 +18,7 @@ from dicom_io.wording import threshold_percent
 _OBJECTS = {
     "sr": "AI result (SR)", "verified-sr": "verified SR", "pmap": "saliency map",
     "gsps": "annotation (GSPS)", "summary": "summary image", "seg": "saliency (SEG)",
-    "binary-seg": "region (SEG)",
+    "binary-seg": "region (SEG)", "regions": "segmentation (SEG)",
 }  # fmt: skip
 _DECISIONS: dict[str | None, str] = {
     "confirm": "confirmed", "reject": "rejected", "correct": "corrected",

@@ -6,6 +6,7 @@ from collections.abc import Sequence
 from typing import Any, Unpack, cast
 
 import highdicom as hd
+import numpy as np
 from highdicom.sr.templates import Template
 from pydicom.dataset import Dataset
 from pydicom.sr.codedict import codes
@@ -76,6 +77,7 @@ def build_ai_result_sr(
 
     algorithm = result.algorithm
     modality = str(headers[0].Modality)
+    frame_of_reference = headers[0].get("FrameOfReferenceUID")
     segments = {index: number for number, (index, _) in
                 enumerate(segmented(result.findings), start=1)} if regions is not None else {}
     report = hd.sr.MeasurementReport(
@@ -83,7 +85,7 @@ def build_ai_result_sr(
         procedure_reported=sr_codes.procedure_for_modality(modality),
         imaging_measurements=[
             _measurement_group(result.study_instance_uid, algorithm, f, _region_of(f, by_uid),
-                               modality=modality,
+                               modality=modality, frame_of_reference_uid=frame_of_reference,
                                segment=(_segment(regions, segments[i], result)
                                         if regions is not None and i in segments else None))
             for i, f in enumerate(result.findings)
@@ -140,6 +142,16 @@ def _region_of(finding: Finding, headers: dict[str, Dataset]) -> ImageLocation |
     )
 
 
+def region_3d(points: tuple[tuple[float, float, float], ...],
+              frame_of_reference_uid: str | None) -> hd.sr.ImageRegion3D:  # fmt: skip
+    """A 3D model's region: a closed polyline in patient coordinates (SCOORD3D)."""
+    if not frame_of_reference_uid:
+        raise ValueError("a region in patient coordinates needs the images' frame of reference")
+    return hd.sr.ImageRegion3D(graphic_type=hd.sr.GraphicTypeValues3D.POLYLINE,
+                               graphic_data=np.asarray(points, dtype=float),
+                               frame_of_reference_uid=frame_of_reference_uid)
+
+
 def _segment(seg: Dataset, number: int, result: AnalysisResult) -> hd.sr.ReferencedSegment:
     return hd.sr.ReferencedSegment(
         sop_class_uid=seg.SOPClassUID, sop_instance_uid=seg.SOPInstanceUID,
@@ -180,6 +192,7 @@ def _measurement_group(
     *,
     modality: str = "",
     segment: hd.sr.ReferencedSegment | None = None,
+    frame_of_reference_uid: str | None = None,
 ) -> (
     hd.sr.PlanarROIMeasurementsAndQualitativeEvaluations
     | hd.sr.VolumetricROIMeasurementsAndQualitativeEvaluations
@@ -249,13 +262,16 @@ def _measurement_group(
         # makes it a measurement ("No spatial coordinates group found").
         # (highdicom refuses the child in a planar ROI group's measurements,
         # so it is added to the built group.)
-        region = image_region(location)
+        # A 3D model's region lies in patient coordinates (SCOORD3D).
+        planar: hd.sr.ImageRegion | hd.sr.ImageRegion3D = (
+            image_region(location) if finding.region_3d is None
+            else region_3d(finding.region_3d, frame_of_reference_uid))
         group = hd.sr.PlanarROIMeasurementsAndQualitativeEvaluations(
-            referenced_region=region, measurements=measurements, **common
+            referenced_region=planar, measurements=measurements, **common
         )
         for item in group[0].ContentSequence:
             if item.ValueType == "NUM":
-                item.ContentSequence = [*item.get("ContentSequence", []), inferred_from(region)]
+                item.ContentSequence = [*item.get("ContentSequence", []), inferred_from(planar)]
     # OHIF takes the measurement's label from the group's Comment (TID 1501
     # has none of its own, but a TEXT in a group is what viewers read).
     container = group[0]

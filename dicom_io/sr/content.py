@@ -112,7 +112,7 @@ def image_region(location: ImageLocation) -> hd.sr.ImageRegion:
     )
 
 
-def inferred_from(region: hd.sr.ImageRegion) -> Dataset:
+def inferred_from(region: hd.sr.ImageRegion | hd.sr.ImageRegion3D) -> Dataset:
     """A copy of an Image Region as the INFERRED FROM child of a measurement."""
     item = deepcopy(region)
     item.RelationshipType = hd.sr.RelationshipTypeValues.INFERRED_FROM.value

@@ -242,10 +242,11 @@ def _without_regions(items: list[Dataset]) -> list[Dataset]:
     """The group's items without its Image Region, and its NUMs without theirs."""
     kept = []
     for item in items:
-        if item.ValueType == "SCOORD" and concept_name(item) == IMAGE_REGION:
+        if item.ValueType in ("SCOORD", "SCOORD3D") and concept_name(item) == IMAGE_REGION:
             continue
         if item.ValueType == "NUM" and "ContentSequence" in item:
-            children = [c for c in item.ContentSequence if c.ValueType != "SCOORD"]
+            children = [c for c in item.ContentSequence
+                        if c.ValueType not in ("SCOORD", "SCOORD3D")]  # fmt: skip
             if children:
                 item.ContentSequence = children
             else:

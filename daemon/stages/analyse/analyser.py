@@ -136,6 +136,9 @@ class _Batched:
     def detections(self, slices: np.ndarray) -> np.ndarray:
         return self._model.detections(slices, batch_size=self._batch_size)
 
+    def detections_3d(self, volume: np.ndarray) -> np.ndarray:
+        return self._model.detections_3d(volume)
+
     def segment(self, volume: np.ndarray) -> np.ndarray:
         # Windows a forward pass, as the manifest says: a window is a whole
         # 3D patch, and worker.batch_size counts 2D slices.

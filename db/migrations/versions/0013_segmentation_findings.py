@@ -1,4 +1,4 @@
-"""segmentation findings: the region's volume and the intensity over it
+"""segmentation findings: the region's volume and the intensity over it; 3D boxes
 
 Revision ID: 0013
 Revises: 0012
@@ -20,10 +20,12 @@ def upgrade() -> None:
         batch_op.add_column(sa.Column("volume_ml", sa.Float(), nullable=True))
         batch_op.add_column(sa.Column("mean_intensity", sa.Float(), nullable=True))
         batch_op.add_column(sa.Column("max_intensity", sa.Float(), nullable=True))
+        batch_op.add_column(sa.Column("region_3d", sa.JSON(), nullable=True))
 
 
 def downgrade() -> None:
     with op.batch_alter_table("findings", schema=None) as batch_op:
+        batch_op.drop_column("region_3d")
         batch_op.drop_column("max_intensity")
         batch_op.drop_column("mean_intensity")
         batch_op.drop_column("volume_ml")
