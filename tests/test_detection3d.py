@@ -43,7 +43,7 @@ class TwoBrightest(nn.Module):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         half = self.half
         v = x[0, 0].clone()
-        sx, sy, sz = v.shape[0], v.shape[1], v.shape[2]
+        sy, sz = v.shape[1], v.shape[2]
         rows = []
         for k in range(2):
             flat = int(torch.argmax(v))
