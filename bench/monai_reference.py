@@ -14,9 +14,8 @@ code (the config is never parsed: MONAI's ConfigParser evaluates expressions):
    RAS by diag(-1, -1, 1, 1). EnsureChannelFirst has nothing left to do.
 2. Orientation("RAS"). Not a no-op: an axial DICOM series indexes towards
    Left and Posterior, so its RAS affine has -x, -y columns and Orientation
-   flips the first two axes. MONAI's Orientation needs nibabel; without it the
-   same flip and permutation are applied here (`_orient_ras`), with the same
-   array and affine as MONAI's (checked against it where nibabel is present).
+   flips the first two axes. (MONAI's Orientation needs nibabel, which the
+   test extras install.)
 3. Spacing(2 mm, bilinear), ScaleIntensityRange(-1000..500 -> 0..1, clipped).
 4. SlidingWindowInferer(64^3, sw_batch_size 4, overlap 0.25, gaussian) with
    the TorchScript network; softmax over channels.
@@ -25,7 +24,6 @@ code (the config is never parsed: MONAI's ConfigParser evaluates expressions):
 from __future__ import annotations
 
 import argparse
-import importlib.util
 import time
 from pathlib import Path
 
@@ -37,7 +35,6 @@ from monai.inferers import SlidingWindowInferer
 from monai.transforms import Orientation, ScaleIntensityRange, Spacing
 
 LPS_RAS = np.diag([-1.0, -1.0, 1.0, 1.0])
-HAS_NIBABEL = importlib.util.find_spec("nibabel") is not None
 
 Timings = dict[str, float]
 
@@ -68,36 +65,10 @@ def to_metatensor(image: sitk.Image) -> MetaTensor:
                       affine=torch.from_numpy(ras_affine(image)))
 
 
-def _orient_ras(img: MetaTensor) -> MetaTensor:
-    """Orientation(axcodes="RAS") without nibabel: flip and permute array and affine alike.
-
-    Each array axis goes to the world axis its affine column points most
-    along, as nibabel's io_orientation decides for any non-degenerate scan.
-    """
-    affine = img.affine.numpy().astype(np.float64)
-    cols = affine[:3, :3]
-    world = np.argmax(np.abs(cols), axis=0)
-    if sorted(world.tolist()) != [0, 1, 2]:
-        raise ValueError(f"no orientation for affine {affine.tolist()}")
-    arr = img.as_tensor()
-    out = affine.copy()
-    for j in range(3):
-        if cols[world[j], j] < 0:
-            arr = arr.flip(1 + j)
-            out[:3, 3] += cols[:, j] * (arr.shape[1 + j] - 1)
-            out[:3, j] = -cols[:, j]
-    order = np.argsort(world)  # output axis w takes the input axis that points along w
-    arr = arr.permute(0, *(1 + int(j) for j in order)).contiguous()
-    out[:3, :3] = out[:3, order]
-    return MetaTensor(arr, affine=torch.from_numpy(out))
-
-
 def orient_ras(img: MetaTensor) -> MetaTensor:
-    if HAS_NIBABEL:
-        result = Orientation(axcodes="RAS")(img)
-        assert isinstance(result, MetaTensor)
-        return result
-    return _orient_ras(img)
+    result = Orientation(axcodes="RAS")(img)
+    assert isinstance(result, MetaTensor)
+    return result
 
 
 def _run(series_dir: Path, bundle: Path, timings: Timings | None

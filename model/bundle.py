@@ -540,6 +540,8 @@ def bundle_manifest(path: Path, extra_file: Path) -> tuple[ModelManifest, bytes]
         "threshold": extra.get("threshold", 0.5 if tr.threshold is None else tr.threshold),
         "input": tr.input | {"channels": in_channels},
         "weights": weights | extra_weights | {"sha256": sha256_bytes(data)},
+        # The bundle's own held-out figures, for the AI committee (`model check`).
+        "metrics": _flat_metrics(meta.get("eval_metrics")),
         **({"kind": "segmentation", "segmentation": tr.segmentation | dict(
                 extra.get("segmentation") or {}),
             "inference": tr.inference | dict(extra.get("inference") or {})}
@@ -558,6 +560,20 @@ def bundle_manifest(path: Path, extra_file: Path) -> tuple[ModelManifest, bytes]
         raise BundleError(f"{extra_file}: {exc}") from exc
     manifest = vouched_manifest(raw, extra_file, BundleError)
     return manifest, data
+
+
+def _flat_metrics(node: Any, prefix: str = "") -> dict[str, float]:
+    """metadata.json's eval_metrics as flat numbers: {"shifted.lesion_sensitivity.low": 0.84}."""
+    if isinstance(node, bool):
+        return {}
+    if isinstance(node, (int, float)):
+        return {prefix: float(node)} if prefix else {}
+    if not isinstance(node, dict):
+        return {}
+    out: dict[str, float] = {}
+    for key, value in node.items():
+        out |= _flat_metrics(value, f"{prefix}.{key}" if prefix else str(key))
+    return out
 
 
 def import_bundle(path: Path, extra_file: Path, into: Path) -> ModelManifest:

@@ -5,17 +5,20 @@ voxel grid) become a label map there (argmax for softmax, the threshold for
 sigmoids), which goes back onto the source images by nearest neighbour, as
 MONAI's inverse of its Spacing does for a label map. Each label then gives:
 
-- "lesions": one finding per connected region (26-connected), largest
-  first, numbered 1, 2, ..., at most `max_findings`, none smaller than
-  `segmentation.min_volume_ml`;
+- "lesions": one finding per connected region (26-connected, on the
+  model's grid), largest first, numbered 1, 2, ..., at most `max_findings`,
+  none smaller than `segmentation.min_volume_ml`;
 - "structure": one finding for the whole label (an organ in pieces is one organ);
 - a label with no region: one absent finding, with the highest probability
   the label reached anywhere.
 
-A region's probability is the highest its label reached inside it. Its
-measurements are `model.measure`'s, on the source grid. The probability
-of any label, mapped onto the source images, is the result's saliency: the
-parametric map, GSPS and summary image show it as they do a classifier's.
+Each region is mapped onto the source grid by itself, within the box of
+source voxels that covers it (a 300-slice series is never resampled
+whole). Its probability is the highest its label reached inside it, its
+measurements are `model.measure`'s, on the source grid. The probability of
+any label, on the slices of the regions found, is the result's saliency:
+the parametric map, GSPS and summary image show it as they do a
+classifier's Grad-CAM on its top slices.
 """
 
 from __future__ import annotations
@@ -30,7 +33,7 @@ import SimpleITK as sitk
 from dicom_io.series import LoadedSeries
 from model.manifest import ModelManifest, OutputLabel, SegmentationSpec
 from model.measure import measure
-from model.preprocess import Preprocessed, to_source_grid
+from model.preprocess import Preprocessed
 from model.results import (
     AlgorithmInfo,
     AnalysisResult,
@@ -68,7 +71,7 @@ def label_volume(probabilities: np.ndarray, spec: SegmentationSpec, threshold: f
 def analyse_segmentation(
     series: LoadedSeries, model: Segmenter, observation: dict[str, object]
 ) -> AnalysisResult:
-    """Preprocess, segment, map back, and measure each region as a finding."""
+    """Preprocess, segment, find the regions, map each back, and measure it as a finding."""
     m = model.manifest
     spec = m.segmentation or SegmentationSpec()
     pre = preprocess_volume(series, m.input)
@@ -79,55 +82,143 @@ def analyse_segmentation(
     if foreground.shape != (len(m.labels), *pre.array.shape):
         raise ValueError(f"model {m.name} gave probabilities {probabilities.shape} on a "
                          f"{pre.array.shape} grid for {len(m.labels)} labels")  # fmt: skip
-    on_net = sitk.GetImageFromArray(label_volume(probabilities, spec, m.threshold))
-    on_net.CopyInformation(pre.image)
-    on_source = sitk.GetArrayFromImage(sitk.Resample(
-        on_net, series.image, sitk.Transform(), sitk.sitkNearestNeighbor, 0, sitk.sitkUInt8))
+    on_net = label_volume(probabilities, spec, m.threshold)
     values = sitk.GetArrayViewFromImage(series.image)
-    voxel_ml = math.prod(series.image.GetSpacing()) / 1000.0
+    net_ml = math.prod(pre.image.GetSpacing()) / 1000.0
     findings: list[Finding] = []
-    regions = np.zeros(on_source.shape, dtype=np.uint16)
+    cols, rows, n = series.image.GetSize()
+    regions = np.zeros((n, rows, cols), dtype=np.uint16)
+    reached: list[tuple[int, int]] = []  # network slices of the regions found
     for index, label in enumerate(m.labels):
-        parts = _regions(on_source == index + 1, label, spec, voxel_ml, m.max_findings)
-        for number, part in enumerate(parts, start=1):
-            r = measure(part, values, series.image)
+        found = 0
+        for box, part in _parts(on_net == index + 1, label, spec, net_ml, m.max_findings):
+            origin, on_source = _on_source(part, box, pre, series)
+            if not on_source.any():
+                continue  # thinner than the source's slices: nothing a reader could see
+            z0, y0, x0 = origin
+            z1, y1, x1 = (o + s for o, s in zip(origin, on_source.shape, strict=True))
+            r = measure(on_source, values[z0:z1, y0:y1, x0:x1], _grid(series, origin,
+                                                                       on_source.shape))
+            key = z0 + r.key_slice
+            found += 1
             findings.append(Finding(
                 label=label.name, finding_type=label.finding.concept(),
                 finding_site=label.site.concept(),
-                probability=_peak(foreground[index], part, pre, series),
+                probability=float(foreground[index][box][part].max()),
                 threshold=float(m.threshold),
                 location=ImageLocation(
-                    sop_instance_uid=series.sop_instance_uids[r.key_slice],
-                    sop_class_uid=series.sop_class_uid, point=r.centroid, box=r.box,
-                    frame_number=(series.frame_numbers[r.key_slice]
+                    sop_instance_uid=series.sop_instance_uids[key],
+                    sop_class_uid=series.sop_class_uid,
+                    point=(r.centroid[0] + x0, r.centroid[1] + y0),
+                    box=(r.box[0] + x0, r.box[1] + y0, r.box[2] + x0, r.box[3] + y0),
+                    frame_number=(series.frame_numbers[key]
                                   if series.frame_numbers is not None else None)),
-                lesion=number if label.segment_as == "lesions" else None,
+                lesion=found if label.segment_as == "lesions" else None,
                 diameter_mm=round(r.longest_axial_diameter_mm, 2),
                 volume_ml=round(r.volume_ml, 3), mean_intensity=round(r.mean, 1),
                 max_intensity=round(r.maximum, 1),
             ))  # fmt: skip
-            regions[part] = len(findings)
-        if not parts:
+            view = regions[z0:z1, y0:y1, x0:x1]
+            view[on_source] = len(findings)
+            reached.append((box[0].start, box[0].stop))
+        if not found:
             findings.append(Finding(label.name, label.finding.concept(), label.site.concept(),
                                     float(foreground[index].max()), float(m.threshold), None))
-    saliency = foreground.max(axis=0)
-    saliency[saliency < SALIENCY_FLOOR] = 0.0
     return AnalysisResult(
         study_instance_uid=series.study_instance_uid,
         series_instance_uid=series.series_instance_uid,
         outcome=Outcome.ANALYSED,
         algorithm=model.algorithm_info(),
         findings=findings,
-        saliency=saliency_map_of(saliency, pre, series),
+        saliency=saliency_map_of(_saliency(foreground, reached), pre, series),
         label_map=label_map(series, regions),
         provenance=[*pre.steps, {"name": "segmentation", "parameters": {
             "grid": list(pre.array.shape), "roi_size": list(m.inference.roi_size or ()),
             "overlap": m.inference.overlap, "blend": m.inference.blend,
-            "activation": spec.activation, "regions": int(regions.max()),
+            "activation": spec.activation, "regions": len(reached),
             "device": str(getattr(model, "device", "unknown"))},
             "seconds": seconds}],  # fmt: skip
         observation=observation,
     )
+
+
+def _saliency(foreground: np.ndarray, reached: list[tuple[int, int]]) -> np.ndarray:
+    """The probability of any label, on the network slices of the regions found (two more
+    either side) and where it reaches SALIENCY_FLOOR: what the saliency objects show."""
+    saliency = np.zeros(foreground.shape[1:], dtype=np.float32)
+    for first, stop in reached:
+        lo, hi = max(0, first - 2), min(int(foreground.shape[1]), stop + 2)
+        saliency[lo:hi] = foreground[:, lo:hi].max(axis=0)
+    saliency[saliency < SALIENCY_FLOOR] = 0.0
+    return saliency
+
+
+Box = tuple[slice, slice, slice]
+
+
+def _parts(mask: np.ndarray, label: OutputLabel, spec: SegmentationSpec, voxel_ml: float,
+           limit: int) -> list[tuple[Box, np.ndarray]]:  # fmt: skip
+    """The label's findings on the network grid, each as (its box, its voxels in the box):
+    its connected regions, largest first, or the whole label."""
+    if not mask.any():
+        return []
+    smallest = max(1, math.ceil(spec.min_volume_ml / voxel_ml - 1e-9))
+    if label.segment_as == "structure":
+        if int(mask.sum()) < smallest:
+            return []
+        box = _box(np.nonzero(mask))
+        return [(box, mask[box])]
+    components = sitk.ConnectedComponent(sitk.GetImageFromArray(mask.astype(np.uint8)), True)
+    ranked = sitk.RelabelComponent(components, smallest, True)
+    shapes = sitk.LabelShapeStatisticsImageFilter()
+    shapes.Execute(ranked)
+    array = sitk.GetArrayViewFromImage(ranked)
+    out = []
+    for k in sorted(shapes.GetLabels())[:limit]:
+        x, y, z, sx, sy, sz = shapes.GetBoundingBox(k)
+        box = (slice(z, z + sz), slice(y, y + sy), slice(x, x + sx))
+        out.append((box, array[box] == k))
+    return out
+
+
+def _box(indices: tuple[np.ndarray, ...]) -> Box:
+    z, y, x = (slice(int(a.min()), int(a.max()) + 1) for a in indices)
+    return z, y, x
+
+
+def _on_source(part: np.ndarray, box: Box, pre: Preprocessed, series: LoadedSeries
+               ) -> tuple[tuple[int, int, int], np.ndarray]:  # fmt: skip
+    """A region of the network grid on the source grid (nearest neighbour, as MONAI inverts
+    a label map), within the source box that covers it: (its first index (z, y, x), mask)."""
+    image = sitk.GetImageFromArray(part.astype(np.uint8))
+    image.SetSpacing(pre.image.GetSpacing())
+    image.SetDirection(pre.image.GetDirection())
+    image.SetOrigin(pre.image.TransformIndexToPhysicalPoint(
+        (box[2].start, box[1].start, box[0].start)))
+    source = series.image
+    size = np.asarray(source.GetSize())
+    corners = [source.TransformPhysicalPointToContinuousIndex(
+        image.TransformContinuousIndexToPhysicalPoint((x, y, z)))
+        for x in (-1.0, part.shape[2]) for y in (-1.0, part.shape[1])
+        for z in (-1.0, part.shape[0])]  # fmt: skip
+    low = np.clip(np.floor(np.min(corners, axis=0)).astype(int), 0, size)
+    high = np.clip(np.ceil(np.max(corners, axis=0)).astype(int) + 1, 0, size)
+    grid = _grid(series, (int(low[2]), int(low[1]), int(low[0])),
+                 (int(high[2] - low[2]), int(high[1] - low[1]), int(high[0] - low[0])))
+    mapped = sitk.Resample(image, grid, sitk.Transform(), sitk.sitkNearestNeighbor, 0,
+                           sitk.sitkUInt8)
+    return (int(low[2]), int(low[1]), int(low[0])), sitk.GetArrayFromImage(mapped).astype(bool)
+
+
+def _grid(series: LoadedSeries, origin: tuple[int, int, int],
+          shape: tuple[int, ...]) -> sitk.Image:  # fmt: skip
+    """The part of the source grid from index `origin` (z, y, x), `shape` (z, y, x) voxels."""
+    source = series.image
+    grid = sitk.Image([max(1, int(v)) for v in reversed(shape)], sitk.sitkUInt8)
+    grid.SetSpacing(source.GetSpacing())
+    grid.SetDirection(source.GetDirection())
+    grid.SetOrigin(source.TransformIndexToPhysicalPoint((origin[2], origin[1], origin[0])))
+    return grid
 
 
 def _segment(model: Segmenter, volume: np.ndarray, spec: SegmentationSpec) -> np.ndarray:
@@ -152,28 +243,6 @@ def foreground_box(volume: np.ndarray, margin: int) -> tuple[slice, slice, slice
         return None
     return tuple(slice(max(0, int(a.min()) - margin), min(n, int(a.max()) + 1 + margin))
                  for a, n in zip(inside, volume.shape, strict=True))  # type: ignore[return-value]
-
-
-def _regions(mask: np.ndarray, label: OutputLabel, spec: SegmentationSpec, voxel_ml: float,
-             limit: int) -> list[np.ndarray]:  # fmt: skip
-    """The label's findings' voxels: its connected regions, largest first, or all of it."""
-    smallest = max(1, math.ceil(spec.min_volume_ml / voxel_ml - 1e-9))
-    if label.segment_as == "structure":
-        return [mask] if int(mask.sum()) >= smallest else []
-    if not mask.any():
-        return []
-    components = sitk.ConnectedComponent(sitk.GetImageFromArray(mask.astype(np.uint8)), True)
-    ranked = sitk.GetArrayFromImage(sitk.RelabelComponent(components, smallest, True))
-    return [ranked == k for k in range(1, min(int(ranked.max()), limit) + 1)]
-
-
-def _peak(probability: np.ndarray, part: np.ndarray, pre: Preprocessed,
-          series: LoadedSeries) -> float:  # fmt: skip
-    """The label's highest probability inside the region, on the source grid."""
-    slices = np.flatnonzero(part.any(axis=(1, 2)))
-    first, stop = int(slices[0]), int(slices[-1]) + 1
-    mapped = to_source_grid(probability, pre, series, slices=(first, stop))
-    return float(mapped[part[first:stop]].max())
 
 
 def label_map(series: LoadedSeries, regions: np.ndarray) -> LabelMap | None:

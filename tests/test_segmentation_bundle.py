@@ -88,6 +88,8 @@ def test_the_bundle_imports_as_a_3d_segmentation_model(imported: Path) -> None:
                                                                        (-250.0, 1500.0))
     assert m.inference.roi_size == (64, 64, 64) and m.inference.blend == "gaussian"
     assert "NOT FOR CLINICAL USE" in m.intended_use
+    # The bundle's held-out figures travel with it, for the AI committee.
+    assert m.metrics["shifted.lesion_sensitivity.denominator"] == 20.0
 
 
 def test_secondreader_finds_what_monais_own_pipeline_finds(
