@@ -135,6 +135,10 @@ def fetch(orthanc: Orthanc, instance: dict, folder: Path):
     return dcmread(path), path
 
 
+# Every output kind a classifier's result has: all but a segmentation model's
+# SEG of its regions (that one reaches Orthanc in tests/test_viewer_seg.py).
+CLASSIFIER_KINDS = tuple(kind for kind in OUTPUT_KINDS if kind != "regions")
+
 # What each output kind is in the PACS (daemon/config.py OUTPUT_KINDS).
 KIND_CLASSES = {
     "sr": Comprehensive3DSRStorage,
@@ -151,7 +155,7 @@ def test_every_output_kind_reaches_orthanc_in_the_study_of_the_images_and_is_com
     tmp_path: Path, daemon_factory, orthanc_factory
 ) -> None:
     orthanc = orthanc_factory()
-    config = delivery_config(orthanc, commitment=True, outputs=OUTPUT_KINDS)
+    config = delivery_config(orthanc, commitment=True, outputs=CLASSIFIER_KINDS)
     daemon = daemon_factory(config, env=NO_WORKER)
     knows_our_scp(orthanc, daemon)
     orthanc.start()
@@ -165,11 +169,11 @@ def test_every_output_kind_reaches_orthanc_in_the_study_of_the_images_and_is_com
     study_uid = str(dcmread(files[0], stop_before_pixels=True).StudyInstanceUID)
     rd.record_analysis(db, daemon.state, study_uid, [rd.analysed(files)])
 
-    n = len(OUTPUT_KINDS)
+    n = len(CLASSIFIER_KINDS)
     daemon.wait_for(lambda: all_done(db, n), timeout=60)
 
     items = outbox(db)
-    assert sorted(i.object_kind for i in items) == sorted(OUTPUT_KINDS)
+    assert sorted(i.object_kind for i in items) == sorted(CLASSIFIER_KINDS)
     # Done only once Orthanc reported them committed (N-EVENT-REPORT to our SCP).
     assert {i.commitment_state for i in items} == {"committed"}
     assert {i.attempts for i in items} == {1}
@@ -490,7 +494,7 @@ def test_our_sr_routed_back_by_the_pacs_starts_no_loop(
     lua = tmp_path / "forward.lua"
     lua.write_text(LOOP_LUA)
     orthanc = orthanc_factory(extra={"LuaScripts": [str(lua)]})
-    daemon = daemon_factory(delivery_config(orthanc, outputs=OUTPUT_KINDS), env=NO_WORKER)
+    daemon = daemon_factory(delivery_config(orthanc, outputs=CLASSIFIER_KINDS), env=NO_WORKER)
     knows_our_scp(orthanc, daemon)
     orthanc.start()
     daemon.start()
@@ -499,7 +503,7 @@ def test_our_sr_routed_back_by_the_pacs_starts_no_loop(
     db = open_db(daemon)
     study_uid = str(dcmread(files[0], stop_before_pixels=True).StudyInstanceUID)
     rd.record_analysis(db, daemon.state, study_uid, [rd.analysed(files)])
-    daemon.wait_for(lambda: all_done(db, len(OUTPUT_KINDS)), timeout=60)
+    daemon.wait_for(lambda: all_done(db, len(CLASSIFIER_KINDS)), timeout=60)
     ours = {i.sop_instance_uid for i in outbox(db)}
 
     # All come back from Orthanc: kept apart as our own objects, audited.
