@@ -23,21 +23,16 @@ import numpy as np
 
 from dicom_io.series import LoadedSeries
 from model.inference import calibrated
-from model.manifest import ModelManifest
+from model.manifest import Hosted
 from model.preprocess import Preprocessed, preprocess
-from model.results import AlgorithmInfo, AnalysisResult, Finding, ImageLocation, Outcome
+from model.results import AnalysisResult, Finding, ImageLocation, Outcome
 from model.saliency_map import saliency_map_of
 
 IOU_SAME_LESION = 0.3
 
 
-class Detector(Protocol):
-    @property
-    def manifest(self) -> ModelManifest: ...
-
+class Detector(Hosted, Protocol):
     def detections(self, slices: np.ndarray) -> np.ndarray: ...
-
-    def algorithm_info(self) -> AlgorithmInfo: ...
 
 
 @dataclass
@@ -137,10 +132,8 @@ def analyse_detections(
                 region = saliency[on, r0:r1, c0:c1]
                 np.maximum(region, member.probability, out=region)
             c0f, r0f, c1f, r1f = best.box
-            findings.append(Finding(
-                label=label.name, finding_type=label.finding.concept(),
-                finding_site=label.site.concept(), probability=best.probability,
-                threshold=float(m.threshold),
+            findings.append(label.as_finding(
+                best.probability, m.threshold,
                 location=ImageLocation(
                     sop_instance_uid=series.sop_instance_uids[best.source],
                     sop_class_uid=series.sop_class_uid,
@@ -152,8 +145,7 @@ def analyse_detections(
                 diameter_mm=round(max((c1f - c0f) * sx, (r1f - r0f) * sy), 2),
             ))  # fmt: skip
         if not chosen:  # no box at all for the label: absent, nowhere
-            findings.append(Finding(label.name, label.finding.concept(), label.site.concept(),
-                                    0.0, float(m.threshold), None))  # fmt: skip
+            findings.append(label.as_finding(0.0, m.threshold))
     return AnalysisResult(
         study_instance_uid=series.study_instance_uid,
         series_instance_uid=series.series_instance_uid,

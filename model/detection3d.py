@@ -26,19 +26,14 @@ import SimpleITK as sitk
 
 from dicom_io.series import LoadedSeries
 from model.inference import calibrated
-from model.manifest import ModelManifest
-from model.results import AlgorithmInfo, AnalysisResult, Finding, ImageLocation, Outcome
+from model.manifest import Hosted
+from model.results import AnalysisResult, Finding, ImageLocation, Outcome
 from model.saliency_map import saliency_map_of
 from model.volume import preprocess_volume
 
 
-class Detector3D(Protocol):
-    @property
-    def manifest(self) -> ModelManifest: ...
-
+class Detector3D(Hosted, Protocol):
     def detections_3d(self, volume: np.ndarray) -> np.ndarray: ...
-
-    def algorithm_info(self) -> AlgorithmInfo: ...
 
 
 def _corners(box: np.ndarray) -> list[tuple[float, float, float]]:
@@ -89,10 +84,8 @@ def analyse_detections_3d(
             hi = np.ceil(raw[j, 3:6]).astype(int)
             region = saliency[lo[2]:hi[2], lo[1]:hi[1], lo[0]:hi[0]]  # (z, y, x)
             np.maximum(region, float(scores[j]), out=region)
-            findings.append(Finding(
-                label=label.name, finding_type=label.finding.concept(),
-                finding_site=label.site.concept(), probability=float(scores[j]),
-                threshold=float(m.threshold),
+            findings.append(label.as_finding(
+                float(scores[j]), m.threshold,
                 location=ImageLocation(
                     sop_instance_uid=series.sop_instance_uids[key],
                     sop_class_uid=series.sop_class_uid,
@@ -103,8 +96,7 @@ def analyse_detections_3d(
                 region_3d=tuple((float(x), float(y), float(z)) for x, y, z in section),
             ))  # fmt: skip
         if not chosen:  # no box at all for the label: absent, nowhere
-            findings.append(Finding(label.name, label.finding.concept(), label.site.concept(),
-                                    0.0, float(m.threshold), None))  # fmt: skip
+            findings.append(label.as_finding(0.0, m.threshold))
     return AnalysisResult(
         study_instance_uid=series.study_instance_uid,
         series_instance_uid=series.series_instance_uid,

@@ -9,12 +9,12 @@ from __future__ import annotations
 
 import tomllib
 from pathlib import Path
-from typing import Literal
+from typing import Any, Literal, Protocol
 
 import tomli_w
 from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 
-from model.results import CodedConcept
+from model.results import AlgorithmInfo, CodedConcept, Finding, ImageLocation
 
 
 class _Strict(BaseModel):
@@ -116,6 +116,12 @@ class OutputLabel(_Strict):
     # of its own; "structure", the label is one finding (an organ, the
     # ventricles), however many pieces it falls into.
     segment_as: Literal["lesions", "structure"] = "lesions"
+
+    def as_finding(self, probability: float, threshold: float,
+                   location: ImageLocation | None = None, **more: Any) -> Finding:  # fmt: skip
+        """A finding of this label (`more`: its lesion, measurements, side, ...)."""
+        return Finding(self.name, self.finding.concept(), self.site.concept(), float(probability),
+                       float(threshold), location, **more)  # fmt: skip
 
 
 OutputRole = Literal["logits", "cam", "detections", "segmentation"]
@@ -299,6 +305,15 @@ class ModelManifest(_Strict):
 
     def write(self, path: Path) -> None:
         path.write_text(self.to_toml(), encoding="utf-8")
+
+
+class Hosted(Protocol):
+    """What every model kind's analysis needs of a loaded model besides its forward pass."""
+
+    @property
+    def manifest(self) -> ModelManifest: ...
+
+    def algorithm_info(self) -> AlgorithmInfo: ...
 
 
 MANIFEST_NAME = "manifest.toml"

@@ -31,11 +31,10 @@ import numpy as np
 import SimpleITK as sitk
 
 from dicom_io.series import LoadedSeries
-from model.manifest import ModelManifest, OutputLabel, SegmentationSpec
+from model.manifest import Hosted, OutputLabel, SegmentationSpec
 from model.measure import measure
 from model.preprocess import Preprocessed
 from model.results import (
-    AlgorithmInfo,
     AnalysisResult,
     Finding,
     ImageLocation,
@@ -51,13 +50,8 @@ from model.volume import preprocess_volume
 SALIENCY_FLOOR = 0.05
 
 
-class Segmenter(Protocol):
-    @property
-    def manifest(self) -> ModelManifest: ...
-
+class Segmenter(Hosted, Protocol):
     def segment(self, volume: np.ndarray) -> np.ndarray: ...
-
-    def algorithm_info(self) -> AlgorithmInfo: ...
 
 
 def label_volume(probabilities: np.ndarray, spec: SegmentationSpec, threshold: float) -> np.ndarray:
@@ -101,11 +95,8 @@ def analyse_segmentation(
                                                                        on_source.shape))
             key = z0 + r.key_slice
             found += 1
-            findings.append(Finding(
-                label=label.name, finding_type=label.finding.concept(),
-                finding_site=label.site.concept(),
-                probability=float(foreground[index][box][part].max()),
-                threshold=float(m.threshold),
+            findings.append(label.as_finding(
+                float(foreground[index][box][part].max()), m.threshold,
                 location=ImageLocation(
                     sop_instance_uid=series.sop_instance_uids[key],
                     sop_class_uid=series.sop_class_uid,
@@ -122,8 +113,7 @@ def analyse_segmentation(
             view[on_source] = len(findings)
             reached.append((box[0].start, box[0].stop))
         if not found:
-            findings.append(Finding(label.name, label.finding.concept(), label.site.concept(),
-                                    float(foreground[index].max()), float(m.threshold), None))
+            findings.append(label.as_finding(float(foreground[index].max()), m.threshold))
     return AnalysisResult(
         study_instance_uid=series.study_instance_uid,
         series_instance_uid=series.series_instance_uid,

@@ -27,7 +27,6 @@ Screenshots go to the test's folder.
 
 from __future__ import annotations
 
-import time
 from pathlib import Path
 from typing import Any
 
@@ -42,27 +41,24 @@ from dicom_io.sr import read_findings
 from model.phantom import phantom_nodule_mask
 from tests.conftest import DaemonProcess, storescu
 from tests.dicom_validate import dciodvfy_errors, pixelmed_sr_errors
-from tests.orthanc import Orthanc
 from tests.test_orthanc import KIND_CLASSES, by_class, delivery_config, fetch
 from tests.test_review_orthanc import demo_ct
 from tests.test_segmentation_bundle import import_bundle
+from tests.test_viewer import WAIT_MS, _open_study, _shown, _study_count, _until
 from tests.viewer import (
     ORTHANC_DICOMWEB,
-    View,
     ViewerServer,
     browser,
     colour_through_volume,
     new_page,
     show_slice,
     view,
-    view_when_shown,
 )
 
 SEG_CLASS = "1.2.840.10008.5.1.4.1.1.66.4"
 SR_CLASS = "1.2.840.10008.5.1.4.1.1.88.34"
 SEG_DESCRIPTION = "AI SEGMENTATION - NOT VERIFIED"
 SR_DESCRIPTION = "AI RESULT - NOT VERIFIED"
-WAIT_MS = 90_000  # SwiftShader on two cores: a ceiling, not a wait
 SEED = 3
 SPACING = (2.5, 1.4, 1.4)  # slice, row, column (mm), as demo_ct writes them
 # OHIF draws a segment half transparent: its colour over grey is paler than
@@ -70,13 +66,6 @@ SPACING = (2.5, 1.4, 1.4)  # slice, row, column (mm), as demo_ct writes them
 SEG_SPREAD = 30
 
 
-def _until(check: Any, timeout: float = WAIT_MS / 1000) -> Any:
-    deadline = time.monotonic() + timeout
-    while True:
-        value = check()
-        if value or time.monotonic() > deadline:
-            return value
-        time.sleep(0.5)
 
 
 def _patient_points(header: Dataset, rows: np.ndarray, columns: np.ndarray) -> np.ndarray:
@@ -100,22 +89,10 @@ def _seg_voxels(seg: Dataset, sources: list[Dataset]) -> np.ndarray:
     return np.asarray(pixels[..., 0], dtype=bool)
 
 
-def _study_count(orthanc: Orthanc, study_uid: str) -> int:
-    return len(orthanc.study_instances(study_uid))
 
 
-def _shown(page: Any, wanted: Any) -> View | None:
-    shown = view_when_shown(page)
-    return shown if shown is not None and wanted(shown) else None
 
 
-def _open_study(page: Any, viewer: ViewerServer, study_uid: str, first: bool) -> None:
-    page.goto(f"{viewer.url}/viewer?StudyInstanceUIDs={study_uid}")
-    page.locator('[data-cy="studyBrowser-panel"]').wait_for(timeout=WAIT_MS)
-    if first:
-        page.get_by_text("Skip all", exact=True).click(timeout=WAIT_MS)
-    page.get_by_text("Confirm and hide", exact=True).click(timeout=WAIT_MS)
-    page.wait_for_load_state("networkidle", timeout=WAIT_MS)
 
 
 def _seg_shown(page: Any) -> bool:
