@@ -11,6 +11,7 @@ the same SR content as on torch.
 
 from __future__ import annotations
 
+import re
 import subprocess
 import sys
 from pathlib import Path
@@ -138,3 +139,21 @@ def test_the_onnx_export_gives_the_same_findings_and_sr_content(
         return [{k: v for k, v in f.items() if k not in drop} for f in read_findings(sr)]
 
     assert content(again) == content(result)
+
+
+def test_check_and_evaluate_speak_of_a_segmentation_model(imported: Path) -> None:
+    """What an administrator runs before adding the folder: no traceback, the kind, the figures."""
+
+    def cli(*args: str) -> subprocess.CompletedProcess[str]:
+        return subprocess.run([sys.executable, "-m", "daemon.cli", "model", *args],
+                              capture_output=True, text=True, timeout=300)  # fmt: skip
+
+    check = cli("check", str(imported))
+    assert check.returncode == 0, check.stderr
+    # A batch of windows in, two channels (background, nodule) out.
+    assert re.search(r"segmentation\s+4 x 2 x 64 x 64 x 64", check.stdout), check.stdout
+    assert "time per window" in check.stdout and "per voxel, the softmax" in check.stdout
+    evaluated = cli("evaluate", str(imported))
+    assert evaluated.returncode == 0, evaluated.stderr
+    assert "a segmentation model" in evaluated.stdout
+    assert "shifted.lesion_sensitivity.low" in evaluated.stdout

@@ -45,10 +45,13 @@ def _cmd_model_train(_config: Config, args: argparse.Namespace) -> int:
 
 
 def _cmd_model_evaluate(_config: Config, args: argparse.Namespace) -> int:
+    from model.manifest import MANIFEST_NAME, ModelManifest
     from model.registry import builtin_model_dir
     from model.train import evaluate
 
     folder = args.model or builtin_model_dir()
+    if (manifest := ModelManifest.from_file(Path(folder) / MANIFEST_NAME)).kind != "classification":
+        return _recorded_figures(Path(folder), manifest)
     metrics = evaluate(
         folder, seed=args.seed, csv=args.csv, dicom_root=args.dicom_root, device=args.device
     )
@@ -65,6 +68,25 @@ def _cmd_model_evaluate(_config: Config, args: argparse.Namespace) -> int:
             interval = f"  (95 % CI {low:.4f} to {high:.4f})" if low is not None else ""
             print(f"  {key:<26}{int(value)}" if key.startswith("n")
                   else f"  {key:<26}{value:.4f}{interval}")  # fmt: skip
+    return 0
+
+
+def _recorded_figures(folder: Path, manifest: ModelManifest) -> int:
+    """A detection or segmentation model: what its maker measured, as its manifest records it.
+
+    `model evaluate` regenerates a classifier's synthetic test set; a detector's or a
+    segmentation's test set is its maker's (for the demonstration bundle: its
+    training script, `python -m model.train_segmentation`, which measures a shifted
+    generator and writes the figures into the bundle's metadata).
+    """
+    print(f"{folder}: {manifest.name} {manifest.version}, a {manifest.kind} model")
+    if not manifest.metrics:
+        print("  no held-out figures recorded in its manifest; measure it on your own "
+              "labelled studies before use")
+        return 0
+    print("  held-out figures recorded in its manifest (its maker's test set):")
+    for key, value in manifest.metrics.items():
+        print(f"  {key:<52}{value:.4g}")
     return 0
 
 
