@@ -17,8 +17,8 @@ from dataclasses import dataclass
 from datetime import datetime
 from typing import Any
 
-from sqlalchemy import and_, case, func, select
-from sqlalchemy.orm import Session, aliased
+from sqlalchemy import case, func, select
+from sqlalchemy.orm import Session
 
 from db import audit
 from db.audit import EventType
@@ -245,27 +245,33 @@ class PairedCall:
 def paired_calls(
     session: Session, model_name: str, first_version: str, second_version: str
 ) -> list[PairedCall]:
-    """Findings of both versions run by the same job, matched by label (and side)."""
-    a, b = aliased(AnalysisRun), aliased(AnalysisRun)
-    fa, fb = aliased(FindingRecord), aliased(FindingRecord)
-    rows = session.execute(
-        select(fa.label, fa.present, fb.present)
-        .select_from(a)
-        .join(b, and_(b.job_id == a.job_id, b.model_name == a.model_name))
-        .join(fa, fa.run_id == a.id)
-        .join(fb, and_(fb.run_id == b.id, fb.label == fa.label,
-                       fb.laterality.is_not_distinct_from(fa.laterality),
-                       fb.lesion.is_not_distinct_from(fa.lesion)))
-        .join(Job, Job.id == a.job_id)
-        .where(
-            a.model_name == model_name,
-            a.model_version == first_version,
-            b.model_version == second_version,
-            a.outcome == Outcome.ANALYSED,
-            b.outcome == Outcome.ANALYSED,
-        )
-    ).all()
-    return [PairedCall(label, bool(x), bool(y)) for label, x, y in rows]
+    """Each study both versions analysed (the same job), per label and side: both calls.
+
+    A call is the study's: present if any finding of that label (and side) is.
+    A detector's or a segmentation's lesions are several findings of a label,
+    numbered by each version's own ranking, so "lesion 1" of one version need
+    not be "lesion 1" of the other: lesions are not paired, studies are.
+    """
+
+    def calls(version: str) -> dict[tuple[int, str, str], bool]:
+        rows = session.execute(
+            select(AnalysisRun.job_id, FindingRecord.label, FindingRecord.laterality,
+                   FindingRecord.present)
+            .join(FindingRecord, FindingRecord.run_id == AnalysisRun.id)
+            .where(AnalysisRun.model_name == model_name, AnalysisRun.model_version == version,
+                   AnalysisRun.outcome == Outcome.ANALYSED)
+        )  # fmt: skip
+        out: dict[tuple[int, str, str], bool] = {}
+        for job, label, side, present in rows:
+            if job is None:
+                continue  # a run with no job (none is recorded so): nothing to pair it with
+            key = (int(job), str(label), side or "")
+            out[key] = out.get(key, False) or bool(present)
+        return out
+
+    first, second = calls(first_version), calls(second_version)
+    both = sorted(first.keys() & second.keys())
+    return [PairedCall(key[1], first[key], second[key]) for key in both]
 
 
 def operational(session: Session, model_name: str, model_version: str) -> dict[str, Any]:

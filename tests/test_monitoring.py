@@ -395,3 +395,33 @@ def test_a_configured_version_gets_its_mode_before_its_first_study(tmp_path: Pat
     with pytest.raises(GovernanceError, match="already silent"):
         service.set_mode("secondreader-demo-nodule-ct", "1.1.0", "silent", by="chair", reason="x")
     db.dispose()
+
+
+def test_versions_are_compared_per_study_not_by_their_lesion_numbers(tmp_path: Path) -> None:
+    """A detector's or a segmentation's lesions are numbered by each version's own
+    ranking: "lesion 1" of one need not be "lesion 1" of the other. The committee's
+    side-by-side compares the study's call per label: any lesion present."""
+    from db.governance import PairedCall, paired_calls
+
+    url = f"sqlite:///{tmp_path / 'db.sqlite'}"
+    migrate.upgrade(url)
+    db = Database(url, audit_key=bytes(range(32)))
+
+    def version(files: list[Path], version: str, lesions: list[bool]):  # type: ignore[no-untyped-def]
+        base = rd.analysed(files)
+        findings = [dataclasses.replace(base.findings[0], lesion=i + 1 if present else None,
+                                        probability=0.9 if present else 0.1, threshold=0.5)
+                    for i, present in enumerate(lesions)]  # fmt: skip
+        return dataclasses.replace(base, findings=findings, algorithm=dataclasses.replace(
+            rd.ALGORITHM, version=version))
+
+    # Study 1: two lesions by the champion, one by the challenger; study 2: none, one.
+    for i, (champion, challenger) in enumerate((([True, True], [True]), ([False], [True]))):
+        files = rd.ct_study(tmp_path / f"s{i}", slices=3, size=16, seed=50 + i)
+        study_uid = rd.receive(db, tmp_path / "spool", files)
+        rd.record_analysis(db, tmp_path / "state", study_uid,
+                           [version(files, "1.0.0", champion), version(files, "2.0.0", challenger)])
+    with db.session() as s:
+        pairs = paired_calls(s, rd.ALGORITHM.name, "1.0.0", "2.0.0")
+    label = rd.analysed(files).findings[0].label
+    assert pairs == [PairedCall(label, True, True), PairedCall(label, False, True)]
