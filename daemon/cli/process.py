@@ -3,6 +3,10 @@
 from __future__ import annotations
 
 import argparse
+import contextlib
+import logging
+import os
+import sys
 
 from daemon.cli.parsing import Subparsers
 from daemon.config import Config
@@ -13,7 +17,7 @@ def _cmd_serve(config: Config, _args: argparse.Namespace) -> int:
         _tuned_allocator()
     from daemon.service import Service
 
-    return Service(config).run()
+    return _exit_now(Service(config).run())
 
 
 def _cmd_worker(config: Config, _args: argparse.Namespace) -> int:
@@ -21,7 +25,25 @@ def _cmd_worker(config: Config, _args: argparse.Namespace) -> int:
         _tuned_allocator()
     from daemon.stages.analyse.worker import run_worker
 
-    return run_worker(config)
+    return _exit_now(run_worker(config))
+
+
+def _exit_now(rc: int) -> int:
+    """End the process once its orderly stop is done: nothing is left to write.
+
+    Python's own exit runs the C++ static destructors of the native libraries
+    a worker loaded (ITK's and torch's thread pools). After threads of ours
+    called into them, one CI run saw such a destructor abort a clean stop
+    ("terminate called without an active exception", exit -6) after the
+    worker had logged "stopped": the exit code must say how the stop went,
+    not how a library tears down. So logs and standard streams are flushed
+    and the process leaves without those destructors.
+    """
+    logging.shutdown()
+    for stream in (sys.stdout, sys.stderr):
+        with contextlib.suppress(OSError, ValueError):  # a closed pipe: nothing reaches it
+            stream.flush()
+    os._exit(rc)
 
 
 def _tuned_allocator() -> None:
