@@ -245,8 +245,8 @@ def check_model(folder: Path, device: str = "auto", n: int = 8) -> CheckReport:
         saliency = "none (TorchScript or ONNX without a 'cam' output)"
     calibration = "none: the probability is the plain sigmoid of the logit"
     if m.kind == "segmentation":
-        activation = (m.segmentation.activation if m.segmentation is not None else "softmax")
-        calibration = f"none: per voxel, the {activation} of the network's output"
+        calibration = (f"none: per voxel, the {m.segmentation_spec.activation} of the "
+                       "network's output")
     if m.calibration is not None:
         c = m.calibration
         calibration = f"{c.method}, slope {c.slope:g}, intercept {c.intercept:g} ({c.fitted_on})"

@@ -287,6 +287,16 @@ class ModelManifest(_Strict):
                              "segmentation's voxel probabilities are reported as they are")
         return self
 
+    @property
+    def segmentation_spec(self) -> SegmentationSpec:
+        """`[segmentation]` as given, or its defaults (softmax, no size floor)."""
+        return self.segmentation or SegmentationSpec()
+
+    def output_channels(self) -> int:
+        """A segmentation network's channels: one per label, after a background for softmax."""
+        softmax = self.segmentation_spec.activation == "softmax"
+        return len(self.labels) + (1 if softmax else 0)
+
     @classmethod
     def from_file(cls, path: Path) -> ModelManifest:
         with path.open("rb") as fh:

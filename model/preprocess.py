@@ -410,15 +410,25 @@ def to_source_grid(
         first, stop = slices
         if not 0 <= first < stop <= reference.GetSize()[2]:
             raise ValueError(f"slices {slices} outside the series' {reference.GetSize()[2]}")
-        # Geometry only: the resampler reads nothing but the reference's grid.
         cols, rows, _ = reference.GetSize()
-        part = sitk.Image([cols, rows, stop - first], sitk.sitkUInt8)
-        part.SetSpacing(reference.GetSpacing())
-        part.SetDirection(reference.GetDirection())
-        part.SetOrigin(reference.TransformIndexToPhysicalPoint((0, 0, first)))
-        reference = part
+        reference = source_grid(series, (first, 0, 0), (stop - first, rows, cols))
     out = sitk.Resample(moving, reference, sitk.Transform(), sitk.sitkLinear, 0.0, sitk.sitkFloat32)
     return sitk.GetArrayFromImage(out)
+
+
+def source_grid(series: LoadedSeries, origin: tuple[int, int, int],
+                shape: tuple[int, ...]) -> sitk.Image:  # fmt: skip
+    """Part of the source series' grid: `shape` (z, y, x) voxels from index `origin` (z, y, x).
+
+    Geometry only (an empty UInt8 image): a resampler reads nothing else of
+    its reference, so a map goes onto a few source images, not the series.
+    """
+    source = series.image
+    grid = sitk.Image([max(1, int(v)) for v in reversed(shape)], sitk.sitkUInt8)
+    grid.SetSpacing(source.GetSpacing())
+    grid.SetDirection(source.GetDirection())
+    grid.SetOrigin(source.TransformIndexToPhysicalPoint((origin[2], origin[1], origin[0])))
+    return grid
 
 
 def source_slices_covering(

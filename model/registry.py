@@ -270,7 +270,7 @@ class LoadedModel:
 
         blended = from_network(sliding_window(network_volume(volume, m.input), forward,
                                               m.inference), m.input)  # fmt: skip
-        return activate(blended, m.segmentation or SegmentationSpec())
+        return activate(blended, m.segmentation_spec)
 
     def logits(self, slices: np.ndarray, *, batch_size: int | None = None) -> np.ndarray:
         """Per-slice logits (n, n_labels), before calibration: what a calibration is fitted on."""
@@ -287,12 +287,6 @@ def activate(blended: np.ndarray, spec: SegmentationSpec) -> np.ndarray:
     z -= z.max(axis=0, keepdims=True)
     e = np.exp(z)
     return (e / e.sum(axis=0, keepdims=True)).astype(np.float32)
-
-
-def output_channels(manifest: ModelManifest) -> int:
-    """How many channels a segmentation network gives: a background channel first for softmax."""
-    spec = manifest.segmentation or SegmentationSpec()
-    return len(manifest.labels) + (1 if spec.activation == "softmax" else 0)
 
 
 def load_model(folder: Path, device: str | torch.device = "auto") -> LoadedModel:
@@ -389,11 +383,11 @@ def _probe_segmentation(folder: Path, manifest: ModelManifest, runtime: Runtime)
         out = runtime.named(probe)["segmentation"]
     except Exception as exc:  # torch, TorchScript and onnxruntime each raise their own
         raise ModelLoadError(f"{folder}: network rejects a window {probe.shape}: {exc}") from exc
-    expected = (1, output_channels(manifest), *roi)
+    expected = (1, manifest.output_channels(), *roi)
     if out.shape != expected:
         raise ModelLoadError(f"{folder}: segmentation {out.shape} for a window {probe.shape}: "
                              f"expected {expected} ({len(manifest.labels)} labels, "
-                             f"{(manifest.segmentation or SegmentationSpec()).activation})")
+                             f"{manifest.segmentation_spec.activation})")
 
 
 def _probe_detection_3d(folder: Path, manifest: ModelManifest, runtime: Runtime) -> None:

@@ -33,7 +33,7 @@ import SimpleITK as sitk
 from dicom_io.series import LoadedSeries
 from model.manifest import Hosted, OutputLabel, SegmentationSpec
 from model.measure import measure
-from model.preprocess import Preprocessed
+from model.preprocess import Preprocessed, source_grid
 from model.results import (
     AnalysisResult,
     Finding,
@@ -67,7 +67,7 @@ def analyse_segmentation(
 ) -> AnalysisResult:
     """Preprocess, segment, find the regions, map each back, and measure it as a finding."""
     m = model.manifest
-    spec = m.segmentation or SegmentationSpec()
+    spec = m.segmentation_spec
     pre = preprocess_volume(series, m.input)
     started = time.perf_counter()
     probabilities = _segment(model, pre.array, spec)
@@ -91,8 +91,8 @@ def analyse_segmentation(
                 continue  # thinner than the source's slices: nothing a reader could see
             z0, y0, x0 = origin
             z1, y1, x1 = (o + s for o, s in zip(origin, on_source.shape, strict=True))
-            r = measure(on_source, values[z0:z1, y0:y1, x0:x1], _grid(series, origin,
-                                                                       on_source.shape))
+            r = measure(on_source, values[z0:z1, y0:y1, x0:x1],
+                        source_grid(series, origin, on_source.shape))
             key = z0 + r.key_slice
             found += 1
             findings.append(label.as_finding(
@@ -193,22 +193,11 @@ def _on_source(part: np.ndarray, box: Box, pre: Preprocessed, series: LoadedSeri
         for z in (-1.0, part.shape[0])]  # fmt: skip
     low = np.clip(np.floor(np.min(corners, axis=0)).astype(int), 0, size)
     high = np.clip(np.ceil(np.max(corners, axis=0)).astype(int) + 1, 0, size)
-    grid = _grid(series, (int(low[2]), int(low[1]), int(low[0])),
+    grid = source_grid(series, (int(low[2]), int(low[1]), int(low[0])),
                  (int(high[2] - low[2]), int(high[1] - low[1]), int(high[0] - low[0])))
     mapped = sitk.Resample(image, grid, sitk.Transform(), sitk.sitkNearestNeighbor, 0,
                            sitk.sitkUInt8)
     return (int(low[2]), int(low[1]), int(low[0])), sitk.GetArrayFromImage(mapped).astype(bool)
-
-
-def _grid(series: LoadedSeries, origin: tuple[int, int, int],
-          shape: tuple[int, ...]) -> sitk.Image:  # fmt: skip
-    """The part of the source grid from index `origin` (z, y, x), `shape` (z, y, x) voxels."""
-    source = series.image
-    grid = sitk.Image([max(1, int(v)) for v in reversed(shape)], sitk.sitkUInt8)
-    grid.SetSpacing(source.GetSpacing())
-    grid.SetDirection(source.GetDirection())
-    grid.SetOrigin(source.TransformIndexToPhysicalPoint((origin[2], origin[1], origin[0])))
-    return grid
 
 
 def _segment(model: Segmenter, volume: np.ndarray, spec: SegmentationSpec) -> np.ndarray:
@@ -217,8 +206,7 @@ def _segment(model: Segmenter, volume: np.ndarray, spec: SegmentationSpec) -> np
     if not inputs.crop_foreground:
         return model.segment(volume)
     box = foreground_box(volume, inputs.crop_margin)
-    channels = len(model.manifest.labels) + (1 if spec.activation == "softmax" else 0)
-    out = np.zeros((channels, *volume.shape), dtype=np.float32)
+    out = np.zeros((model.manifest.output_channels(), *volume.shape), dtype=np.float32)
     if spec.activation == "softmax":
         out[0] = 1.0  # outside the box: background, for certain
     if box is not None:
