@@ -1,4 +1,4 @@
-"""Platt scaling, and the two measures of how calibrated a probability is.
+"""Platt scaling; the two measures of how calibrated a probability is are in model.evaluation.
 
 A network's sigmoid is a score, not a frequency: the built-in CT model's
 negative series reach 0.98 on their most suspicious slice. Platt scaling
@@ -17,11 +17,13 @@ difference between probability and outcome; lower is better for both.
 
 from __future__ import annotations
 
-from dataclasses import dataclass
-
 import numpy as np
 
+from model.evaluation import brier_score, expected_calibration_error, reliability
 from model.manifest import Calibration
+
+# The two measures of calibration live with the other evaluation figures.
+__all__ = ["brier_score", "expected_calibration_error", "fit_platt", "logit", "reliability"]
 
 # Fewer of either class than this and the fit is noise, whatever the optimiser says.
 MIN_PER_CLASS = 5
@@ -94,47 +96,3 @@ def fit_platt(
     if not slope > 0.0:
         raise ValueError(f"the logits do not rank the labels (fitted slope {slope:.3g})")
     return Calibration(method="platt", slope=slope, intercept=intercept, fitted_on=fitted_on)
-
-
-@dataclass(frozen=True)
-class Reliability:
-    """Per equal-width bin: how many cases, their mean probability, how many were positive."""
-
-    edges: np.ndarray  # (bins + 1,)
-    counts: np.ndarray  # (bins,)
-    mean_probability: np.ndarray  # (bins,), NaN where empty
-    frequency: np.ndarray  # (bins,), observed fraction positive, NaN where empty
-
-
-def reliability(labels: np.ndarray, probs: np.ndarray, bins: int = 10) -> Reliability:
-    """The reliability diagram's numbers; probability 1.0 falls in the last bin."""
-    y = np.asarray(labels, dtype=np.float64).ravel()
-    p = np.asarray(probs, dtype=np.float64).ravel()
-    if y.shape != p.shape or y.size == 0:
-        raise ValueError("need as many probabilities as labels, at least one")
-    if bins < 1:
-        raise ValueError("bins must be >= 1")
-    edges = np.linspace(0.0, 1.0, bins + 1)
-    index = np.clip(np.floor(p * bins).astype(np.int64), 0, bins - 1)
-    counts = np.bincount(index, minlength=bins).astype(np.float64)
-    with np.errstate(invalid="ignore", divide="ignore"):
-        mean_p = np.bincount(index, weights=p, minlength=bins) / counts
-        freq = np.bincount(index, weights=y, minlength=bins) / counts
-    return Reliability(edges, counts.astype(np.int64), mean_p, freq)
-
-
-def expected_calibration_error(labels: np.ndarray, probs: np.ndarray, bins: int = 10) -> float:
-    """ECE: the count-weighted mean of |frequency - mean probability| over equal-width bins."""
-    r = reliability(labels, probs, bins)
-    filled = r.counts > 0
-    gaps = np.abs(r.frequency[filled] - r.mean_probability[filled])
-    return float(np.sum(r.counts[filled] * gaps) / r.counts.sum())
-
-
-def brier_score(labels: np.ndarray, probs: np.ndarray) -> float:
-    """Mean of (probability - outcome)^2: 0 is perfect, 0.25 is always saying 50 %."""
-    y = np.asarray(labels, dtype=np.float64).ravel()
-    p = np.asarray(probs, dtype=np.float64).ravel()
-    if y.shape != p.shape or y.size == 0:
-        raise ValueError("need as many probabilities as labels, at least one")
-    return float(np.mean((p - y) ** 2))

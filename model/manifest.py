@@ -14,6 +14,7 @@ from typing import Any, Literal, Protocol
 import tomli_w
 from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 
+from model.evaluation import StudyEvaluation
 from model.results import AlgorithmInfo, CodedConcept, Finding, ImageLocation
 
 
@@ -260,8 +261,12 @@ class ModelManifest(_Strict):
     segmentation: SegmentationSpec | None = None
     calibration: Calibration | None = None
     expects: Expectations | None = None
-    # Test-set metrics recorded at training time (AUC, sensitivity, ...).
+    # Test-set metrics recorded at training time (AUC, sensitivity, ...), on the
+    # training generator's own test split.
     metrics: dict[str, float] = Field(default_factory=dict)
+    # Study-level figures with 95 % intervals on a shifted generator's studies
+    # (model.evaluation): what the model is worth where it was not trained.
+    evaluation: StudyEvaluation | None = None
     # How the weights were made (seed, data, epochs): enough to rebuild the
     # test set the metrics came from. Added after 0.1; optional.
     training: dict[str, int | float | str | bool] = Field(default_factory=dict)

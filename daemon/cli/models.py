@@ -17,31 +17,62 @@ if TYPE_CHECKING:
     from collections.abc import Callable
 
     from daemon.stages.monitor.drift import DriftReport
+    from model.datasets import Kind
     from model.manifest import ModelManifest
 
 
 def _cmd_model_train(_config: Config, args: argparse.Namespace) -> int:
-    from model.train import train
+    from model.applications import APPLICATIONS
 
+    site_data = args.csv is not None or args.dicom_root is not None
     if (args.csv is None) != (args.dicom_root is None):
         print("secondreader: --csv and --dicom-root go together", file=sys.stderr)
         return EXIT_CONFIG
-    report = train(
-        args.output,
-        kind=args.kind,
-        seed=args.seed,
-        epochs=args.epochs,
-        n_train=args.n_train,
-        csv=args.csv,
-        dicom_root=args.dicom_root,
-        device=args.device,
-        name=args.name,
-        version=args.version,
-    )
-    print(f"model written to {args.output}")
-    for key, value in sorted(report.metrics.items()):
-        print(f"  {key:<24}{value:.4f}" if isinstance(value, float) else f"  {key:<24}{value}")
+    if args.kind not in _SLICE_CLASSIFIERS and (site_data or args.n_train or args.epochs):
+        print(f"secondreader: --csv, --dicom-root, --n-train and --epochs are for the slice "
+              f"classifiers ({', '.join(_SLICE_CLASSIFIERS)})", file=sys.stderr)  # fmt: skip
+        return EXIT_CONFIG
+    if args.kind in _SLICE_CLASSIFIERS:
+        from model.train import train
+
+        report = train(
+            args.output,
+            kind=_SLICE_CLASSIFIERS[args.kind],
+            seed=args.seed,
+            epochs=args.epochs,
+            n_train=args.n_train or 2400,
+            csv=args.csv,
+            dicom_root=args.dicom_root,
+            device=args.device,
+            name=args.name,
+            version=args.version,
+        )
+        print(f"model written to {args.output}")
+        for key, value in sorted(report.metrics.items()):
+            print(f"  {key:<24}{value:.4f}" if isinstance(value, float) else f"  {key:<24}{value}")
+    else:
+        APPLICATIONS[args.kind].train(args.output, args.seed)
+        print(f"model written to {args.output}")
+    return _print_evaluation(args.output)
+
+
+def _print_evaluation(folder: Path) -> int:
+    """The manifest's shifted-generator evaluation, where it has one."""
+    from model.manifest import MANIFEST_NAME, ModelManifest
+
+    evaluation = ModelManifest.from_file(Path(folder) / MANIFEST_NAME).evaluation
+    if evaluation is None:
+        print("  no shifted-generator evaluation recorded (the manifest has no [evaluation])")
+        return 0
+    print("  on a shifted generator, per study:")
+    for label, words in evaluation.lines():
+        print(f"    {label + ':':<34}{words}")
     return 0
+
+
+# The kinds `model train` builds with the slice classifier's trainer (model.train),
+# which also takes a site's own labelled studies.
+_SLICE_CLASSIFIERS: dict[str, Kind] = {"ct-chest": "ct", "cr-chest": "cr"}
 
 
 def _cmd_model_evaluate(_config: Config, args: argparse.Namespace) -> int:
@@ -302,33 +333,44 @@ def drift_lines(report: DriftReport, min_baseline_runs: int) -> list[str]:
 
 
 def _cmd_demo(_config: Config, args: argparse.Namespace) -> int:
-    from dicom_io.synthetic import write_ct_series
-    from model.phantom import phantom_volume
+    from model.applications import APPLICATIONS
 
-    volume, centre = phantom_volume(
-        args.seed, n_slices=args.slices, rows=256, cols=256, lesion=args.lesion
-    )
-    paths = write_ct_series(
-        volume,
-        args.output,
-        spacing=(2.5, 1.4, 1.4),
-        series_description="Synthetic chest CT" + (" (nodule)" if args.lesion else ""),
-        seed=args.seed,
-    )
-    where = f", nodule centred at slice {centre[0] + 1}" if centre else ", no nodule"
-    print(f"wrote {len(paths)} CT slices to {args.output}{where}")
+    if args.slices is not None and args.kind != "ct-chest":
+        print("secondreader: --slices is for --kind ct-chest", file=sys.stderr)
+        return EXIT_CONFIG
+    if args.kind == "ct-chest" and args.slices is not None:
+        from dicom_io.synthetic import write_ct_series
+        from model.phantom import phantom_volume
+
+        volume, centre = phantom_volume(
+            args.seed, n_slices=args.slices, rows=256, cols=256, lesion=args.lesion
+        )
+        paths = write_ct_series(
+            volume,
+            args.output,
+            spacing=(2.5, 1.4, 1.4),
+            series_description="Synthetic chest CT" + (" (nodule)" if args.lesion else ""),
+            seed=args.seed,
+        )
+        where = f", nodule centred at slice {centre[0] + 1}" if centre else ", no nodule"
+        print(f"wrote {len(paths)} CT slices to {args.output}{where}")
+        return 0
+    print(APPLICATIONS[args.kind].demo(args.output, args.seed, args.lesion))
     return 0
 
 
 def add_model(sub: Subparsers) -> None:
     p = sub.add_parser("model", help="train, evaluate and govern models, and watch their drift")
     msub = p.add_subparsers(dest="model_command", required=True)
-    q = msub.add_parser("train", help="train a slice classifier; writes a model folder")
+    q = msub.add_parser("train", help="rebuild a built-in model from its seed, or train the "
+                        "slice classifier on a site's studies; writes a model folder")  # fmt: skip
+    q.add_argument("kind", choices=_kinds(), help="the application (as `demo --kind`)")
     q.add_argument("output", type=Path, help="model folder to write")
-    q.add_argument("--kind", choices=["ct", "cr"], default="ct", help="synthetic data set")
     q.add_argument("--seed", type=int, default=0)
-    q.add_argument("--epochs", type=int, help="maximum epochs (default: per kind)")
-    q.add_argument("--n-train", type=int, default=2400, help="synthetic training slices")
+    q.add_argument("--epochs", type=int, help="maximum epochs (slice classifiers; default: "
+                   "per kind)")  # fmt: skip
+    q.add_argument("--n-train", type=int, help="synthetic training slices (slice classifiers; "
+                   "default 2400)")  # fmt: skip
     q.add_argument("--csv", type=Path, help="site data: CSV of study_uid,label")
     q.add_argument("--dicom-root", type=Path, help="site data: folder of the CSV's studies")
     q.add_argument("--device", default="auto")
@@ -493,12 +535,23 @@ def _add_governance(msub: Any) -> None:
     q.set_defaults(func=_cmd_model_export)
 
 
+def _kinds() -> list[str]:
+    from model.applications import APPLICATIONS
+
+    return list(APPLICATIONS)
+
+
 def add_demo(sub: Subparsers) -> None:
-    p = sub.add_parser("demo", help="write a synthetic chest CT study to try the pipeline")
+    from model.applications import APPLICATIONS
+
+    p = sub.add_parser("demo", help="write a synthetic study to try the pipeline")
     p.add_argument("output", type=Path, help="folder to write the DICOM files to")
+    p.add_argument("--kind", choices=_kinds(), default="ct-chest",
+                   help="; ".join(f"{a.kind}: {a.study}" for a in APPLICATIONS.values())
+                   + " (default ct-chest)")  # fmt: skip
     p.add_argument("--lesion", action=argparse.BooleanOptionalAction, default=True,
                    help="with a lung nodule (default), or --no-lesion without")  # fmt: skip
-    p.add_argument("--slices", type=int, default=40, help="number of axial slices (default 40)")
+    p.add_argument("--slices", type=int, help="ct-chest: number of axial slices (default 40)")
     p.add_argument("--seed", type=int, default=15,
                    help="phantom seed: another seed, another anatomy (default 15)")  # fmt: skip
     p.set_defaults(func=_cmd_demo)
