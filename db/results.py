@@ -62,6 +62,7 @@ def load_run_result(
             manufacturer=str(extra.get("manufacturer", "")),
             device_uid=run.model_device_uid or "",
             parameters={str(k): str(v) for k, v in extra.get("parameters", {}).items()},
+            evaluation=tuple((str(k), str(v)) for k, v in extra.get("evaluation", [])),
         )
     findings = [_finding_from_record(f) for f in sorted(run.findings, key=lambda f: f.id)]
     saliency_map = (
@@ -98,6 +99,7 @@ def record_run(
         provenance["algorithm"] = {
             "manufacturer": algo.manufacturer,
             "parameters": dict(algo.parameters),
+            "evaluation": [list(line) for line in algo.evaluation],
         }
     run = AnalysisRun(
         job_id=job.job_id,

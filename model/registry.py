@@ -164,6 +164,7 @@ class LoadedModel:
             manufacturer=m.manufacturer,
             device_uid=device_uid_from_sha256(self.sha256),
             parameters=parameters,
+            evaluation=tuple(m.evaluation.lines()) if m.evaluation is not None else (),
         )
 
     def applicability(

@@ -30,6 +30,9 @@ class AlgorithmInfo:
     manufacturer: str
     device_uid: str  # changes whenever the weights change (derived from their sha256)
     parameters: dict[str, str] = field(default_factory=dict)
+    # What the model is worth on a shifted test set, as (label, sentence) pairs
+    # (model.evaluation): shown with the result's provenance, not written into the SR.
+    evaluation: tuple[tuple[str, str], ...] = ()
 
 
 @dataclass(frozen=True)

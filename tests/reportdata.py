@@ -40,6 +40,7 @@ ALGORITHM = AlgorithmInfo(
     manufacturer="secondreader tests",
     device_uid="1.2.826.0.1.3680043.8.498.4242",
     parameters={"threshold": "0.5"},
+    evaluation=(("Sensitivity", "0.85 (17/20; 95 % CI 0.64-0.95)"),),
 )
 
 

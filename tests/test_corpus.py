@@ -19,6 +19,7 @@ from pydicom.data import get_testdata_files
 from pydicom.filereader import read_file_meta_info
 
 from db.models import AnalysisRun, ReportState, Study
+from model.results import Outcome
 from tests.conftest import dcmtk_env, require_tool
 from tests.dicom_validate import dciodvfy_errors
 from tests.dicomgen import DaemonDB, phi_in
@@ -100,6 +101,13 @@ def test_every_accepted_study_gets_an_sr_that_passes_dciodvfy(daemon_factory) ->
     db.close()
     assert len(studies) >= 15
     assert [r.report_error for r in runs if r.report_state == ReportState.FAILED] == []
+    # Every built-in model was made on phantoms: on a real image it applies to
+    # (modality, body part) its out-of-distribution gate says "not run", with
+    # the reason, and no model makes a call, present or absent, on any of them.
+    assert [(r.model_name, r.outcome) for r in runs if r.outcome == Outcome.ANALYSED] == []
+    gated = [r for r in runs if r.outcome == Outcome.FAILED_QC and "made for" in (r.reason or "")]
+    assert {r.model_name for r in gated} >= {"secondreader-demo-nodule-ct",
+                                             "secondreader-demo-nodule-cr"}  # fmt: skip
     srs = sorted((d.state / "outbox").rglob("*.dcm"))
     by_study: dict[str, list[Path]] = {}
     for path in srs:

@@ -141,6 +141,8 @@ def test_login_review_and_logout(site, caplog: pytest.LogCaptureFixture, tmp_pat
     # In words, not Python dicts; the device UID named as DICOM names it.
     assert "<dt>Window</dt><dd>window centre 40, width 400</dd>" in page  # rd.analysed's step
     assert "<dt>Device Observer UID</dt>" in page and "{&#39;" not in page and "{'" not in page
+    # What the model is worth, from its manifest's shifted-generator evaluation.
+    assert "<dt>Evaluation: Sensitivity</dt><dd>0.85 (17/20; 95 % CI 0.64-0.95)</dd>" in page
     # History in clinical terms; the internal events only for administrators.
     assert "AI result reported" in page and "job.claimed" not in page
     assert "audit-events" not in page

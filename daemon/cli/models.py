@@ -99,7 +99,7 @@ def _cmd_model_evaluate(_config: Config, args: argparse.Namespace) -> int:
             interval = f"  (95 % CI {low:.4f} to {high:.4f})" if low is not None else ""
             print(f"  {key:<26}{int(value)}" if key.startswith("n")
                   else f"  {key:<26}{value:.4f}{interval}")  # fmt: skip
-    return 0
+    return _print_evaluation(Path(folder))
 
 
 def _recorded_figures(folder: Path, manifest: ModelManifest) -> int:
@@ -111,14 +111,15 @@ def _recorded_figures(folder: Path, manifest: ModelManifest) -> int:
     generator and writes the figures into the bundle's metadata).
     """
     print(f"{folder}: {manifest.name} {manifest.version}, a {manifest.kind} model")
-    if not manifest.metrics:
+    if not manifest.metrics and manifest.evaluation is None:
         print("  no held-out figures recorded in its manifest; measure it on your own "
               "labelled studies before use")
         return 0
-    print("  held-out figures recorded in its manifest (its maker's test set):")
+    if manifest.metrics:
+        print("  held-out figures recorded in its manifest (its maker's test set):")
     for key, value in manifest.metrics.items():
         print(f"  {key:<52}{value:.4g}")
-    return 0
+    return _print_evaluation(folder)
 
 
 # What `model calibrate` shows before and after: the measures calibration changes.

@@ -96,6 +96,10 @@ def provenance_lines(view: ResultView, provenance: dict[str, Any]) -> list[tuple
         lines.append(("Device Observer UID", view.model_device_uid))
     if params.get("weights_sha256"):
         lines.append(("Weights SHA-256", str(params["weights_sha256"])))
+    # The figures the model's manifest recorded on a shifted test set when the
+    # run was made: what its call is worth, beside the call.
+    for label, words in algo.get("evaluation", []):
+        lines.append((f"Evaluation: {label}", str(words)))
     return lines
 
 
